@@ -1,0 +1,193 @@
+"""Training configuration: one dataclass, a docstring (help) per field, the reference scripts' flag names and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """An invalid flag or flag combination, reported as one line before any model is loaded."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of the reference TCD/LCM scripts (same names and defaults) plus tcdistill's own."""
+
+    # --- model
+    pretrained_teacher_model: str | None = _f(None, "Teacher pipeline: hub id or local diffusers folder (required).")
+    pretrained_vae_model_name_or_path: str | None = _f(None, "A different VAE (e.g. an fp16-safe one).")
+    teacher_revision: str | None = _f(None, "Revision of the teacher on the hub.")
+    revision: str | None = _f(None, "Revision of the student weights (the teacher's UNet) on the hub.")
+    variant: str = _f("full", "What to train: the full UNet ('full') or a LoRA ('lora'). Set by the entry script.", choices=["full", "lora"])
+    # --- run
+    output_dir: str = _f("tcd-model", "Where outputs and checkpoints go.")
+    cache_dir: str | None = _f(None, "Download cache for hub models.")
+    seed: int | None = _f(None, "Seed for reproducible training.")
+    logging_dir: str = _f("logs", "Tracker log directory, relative to output_dir.")
+    report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, comet_ml, all, or none.")
+    tracker_project_name: str = _f("tcd-distill", "Project name given to the trackers.")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest pruned after a save completes).")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint path to resume from.")
+    push_to_hub: bool = _f(False, "Upload the final output to the hub.")
+    hub_token: str | None = _f(None, "Hub token for --push_to_hub.")
+    hub_model_id: str | None = _f(None, "Hub repository for --push_to_hub.")
+    local_rank: int = _f(-1, "Set by the launcher (kept for compatibility).")
+    # --- data
+    train_shards_path_or_url: str | None = _f(None, "Webdataset shards: brace pattern, '::'-separated list, local paths or pipe: urls.")
+    resolution: int = _f(512, "Training image resolution (square).")
+    interpolation_type: str = _f("bilinear", "Resize interpolation.", choices=["bilinear", "bicubic", "nearest", "lanczos"])
+    center_crop: bool = _f(False, "Center crop after resize (default: random crop).")
+    random_flip: bool = _f(False, "Random horizontal flip.")
+    dataloader_num_workers: int = _f(0, "Data loader worker processes (0 = load in the main process).")
+    train_batch_size: int = _f(16, "Batch size per device.")
+    max_train_samples: int | None = _f(None, "Samples per epoch (with --num_train_epochs, sets the run length when --max_train_steps is unset).")
+    proportion_empty_prompts: float = _f(0.0, "Fraction of captions replaced by the empty prompt.")
+    data_failure_patience: int = _f(1000, "Consecutive unusable samples/shards (per worker) before the run stops with a data error.")
+    # --- schedule / optimizer
+    num_train_epochs: int = _f(100, "Epochs of --max_train_samples samples (used only without --max_train_steps).")
+    max_train_steps: int | None = _f(None, "Total optimizer steps.")
+    learning_rate: float = _f(1e-4, "Learning rate (before --scale_lr).")
+    scale_lr: bool = _f(False, "Multiply the LR by accumulation steps x batch size x processes.")
+    lr_scheduler: str = _f("constant", "LR schedule (diffusers' get_scheduler names).",
+                           choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    lr_warmup_steps: int = _f(500, "LR warmup steps.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    # --- distillation
+    w_min: float = _f(5.0, "Min guidance w in the LCM form x0_w = x0_c + w (x0_c - x0_u), i.e. CFG scale w + 1.")
+    w_max: float = _f(15.0, "Max guidance w (LCM form; CFG scale w + 1).")
+    num_ddim_timesteps: int = _f(50, "N of the skipping-step DDIM grid (must equal TCDScheduler's original_inference_steps).")
+    loss_type: str = _f("l2", "Distance: l2 (MSE) or huber (pseudo-Huber).", choices=["l2", "huber"])
+    huber_c: float = _f(0.001, "Pseudo-Huber c.")
+    vae_encode_batch_size: int = _f(32, "Images per VAE encode call (bounds memory).")
+    distill_mode: str = _f("tcd", "tcd, or lcm (s = 0 with LCM boundary scalings) for comparisons.", choices=["tcd", "lcm"])
+    unet_time_cond_proj_dim: int = _f(256, "Full model: width of the guidance embedding fed through time_cond_proj_dim.")
+    ema_decay: float = _f(0.95, "Full model: EMA decay of the target network.")
+    lora_rank: int = _f(64, "LoRA rank.")
+    lora_alpha: int = _f(64, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: str | None = _f(None, "Comma-separated module names for LoRA (default: attention, resnet, up/down-sampler and time-embedding layers).")
+    # --- precision / speed
+    mixed_precision: str | None = _f(None, "no, fp16 or bf16 (default: accelerate's config).", choices=["no", "fp16", "bf16"])
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    cast_teacher_unet: bool = _f(False, "Kept for compatibility: the frozen teacher always runs in the weight dtype here.")
+    enable_xformers_memory_efficient_attention: bool = _f(False, "xformers attention where it can run; else PyTorch SDPA with a warning.")
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
+    batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
+    skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
+    # --- validation
+    validation_steps: int = _f(200, "Run validation every N optimizer steps (0 = never).")
+    validation_prompts: str | None = _f(None, "'|'-separated validation prompts (default: four built-in prompts).")
+    validation_gamma: float = _f(0.3, "TCD gamma (scheduler eta) for validation sampling.")
+    validation_inference_steps: str = _f("2,4,8", "Comma-separated step counts for validation.")
+    validation_guidance_scale: float = _f(8.0, "Full model: guidance scale embedded at validation (w = scale - 1).")
+    validation_seed: int = _f(0, "Seed of the validation noise.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Cross-field checks; raise ConfigError with a one-line message."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
+        need(bool(self.train_shards_path_or_url), "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url).")
+        need(self.resolution > 0 and self.resolution % 8 == 0, f"--resolution must be a positive multiple of 8, got {self.resolution}.")
+        need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
+        need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
+        need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+        need(self.w_min <= self.w_max, f"--w_min ({self.w_min}) must be <= --w_max ({self.w_max}).")
+        need(self.w_min >= 0, f"--w_min must be >= 0 (LCM form: w = CFG scale - 1), got {self.w_min}.")
+        need(self.learning_rate > 0, "--learning_rate must be > 0.")
+        need(0.0 <= self.ema_decay <= 1.0, f"--ema_decay must be in [0, 1], got {self.ema_decay}.")
+        need(0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be in [0, 1].")
+        need(0.0 <= self.validation_gamma <= 1.0, "--validation_gamma must be in [0, 1].")
+        need(self.num_ddim_timesteps >= 1, "--num_ddim_timesteps must be >= 1.")
+        need(self.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1.")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1.")
+        need(self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1.")
+        need(self.max_train_samples is None or self.max_train_samples >= 1, "--max_train_samples must be >= 1.")
+        need(self.max_train_steps is not None or self.max_train_samples is not None,
+             "Set --max_train_steps (or --max_train_samples with --num_train_epochs): the shard stream is endless.")
+        need(self.lora_rank >= 1, "--lora_rank must be >= 1.")
+        need(self.huber_c > 0, "--huber_c must be > 0.")
+        need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
+        need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
+        need(not (self.push_to_hub and not self.hub_model_id and not self.output_dir), "--push_to_hub needs --hub_model_id.")
+        for n in self.inference_steps:
+            need(1 <= n <= self.num_ddim_timesteps, f"--validation_inference_steps: {n} not in [1, {self.num_ddim_timesteps}].")
+
+    @property
+    def inference_steps(self) -> list[int]:
+        try:
+            return [int(x) for x in self.validation_inference_steps.split(",") if x.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--validation_inference_steps must be comma-separated integers: {e}") from None
+
+    @property
+    def lora_modules(self) -> list[str]:
+        if self.lora_target_modules:
+            return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per dataclass field (bools are store_true; negatable ones get --no_flag)."""
+    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = defaults.get(f.name, f.default)
+        help_ = f.metadata.get("help", "")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=_parse_bool, help=f"{help_} (default: {default})")
+            if f.metadata.get("negatable"):
+                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"Turn off --{f.name}.")
+            continue
+        typ = int if kind.startswith("int") else float if kind.startswith("float") else str
+        p.add_argument(f"--{f.name}", type=typ, default=default, choices=f.metadata.get("choices"), help=f"{help_} (default: {default})")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None) -> TrainConfig:
+    """Parse command-line flags into a validated TrainConfig; bad values exit with a one-line error."""
+    parser = build_parser(prog=prog, defaults=defaults)
+    ns = parser.parse_args(argv)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        ns.local_rank = env_rank
+    try:
+        return TrainConfig(**vars(ns))
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -1,0 +1,354 @@
+"""Webdataset input pipeline: resampled tar shards -> cropped image/caption batches with failure accounting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import secrets
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "text", "caption")
+JSON_CAPTION_FIELDS = ("caption", "text")
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_MAX_URLS_IN_MESSAGE = 8
+
+
+class DataError(RuntimeError):
+    """No usable sample arrived within `failure_patience` consecutive failures."""
+
+
+@dataclass
+class DataConfig:
+    """Options for the webdataset training loader (one instance per process)."""
+
+    train_shards_path_or_url: str | list[str]
+    resolution: int = 512
+    interpolation_type: str = "bilinear"
+    center_crop: bool = False
+    random_flip: bool = False
+    train_batch_size: int = 16
+    dataloader_num_workers: int = 0
+    proportion_empty_prompts: float = 0.0
+    seed: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    failure_patience: int = 1000
+    shard_resample_seed_offset: int = 0
+
+
+def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand a shard spec (braces, '::'-joined string, or list of either) into a flat url list."""
+    if isinstance(spec, (list, tuple)):
+        parts = [u for item in spec for u in expand_urls(item)] if spec else []
+    elif isinstance(spec, str):
+        # Split on '::' but not inside [...] so IPv6 hosts like http://[::1]/x.tar survive.
+        chunks = [c.strip() for c in re.split(r"::(?![^\[]*\])", spec)]
+        parts = [u for c in chunks if c for u in braceexpand.braceexpand(c)]
+        # open() does not expand '~', and gopen treats scheme-less urls as local paths.
+        parts = [os.path.expanduser(u) if u.startswith("~") else u for u in parts]
+    else:
+        raise TypeError(f"shard spec must be str or list of str, got {type(spec).__name__}")
+    if not parts:
+        raise ValueError(f"shard spec {spec!r} expands to no urls")
+    return parts
+
+
+class _Skip(Exception):
+    """A sample is unusable; `kind` is the counter it is reported under."""
+
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.kind = kind
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency onto white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # PIL's own I->L conversion clips at 255 instead of scaling, turning 16-bit images white.
+        arr = np.asarray(img).astype(np.float32) / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to a fully loaded RGB image, keeping the decompression-bomb guard."""
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; treat that as too large as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        raise _Skip("too_large", str(exn)) from None
+    except Exception as exn:
+        raise _Skip("decode_error", f"{type(exn).__name__}: {exn}") from None
+    try:
+        # Phone photos store rotation in EXIF; a malformed tag should not cost the sample.
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:
+        pass
+    try:
+        img = _to_rgb(img)
+    except Exception as exn:
+        raise _Skip("decode_error", f"mode {img.mode}: {type(exn).__name__}: {exn}") from None
+    if img.width <= 0 or img.height <= 0:
+        raise _Skip("decode_error", f"empty image {img.size}")
+    return img
+
+
+def _caption(sample: dict[str, Any]) -> str:
+    """Return the caption from txt/text/caption members or a json member's caption/text field."""
+    for key in CAPTION_KEYS:
+        if key in sample:
+            return sample[key].decode("utf-8-sig", errors="replace").strip()
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8-sig", errors="replace"))
+        except ValueError as exn:
+            raise _Skip("caption_error", f"bad json: {exn}") from None
+        if isinstance(meta, dict):
+            for field in JSON_CAPTION_FIELDS:
+                if isinstance(meta.get(field), str):
+                    return meta[field].strip()
+    raise _Skip("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def _crop_resize(
+    img: Image.Image, cfg: DataConfig, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize shorter side to R, crop R x R, maybe flip; return CHW [-1,1] tensor, (h, w), (top, left)."""
+    r = cfg.resolution
+    w, h = img.size
+    # torchvision Resize(int) sizing: short side -> r, long side truncated, never below r.
+    rw, rh = (r, max(r, int(r * h / w))) if w <= h else (max(r, int(r * w / h)), r)
+    flip = cfg.random_flip and rng.random() < 0.5
+    if cfg.center_crop:
+        top, left = int(round((rh - r) / 2.0)), int(round((rw - r) / 2.0))
+    else:
+        top, left = rng.randint(0, rh - r), rng.randint(0, rw - r)
+    # Resample only the crop's source box: same pixels as resize-then-crop, without materialising
+    # the full resized image (which for extreme aspect ratios could be gigabytes).
+    sx, sy = w / rw, h / rh
+    box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
+    img = img.resize((r, r), INTERPOLATIONS[cfg.interpolation_type], box=box)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # Report the crop in the flipped frame (flip-then-crop, as diffusers' SDXL scripts do).
+        left = rw - r - left
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
+    return pixels.div_(127.5).sub_(1.0), (h, w), (top, left)
+
+
+class _FailureTracker:
+    """Counts skipped samples per kind and raises DataError once patience runs out."""
+
+    def __init__(self, patience: int, where: str) -> None:
+        self.patience, self.where = patience, where
+        self.pending: Counter[str] = Counter()  # since the last yielded sample, shipped with the next
+        self.streak_kinds: Counter[str] = Counter()
+        self.streak_urls: dict[str, None] = {}  # ordered set
+        self.streak, self.last_msg = 0, ""
+
+    def fail(self, kind: str, url: str, msg: str) -> None:
+        """Record one failure."""
+        self.pending[kind] += 1
+        self.streak_kinds[kind] += 1
+        self.streak_urls[url] = None
+        self.streak += 1
+        self.last_msg = msg[:500]
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the consecutive-failure budget is spent."""
+        return self.streak >= self.patience
+
+    def check(self) -> None:
+        """Raise DataError naming shards and failure kinds if patience is exhausted."""
+        if not self.exhausted:
+            return
+        urls = list(self.streak_urls)
+        shown = ", ".join(urls[:_MAX_URLS_IN_MESSAGE])
+        more = f" (+{len(urls) - _MAX_URLS_IN_MESSAGE} more)" if len(urls) > _MAX_URLS_IN_MESSAGE else ""
+        kinds = ", ".join(f"{k}={n}" for k, n in self.streak_kinds.most_common())
+        raise DataError(
+            f"{self.where}: no usable sample in {self.streak} consecutive failures "
+            f"(failure_patience={self.patience}); kinds: {kinds}; shards: {shown}{more}; "
+            f"last error: {self.last_msg}"
+        )
+
+    def success(self) -> dict[str, int]:
+        """Reset the streak and return the per-kind counts accumulated since the last success."""
+        delta = dict(self.pending)
+        self.pending.clear()
+        self.streak_kinds.clear()
+        self.streak_urls.clear()
+        self.streak = 0
+        return delta
+
+
+def _no_worker_seed() -> int:
+    """Worker seed hook for ResampledShards; rank and worker are already mixed into our seed."""
+    return 0
+
+
+class ImageTextShards(IterableDataset):
+    """Infinite stream of transformed samples from resampled webdataset shards."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.urls = expand_urls(cfg.train_shards_path_or_url)
+        # Without a seed, draw one here so re-iterating this dataset repeats, but processes differ.
+        base = secrets.randbits(62) if cfg.seed is None else cfg.seed
+        self.base_seed = base + cfg.shard_resample_seed_offset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield samples forever, or raise DataError when nothing usable arrives."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # String seeding hashes with sha512, so it is stable across processes (unlike hash()).
+        rng = random.Random(f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{worker}")
+        where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
+        tracker = _FailureTracker(self.cfg.failure_patience, where)
+        shards = wds.ResampledShards(
+            self.urls, seed=rng.getrandbits(62), worker_seed=_no_worker_seed, deterministic=True
+        )
+        for shard in shards:
+            yield from self._shard_samples(shard["url"], rng, tracker)
+
+    def _shard_samples(
+        self, url: str, rng: random.Random, tracker: _FailureTracker
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the usable samples of one shard, recording every failure."""
+        shard_errors = 0
+
+        def handler(exn: Exception) -> bool:
+            nonlocal shard_errors
+            shard_errors += 1
+            tracker.fail("shard_error", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            return not tracker.exhausted  # False makes webdataset stop reading this shard
+
+        try:
+            stream = gopen(url)
+        except Exception as exn:
+            handler(exn)
+            tracker.check()
+            return
+        n_raw = 0
+        try:
+            # webdataset's own grouping handles the end-of-shard marker that broke old copies.
+            files = tar_file_expander([dict(url=url, stream=stream)], handler=handler)
+            for raw in group_by_keys(files, handler=handler):
+                n_raw += 1
+                try:
+                    out = self._process(raw, rng)
+                except _Skip as skip:
+                    tracker.fail(skip.kind, url, f"{raw.get('__key__')}: {skip}")
+                    tracker.check()
+                    continue
+                out["skipped"] = tracker.success()
+                yield out
+        finally:
+            try:
+                stream.close()  # a pipe's non-zero exit surfaces here; already counted if it mattered
+            except Exception:
+                pass
+        if n_raw == 0 and shard_errors == 0:
+            tracker.fail("empty_shard", url, "shard contains no samples")
+        tracker.check()
+
+    def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """Turn one grouped tar sample into a transformed training sample or raise _Skip."""
+        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if image_key is None:
+            raise _Skip("missing_image", f"no image among {sorted(k for k in raw if not k.startswith('__'))}")
+        caption = _caption(raw)  # before decoding: cheap checks first
+        img = _decode_image(raw[image_key])
+        try:
+            pixels, original_size, crop_top_left = _crop_resize(img, self.cfg, rng)
+        except Exception as exn:
+            raise _Skip("transform_error", f"{type(exn).__name__}: {exn}") from None
+        if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
+            caption = ""
+        return dict(
+            pixel_values=pixels,
+            caption=caption,
+            original_size=original_size,
+            crop_top_left=crop_top_left,
+            key=raw.get("__key__", ""),
+            url=raw.get("__url__", ""),
+        )
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch and sum their skipped-sample deltas."""
+    skipped: Counter[str] = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    return dict(
+        pixel_values=torch.stack([s["pixel_values"] for s in samples]),
+        captions=[s["caption"] for s in samples],
+        original_sizes=torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+        crop_top_lefts=torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
+        skipped=dict(skipped),
+    )
+
+
+def _validate(cfg: DataConfig) -> None:
+    """Reject configurations that would fail later in a worker with a less clear message."""
+    if cfg.resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {cfg.resolution}")
+    if cfg.interpolation_type not in INTERPOLATIONS:
+        raise ValueError(f"interpolation_type must be one of {sorted(INTERPOLATIONS)}, got {cfg.interpolation_type!r}")
+    if cfg.train_batch_size <= 0:
+        raise ValueError(f"train_batch_size must be positive, got {cfg.train_batch_size}")
+    if cfg.dataloader_num_workers < 0:
+        raise ValueError(f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
+    if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
+        raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}")
+    if cfg.failure_patience < 1:
+        raise ValueError(f"failure_patience must be >= 1, got {cfg.failure_patience}")
+    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}")
+
+
+def build_train_dataloader(cfg: DataConfig) -> DataLoader:
+    """Build the infinite per-process training DataLoader described by `cfg`."""
+    _validate(cfg)
+    workers = cfg.dataloader_num_workers
+    # Batching happens inside each worker, so each batch carries that worker's skip counts.
+    return DataLoader(
+        ImageTextShards(cfg),
+        batch_size=cfg.train_batch_size,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )

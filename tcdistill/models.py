@@ -1,0 +1,131 @@
+"""Loading the teacher pipeline's parts, the model-family adapter, and the UNet -> Denoiser adapter (I/O lives here)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, TrainConfig
+from .tcd import Cond, guidance_embedding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherParts:
+    """The frozen pieces of a Stable Diffusion teacher pipeline."""
+
+    tokenizer: Any
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    noise_scheduler: Any
+    scheduler_config: dict
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixel-to-latent downscale of an AutoencoderKL config (2 ** (levels - 1))."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def check_teacher_config(cfg: TrainConfig) -> None:
+    """Read only the configs (no weights) and reject a resolution the VAE cannot take, before anything loads."""
+    from diffusers import AutoencoderKL
+
+    vae_src, sub = (cfg.pretrained_vae_model_name_or_path, None) if cfg.pretrained_vae_model_name_or_path else (cfg.pretrained_teacher_model, "vae")
+    try:
+        vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=cfg.teacher_revision, cache_dir=cfg.cache_dir)
+    except Exception as e:  # noqa: BLE001 - hub/OS errors come in many types; the message is what matters
+        raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    f = vae_scale_factor(vae_cfg)
+    if cfg.resolution % f:
+        raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
+
+
+def load_teacher(cfg: TrainConfig) -> TeacherParts:
+    """Load tokenizer, text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    src, rev, cache = cfg.pretrained_teacher_model, cfg.teacher_revision, cfg.cache_dir
+    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev, cache_dir=cache)
+    tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev, cache_dir=cache, use_fast=False)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev, cache_dir=cache)
+    if cfg.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cache)
+    else:
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev, cache_dir=cache)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev, cache_dir=cache)
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+    return TeacherParts(tokenizer, text_encoder, vae, unet, noise_scheduler, dict(noise_scheduler.config))
+
+
+class SDFamily:
+    """SD 1.x / 2.x conditioning: one CLIP text encoder; the unconditional prompt is the encoding of ""."""
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self._uncond: Tensor | None = None
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], device: torch.device) -> Cond:
+        """Tokenize to the tokenizer's own max length (no hard-coded 77) and take the last hidden state."""
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        return {"encoder_hidden_states": self.text_encoder(ids)[0]}
+
+    def uncond(self, batch_size: int, device: torch.device) -> Cond:
+        """The empty prompt's encoding, computed once and expanded to the batch."""
+        if self._uncond is None or self._uncond.device != device:
+            self._uncond = self.encode([""], device)["encoder_hidden_states"]
+        return {"encoder_hidden_states": self._uncond.expand(batch_size, -1, -1)}
+
+
+class UNetDenoiser:
+    """Adapter: a diffusers UNet as a `Denoiser` (inputs cast to its dtype; `w` fed as `timestep_cond`)."""
+
+    def __init__(self, unet: nn.Module, w_embedding_dim: int | None = None, dtype: torch.dtype | None = None):
+        self.unet = unet
+        self.w_embedding_dim = w_embedding_dim
+        self.dtype = dtype
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond, w: Tensor | None = None) -> Tensor:
+        dtype = self.dtype or x_t.dtype
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
+        if "text_embeds" in cond:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+        if w is not None and self.w_embedding_dim:
+            kwargs["timestep_cond"] = guidance_embedding(w, self.w_embedding_dim).to(device=x_t.device, dtype=dtype)
+        return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
+
+
+def enable_memory_efficient_attention(unet: nn.Module) -> bool:
+    """xformers where it can run; otherwise warn once and keep PyTorch's SDPA (never crash)."""
+    try:
+        import xformers  # noqa: F401
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("xformers needs a CUDA device")
+        unet.enable_xformers_memory_efficient_attention()
+        return True
+    except Exception as e:  # noqa: BLE001 - ImportError, CUDA and build mismatches all mean "not here"
+        logger.warning("xformers is unavailable (%s); using PyTorch scaled_dot_product_attention instead.", e)
+        return False
+
+
+@torch.no_grad()
+def encode_latents(vae: nn.Module, pixels: Tensor, batch_size: int) -> Tensor:
+    """`x0 = vae.encode(image).latent_dist.sample() * scaling_factor`, in chunks of `batch_size` images."""
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for chunk in pixels.split(max(1, batch_size)):
+        out.append(vae.encode(chunk.to(dtype)).latent_dist.sample())
+    return torch.cat(out).float() * vae.config.scaling_factor

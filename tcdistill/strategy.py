@@ -1,0 +1,171 @@
+"""What differs between full-model and LoRA distillation: what trains, what the target is, what is saved."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .models import UNetDenoiser
+from .tcd import Denoiser, ema_update
+
+
+class FullStrategy:
+    """Full student (teacher config + `time_cond_proj_dim`, zero-init w projection); target = EMA of the student."""
+
+    name = "full"
+    w_cond_student = True
+
+    def __init__(self, cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype, student_init: nn.Module | None = None):
+        from diffusers import UNet2DConditionModel
+
+        self.cfg = cfg
+        self.w_dim = cfg.unet_time_cond_proj_dim
+        src = student_init if student_init is not None else teacher_unet
+        student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=self.w_dim)
+        missing, unexpected = student.load_state_dict(src.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        # Zero-init the new w input so the student starts exactly at the teacher (reference defect 14).
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        self.student = student.float().train()
+        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.teacher_unet = teacher_unet.to(dtype=weight_dtype).requires_grad_(False).eval()
+        self.weight_dtype = weight_dtype
+
+    def to(self, device: torch.device) -> None:
+        self.student.to(device)
+        self.target.to(device)
+        self.teacher_unet.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
+        """`student_module` is the (possibly DDP-wrapped) student; target and teacher run unwrapped, without grad."""
+        return (
+            UNetDenoiser(student_module, self.w_dim),
+            UNetDenoiser(self.target, self.w_dim),
+            UNetDenoiser(self.teacher_unet, None, self.weight_dtype),
+        )
+
+    def after_optimizer_step(self) -> None:
+        ema_update(self.target.parameters(), self.student.parameters(), self.cfg.ema_decay)
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"student": self.student.state_dict(), "target": self.target.state_dict()}
+
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.student.load_state_dict(tensors["student"])
+        self.target.load_state_dict(tensors["target"])
+
+    def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
+        """(tag, unet, guidance_scale): online and EMA students get separate tags (reference defect 8)."""
+        gs = self.cfg.validation_guidance_scale
+        return [("online", self.student, gs), ("ema", self.target, gs)]
+
+    @contextlib.contextmanager
+    def validation_unet_ctx(self, unet: nn.Module) -> Iterator[nn.Module]:
+        yield unet
+
+    def save_outputs(self, output_dir: str) -> list[str]:
+        """`output_dir/unet` (online) and `output_dir/unet_target` (EMA, the deliverable)."""
+        self.student.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+        self.target.save_pretrained(os.path.join(output_dir, "unet_target"), safe_serialization=True)
+        return [os.path.join(output_dir, "unet"), os.path.join(output_dir, "unet_target")]
+
+
+class LoraStrategy:
+    """LoRA on the teacher's own UNet: teacher = adapters off, target = student under no_grad (one UNet in memory)."""
+
+    name = "lora"
+    w_cond_student = False
+
+    def __init__(self, cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype):
+        from peft import LoraConfig
+
+        self.cfg = cfg
+        self.weight_dtype = weight_dtype
+        unet = teacher_unet.to(dtype=weight_dtype).requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                       target_modules=cfg.lora_modules, init_lora_weights="gaussian")
+        )
+        # Trainable adapter weights stay fp32 (master weights); the frozen base runs in the weight dtype.
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.student = unet.train()
+        self.teacher_unet = unet
+
+    def to(self, device: torch.device) -> None:
+        self.student.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
+        unet = self.student
+        return UNetDenoiser(student_module), UNetDenoiser(unet), _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype), unet)
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.student)
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"lora": self.lora_state_dict()}
+
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(self.student, tensors["lora"])
+        if getattr(res, "unexpected_keys", None):
+            raise RuntimeError(f"LoRA checkpoint has unexpected keys: {res.unexpected_keys[:5]}")
+
+    def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
+        return [("lora", self.student, 0.0)]
+
+    @contextlib.contextmanager
+    def validation_unet_ctx(self, unet: nn.Module) -> Iterator[nn.Module]:
+        yield unet
+
+    def save_outputs(self, output_dir: str) -> list[str]:
+        """`output_dir/pytorch_lora_weights.safetensors` in diffusers' format (no PEFT `base_model.model.` prefix)."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        meta = self.student.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
+        )
+        return [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+
+
+class _AdaptersOff:
+    """The teacher view of a LoRA'd UNet: the same module with its adapters disabled for the call."""
+
+    def __init__(self, inner: Denoiser, unet: nn.Module):
+        self.inner, self.unet = inner, unet
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.unet.disable_adapters()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def make_strategy(cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
+    """The strategy for `cfg.variant`."""
+    if cfg.variant == "lora":
+        return LoraStrategy(cfg, teacher_unet, weight_dtype)
+    return FullStrategy(cfg, teacher_unet, weight_dtype)

@@ -1,0 +1,232 @@
+"""One training loop for full and LoRA TCD distillation: `Trainer(cfg).train()` -> `train_step()`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointIO, restore_rng_state
+from .config import ConfigError, TrainConfig
+from .data import DataConfig, build_train_dataloader
+from .models import SDFamily, check_teacher_config, enable_memory_efficient_attention, encode_latents, load_teacher
+from .schedule import NoiseSchedule, ddim_grid
+from .strategy import make_strategy
+from .tcd import TCDLoss, draw_tcd
+
+logger = logging.getLogger("tcdistill")
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_environment(cfg: TrainConfig, device: torch.device) -> None:
+    """Reject settings this machine cannot run, as one line, before any weights load."""
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision no (or bf16).")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+
+
+class Trainer:
+    """Owns the accelerator, models, data, optimizer and checkpoints of one distillation run."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        trackers = None if cfg.report_to == "none" else cfg.report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)),
+            # Each process reads its own resampled shard stream, so the loader is never sharded or split by
+            # accelerate; batch size is per device (split_batches=False set here, where accelerate >= 1.0 reads it).
+            dataloader_config=DataLoaderConfiguration(split_batches=False),
+        )
+        acc = self.accelerator
+        cfg.mixed_precision = acc.mixed_precision
+        check_environment(cfg, acc.device)
+        check_teacher_config(cfg)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
+        if cfg.seed is not None:
+            set_seed(cfg.seed, device_specific=True)  # different noise per rank, reproducible per rank
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
+        self.device = acc.device
+
+        parts = load_teacher(cfg)
+        self.parts = parts
+        self.schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler).to(self.device)
+        # Frozen VAE and text encoder in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
+        # fp16-safe VAE with --pretrained_vae_model_name_or_path for SDXL-style VAEs).
+        parts.vae.to(self.device, dtype=self.weight_dtype)
+        parts.text_encoder.to(self.device, dtype=self.weight_dtype)
+        self.family = SDFamily(parts.tokenizer, parts.text_encoder)
+        self.strategy = make_strategy(cfg, parts.unet, self.weight_dtype)
+        self.strategy.to(self.device)
+        student = self.strategy.student
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        if cfg.enable_xformers_memory_efficient_attention:
+            for m in {id(student): student, id(self.strategy.teacher_unet): self.strategy.teacher_unet}.values():
+                enable_memory_efficient_attention(m)
+
+        self.num_ddim = cfg.num_ddim_timesteps
+        self.k = self.schedule.num_train_timesteps // self.num_ddim
+        self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
+        self.loss_fn = TCDLoss(
+            self.schedule, cfg.loss_type, cfg.huber_c, mode=cfg.distill_mode, w_cond_student=self.strategy.w_cond_student,
+            batched_teacher=cfg.batched_teacher, skip_identity_target=cfg.skip_identity_target,
+        )
+
+        self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(cfg.max_train_samples / self.global_batch)
+        lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
+        self.optimizer = self._make_optimizer(self.strategy.trainable_parameters(), lr)
+        from diffusers.optimization import get_scheduler
+
+        # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps).
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
+        self.student, self.optimizer = acc.prepare(student, self.optimizer)
+        self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
+        self.global_step = 0
+        self.skipped: Counter[str] = Counter()
+
+    def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+        c = self.cfg
+        kw = dict(lr=lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+        if c.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kw)
+        return torch.optim.AdamW(params, fused=self.device.type == "cuda", **kw)
+
+    # ------------------------------------------------------------------ state
+    def _data_loader(self) -> Any:
+        c = self.cfg
+        return build_train_dataloader(DataConfig(
+            train_shards_path_or_url=c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
+            center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
+            dataloader_num_workers=c.dataloader_num_workers, proportion_empty_prompts=c.proportion_empty_prompts,
+            seed=c.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            failure_patience=c.data_failure_patience,
+            # A resumed run draws a fresh shard stream instead of replaying the samples it already saw.
+            shard_resample_seed_offset=self.global_step,
+        ))
+
+    def save_checkpoint(self) -> None:
+        """Every rank calls this; the main process publishes `checkpoint-<step>` atomically."""
+        states = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "progress": {"global_step": self.global_step, "skipped": dict(self.skipped)},
+        }
+        self.ckpt.save(self.global_step, tensors=self.strategy.state_tensors(), states=states,
+                       meta={"variant": self.cfg.variant, "config": self.cfg.to_dict()}, barrier=self.accelerator.wait_for_everyone)
+
+    def maybe_resume(self) -> None:
+        """Restore weights, EMA target, optimizer, LR schedule, RNG and step from `--resume_from_checkpoint`."""
+        path = self.ckpt.resolve(self.cfg.resume_from_checkpoint)
+        if path is None:
+            if self.cfg.resume_from_checkpoint:
+                logger.info("No complete checkpoint in %s; starting a new run.", self.cfg.output_dir)
+            return
+        ck = self.ckpt.load(path)
+        self.strategy.load_state_tensors(ck.tensors)
+        self.optimizer.load_state_dict(ck.states["optimizer"])
+        self.lr_scheduler.load_state_dict(ck.states["lr_scheduler"])
+        self.global_step = int(ck.states["progress"]["global_step"])
+        self.skipped.update(ck.states["progress"].get("skipped", {}))
+        if ck.rng is not None:
+            restore_rng_state(ck.rng)
+        logger.info("Resumed from %s at step %d.", path, self.global_step)
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Encode a batch, draw (t, t_n, s, w, eps) and return the TCD loss of the student."""
+        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+        x0 = encode_latents(self.parts.vae, pixels, self.cfg.vae_encode_batch_size)
+        cond = self.family.encode(list(batch["captions"]), self.device)
+        uncond = self.family.uncond(x0.shape[0], self.device)
+        draw = draw_tcd(x0, self.grid, self.k, self.cfg.w_min, self.cfg.w_max, mode=self.cfg.distill_mode)
+        student, target, teacher = self.strategy.denoisers(self.student)
+        with self.accelerator.autocast():
+            return self.loss_fn(student, target, teacher, x0, cond, uncond, draw)
+
+    def train(self) -> None:
+        """Run until `max_train_steps`, checkpointing, validating and logging along the way."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+            if acc.trackers is not None and cfg.report_to != "none":
+                pass
+            acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        self.maybe_resume()
+        data = iter(self._data_loader())
+        remaining = self.max_train_steps - self.global_step
+        logger.info("Training %s for %d more steps (global batch %d, %d process(es)).", cfg.variant, remaining, self.global_batch, acc.num_processes)
+        bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="steps")
+        t_last, samples = time.perf_counter(), 0
+        while self.global_step < self.max_train_steps:
+            self.student.train()
+            loss_sum = 0.0
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(data)
+                self.skipped.update(batch.get("skipped", {}))
+                with acc.accumulate(self.student):
+                    loss, stats = self.train_step(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(self.strategy.trainable_parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().item() / cfg.gradient_accumulation_steps
+                samples += batch["pixel_values"].shape[0] * acc.num_processes
+            self.lr_scheduler.step()
+            self.strategy.after_optimizer_step()
+            self.global_step += 1
+            now = time.perf_counter()
+            sps = samples / max(now - t_last, 1e-9)
+            t_last, samples = now, 0
+            logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
+            logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
+            acc.log(logs, step=self.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
+            if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+                self.save_checkpoint()
+            if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
+                self.validate()
+        bar.close()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            paths = self.strategy.save_outputs(cfg.output_dir)
+            logger.info("Saved %s", ", ".join(paths))
+            if self.skipped:
+                logger.warning("Skipped samples by kind: %s", dict(self.skipped))
+        acc.end_training()
+
+    def validate(self) -> None:
+        """TCD samples at the configured step counts for each student view, to disk and every tracker."""
+        from .validation import run_validation
+
+        run_validation(self, self.global_step)

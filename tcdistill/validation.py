@@ -1,0 +1,99 @@
+"""Validation: fixed prompts and seeds, TCD sampling at several step counts, a PNG grid and every tracker."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "a photo of a red fox sitting in the snow",
+    "a watercolor painting of a lighthouse at sunset",
+    "a close-up portrait of an old man with a beard",
+    "a bowl of fruit on a wooden table, studio lighting",
+]
+
+
+def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
+    """Tile HWC uint8 images row by row into one PIL image."""
+    h, w = rows[0][0].shape[:2]
+    n_cols = max(len(r) for r in rows)
+    canvas = np.full((h * len(rows), w * n_cols, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            canvas[i * h:(i + 1) * h, j * w:(j + 1) * w] = img
+    return Image.fromarray(canvas)
+
+
+def build_pipeline(parts: Any, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
+    """A StableDiffusionPipeline over the teacher's parts and `unet`, with TCDScheduler on the training grid."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    scheduler = TCDScheduler.from_config(parts.scheduler_config, original_inference_steps=num_ddim_timesteps)
+    return StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale: float, gamma: float, seed: int, resolution: int) -> list[list[np.ndarray]]:
+    """Rows = prompts, columns = step counts; the same seed per prompt across columns."""
+    rows = []
+    for p_idx, prompt in enumerate(prompts):
+        row = []
+        for n in steps:
+            gen = torch.Generator(device="cpu").manual_seed(seed + p_idx)
+            out = pipe(prompt, num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma, generator=gen,
+                       height=resolution, width=resolution, output_type="np").images[0]
+            row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+        rows.append(row)
+    return rows
+
+
+def log_images(accelerator: Any, tag: str, images: list[np.ndarray], captions: list[str], step: int) -> None:
+    """Send images to every active tracker, each under its own tag."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack(images), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+        else:
+            logger.info("tracker %s takes no images; grid is on disk", tracker.name)
+
+
+def run_validation(trainer: "Trainer", step: int) -> list[str]:
+    """Sample each student view at the configured step counts; write `validation/<tag>-step<N>.png`."""
+    cfg = trainer.cfg
+    prompts = [p for p in (cfg.validation_prompts or "").split("|") if p.strip()] or DEFAULT_PROMPTS
+    steps = cfg.inference_steps
+    out_dir = os.path.join(cfg.output_dir, "validation")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for tag, unet, gs in trainer.strategy.validation_unets():
+        was_training = unet.training
+        unet.eval()
+        pipe = build_pipeline(trainer.parts, unet, cfg.num_ddim_timesteps)
+        pipe.set_progress_bar_config(disable=True)
+        with trainer.accelerator.autocast():
+            rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, cfg.resolution)
+        unet.train(was_training)
+        path = os.path.join(out_dir, f"{tag}-step{step:06d}.png")
+        make_grid(rows).save(path)
+        written.append(path)
+        flat = [im for row in rows for im in row]
+        caps = [f"{p} | {n} steps" for p in prompts for n in steps]
+        log_images(trainer.accelerator, f"validation/{tag}", flat, caps, step)
+    logger.info("validation at step %d: %s", step, ", ".join(written))
+    return written

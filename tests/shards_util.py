@@ -1,0 +1,51 @@
+"""Helpers that write tiny webdataset tar shards for the data-pipeline tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def image_bytes(img: Image.Image, fmt: str, **save_kw) -> bytes:
+    """Encode a PIL image to bytes in the given format."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kw)
+    return buf.getvalue()
+
+
+def solid(mode: str, size: tuple[int, int], color) -> Image.Image:
+    """A single-colour image of the given PIL mode and (w, h) size."""
+    return Image.new(mode, size, color)
+
+
+def gray16(size: tuple[int, int], value: int) -> Image.Image:
+    """A 16-bit grayscale (I;16) image filled with `value`."""
+    return Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint16))
+
+
+def caption_json(text: str, field: str = "caption") -> bytes:
+    """A json member carrying the caption in `field`."""
+    return json.dumps({field: text, "width": 1}).encode()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes | str]]]) -> str:
+    """Write (key, {ext: payload}) samples as a tar shard and return its path as a string."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, payload in members.items():
+                data = payload.encode() if isinstance(payload, str) else payload
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def good_sample(key: str, caption: str, size: tuple[int, int] = (40, 24)) -> tuple[str, dict[str, bytes | str]]:
+    """An RGB jpg + txt sample."""
+    return key, {"jpg": image_bytes(solid("RGB", size, (200, 30, 30)), "JPEG"), "txt": caption}

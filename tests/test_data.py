@@ -1,0 +1,259 @@
+"""Offline tests for the webdataset training loader in tcdistill.data."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this file
+
+from shards_util import caption_json, good_sample, gray16, image_bytes, solid, write_shard  # noqa: E402
+
+from tcdistill.data import DataConfig, DataError, build_train_dataloader, expand_urls  # noqa: E402
+
+R = 16
+
+
+def cfg_for(urls, **kw) -> DataConfig:
+    """A small, seeded config for tests."""
+    kw.setdefault("resolution", R)
+    kw.setdefault("train_batch_size", 4)
+    kw.setdefault("seed", 0)
+    kw.setdefault("failure_patience", 50)
+    return DataConfig(train_shards_path_or_url=urls, **kw)
+
+
+def batches(cfg: DataConfig, n: int) -> list[dict]:
+    """The first n batches of a fresh loader."""
+    return list(islice(iter(build_train_dataloader(cfg)), n))
+
+
+def total_skipped(bs: list[dict]) -> Counter:
+    """Sum of the per-batch skipped counts."""
+    out: Counter = Counter()
+    for b in bs:
+        out.update(b["skipped"])
+    return out
+
+
+@pytest.fixture
+def modes_shard(tmp_path: Path) -> str:
+    """One shard with one good sample per PIL mode / caption container, in a fixed order."""
+    p = image_bytes(solid("P", (30, 20), 0), "PNG")
+    cmyk = image_bytes(solid("CMYK", (20, 30), (0, 0, 0, 0)), "JPEG")
+    samples = [
+        ("s0", {"jpg": image_bytes(solid("RGB", (40, 20), (255, 0, 0)), "JPEG"), "txt": "rgb jpg\n"}),
+        ("s1", {"png": image_bytes(solid("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"), "json": caption_json("rgba")}),
+        ("s2", {"png": image_bytes(solid("L", (24, 24), 0), "PNG"), "json": caption_json("gray", "text")}),
+        ("s3", {"png": p, "caption": "palette"}),
+        ("s4", {"png": image_bytes(gray16((20, 20), 65535), "PNG"), "text": "sixteen"}),
+        ("s5", {"jpeg": cmyk, "txt": b"cmyk \xff\xfe bytes"}),
+        ("s6", {"png": image_bytes(solid("LA", (20, 20), (0, 0)), "PNG"), "txt": "la"}),
+        ("s7", {"png": image_bytes(solid("1", (20, 20), 0), "PNG"), "txt": "bilevel"}),
+        ("s8", {"webp": image_bytes(solid("RGB", (20, 20), (0, 0, 255)), "WEBP"), "txt": "webp"}),
+    ]
+    return write_shard(tmp_path / "modes.tar", samples)
+
+
+@pytest.fixture
+def mixed_shard(tmp_path: Path) -> str:
+    """Good samples interleaved with one failure of each kind."""
+    samples = [
+        ("a0", {"jpg": b"this is not a jpeg", "txt": "corrupt"}),
+        good_sample("a1", "good one"),
+        ("a2", {"jpg": image_bytes(solid("RGB", (20, 20), 0), "JPEG")}),  # no caption
+        ("a3", {"txt": "no image here"}),
+        ("a4", {"png": image_bytes(solid("RGB", (20, 20), 0), "PNG"), "json": b'{"url": "x"}'}),
+        good_sample("a5", "good two"),
+    ]
+    return write_shard(tmp_path / "mixed.tar", samples)
+
+
+def test_expand_urls_braces_lists_and_pipes() -> None:
+    assert expand_urls("/d/s-{000..002}.tar") == ["/d/s-000.tar", "/d/s-001.tar", "/d/s-002.tar"]
+    assert expand_urls("/a.tar::/b-{0..1}.tar") == ["/a.tar", "/b-0.tar", "/b-1.tar"]
+    assert expand_urls(["/x-{0..1}.tar", "/y.tar"]) == ["/x-0.tar", "/x-1.tar", "/y.tar"]
+    pipes = expand_urls("pipe:curl -s -L https://h/s-{00..01}.tar || true")
+    assert pipes == ["pipe:curl -s -L https://h/s-00.tar || true", "pipe:curl -s -L https://h/s-01.tar || true"]
+    assert expand_urls("pipe:curl -s http://[::1]:8/a.tar") == ["pipe:curl -s http://[::1]:8/a.tar"]
+    with pytest.raises(ValueError):
+        expand_urls([])
+
+
+def test_all_modes_decode_to_rgb(modes_shard: str) -> None:
+    (b,) = batches(cfg_for(modes_shard, train_batch_size=9, center_crop=True), 1)
+    px = b["pixel_values"]
+    assert px.shape == (9, 3, R, R) and px.dtype == torch.float32
+    assert px.min() >= -1.0 and px.max() <= 1.0
+    assert b["captions"][:5] == ["rgb jpg", "rgba", "gray", "palette", "sixteen"]
+    assert b["captions"][5].startswith("cmyk ") and "\ufffd" in b["captions"][5]  # errors="replace"
+    assert b["skipped"] == {}
+    assert b["original_sizes"].dtype == torch.long and b["original_sizes"].shape == (9, 2)
+    assert b["original_sizes"][0].tolist() == [20, 40] and b["original_sizes"][5].tolist() == [30, 20]
+    assert b["crop_top_lefts"][0].tolist() == [0, (32 - R) // 2]
+    mean = px.mean(dim=(2, 3))
+    assert torch.allclose(mean[0], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)  # red
+    assert torch.allclose(mean[1], torch.ones(3))  # transparent RGBA composited on white
+    assert torch.allclose(mean[2], -torch.ones(3))  # black L
+    assert torch.allclose(mean[4], torch.ones(3))  # 16-bit full scale is white, not clipped garbage
+    assert torch.allclose(mean[6], torch.ones(3))  # transparent LA on white
+    assert torch.allclose(mean[8], torch.tensor([-1.0, -1.0, 1.0]), atol=0.05)  # blue webp
+
+
+def test_sixteen_bit_is_scaled(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "g.tar", [("g", {"png": image_bytes(gray16((20, 20), 32896), "PNG"), "txt": "g"})])
+    (b,) = batches(cfg_for(shard, train_batch_size=1), 1)
+    assert b["pixel_values"].abs().max() < 0.01  # 32896/257 = 128 -> ~0
+
+
+def test_bad_samples_skipped_and_counted(mixed_shard: str) -> None:
+    (b,) = batches(cfg_for(mixed_shard, train_batch_size=2), 1)
+    assert b["captions"] == ["good one", "good two"]
+    assert b["skipped"] == {"decode_error": 1, "missing_caption": 2, "missing_image": 1}
+
+
+def test_decompression_bomb_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    shard = write_shard(
+        tmp_path / "bomb.tar",
+        [
+            ("b0", {"png": image_bytes(solid("RGB", (64, 64), 0), "PNG"), "txt": "error-size bomb"}),
+            ("b1", {"png": image_bytes(solid("RGB", (40, 40), 0), "PNG"), "txt": "warning-size bomb"}),
+            good_sample("b2", "small", size=(20, 20)),
+        ],
+    )
+    (b,) = batches(cfg_for(shard, train_batch_size=1), 1)
+    assert b["captions"] == ["small"] and b["skipped"] == {"too_large": 2}
+
+
+def test_brace_list_and_pipe_urls(tmp_path: Path) -> None:
+    for i in range(3):
+        write_shard(tmp_path / f"s-{i:03d}.tar", [good_sample(f"k{j}", f"shard{i}") for j in range(2)])
+    brace = str(tmp_path / "s-{000..002}.tar")
+    listed = [str(tmp_path / f"s-{i:03d}.tar") for i in range(3)]
+    pipe = f"pipe:cat {tmp_path / 's-{000..002}.tar'}"
+    for spec in (brace, listed, pipe):
+        caps = {c for b in batches(cfg_for(spec), 8) for c in b["captions"]}
+        assert caps == {"shard0", "shard1", "shard2"}, spec
+
+
+def test_two_workers_report_skips_to_main(mixed_shard: str) -> None:
+    bs = batches(cfg_for(mixed_shard, train_batch_size=2, dataloader_num_workers=2), 6)
+    assert all(b["pixel_values"].shape == (2, 3, R, R) for b in bs)
+    assert {c for b in bs for c in b["captions"]} == {"good one", "good two"}
+    skipped = total_skipped(bs)
+    # every batch covers one pass over the shard, so each pass contributes its four failures
+    assert skipped == {"decode_error": 6, "missing_caption": 12, "missing_image": 6}
+
+
+def test_deterministic_and_distinct_streams(tmp_path: Path) -> None:
+    for i in range(4):
+        write_shard(tmp_path / f"d-{i}.tar", [good_sample(f"k{j}", f"s{i}-{j}", size=(50, 20)) for j in range(2)])
+    spec = str(tmp_path / "d-{0..3}.tar")
+
+    def stream(**kw):
+        bs = batches(cfg_for(spec, **kw), 6)
+        return [c for b in bs for c in b["captions"]], torch.cat([b["crop_top_lefts"] for b in bs])
+
+    caps, crops = stream()
+    caps2, crops2 = stream()
+    assert caps == caps2 and torch.equal(crops, crops2)
+    assert stream(rank=1, world_size=2)[0] != caps
+    assert stream(shard_resample_seed_offset=1)[0] != caps
+    assert stream(seed=1)[0] != caps
+
+
+def test_center_vs_random_crop(tmp_path: Path) -> None:
+    # 64x16 image with a black / white / black band layout: the centre band is white.
+    arr = np.zeros((16, 64, 3), dtype=np.uint8)
+    arr[:, 24:40] = 255
+    shard = write_shard(tmp_path / "c.tar", [("c", {"png": image_bytes(Image.fromarray(arr), "PNG"), "txt": "c"})])
+    (b,) = batches(cfg_for(shard, center_crop=True, train_batch_size=8), 1)
+    assert (b["crop_top_lefts"] == torch.tensor([0, 24])).all()
+    assert b["pixel_values"].min() > 0.9  # exactly the white band
+    (b,) = batches(cfg_for(shard, train_batch_size=32), 1)
+    lefts = b["crop_top_lefts"][:, 1]
+    assert (b["crop_top_lefts"][:, 0] == 0).all() and lefts.min() >= 0 and lefts.max() <= 64 - R
+    assert len(set(lefts.tolist())) > 5
+    # each crop shows the band where its reported left says it should be
+    for px, left in zip(b["pixel_values"], lefts.tolist()):
+        col = 30 - left  # a column well inside the white band
+        if 0 <= col < R:
+            assert px[:, :, col].min() > 0.9
+
+
+def test_random_flip(tmp_path: Path) -> None:
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[:, 8:] = 255  # right half white
+    shard = write_shard(tmp_path / "f.tar", [("f", {"png": image_bytes(Image.fromarray(arr), "PNG"), "txt": "f"})])
+
+    def right_is_white(**kw) -> list[bool]:
+        (b,) = batches(cfg_for(shard, train_batch_size=32, **kw), 1)
+        return [bool(px[:, :, -1].mean() > 0) for px in b["pixel_values"]]
+
+    assert all(right_is_white())
+    flags = right_is_white(random_flip=True)
+    assert 0 < sum(flags) < len(flags)
+
+
+def test_empty_prompts(mixed_shard: str) -> None:
+    (b,) = batches(cfg_for(mixed_shard, proportion_empty_prompts=1.0), 1)
+    assert b["captions"] == [""] * 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_shards_raise_data_error(tmp_path: Path, workers: int) -> None:
+    corrupt = write_shard(tmp_path / "corrupt.tar", [(f"x{i}", {"jpg": b"\x00garbage", "txt": "x"}) for i in range(3)])
+    missing = str(tmp_path / "missing.tar")
+    cfg = cfg_for([missing, corrupt], failure_patience=10, dataloader_num_workers=workers)
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        next(iter(build_train_dataloader(cfg)))
+    assert time.monotonic() - start < 10
+    msg = str(info.value)
+    assert "missing.tar" in msg or "corrupt.tar" in msg
+    assert "failure_patience=10" in msg
+
+
+@pytest.mark.parametrize(
+    "url_of, kind",
+    [
+        (lambda d: str(d / "nope.tar"), "shard_error"),
+        (lambda d: f"pipe:cat {d / 'nope.tar'}", "shard_error"),
+        (lambda d: write_shard(d / "empty.tar", []), "empty_shard"),
+        (lambda d: str(Path(write_shard(d / "junk.tar", [])).write_bytes(b"junk" * 300) and d / "junk.tar"), "shard_error"),
+    ],
+)
+def test_single_bad_shard_kinds(tmp_path: Path, url_of, kind: str) -> None:
+    url = url_of(tmp_path)
+    with pytest.raises(DataError, match=kind) as info:
+        next(iter(build_train_dataloader(cfg_for(url, failure_patience=3))))
+    assert Path(url.split()[-1]).name in str(info.value)
+
+
+def test_invalid_config_rejected(mixed_shard: str) -> None:
+    for bad in (
+        dict(resolution=0),
+        dict(train_batch_size=0),
+        dict(interpolation_type="area"),
+        dict(proportion_empty_prompts=1.5),
+        dict(failure_patience=0),
+        dict(rank=2, world_size=2),
+    ):
+        with pytest.raises(ValueError):
+            build_train_dataloader(cfg_for(mixed_shard, **bad))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic", "nearest", "lanczos"])
+def test_interpolations(mixed_shard: str, interp: str) -> None:
+    (b,) = batches(cfg_for(mixed_shard, interpolation_type=interp, train_batch_size=2), 1)
+    assert b["pixel_values"].shape == (2, 3, R, R)
+    assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
