@@ -1,16 +1,27 @@
-"""Entry points: the seed scripts' `main(variant)` and the `tcdistill` command."""
+"""Entry points: the seed scripts' `train_main(variant)` and the `tcdistill` command with its subcommands."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Sequence
 
+# subcommand -> module with `main(argv)`; each module owns its own flags.
+SUBCOMMANDS = {
+    "demo": "tcdistill.demo",
+    "eval": "tcdistill.evaluate",
+    "bench": "tcdistill.bench",
+    "cache": "tcdistill.cache",
+    "generate": "tcdistill.generate",
+    "export": "tcdistill.export",
+}
 
-def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """Parse flags for `variant` ('full' or 'lora') and run the trainer; config errors exit with one line."""
+
+def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd") -> None:
+    """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line."""
     from .config import ConfigError, parse_config
 
-    cfg = parse_config(argv, defaults={"variant": variant}, prog=prog)
+    cfg = parse_config(argv, defaults={"variant": variant, "model_family": family}, prog=prog)
     from .trainer import Trainer
 
     try:
@@ -21,9 +32,18 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`tcdistill train-full|train-lora ...`."""
+    """`tcdistill {train-full,train-lora,demo,eval,bench,cache,generate,export} [flags]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"train-full": "full", "train-lora": "lora"}
-    if not argv or argv[0] not in cmds:
-        sys.exit(f"usage: tcdistill {{{','.join(cmds)}}} [flags]   (see --help of each)")
-    train_main(cmds[argv[0]], argv[1:], prog=f"tcdistill {argv[0]}")
+    train = {"train-full": "full", "train-lora": "lora"}
+    cmd = argv[0] if argv else ""
+    if cmd in train:
+        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}")
+    if cmd in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(SUBCOMMANDS[cmd])
+        except ModuleNotFoundError as e:
+            if e.name == SUBCOMMANDS[cmd]:
+                sys.exit(f"tcdistill {cmd}: not available in this build")
+            raise
+        return mod.main(argv[1:])
+    sys.exit(f"usage: tcdistill {{{','.join([*train, *SUBCOMMANDS])}}} [flags]   (each takes --help)")

@@ -27,6 +27,7 @@ class TrainConfig:
     teacher_revision: str | None = _f(None, "Revision of the teacher on the hub.")
     revision: str | None = _f(None, "Revision of the student weights (the teacher's UNet) on the hub.")
     variant: str = _f("full", "What to train: the full UNet ('full') or a LoRA ('lora'). Set by the entry script.", choices=["full", "lora"])
+    model_family: str = _f("sd", "Teacher family: 'sd' (SD 1.x/2.x) or 'sdxl'. Set by the entry script.", choices=["sd", "sdxl"])
     # --- run
     output_dir: str = _f("tcd-model", "Where outputs and checkpoints go.")
     cache_dir: str | None = _f(None, "Download cache for hub models.")
@@ -109,7 +110,7 @@ class TrainConfig:
 
         need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
         need(bool(self.train_shards_path_or_url), "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url).")
-        need(self.resolution > 0 and self.resolution % 8 == 0, f"--resolution must be a positive multiple of 8, got {self.resolution}.")
+        need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
         need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
         need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")

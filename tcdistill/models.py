@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,18 +12,6 @@ from .config import ConfigError, TrainConfig
 from .tcd import Cond, guidance_embedding
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherParts:
-    """The frozen pieces of a Stable Diffusion teacher pipeline."""
-
-    tokenizer: Any
-    text_encoder: nn.Module
-    vae: nn.Module
-    unet: nn.Module
-    noise_scheduler: Any
-    scheduler_config: dict
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -44,49 +31,6 @@ def check_teacher_config(cfg: TrainConfig) -> None:
     f = vae_scale_factor(vae_cfg)
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
-
-
-def load_teacher(cfg: TrainConfig) -> TeacherParts:
-    """Load tokenizer, text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    src, rev, cache = cfg.pretrained_teacher_model, cfg.teacher_revision, cfg.cache_dir
-    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev, cache_dir=cache)
-    tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev, cache_dir=cache, use_fast=False)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev, cache_dir=cache)
-    if cfg.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cache)
-    else:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev, cache_dir=cache)
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev, cache_dir=cache)
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.eval()
-    return TeacherParts(tokenizer, text_encoder, vae, unet, noise_scheduler, dict(noise_scheduler.config))
-
-
-class SDFamily:
-    """SD 1.x / 2.x conditioning: one CLIP text encoder; the unconditional prompt is the encoding of ""."""
-
-    def __init__(self, tokenizer: Any, text_encoder: nn.Module):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self._uncond: Tensor | None = None
-
-    @torch.no_grad()
-    def encode(self, captions: list[str], device: torch.device) -> Cond:
-        """Tokenize to the tokenizer's own max length (no hard-coded 77) and take the last hidden state."""
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        return {"encoder_hidden_states": self.text_encoder(ids)[0]}
-
-    def uncond(self, batch_size: int, device: torch.device) -> Cond:
-        """The empty prompt's encoding, computed once and expanded to the batch."""
-        if self._uncond is None or self._uncond.device != device:
-            self._uncond = self.encode([""], device)["encoder_hidden_states"]
-        return {"encoder_hidden_states": self._uncond.expand(batch_size, -1, -1)}
 
 
 class UNetDenoiser:

@@ -21,12 +21,16 @@ class FullStrategy:
     name = "full"
     w_cond_student = True
 
-    def __init__(self, cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype, student_init: nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, family: Any, weight_dtype: torch.dtype):
         from diffusers import UNet2DConditionModel
 
-        self.cfg = cfg
+        self.cfg, self.family = cfg, family
+        teacher_unet = family.unet
         self.w_dim = cfg.unet_time_cond_proj_dim
-        src = student_init if student_init is not None else teacher_unet
+        src = teacher_unet
+        if cfg.revision and cfg.revision != cfg.teacher_revision:
+            # --revision: the student starts from another revision of the teacher's UNet.
+            src = UNet2DConditionModel.from_pretrained(cfg.pretrained_teacher_model, subfolder="unet", revision=cfg.revision, cache_dir=cfg.cache_dir)
         student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=self.w_dim)
         missing, unexpected = student.load_state_dict(src.state_dict(), strict=False)
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
@@ -85,12 +89,12 @@ class LoraStrategy:
     name = "lora"
     w_cond_student = False
 
-    def __init__(self, cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, family: Any, weight_dtype: torch.dtype):
         from peft import LoraConfig
 
-        self.cfg = cfg
+        self.cfg, self.family = cfg, family
         self.weight_dtype = weight_dtype
-        unet = teacher_unet.to(dtype=weight_dtype).requires_grad_(False)
+        unet = family.unet.to(dtype=weight_dtype).requires_grad_(False)
         unet.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                        target_modules=cfg.lora_modules, init_lora_weights="gaussian")
@@ -139,14 +143,10 @@ class LoraStrategy:
 
     def save_outputs(self, output_dir: str) -> list[str]:
         """`output_dir/pytorch_lora_weights.safetensors` in diffusers' format (no PEFT `base_model.model.` prefix)."""
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
         layers = convert_state_dict_to_diffusers(self.lora_state_dict())
-        meta = self.student.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
-        )
+        self.family.save_lora_weights(output_dir, layers, self.student.peft_config["default"].to_dict())
         return [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
 
 
@@ -164,8 +164,8 @@ class _AdaptersOff:
             self.unet.enable_adapters()
 
 
-def make_strategy(cfg: TrainConfig, teacher_unet: nn.Module, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
-    """The strategy for `cfg.variant`."""
+def make_strategy(cfg: TrainConfig, family: Any, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
+    """The strategy for `cfg.variant` over the family's teacher UNet."""
     if cfg.variant == "lora":
-        return LoraStrategy(cfg, teacher_unet, weight_dtype)
-    return FullStrategy(cfg, teacher_unet, weight_dtype)
+        return LoraStrategy(cfg, family, weight_dtype)
+    return FullStrategy(cfg, family, weight_dtype)

@@ -16,10 +16,12 @@ from torch import nn
 from .checkpoint import CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, build_train_dataloader
-from .models import SDFamily, check_teacher_config, enable_memory_efficient_attention, encode_latents, load_teacher
+from .families import load_family
+from .models import check_teacher_config, enable_memory_efficient_attention, encode_latents
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
+from .timing import StepTimer
 
 logger = logging.getLogger("tcdistill")
 
@@ -68,15 +70,12 @@ class Trainer:
         self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
         self.device = acc.device
 
-        parts = load_teacher(cfg)
-        self.parts = parts
-        self.schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler).to(self.device)
-        # Frozen VAE and text encoder in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
+        self.family = family = load_family(cfg)
+        self.schedule = NoiseSchedule.from_scheduler(family.noise_scheduler).to(self.device)
+        # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
         # fp16-safe VAE with --pretrained_vae_model_name_or_path for SDXL-style VAEs).
-        parts.vae.to(self.device, dtype=self.weight_dtype)
-        parts.text_encoder.to(self.device, dtype=self.weight_dtype)
-        self.family = SDFamily(parts.tokenizer, parts.text_encoder)
-        self.strategy = make_strategy(cfg, parts.unet, self.weight_dtype)
+        family.to(self.device, self.weight_dtype)
+        self.strategy = make_strategy(cfg, family, self.weight_dtype)
         self.strategy.to(self.device)
         student = self.strategy.student
         if cfg.gradient_checkpointing:
@@ -105,6 +104,7 @@ class Trainer:
         self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
         self.global_step = 0
         self.skipped: Counter[str] = Counter()
+        self.timer = StepTimer(enabled=False)  # the benchmark turns it on
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
@@ -159,12 +159,16 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode a batch, draw (t, t_n, s, w, eps) and return the TCD loss of the student."""
-        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-        x0 = encode_latents(self.parts.vae, pixels, self.cfg.vae_encode_batch_size)
-        cond = self.family.encode(list(batch["captions"]), self.device)
-        uncond = self.family.uncond(x0.shape[0], self.device)
+        timer = self.timer
+        with timer.section("vae"):
+            pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+            x0 = encode_latents(self.family.vae, pixels, self.cfg.vae_encode_batch_size)
+        with timer.section("text_encoder"):
+            cond = self.family.encode(batch, self.device)
+            uncond = self.family.uncond(batch, self.device)
         draw = draw_tcd(x0, self.grid, self.k, self.cfg.w_min, self.cfg.w_max, mode=self.cfg.distill_mode)
         student, target, teacher = self.strategy.denoisers(self.student)
+        student, target, teacher = timer.wrap("student_forward", student), timer.wrap("target", target), timer.wrap("teacher", teacher)
         with self.accelerator.autocast():
             return self.loss_fn(student, target, teacher, x0, cond, uncond, draw)
 
@@ -177,8 +181,6 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
-            if acc.trackers is not None and cfg.report_to != "none":
-                pass
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
         self.maybe_resume()
         data = iter(self._data_loader())
@@ -190,15 +192,18 @@ class Trainer:
             self.student.train()
             loss_sum = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(data)
+                with self.timer.section("data"):
+                    batch = next(data)
                 self.skipped.update(batch.get("skipped", {}))
                 with acc.accumulate(self.student):
                     loss, stats = self.train_step(batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.strategy.trainable_parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with self.timer.section("student_backward"):
+                        acc.backward(loss)
+                    with self.timer.section("optimizer"):
+                        if acc.sync_gradients:
+                            acc.clip_grad_norm_(self.strategy.trainable_parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach().item() / cfg.gradient_accumulation_steps
                 samples += batch["pixel_values"].shape[0] * acc.num_processes
             self.lr_scheduler.step()

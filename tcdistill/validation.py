@@ -34,15 +34,12 @@ def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def build_pipeline(parts: Any, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
-    """A StableDiffusionPipeline over the teacher's parts and `unet`, with TCDScheduler on the training grid."""
-    from diffusers import StableDiffusionPipeline, TCDScheduler
+def build_pipeline(family: Any, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
+    """The family's pipeline over `unet`, with TCDScheduler on the training grid."""
+    from diffusers import TCDScheduler
 
-    scheduler = TCDScheduler.from_config(parts.scheduler_config, original_inference_steps=num_ddim_timesteps)
-    return StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = TCDScheduler.from_config(family.scheduler_config, original_inference_steps=num_ddim_timesteps)
+    return family.pipeline(unet, scheduler)
 
 
 @torch.no_grad()
@@ -84,10 +81,12 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
     for tag, unet, gs in trainer.strategy.validation_unets():
         was_training = unet.training
         unet.eval()
-        pipe = build_pipeline(trainer.parts, unet, cfg.num_ddim_timesteps)
+        pipe = build_pipeline(trainer.family, unet, cfg.num_ddim_timesteps)
         pipe.set_progress_bar_config(disable=True)
         with trainer.accelerator.autocast():
-            rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, cfg.resolution)
+            # Pipelines need sizes divisible by 8; sample at the nearest such size to the training resolution.
+            size = max(8, cfg.resolution // 8 * 8)
+            rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size)
         unet.train(was_training)
         path = os.path.join(out_dir, f"{tag}-step{step:06d}.png")
         make_grid(rows).save(path)
