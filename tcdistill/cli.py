@@ -22,13 +22,18 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
     from .config import ConfigError, parse_config
 
     cfg = parse_config(argv, defaults={"variant": variant, "model_family": family}, prog=prog)
-    from .trainer import Trainer
+    from .data import DataError
+    from .trainer import NonFiniteError, Trainer
 
+    name = prog or "tcdistill"
     try:
-        trainer = Trainer(cfg)
+        Trainer(cfg).train()
     except ConfigError as e:
-        sys.exit(f"{prog or 'tcdistill'}: error: {e}")
-    trainer.train()
+        sys.exit(f"{name}: error: {e}")
+    except (DataError, NonFiniteError) as e:
+        # A DataLoader worker's error arrives wrapped with its traceback text; its last line is the message.
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        sys.exit(f"{name}: error: {lines[-1] if lines else type(e).__name__}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -25,13 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
 JSON_CAPTION_FIELDS = ("caption", "text")
-INTERPOLATIONS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-_MAX_URLS_IN_MESSAGE = 8
+INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper()) for name in ("bilinear", "bicubic", "nearest", "lanczos")}
 
 
 class DataError(RuntimeError):
@@ -57,8 +51,10 @@ class DataConfig:
     shard_resample_seed_offset: int = 0
 
 
-def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+def expand_urls(spec: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
     """Expand a shard spec (braces, '::'-joined string, or list of either) into a flat url list."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if isinstance(spec, (list, tuple)):
         parts = [u for item in spec for u in expand_urls(item)] if spec else []
     elif isinstance(spec, str):
@@ -82,19 +78,21 @@ class _Skip(Exception):
         self.kind = kind
 
 
+def _describe(exn: BaseException) -> str:
+    """Short `Type: message` text for failure reports."""
+    return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # PIL's own I->L conversion clips at 255 instead of scaling, turning 16-bit images white.
+        # Integer modes come from 16-bit PNG/TIFF in practice, so scale from the 16-bit range.
         arr = np.asarray(img).astype(np.float32) / 257.0
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -109,16 +107,17 @@ def _decode_image(data: bytes) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         raise _Skip("too_large", str(exn)) from None
     except Exception as exn:
-        raise _Skip("decode_error", f"{type(exn).__name__}: {exn}") from None
+        raise _Skip("decode_error", _describe(exn)) from None
     try:
-        # Phone photos store rotation in EXIF; a malformed tag should not cost the sample.
-        img = ImageOps.exif_transpose(img) or img
+        # Phone photos store rotation in EXIF; check first since exif_transpose always copies.
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            img = ImageOps.exif_transpose(img)
     except Exception:
-        pass
+        pass  # a malformed EXIF block should not cost the sample
     try:
         img = _to_rgb(img)
     except Exception as exn:
-        raise _Skip("decode_error", f"mode {img.mode}: {type(exn).__name__}: {exn}") from None
+        raise _Skip("decode_error", f"mode {img.mode}: {_describe(exn)}") from None
     if img.width <= 0 or img.height <= 0:
         raise _Skip("decode_error", f"empty image {img.size}")
     return img
@@ -141,9 +140,7 @@ def _caption(sample: dict[str, Any]) -> str:
     raise _Skip("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
 
 
-def _crop_resize(
-    img: Image.Image, cfg: DataConfig, rng: random.Random
-) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize shorter side to R, crop R x R, maybe flip; return CHW [-1,1] tensor, (h, w), (top, left)."""
     r = cfg.resolution
     w, h = img.size
@@ -182,8 +179,7 @@ class _FailureTracker:
         self.pending[kind] += 1
         self.streak_kinds[kind] += 1
         self.streak_urls[url] = None
-        self.streak += 1
-        self.last_msg = msg[:500]
+        self.streak, self.last_msg = self.streak + 1, msg[:500]
 
     @property
     def exhausted(self) -> bool:
@@ -195,22 +191,18 @@ class _FailureTracker:
         if not self.exhausted:
             return
         urls = list(self.streak_urls)
-        shown = ", ".join(urls[:_MAX_URLS_IN_MESSAGE])
-        more = f" (+{len(urls) - _MAX_URLS_IN_MESSAGE} more)" if len(urls) > _MAX_URLS_IN_MESSAGE else ""
+        shown = ", ".join(urls[:8]) + (f" (+{len(urls) - 8} more)" if len(urls) > 8 else "")
         kinds = ", ".join(f"{k}={n}" for k, n in self.streak_kinds.most_common())
         raise DataError(
             f"{self.where}: no usable sample in {self.streak} consecutive failures "
-            f"(failure_patience={self.patience}); kinds: {kinds}; shards: {shown}{more}; "
+            f"(failure_patience={self.patience}); kinds: {kinds}; shards: {shown}; "
             f"last error: {self.last_msg}"
         )
 
     def success(self) -> dict[str, int]:
         """Reset the streak and return the per-kind counts accumulated since the last success."""
         delta = dict(self.pending)
-        self.pending.clear()
-        self.streak_kinds.clear()
-        self.streak_urls.clear()
-        self.streak = 0
+        self.pending, self.streak_kinds, self.streak_urls, self.streak = Counter(), Counter(), {}, 0
         return delta
 
 
@@ -238,35 +230,37 @@ class ImageTextShards(IterableDataset):
         rng = random.Random(f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{worker}")
         where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
         tracker = _FailureTracker(self.cfg.failure_patience, where)
-        shards = wds.ResampledShards(
-            self.urls, seed=rng.getrandbits(62), worker_seed=_no_worker_seed, deterministic=True
-        )
+        shards = wds.ResampledShards(self.urls, seed=rng.getrandbits(62), worker_seed=_no_worker_seed, deterministic=True)
         for shard in shards:
             yield from self._shard_samples(shard["url"], rng, tracker)
 
-    def _shard_samples(
-        self, url: str, rng: random.Random, tracker: _FailureTracker
-    ) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str, rng: random.Random, tracker: _FailureTracker) -> Iterator[dict[str, Any]]:
         """Yield the usable samples of one shard, recording every failure."""
-        shard_errors = 0
+        shard_failed = False
 
-        def handler(exn: Exception) -> bool:
-            nonlocal shard_errors
-            shard_errors += 1
-            tracker.fail("shard_error", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
-            return not tracker.exhausted  # False makes webdataset stop reading this shard
+        def tar_handler(exn: Exception) -> bool:
+            # A tar stream that raised has lost its position: count the shard once and stop reading it.
+            nonlocal shard_failed
+            shard_failed = True
+            tracker.fail("shard_error", url, _describe(exn))
+            return False
+
+        def group_handler(exn: Exception) -> bool:
+            # Grouping errors (duplicate member names) are local; the rest of the shard stays usable.
+            tracker.fail("member_error", url, _describe(exn))
+            return not tracker.exhausted
 
         try:
             stream = gopen(url)
         except Exception as exn:
-            handler(exn)
+            tar_handler(exn)
             tracker.check()
             return
         n_raw = 0
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
-            files = tar_file_expander([dict(url=url, stream=stream)], handler=handler)
-            for raw in group_by_keys(files, handler=handler):
+            files = tar_file_expander([dict(url=url, stream=stream)], handler=tar_handler)
+            for raw in group_by_keys(files, handler=group_handler):
                 n_raw += 1
                 try:
                     out = self._process(raw, rng)
@@ -281,7 +275,7 @@ class ImageTextShards(IterableDataset):
                 stream.close()  # a pipe's non-zero exit surfaces here; already counted if it mattered
             except Exception:
                 pass
-        if n_raw == 0 and shard_errors == 0:
+        if n_raw == 0 and not shard_failed:
             tracker.fail("empty_shard", url, "shard contains no samples")
         tracker.check()
 
@@ -295,17 +289,10 @@ class ImageTextShards(IterableDataset):
         try:
             pixels, original_size, crop_top_left = _crop_resize(img, self.cfg, rng)
         except Exception as exn:
-            raise _Skip("transform_error", f"{type(exn).__name__}: {exn}") from None
+            raise _Skip("transform_error", _describe(exn)) from None
         if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
             caption = ""
-        return dict(
-            pixel_values=pixels,
-            caption=caption,
-            original_size=original_size,
-            crop_top_left=crop_top_left,
-            key=raw.get("__key__", ""),
-            url=raw.get("__url__", ""),
-        )
+        return dict(pixel_values=pixels, caption=caption, original_size=original_size, crop_top_left=crop_top_left)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,21 +310,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _validate(cfg: DataConfig) -> None:
-    """Reject configurations that would fail later in a worker with a less clear message."""
-    if cfg.resolution <= 0:
-        raise ValueError(f"resolution must be positive, got {cfg.resolution}")
-    if cfg.interpolation_type not in INTERPOLATIONS:
-        raise ValueError(f"interpolation_type must be one of {sorted(INTERPOLATIONS)}, got {cfg.interpolation_type!r}")
-    if cfg.train_batch_size <= 0:
-        raise ValueError(f"train_batch_size must be positive, got {cfg.train_batch_size}")
-    if cfg.dataloader_num_workers < 0:
-        raise ValueError(f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
-    if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
-        raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}")
-    if cfg.failure_patience < 1:
-        raise ValueError(f"failure_patience must be >= 1, got {cfg.failure_patience}")
-    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}")
+    """Reject configurations that would otherwise fail later, inside a worker, less clearly."""
+    checks = [
+        (cfg.resolution > 0, f"resolution must be positive, got {cfg.resolution}"),
+        (cfg.interpolation_type in INTERPOLATIONS, f"interpolation_type must be one of {list(INTERPOLATIONS)}, got {cfg.interpolation_type!r}"),
+        (cfg.train_batch_size > 0, f"train_batch_size must be positive, got {cfg.train_batch_size}"),
+        (cfg.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}"),
+        (0.0 <= cfg.proportion_empty_prompts <= 1.0, f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}"),
+        (cfg.failure_patience >= 1, f"failure_patience must be >= 1, got {cfg.failure_patience}"),
+        (0 <= cfg.rank < cfg.world_size, f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
 
 
 def build_train_dataloader(cfg: DataConfig) -> DataLoader:

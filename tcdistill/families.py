@@ -15,7 +15,11 @@ from .tcd import Cond
 
 
 def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig, **kw: Any) -> Any:
-    return cls.from_pretrained(src, subfolder=subfolder, revision=cfg.teacher_revision, cache_dir=cfg.cache_dir, **kw)
+    """`cls.from_pretrained` with the run's revision/cache; model weights from safetensors only unless opted in."""
+    if hasattr(cls, "save_pretrained") and not cls.__name__.endswith(("Tokenizer", "Scheduler")) and not cfg.allow_pickle_weights:
+        kw.setdefault("use_safetensors", True)
+    kw.setdefault("revision", cfg.teacher_revision)
+    return cls.from_pretrained(src, subfolder=subfolder, cache_dir=cfg.cache_dir, **kw)
 
 
 class SDFamily:
@@ -39,7 +43,7 @@ class SDFamily:
         from transformers import AutoTokenizer, CLIPTextModel
 
         src = cfg.pretrained_teacher_model
-        vae = (AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir)
+        vae = (_from_pretrained(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
                if cfg.pretrained_vae_model_name_or_path else _from_pretrained(AutoencoderKL, src, "vae", cfg))
         return cls(
             tokenizer=_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),

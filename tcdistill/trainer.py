@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointIO, restore_rng_state
+from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, build_train_dataloader
 from .families import load_family
@@ -26,6 +26,21 @@ from .timing import StepTimer
 logger = logging.getLogger("tcdistill")
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_shards(spec: str) -> None:
+    """Fail early when every local shard is missing (pipe:/remote urls are checked by the loader)."""
+    from .data import expand_urls
+
+    urls = expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
+        shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
+        raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
 
 
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:
@@ -60,6 +75,7 @@ class Trainer:
         acc = self.accelerator
         cfg.mixed_precision = acc.mixed_precision
         check_environment(cfg, acc.device)
+        check_shards(cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -105,6 +121,7 @@ class Trainer:
         self.global_step = 0
         self.skipped: Counter[str] = Counter()
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
+        self.nonfinite_streak = 0
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
@@ -156,6 +173,39 @@ class Trainer:
             restore_rng_state(ck.rng)
         logger.info("Resumed from %s at step %d.", path, self.global_step)
 
+    def _finite_step(self, loss_value: float) -> bool:
+        """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
+
+        Gradients are already all-reduced here, so their norm is the same on every rank; the loss is reduced too.
+        Under fp16 an overflowing gradient is the GradScaler's business (it skips and lowers the scale).
+        """
+        acc = self.accelerator
+        grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
+        bad = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
+        bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad
+        grad_bad = grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).item()
+        if bad.item() == 0 and not (grad_bad and acc.mixed_precision != "fp16"):
+            self.nonfinite_streak = 0
+            return True
+        self.nonfinite_streak += 1
+        self.skipped["nonfinite_step"] += 1
+        logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
+                       "loss" if bad.item() else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            newest = self.ckpt.latest()
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} consecutive non-finite steps at step {self.global_step + 1}; stopping. "
+                f"Last good checkpoint: {newest or 'none'} (lower --learning_rate, or check the data / --mixed_precision)."
+            )
+        return False
+
+    def _try_checkpoint(self) -> None:
+        """Save a checkpoint; a failed save (disk full, permissions) keeps the older ones and training goes on."""
+        try:
+            self.save_checkpoint()
+        except CheckpointError as e:
+            logger.error("%s", e)
+
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode a batch, draw (t, t_n, s, w, eps) and return the TCD loss of the student."""
@@ -199,13 +249,17 @@ class Trainer:
                     loss, stats = self.train_step(batch)
                     with self.timer.section("student_backward"):
                         acc.backward(loss)
+                    loss_sum += loss.detach().float().item() / cfg.gradient_accumulation_steps
+                    samples += len(batch["captions"]) * acc.num_processes
                     with self.timer.section("optimizer"):
+                        step_ok = True
                         if acc.sync_gradients:
-                            acc.clip_grad_norm_(self.strategy.trainable_parameters(), cfg.max_grad_norm)
-                        self.optimizer.step()
+                            step_ok = self._finite_step(loss_sum)
+                        if step_ok:
+                            self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().item() / cfg.gradient_accumulation_steps
-                samples += batch["pixel_values"].shape[0] * acc.num_processes
+            if not step_ok:
+                continue
             self.lr_scheduler.step()
             self.strategy.after_optimizer_step()
             self.global_step += 1
@@ -218,7 +272,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
             if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
-                self.save_checkpoint()
+                self._try_checkpoint()
             if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
                 self.validate()
         bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -47,7 +48,7 @@ def total_skipped(bs: list[dict]) -> Counter:
 @pytest.fixture
 def modes_shard(tmp_path: Path) -> str:
     """One shard with one good sample per PIL mode / caption container, in a fixed order."""
-    p = image_bytes(solid("P", (30, 20), 0), "PNG")
+    p = image_bytes(solid("P", (30, 20), 0), "PNG", transparency=0)  # palette entry 0 is transparent
     cmyk = image_bytes(solid("CMYK", (20, 30), (0, 0, 0, 0)), "JPEG")
     samples = [
         ("s0", {"jpg": image_bytes(solid("RGB", (40, 20), (255, 0, 0)), "JPEG"), "txt": "rgb jpg\n"}),
@@ -103,8 +104,11 @@ def test_all_modes_decode_to_rgb(modes_shard: str) -> None:
     assert torch.allclose(mean[0], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)  # red
     assert torch.allclose(mean[1], torch.ones(3))  # transparent RGBA composited on white
     assert torch.allclose(mean[2], -torch.ones(3))  # black L
+    assert torch.allclose(mean[3], torch.ones(3))  # transparent palette on white
     assert torch.allclose(mean[4], torch.ones(3))  # 16-bit full scale is white, not clipped garbage
+    assert torch.allclose(mean[5], torch.ones(3), atol=0.05)  # CMYK (0,0,0,0) is white
     assert torch.allclose(mean[6], torch.ones(3))  # transparent LA on white
+    assert torch.allclose(mean[7], -torch.ones(3))  # black 1-bit
     assert torch.allclose(mean[8], torch.tensor([-1.0, -1.0, 1.0]), atol=0.05)  # blue webp
 
 
@@ -112,6 +116,31 @@ def test_sixteen_bit_is_scaled(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "g.tar", [("g", {"png": image_bytes(gray16((20, 20), 32896), "PNG"), "txt": "g"})])
     (b,) = batches(cfg_for(shard, train_batch_size=1), 1)
     assert b["pixel_values"].abs().max() < 0.01  # 32896/257 = 128 -> ~0
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    img = solid("RGB", (40, 20), (0, 255, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    shard = write_shard(tmp_path / "e.tar", [("e", {"jpg": image_bytes(img, "JPEG", exif=exif.tobytes()), "txt": "e"})])
+    (b,) = batches(cfg_for(shard, train_batch_size=1), 1)
+    assert b["original_sizes"][0].tolist() == [40, 20]
+
+
+def test_truncated_shard_keeps_leading_samples(tmp_path: Path) -> None:
+    path = Path(write_shard(tmp_path / "t.tar", [good_sample(f"k{i}", f"c{i}") for i in range(3)]))
+    path.write_bytes(path.read_bytes()[:3500])  # cuts through k1.jpg's data
+    bs = batches(cfg_for(str(path), train_batch_size=1), 3)
+    assert [b["captions"][0] for b in bs] == ["c0"] * 3
+    # one per pass; k0 is only complete once k1's member is read, so it already carries its pass's error
+    assert [b["skipped"] for b in bs] == [{"shard_error": 1}] * 3
+
+
+def test_duplicate_member_is_counted_not_fatal(tmp_path: Path) -> None:
+    key, members = good_sample("d0", "dup")
+    shard = write_shard(tmp_path / "dup.tar", [(key, members), (key, {"txt": "again"}), good_sample("d1", "next")])
+    (b,) = batches(cfg_for(shard, train_batch_size=2), 1)
+    assert b["captions"] == ["dup", "next"] and b["skipped"] == {"member_error": 1}
 
 
 def test_bad_samples_skipped_and_counted(mixed_shard: str) -> None:
@@ -219,6 +248,9 @@ def test_all_bad_shards_raise_data_error(tmp_path: Path, workers: int) -> None:
         next(iter(build_train_dataloader(cfg)))
     assert time.monotonic() - start < 10
     msg = str(info.value)
+    # The traceback pins the worker iterator; left to the cyclic GC, torch's queue finalizers run
+    # before its shutdown and the workers only exit after a 5 s join timeout each.
+    traceback.clear_frames(info.tb)
     assert "missing.tar" in msg or "corrupt.tar" in msg
     assert "failure_patience=10" in msg
 
