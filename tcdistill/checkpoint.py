@@ -1,26 +1,20 @@
 """Atomic, resumable training checkpoints (in the spirit of edm2's ``CheckpointIO``).
 
-Layout of ``output_dir/checkpoint-<step>/``::
+``output_dir/checkpoint-<step>/`` holds ``<name>.safetensors`` per entry of ``tensors``, ``<name>.pt``
+per entry of ``states`` (optimizer, LR scheduler, counters, ...), ``rng_state_<rank>.pt`` per process,
+``meta.json`` and, written last, ``COMPLETE`` ({"step", "files": {name: size}}). A save is staged in
+hidden sibling dirs and renamed into place only when complete, so ``latest()`` never picks a
+half-written checkpoint, wherever the process is killed.
 
-    <name>.safetensors   one per entry of ``tensors`` (model / EMA / LoRA weights)
-    <name>.pt            one per entry of ``states`` (optimizer, LR scheduler, counters, ...)
-    rng_state_<rank>.pt  RNG state of every process, see ``capture_rng_state``
-    meta.json            the JSON-serialisable ``meta`` dict
-    COMPLETE             written last: {"step", "files": {name: size}}
+Multi-process: *every* rank calls ``save(..., barrier=accelerator.wait_for_everyone)``. Each rank
+writes ``rng_state_<rank>.pt`` into the shared staging dir ``.checkpoint-<step>.tmp-ranks``; after the
+barrier the main process writes ``tensors``/``states`` (other ranks' are ignored), collects the rank
+files and publishes; after a second barrier the checkpoint is complete on every rank (or the main
+process raised). ``output_dir`` must be on a filesystem all ranks share.
 
-A save is staged in hidden sibling directories and renamed into place only when complete, so
-``latest()`` never picks up a half-written checkpoint, whenever the process is killed.
-
-Multi-process runs: *every* rank calls ``save(..., barrier=accelerator.wait_for_everyone)``.
-Each rank writes its ``rng_state_<rank>.pt`` into the shared staging dir
-``.checkpoint-<step>.tmp-ranks``; after the barrier the main process writes ``tensors``/``states``
-(the other ranks' arguments are ignored), collects all rank files and renames the checkpoint into
-place; a second barrier means that when ``save`` returns on any rank the checkpoint is complete
-(or the main process raised). ``output_dir`` must be on a filesystem all ranks share.
-
-Resuming: ``ckpt = io.load_latest()`` (or ``io.load(io.resolve(arg))``) on every rank, load the
-tensors/states into the objects, then ``restore_rng_state(ckpt.rng)`` -- ``ckpt.rng`` is this
-rank's RNG state (None if the checkpoint came from a run with fewer processes).
+Resuming, on every rank: ``ckpt = io.load_latest()`` (or ``io.load(io.resolve(arg))``), load
+tensors/states into the objects, then ``restore_rng_state(ckpt.rng)``; ``ckpt.rng`` is this rank's RNG
+state (None if the checkpoint came from a run with fewer processes).
 """
 
 from __future__ import annotations
@@ -36,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -43,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-_STALE_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old|del)-[A-Za-z0-9_]+$")
+_STALE_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old|del)-\w+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# What torch.load(weights_only=True) accepts without allow-listing; exact types, because subclasses
+# What torch.load(weights_only=True) accepts without allow-listing. Exact types, because subclasses
 # such as numpy.float64 (a float) or namedtuples are rejected at load time.
 _SAFE_LEAVES = {int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size}
 
@@ -63,23 +58,20 @@ class Checkpoint:
     tensors: dict[str, dict[str, torch.Tensor]]
     states: dict[str, Any]
     meta: dict = field(default_factory=dict)
-    rng: dict | None = None  # this rank's RNG state, for restore_rng_state()
+    rng: dict | None = None  # this rank's RNG state (plus "extra" if saved), for restore_rng_state()
 
 
 def capture_rng_state() -> dict:
     """Snapshot python, numpy, torch CPU and all CUDA RNGs as weights_only-loadable objects."""
     version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {"python": {"version": version, "state": list(internal), "gauss": gauss},
-                             "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
         # numpy arrays/scalars are not weights_only-safe, so store plain python numbers.
-        state["numpy"] = {"name": str(name), "keys": [int(k) for k in keys], "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    except ImportError:
-        pass
+        "numpy": {"name": str(name), "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,13 +80,11 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     """Restore the RNGs captured by ``capture_rng_state`` (missing parts are left alone)."""
     if "python" in state:
-        py = state["python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        random.setstate((state["python"]["version"], tuple(state["python"]["state"]), state["python"]["gauss"]))
     if "numpy" in state:
-        import numpy as np
-
         n = state["numpy"]
-        np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -113,15 +103,15 @@ def _check_weights_only(obj: Any, where: str) -> None:
         for i, value in enumerate(obj):
             _check_weights_only(value, f"{where}[{i}]")
     elif type(obj) not in _SAFE_LEAVES and not isinstance(obj, torch.Tensor):
-        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, "
-                        "which torch.load(weights_only=True) cannot load; convert it to a tensor/number/str/list/dict")
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+                        "torch.load(weights_only=True) cannot load; convert it to a tensor/number/str/list/dict")
 
 
 def _fsync(path: Path) -> None:
-    """fsync a file or directory so a crash after rename cannot expose unwritten data."""
+    """fsync a file or directory, so a crash after the rename cannot expose unwritten data."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories on Windows
+    except OSError:  # directories cannot be opened on Windows
         return
     try:
         os.fsync(fd)
@@ -135,12 +125,10 @@ def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
-        t = t.detach()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and (ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
-            t = t.clone()  # tied weights / views: give each its own storage
-        elif ptr is not None:
-            seen.add(ptr)
+        t, storage = t.detach(), t.untyped_storage()
+        if t.numel() and (storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()):
+            t = t.clone()  # tied weights and views: give each its own storage
+        seen.add(storage.data_ptr())
         out[key] = t.contiguous()
     return out
 
@@ -158,17 +146,11 @@ class CheckpointIO:
         self.total_limit, self.is_main_process = total_limit, is_main_process
         self.rank, self.num_processes = rank, num_processes
 
-    # ---------------------------------------------------------------- finding
     def _complete(self) -> list[tuple[int, Path]]:
         """All complete checkpoints, oldest first."""
-        if not self.output_dir.is_dir():
-            return []
-        found = []
-        for path in self.output_dir.iterdir():
-            match = _CKPT_RE.match(path.name)
-            if match and self._problem(path, int(match.group(1))) is None:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        paths = self.output_dir.iterdir() if self.output_dir.is_dir() else []
+        found = [(int(m.group(1)), p) for p in paths if (m := _CKPT_RE.match(p.name))]
+        return sorted((step, p) for step, p in found if self._problem(p, step) is None)
 
     @staticmethod
     def _problem(path: Path, step: int | None = None) -> str | None:
@@ -177,11 +159,11 @@ class CheckpointIO:
             return "does not exist" if not path.exists() else "is not a directory"
         try:
             marker = json.loads((path / MARKER).read_text())
-            files: dict[str, int] = dict(marker["files"])
-            if int(marker["step"]) != (step if step is not None else int(marker["step"])):
-                return f"has a {MARKER} marker for step {marker['step']}"
+            files, marker_step = dict(marker["files"]), int(marker["step"])
         except (OSError, ValueError, KeyError, TypeError):
             return f"has no valid {MARKER} marker (the save was interrupted, or it is not a checkpoint)"
+        if step is not None and marker_step != step:  # e.g. a copy under another name
+            return f"has a {MARKER} marker for step {marker_step}"
         for name, size in files.items():
             if not (path / name).is_file() or (path / name).stat().st_size != size:
                 return f"is damaged: {name} is missing or has the wrong size"
@@ -201,31 +183,30 @@ class CheckpointIO:
         path = Path(resume_from_checkpoint)
         if not path.exists() and not path.is_absolute() and (self.output_dir / path).exists():
             path = self.output_dir / path  # accept "checkpoint-500" relative to output_dir, like diffusers
-        problem = self._problem(path)
-        if problem is not None:
+        if (problem := self._problem(path)) is not None:
             raise CheckpointError(f"cannot resume from {str(path)!r}: it {problem}; newest complete checkpoint "
                                   f"in {str(self.output_dir)!r}: {self.latest() or 'none'}")
         return path
 
-    # ---------------------------------------------------------------- loading
     def load(self, path: str | Path) -> Checkpoint:
-        """Load a complete checkpoint (tensors, states, meta and this rank's RNG state) onto the CPU."""
-        path = self.resolve(path)
-        assert path is not None
-        marker = json.loads((path / MARKER).read_text())
-        ckpt = Checkpoint(step=int(marker["step"]), path=path, tensors={}, states={})
+        """Load a complete checkpoint (tensors, states, meta, this rank's RNG state) onto the CPU."""
+        if (resolved := self.resolve(path)) is None:
+            raise CheckpointError(f"no complete checkpoint in {str(self.output_dir)!r}")
+        marker = json.loads((resolved / MARKER).read_text())
+        ckpt = Checkpoint(step=int(marker["step"]), path=resolved, tensors={}, states={})
         try:
             for name in marker["files"]:
+                file = resolved / name
                 if name.endswith(".safetensors"):
-                    ckpt.tensors[name[: -len(".safetensors")]] = safetensors.torch.load_file(path / name, device="cpu")
+                    ckpt.tensors[name[: -len(".safetensors")]] = safetensors.torch.load_file(file, device="cpu")
                 elif name == "meta.json":
-                    ckpt.meta = json.loads((path / name).read_text())
+                    ckpt.meta = json.loads(file.read_text())
+                elif name == f"rng_state_{self.rank}.pt":
+                    ckpt.rng = torch.load(file, map_location="cpu", weights_only=True)
                 elif name.endswith(".pt") and not name.startswith("rng_state_"):
-                    ckpt.states[name[:-3]] = torch.load(path / name, map_location="cpu", weights_only=True)
-            rng_file = path / f"rng_state_{self.rank}.pt"
-            ckpt.rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+                    ckpt.states[name[:-3]] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointError(f"cannot load checkpoint {str(resolved)!r}: {type(exc).__name__}: {exc}") from exc
         return ckpt
 
     def load_latest(self) -> Checkpoint | None:
@@ -233,23 +214,33 @@ class CheckpointIO:
         path = self.latest()
         return None if path is None else self.load(path)
 
-    # ---------------------------------------------------------------- saving
     def _staging(self, step: int) -> Path:
+        """Shared dir where every rank drops its RNG file."""
         return self.output_dir / f".checkpoint-{step}.tmp-ranks"
 
     def _error(self, step: int, exc: BaseException) -> CheckpointError:
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # keep the message on one line
+        """One-line error for a failed save, naming the newest checkpoint that survives."""
+        try:
+            newest = str(self.latest() or "none")
+        except OSError:
+            newest = "unknown (output dir unreadable)"
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         return CheckpointError(f"saving checkpoint-{step} failed ({detail}); previous checkpoints are intact, "
-                               f"newest: {self.latest() or 'none'}")
+                               f"newest: {newest}")
 
     def save(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],
-             meta: dict | None = None, barrier: Callable[[], None] | None = None) -> Path:
-        """Save ``checkpoint-<step>``; with several processes call it on every rank and pass a barrier."""
+             meta: dict | None = None, barrier: Callable[[], None] | None = None,
+             rank_extra: dict | None = None) -> Path:
+        """Save ``checkpoint-<step>``; with several processes call it on every rank and pass a barrier.
+
+        ``rank_extra`` (weights_only-safe, e.g. this rank's data-stream position) is stored with this
+        rank's RNG state; after loading it is ``ckpt.rng["extra"]``.
+        """
         if self.num_processes > 1 and barrier is None:
             raise ValueError("num_processes > 1: pass barrier= (e.g. accelerator.wait_for_everyone)")
         error: Exception | None = None
         try:
-            self.write_rank_state(step)
+            self.write_rank_state(step, rank_extra)
         except Exception as exc:  # still reach both barriers below, or the other ranks hang
             error = exc
         if barrier is not None:
@@ -264,23 +255,24 @@ class CheckpointIO:
             raise self._error(step, error) from error
         return self.output_dir / f"checkpoint-{step}"
 
-    def write_rank_state(self, step: int) -> None:
+    def write_rank_state(self, step: int, extra: dict | None = None) -> None:
         """Write this rank's RNG state into the shared staging dir (every rank, before the barrier)."""
         staging = self._staging(step)
         staging.mkdir(parents=True, exist_ok=True)
-        target = staging / f"rng_state_{self.rank}.pt"
-        # Remove a leftover from an interrupted earlier attempt first, so a failed write shows as missing.
-        target.unlink(missing_ok=True)
-        tmp = staging / f".rng_state_{self.rank}.pt.{os.getpid()}"
-        torch.save(capture_rng_state(), tmp)
+        target, tmp = staging / f"rng_state_{self.rank}.pt", staging / f".rng_state_{self.rank}.{os.getpid()}"
+        target.unlink(missing_ok=True)  # so a leftover of an interrupted attempt cannot stand in for this one
+        state = capture_rng_state()
+        if extra is not None:
+            _check_weights_only(extra, "rank_extra")
+            state["extra"] = extra
+        torch.save(state, tmp)
         _fsync(tmp)
         os.replace(tmp, target)
 
     def finalize(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],
                  meta: dict | None = None) -> Path:
         """Main process, after every rank's ``write_rank_state``: write the rest and publish atomically."""
-        final = self.output_dir / f"checkpoint-{step}"
-        staging = self._staging(step)
+        final, staging = self.output_dir / f"checkpoint-{step}", self._staging(step)
         tmp = self.output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
         old = self.output_dir / f".checkpoint-{step}.old-{os.getpid()}"
         try:
@@ -300,10 +292,10 @@ class CheckpointIO:
                 torch.save(state, tmp / f"{name}.pt")
             (tmp / "meta.json").write_text(meta_text)
             for rank in range(self.num_processes):
-                rng_name = f"rng_state_{rank}.pt"
-                if not (staging / rng_name).is_file():
-                    raise FileNotFoundError(f"rank {rank} wrote no {rng_name}; call save() on every rank with a barrier")
-                os.replace(staging / rng_name, tmp / rng_name)
+                if not (staging / f"rng_state_{rank}.pt").is_file():
+                    raise FileNotFoundError(f"rank {rank} wrote no rng_state_{rank}.pt; "
+                                            "call save() on every rank with a barrier")
+                os.replace(staging / f"rng_state_{rank}.pt", tmp / f"rng_state_{rank}.pt")
             files = {}
             for path in sorted(tmp.iterdir()):
                 _fsync(path)
@@ -312,8 +304,8 @@ class CheckpointIO:
             _fsync(tmp / MARKER)
             _fsync(tmp)
             if final.exists():
-                # os.rename cannot replace a non-empty dir; a kill between these two renames loses only
-                # this step's old copy (older checkpoints stay), and the next save removes `old`.
+                # os.rename cannot replace a non-empty dir. A kill between these two renames loses only
+                # this step's old copy (older checkpoints stay); the next save removes `old`.
                 os.rename(final, old)
             os.rename(tmp, final)
             _fsync(self.output_dir)

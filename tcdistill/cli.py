@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 # subcommand -> module with `main(argv)`; each module owns its own flags.
 SUBCOMMANDS = {
@@ -17,11 +17,15 @@ SUBCOMMANDS = {
 }
 
 
-def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd") -> None:
-    """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line."""
+def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd",
+               defaults: dict[str, Any] | None = None) -> None:
+    """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line.
+
+    `defaults` overrides flag defaults for an entry script (the SDXL scripts' resolution 1024, w_min 3, filters).
+    """
     from .config import ConfigError, parse_config
 
-    cfg = parse_config(argv, defaults={"variant": variant, "model_family": family}, prog=prog)
+    cfg = parse_config(argv, defaults={**(defaults or {}), "variant": variant, "model_family": family}, prog=prog)
     from .data import DataError
     from .trainer import NonFiniteError, Trainer
 

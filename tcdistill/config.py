@@ -44,6 +44,7 @@ class TrainConfig:
     local_rank: int = _f(-1, "Set by the launcher (kept for compatibility).")
     # --- data
     train_shards_path_or_url: str | None = _f(None, "Webdataset shards: brace pattern, '::'-separated list, local paths or pipe: urls.")
+    train_latents_path_or_url: str | None = _f(None, "Cached shards from `tcdistill cache` (VAE latents + prompt embeddings): the step runs no VAE encoder or text encoder; wins over --train_shards_path_or_url.")
     resolution: int = _f(512, "Training image resolution (square).")
     interpolation_type: str = _f("bilinear", "Resize interpolation.", choices=["bilinear", "bicubic", "nearest", "lanczos"])
     center_crop: bool = _f(False, "Center crop after resize (default: random crop).")
@@ -53,6 +54,9 @@ class TrainConfig:
     max_train_samples: int | None = _f(None, "Samples per epoch (with --num_train_epochs, sets the run length when --max_train_steps is unset).")
     proportion_empty_prompts: float = _f(0.0, "Fraction of captions replaced by the empty prompt.")
     data_failure_patience: int = _f(1000, "Consecutive unusable samples/shards (per worker) before the run stops with a data error.")
+    min_image_size: int = _f(0, "Skip images whose original width or height is below this (json original_width/height, else the decoded size; SDXL scripts: 700).")
+    max_pwatermark: float = _f(1.0, "Skip samples whose json pwatermark exceeds this (a missing field passes; SDXL scripts: 0.5; 1.0 = off).")
+    use_fix_crop_and_size: bool = _f(False, "SDXL: micro-condition on original size (resolution, resolution) and crop (0, 0) instead of each sample's own.")
     max_nonfinite_steps: int = _f(10, "Consecutive non-finite losses/gradients (each step skipped) before the run stops.")
     allow_pickle_weights: bool = _f(False, "Allow loading .bin/.ckpt (pickle) weights; by default only safetensors load.")
     # --- schedule / optimizer
@@ -84,6 +88,7 @@ class TrainConfig:
     lora_alpha: int = _f(64, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_target_modules: str | None = _f(None, "Comma-separated module names for LoRA (default: attention, resnet, up/down-sampler and time-embedding layers).")
+    export_kohya: bool = _f(False, "LoRA: also write pytorch_lora_weights_kohya.safetensors (kohya keys for ComfyUI / A1111).")
     # --- precision / speed
     mixed_precision: str | None = _f(None, "no, fp16 or bf16 (default: accelerate's config).", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
@@ -92,6 +97,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
     batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
+    teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
+    lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.")
+    fused_adam: bool = _f(True, "Fused AdamW kernel on CUDA and CPU (off: the default foreach AdamW, as the reference).", negatable=True)
+    compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place.")
+    channels_last: bool = _f(False, "Put the UNets in channels_last memory format.")
     # --- validation
     validation_steps: int = _f(200, "Run validation every N optimizer steps (0 = never).")
     validation_prompts: str | None = _f(None, "'|'-separated validation prompts (default: four built-in prompts).")
@@ -111,7 +121,8 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
-        need(bool(self.train_shards_path_or_url), "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url).")
+        need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
+             "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
         need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
         need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
@@ -130,8 +141,12 @@ class TrainConfig:
         need(self.max_train_steps is not None or self.max_train_samples is not None,
              "Set --max_train_steps (or --max_train_samples with --num_train_epochs): the shard stream is endless.")
         need(self.lora_rank >= 1, "--lora_rank must be >= 1.")
+        need(not (self.variant == "lora" and self.teacher_dtype == "fp32" and not self.lora_separate_teacher),
+             "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
         need(self.huber_c > 0, "--huber_c must be > 0.")
         need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
+        need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")
+        need(0.0 <= self.max_pwatermark <= 1.0, f"--max_pwatermark must be in [0, 1], got {self.max_pwatermark}.")
         need(self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1.")
         need(self.validation_steps >= 0, "--validation_steps must be >= 0.")
         need(self.vae_encode_batch_size >= 1, "--vae_encode_batch_size must be >= 1.")
@@ -161,8 +176,12 @@ class TrainConfig:
         return ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                 "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """All fields; `redact` blanks secrets (--hub_token) for files and trackers that may be published."""
+        d = dataclasses.asdict(self)
+        if redact and d.get("hub_token"):
+            d["hub_token"] = "<redacted>"
+        return d
 
 
 def _parse_bool(v: str) -> bool:

@@ -36,19 +36,22 @@ class DataError(RuntimeError):
 class DataConfig:
     """Options for the webdataset training loader (one instance per process)."""
 
-    train_shards_path_or_url: str | list[str]
+    train_shards_path_or_url: str | list[str]  # brace pattern, '::'-joined, list, local paths or "pipe:..." urls
     resolution: int = 512
-    interpolation_type: str = "bilinear"
-    center_crop: bool = False
+    interpolation_type: str = "bilinear"  # bilinear | bicubic | nearest | lanczos (PIL filters)
+    center_crop: bool = False  # else random crop
     random_flip: bool = False
-    train_batch_size: int = 16
-    dataloader_num_workers: int = 0
-    proportion_empty_prompts: float = 0.0
-    seed: int | None = None
+    train_batch_size: int = 16  # per process
+    dataloader_num_workers: int = 0  # 0 loads in the main process
+    proportion_empty_prompts: float = 0.0  # probability of replacing a caption with ""
+    seed: int | None = None  # None: a fresh random stream per process
     rank: int = 0
     world_size: int = 1
-    failure_patience: int = 1000
-    shard_resample_seed_offset: int = 0
+    failure_patience: int = 1000  # consecutive failed samples/shards (per worker) before DataError
+    shard_resample_seed_offset: int = 0  # added to the seed: a different stream for the same seed
+    resume_state: dict | None = None  # StreamTracker.state() of this rank from a checkpoint: continue exactly there
+    min_image_size: int = 0  # skip images whose original short side is below this (0 = off; SDXL scripts: 700)
+    max_pwatermark: float = 1.0  # skip samples whose json pwatermark is above this (1.0 = off; SDXL scripts: 0.5)
 
 
 def expand_urls(spec: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
@@ -140,6 +143,44 @@ def _caption(sample: dict[str, Any]) -> str:
     raise _Skip("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
 
 
+def _json_numbers(sample: dict[str, Any], fields: tuple[str, ...]) -> list[float | None]:
+    """Numeric fields of the sample's json member; None for each one the member, field or value makes unusable."""
+    try:
+        meta = json.loads(sample["json"].decode("utf-8-sig", errors="replace")) if "json" in sample else None
+    except ValueError:
+        meta = None
+    out: list[float | None] = []
+    for field in fields:
+        try:
+            value = float(meta[field]) if isinstance(meta, dict) and meta.get(field) is not None else None
+        except (ValueError, TypeError):
+            value = None
+        out.append(value if value is not None and np.isfinite(value) else None)
+    return out
+
+
+def _check_filters(sample: dict[str, Any], cfg: DataConfig, decoded_size: tuple[int, int] | None = None) -> bool:
+    """Size and watermark filters of diffusers' SDXL LCM script; returns whether the size still needs the decoded image.
+
+    Unlike the reference (which drops every sample lacking these json fields, so a dataset without them never
+    yields a batch), a missing `pwatermark` passes and a missing `original_width/height` falls back to the decoded size.
+    """
+    if cfg.min_image_size <= 0 and cfg.max_pwatermark >= 1.0:
+        return False
+    pw, w, h = _json_numbers(sample, ("pwatermark", "original_width", "original_height"))
+    if pw is not None and pw > cfg.max_pwatermark:
+        raise _Skip("watermark", f"pwatermark {pw} > {cfg.max_pwatermark}")
+    if cfg.min_image_size <= 0:
+        return False
+    if w is None or h is None:
+        if decoded_size is None:
+            return True
+        w, h = decoded_size
+    if min(w, h) < cfg.min_image_size:
+        raise _Skip("too_small", f"original size {int(w)}x{int(h)} < {cfg.min_image_size}")
+    return False
+
+
 def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize shorter side to R, crop R x R, maybe flip; return CHW [-1,1] tensor, (h, w), (top, left)."""
     r = cfg.resolution
@@ -226,16 +267,32 @@ class ImageTextShards(IterableDataset):
         """Yield samples forever, or raise DataError when nothing usable arrives."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from workers round-robin; on resume, physical worker 0 plays the logical
+        # worker whose batch is due next, so the batch sequence continues exactly where the checkpoint left it.
+        start, positions = 0, {}
+        rs = self.cfg.resume_state
+        if rs and rs.get("num_workers") == num_workers:
+            start, positions = int(rs["next_worker"]), rs.get("positions", {})
+        logical = (worker + start) % num_workers
+        shard_skip, raw_skip = positions.get(str(logical), (0, 0))
         # String seeding hashes with sha512, so it is stable across processes (unlike hash()).
-        rng = random.Random(f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{worker}")
+        key = f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{logical}"
         where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
         tracker = _FailureTracker(self.cfg.failure_patience, where)
-        shards = wds.ResampledShards(self.urls, seed=rng.getrandbits(62), worker_seed=_no_worker_seed, deterministic=True)
-        for shard in shards:
-            yield from self._shard_samples(shard["url"], rng, tracker)
+        seed = random.Random(key).getrandbits(62)
+        shards = wds.ResampledShards(self.urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
+        for shard_idx, shard in enumerate(shards):
+            if shard_idx < shard_skip:
+                continue  # replaying the shard draws is cheap: RNG only, nothing is opened
+            skip = raw_skip if shard_idx == shard_skip else 0
+            for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker):
+                out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"))
+                yield out
 
-    def _shard_samples(self, url: str, rng: random.Random, tracker: _FailureTracker) -> Iterator[dict[str, Any]]:
-        """Yield the usable samples of one shard, recording every failure."""
+    def _shard_samples(
+        self, url: str, key: str, shard_idx: int, skip: int, tracker: _FailureTracker
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the usable samples of one shard after its first `skip` raw samples, recording every failure."""
         shard_failed = False
 
         def tar_handler(exn: Exception) -> bool:
@@ -262,13 +319,18 @@ class ImageTextShards(IterableDataset):
             files = tar_file_expander([dict(url=url, stream=stream)], handler=tar_handler)
             for raw in group_by_keys(files, handler=group_handler):
                 n_raw += 1
+                if n_raw <= skip:
+                    continue  # already consumed before the checkpoint: read past it without decoding
+                # One RNG per sample position, so crops/flips/empty prompts replay exactly after a resume.
+                rng = random.Random(f"{key}:{shard_idx}:{n_raw}")
                 try:
                     out = self._process(raw, rng)
-                except _Skip as skip:
-                    tracker.fail(skip.kind, url, f"{raw.get('__key__')}: {skip}")
+                except _Skip as bad:
+                    tracker.fail(bad.kind, url, f"{raw.get('__key__')}: {bad}")
                     tracker.check()
                     continue
                 out["skipped"] = tracker.success()
+                out["raw_next"] = n_raw
                 yield out
         finally:
             try:
@@ -285,7 +347,10 @@ class ImageTextShards(IterableDataset):
         if image_key is None:
             raise _Skip("missing_image", f"no image among {sorted(k for k in raw if not k.startswith('__'))}")
         caption = _caption(raw)  # before decoding: cheap checks first
+        size_pending = _check_filters(raw, self.cfg)
         img = _decode_image(raw[image_key])
+        if size_pending:
+            _check_filters(raw, self.cfg, decoded_size=img.size)
         try:
             pixels, original_size, crop_top_left = _crop_resize(img, self.cfg, rng)
         except Exception as exn:
@@ -296,7 +361,7 @@ class ImageTextShards(IterableDataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into a batch and sum their skipped-sample deltas."""
+    """Stack samples into a batch and sum their skipped-sample deltas; keep the stream position after the batch."""
     skipped: Counter[str] = Counter()
     for s in samples:
         skipped.update(s["skipped"])
@@ -306,7 +371,29 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         original_sizes=torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
         crop_top_lefts=torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
         skipped=dict(skipped),
+        stream_pos=samples[-1]["stream_pos"],
     )
+
+
+class StreamTracker:
+    """Follows the position of consumed batches so a checkpoint can restart the stream exactly there."""
+
+    def __init__(self, state: dict | None = None):
+        self.num_workers, self.next_worker, self.positions = 1, 0, {}
+        if state:
+            self.num_workers, self.next_worker = int(state["num_workers"]), int(state["next_worker"])
+            self.positions = {str(k): list(v) for k, v in state["positions"].items()}
+
+    def consumed(self, batch: dict[str, Any]) -> None:
+        """Record that `batch` was used for training."""
+        logical, num_workers, shard_idx, raw_next = batch["stream_pos"]
+        self.num_workers = int(num_workers)
+        self.positions[str(logical)] = [int(shard_idx), int(raw_next)]
+        self.next_worker = (int(logical) + 1) % self.num_workers
+
+    def state(self) -> dict:
+        """A weights_only-safe dict for DataConfig.resume_state."""
+        return {"num_workers": self.num_workers, "next_worker": self.next_worker, "positions": dict(self.positions)}
 
 
 def _validate(cfg: DataConfig) -> None:
@@ -318,6 +405,8 @@ def _validate(cfg: DataConfig) -> None:
         (cfg.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}"),
         (0.0 <= cfg.proportion_empty_prompts <= 1.0, f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}"),
         (cfg.failure_patience >= 1, f"failure_patience must be >= 1, got {cfg.failure_patience}"),
+        (cfg.min_image_size >= 0, f"min_image_size must be >= 0, got {cfg.min_image_size}"),
+        (0.0 <= cfg.max_pwatermark <= 1.0, f"max_pwatermark must be in [0, 1], got {cfg.max_pwatermark}"),
         (0 <= cfg.rank < cfg.world_size, f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}"),
     ]
     for ok, msg in checks:
@@ -336,4 +425,5 @@ def build_train_dataloader(cfg: DataConfig) -> DataLoader:
         collate_fn=collate,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),  # lets the trainer's non_blocking host->device copy overlap
     )

@@ -22,6 +22,15 @@ def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig
     return cls.from_pretrained(src, subfolder=subfolder, cache_dir=cfg.cache_dir, **kw)
 
 
+def _load_vae(cfg: TrainConfig) -> nn.Module:
+    """The teacher's VAE, or `--pretrained_vae_model_name_or_path` (e.g. an fp16-safe SDXL VAE)."""
+    from diffusers import AutoencoderKL
+
+    if cfg.pretrained_vae_model_name_or_path:
+        return _from_pretrained(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
+    return _from_pretrained(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
+
+
 class SDFamily:
     """SD 1.x / 2.x: one CLIP text encoder; the unconditional prompt is the encoding of ""."""
 
@@ -39,16 +48,14 @@ class SDFamily:
     @classmethod
     def load(cls, cfg: TrainConfig) -> "SDFamily":
         """Load tokenizer, text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         src = cfg.pretrained_teacher_model
-        vae = (_from_pretrained(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
-               if cfg.pretrained_vae_model_name_or_path else _from_pretrained(AutoencoderKL, src, "vae", cfg))
         return cls(
             tokenizer=_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
             text_encoder=_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
-            vae=vae,
+            vae=_load_vae(cfg),
             unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
             noise_scheduler=_from_pretrained(DDPMScheduler, src, "scheduler", cfg),
         )
@@ -95,9 +102,113 @@ class SDFamily:
         )
 
 
-FAMILIES: dict[str, type] = {"sd": SDFamily}
+# Flag defaults of the SDXL entry scripts, as in diffusers' SDXL LCM scripts: 1024 px, w from 3, and the LAION-style
+# size / watermark filters (here a sample missing those json fields passes; see data._check_filters).
+SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_image_size": 700, "max_pwatermark": 0.5}
 
 
-def load_family(cfg: TrainConfig) -> SDFamily:
-    """Load the teacher through the adapter for its family (SD 1.x/2.x by default)."""
+class SDXLFamily:
+    """SDXL: two CLIP text encoders, pooled `text_embeds`, micro-conditioning `time_ids`, zeros as the unconditional prompt."""
+
+    name = "sdxl"
+
+    def __init__(self, tokenizers: tuple[Any, Any], text_encoders: tuple[nn.Module, nn.Module], vae: nn.Module, unet: nn.Module,
+                 noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False, vae_fp16_safe: bool = False):
+        self.tokenizer, self.tokenizer_2 = tokenizers
+        self.text_encoder, self.text_encoder_2 = text_encoders
+        self.vae, self.unet = vae, unet
+        self.noise_scheduler = noise_scheduler
+        self.scheduler_config = dict(noise_scheduler.config)
+        self.resolution, self.fix_crop_and_size, self.vae_fp16_safe = resolution, fix_crop_and_size, vae_fp16_safe
+        for m in (*text_encoders, vae, unet):
+            m.requires_grad_(False)
+            m.eval()
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> "SDXLFamily":
+        """Load both tokenizers and text encoders, VAE, UNet and noise schedule of an SDXL teacher."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        src = cfg.pretrained_teacher_model
+        return cls(
+            tokenizers=(_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
+                        _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False)),
+            text_encoders=(_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
+                           _from_pretrained(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
+            vae=_load_vae(cfg),
+            unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
+            # Any scheduler config (SDXL ships EulerDiscreteScheduler's) gives the same DDPM betas / prediction_type.
+            noise_scheduler=_from_pretrained(DDPMScheduler, src, "scheduler", cfg),
+            resolution=cfg.resolution,
+            fix_crop_and_size=cfg.use_fix_crop_and_size,
+            vae_fp16_safe=bool(cfg.pretrained_vae_model_name_or_path),
+        )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Text encoders in the weight dtype; the VAE too, except SDXL's own VAE under fp16, which overflows there
+        (its config sets `force_upcast`), so it stays fp32 unless an fp16-safe VAE was passed (diffusers' SDXL scripts)."""
+        upcast = dtype == torch.float16 and not self.vae_fp16_safe and self.vae.config.get("force_upcast", True)
+        self.vae.to(device, dtype=torch.float32 if upcast else dtype)
+        self.text_encoder.to(device, dtype=dtype)
+        self.text_encoder_2.to(device, dtype=dtype)
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Both encoders' penultimate hidden states, concatenated, and the second's pooled projection (the pipeline's encode_prompt)."""
+        states = []
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids.to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out.text_embeds
+
+    def time_ids(self, batch: dict[str, Any], device: torch.device) -> Tensor:
+        """Micro-conditioning per sample: (original h, w, crop top, left, target h, w), as the pipeline's add_time_ids."""
+        n = len(batch["captions"])
+        target = torch.tensor([[self.resolution, self.resolution]], dtype=torch.float32).expand(n, 2)
+        if self.fix_crop_and_size or "original_sizes" not in batch:
+            original, crop = target, torch.zeros(n, 2)
+        else:
+            original, crop = batch["original_sizes"].float(), batch["crop_top_lefts"].float()
+        return torch.cat([original, crop, target], dim=1).to(device)
+
+    def encode(self, batch: dict[str, Any], device: torch.device) -> Cond:
+        """Conditioning for a data batch: `encoder_hidden_states`, pooled `text_embeds` and `time_ids`."""
+        hidden, pooled = self._encode_text(list(batch["captions"]), device)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": self.time_ids(batch, device)}
+
+    def uncond(self, batch: dict[str, Any], device: torch.device) -> Cond:
+        """Zero prompt and pooled embeddings with the batch's own time ids (LCM-SDXL scripts; `force_zeros_for_empty_prompt`)."""
+        n = len(batch["captions"])
+        width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        return {
+            "encoder_hidden_states": torch.zeros(1, self.tokenizer.model_max_length, width, device=device).expand(n, -1, -1),
+            "text_embeds": torch.zeros(1, self.text_encoder_2.config.projection_dim, device=device).expand(n, -1),
+            "time_ids": self.time_ids(batch, device),
+        }
+
+    def pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
+        """A StableDiffusionXLPipeline over the teacher's parts with `unet` and `scheduler` (zeros for the empty prompt)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+
+    def save_lora_weights(self, output_dir: str, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:
+        """Diffusers-format SDXL LoRA file (`unet.`-prefixed keys) for `StableDiffusionXLPipeline.load_lora_weights`."""
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=unet_lora_layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
+
+
+FAMILIES: dict[str, type] = {"sd": SDFamily, "sdxl": SDXLFamily}
+
+
+def load_family(cfg: TrainConfig) -> SDFamily | SDXLFamily:
+    """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL)."""
     return FAMILIES[cfg.model_family].load(cfg)

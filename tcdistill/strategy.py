@@ -38,7 +38,8 @@ class FullStrategy:
         nn.init.zeros_(student.time_embedding.cond_proj.weight)
         self.student = student.float().train()
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.teacher_unet = teacher_unet.to(dtype=weight_dtype).requires_grad_(False).eval()
+        self.teacher_dtype = teacher_dtype(cfg, weight_dtype)
+        self.teacher_unet = teacher_unet.to(dtype=self.teacher_dtype).requires_grad_(False).eval()
         self.weight_dtype = weight_dtype
 
     def to(self, device: torch.device) -> None:
@@ -54,7 +55,7 @@ class FullStrategy:
         return (
             UNetDenoiser(student_module, self.w_dim),
             UNetDenoiser(self.target, self.w_dim),
-            UNetDenoiser(self.teacher_unet, None, self.weight_dtype),
+            UNetDenoiser(self.teacher_unet, None, self.teacher_dtype),
         )
 
     def after_optimizer_step(self) -> None:
@@ -94,6 +95,10 @@ class LoraStrategy:
 
         self.cfg, self.family = cfg, family
         self.weight_dtype = weight_dtype
+        self.teacher_dtype = teacher_dtype(cfg, weight_dtype)
+        # --lora_separate_teacher: the reference's second frozen UNet (defect 11), copied before the adapters go in.
+        self.separate_teacher = (copy.deepcopy(family.unet).to(dtype=self.teacher_dtype).requires_grad_(False).eval()
+                                 if cfg.lora_separate_teacher else None)
         unet = family.unet.to(dtype=weight_dtype).requires_grad_(False)
         unet.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -104,16 +109,20 @@ class LoraStrategy:
             if p.requires_grad:
                 p.data = p.data.float()
         self.student = unet.train()
-        self.teacher_unet = unet
+        self.teacher_unet = self.separate_teacher if self.separate_teacher is not None else unet
 
     def to(self, device: torch.device) -> None:
         self.student.to(device)
+        if self.separate_teacher is not None:
+            self.separate_teacher.to(device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         unet = self.student
+        if self.separate_teacher is not None:
+            return UNetDenoiser(student_module), UNetDenoiser(unet), UNetDenoiser(self.separate_teacher, None, self.teacher_dtype)
         return UNetDenoiser(student_module), UNetDenoiser(unet), _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype), unet)
 
     def after_optimizer_step(self) -> None:
@@ -143,11 +152,16 @@ class LoraStrategy:
 
     def save_outputs(self, output_dir: str) -> list[str]:
         """`output_dir/pytorch_lora_weights.safetensors` in diffusers' format (no PEFT `base_model.model.` prefix)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only the attention keys
+        # (to `.lora.down`), and load_lora_weights, seeing lora_A elsewhere, then silently drops every attention LoRA.
+        layers = self.lora_state_dict()
         self.family.save_lora_weights(output_dir, layers, self.student.peft_config["default"].to_dict())
-        return [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+        paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+        if self.cfg.export_kohya:
+            from .export import export_kohya
+
+            paths.append(export_kohya(paths[0]))
+        return paths
 
 
 class _AdaptersOff:
@@ -162,6 +176,11 @@ class _AdaptersOff:
             return self.inner(*args, **kwargs)
         finally:
             self.unet.enable_adapters()
+
+
+def teacher_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:
+    """The frozen teacher's dtype: the weight dtype, or fp32 under autocast for --teacher_dtype fp32 (reference-like)."""
+    return torch.float32 if cfg.teacher_dtype == "fp32" else weight_dtype
 
 
 def make_strategy(cfg: TrainConfig, family: Any, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:  # heavy imports are deferred to call time so importing this module stays cheap
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
 # Colours and shapes used for the procedural dataset; names go straight into the captions.
@@ -65,30 +65,37 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _tiny_vocab() -> dict[str, int]:
+def _tiny_vocab(merges: Sequence[tuple[str, str]] = _MERGES) -> dict[str, int]:
     """Build a CLIP-ordered vocab: bytes, bytes+</w>, merge results, then BOS/EOS last."""
     chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in _MERGES]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    return {tok: i for i, tok in enumerate(tokens)}
+    # dict.fromkeys drops repeats (a merge may rebuild a single-byte word such as "a</w>") keeping ids dense.
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 
 
-def build_tiny_tokenizer(save_dir: str | Path, model_max_length: int = 16) -> CLIPTokenizer:
-    """Write a tiny byte-level BPE vocab.json/merges.txt into save_dir and return a CLIPTokenizer on it."""
+def build_tiny_tokenizer(
+    save_dir: str | Path, model_max_length: int = 16, merges: Sequence[tuple[str, str]] | None = None
+) -> CLIPTokenizer:
+    """Write a tiny byte-level BPE vocab.json/merges.txt into save_dir and return a CLIPTokenizer on it.
+
+    `merges` (default: a handful of built-in ones) must be ordered so each uses only pieces of earlier ones.
+    """
+    merges = tuple(_MERGES if merges is None else merges)
     from transformers import CLIPTokenizer
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_vocab()
+    vocab = _tiny_vocab(merges)
     (save_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # The "#version" header matches CLIP's merges.txt; the BPE loader skips it.
-    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES)
+    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     (save_dir / "merges.txt").write_text(merges_txt, encoding="utf-8")
     # transformers 5 CLIPTokenizer takes in-memory vocab/merges (merges as tuples), not file paths,
     # and passing objects keeps the tokenizer valid even if save_dir is a deleted temp dir.
     tokenizer = CLIPTokenizer(
         vocab=vocab,
-        merges=list(_MERGES),
+        merges=list(merges),
         model_max_length=model_max_length,
         unk_token=EOS_TOKEN,
         bos_token=BOS_TOKEN,
@@ -119,6 +126,7 @@ def build_tiny_sd_pipeline(
     cross_attention_dim: int = 32,
     vae_block_out_channels: Sequence[int] = (16, 32),
     seed: int = 0,
+    merges: Sequence[tuple[str, str]] | None = None,
 ) -> StableDiffusionPipeline:
     """Build a randomly initialised, tiny StableDiffusionPipeline offline; optionally save it."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -169,7 +177,7 @@ def build_tiny_sd_pipeline(
         )
         # The tokenizer lives in memory after construction, so a throwaway dir is enough here.
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = build_tiny_tokenizer(tmp, model_max_length=max_length)
+            tokenizer = build_tiny_tokenizer(tmp, model_max_length=max_length, merges=merges)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=cross_attention_dim,
@@ -275,3 +283,108 @@ def write_tiny_shards(
                 sink.write({"__key__": f"{s:05d}_{i:06d}", ext: buf.getvalue(), "txt": caption})
         paths.append(str(path))
     return paths
+
+
+def build_tiny_sdxl_pipeline(
+    save_dir: str | Path | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    max_length: int = 16,
+    sample_size: int = 16,
+    block_out_channels: Sequence[int] = (32, 64),
+    text_hidden_sizes: tuple[int, int] = (16, 32),
+    projection_dim: int = 16,
+    addition_time_embed_dim: int = 8,
+    vae_block_out_channels: Sequence[int] = (16, 32),
+    seed: int = 0,
+) -> StableDiffusionXLPipeline:
+    """Build a randomly initialised, tiny StableDiffusionXLPipeline offline (the layout of diffusers' SDXL tests)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    block_out_channels = tuple(block_out_channels)
+    vae_block_out_channels = tuple(vae_block_out_channels)
+    n_levels = len(block_out_channels)
+    if n_levels < 2:
+        raise ValueError("SDXL's UNet needs at least two levels (cross-attention is kept off the first)")
+    if sample_size % 2 ** (n_levels - 1):
+        raise ValueError(f"sample_size {sample_size} must be divisible by {2 ** (n_levels - 1)}")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    vae_factor = 2 ** (len(vae_block_out_channels) - 1)
+
+    def clip_config(hidden: int, vocab: int, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            hidden_size=hidden, num_hidden_layers=3, num_attention_heads=_num_groups([hidden], cap=4), intermediate_size=2 * hidden,
+            vocab_size=vocab, max_position_embeddings=max_length, projection_dim=projection_dim, hidden_act="gelu",
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n_levels - 1) + ("UpBlock2D",),
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            norm_num_groups=_num_groups(block_out_channels),
+            attention_head_dim=_num_groups(block_out_channels),
+            use_linear_projection=True,
+            # SDXL's conditioning: prompt states of both encoders side by side, and an added embedding of the pooled
+            # prompt plus six micro-conditioning numbers (original size, crop, target size).
+            cross_attention_dim=sum(text_hidden_sizes),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=projection_dim + 6 * addition_time_embed_dim,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+            block_out_channels=vae_block_out_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=_num_groups(vae_block_out_channels),
+            sample_size=sample_size * vae_factor,
+            scaling_factor=0.13025,  # SDXL's
+            force_upcast=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = build_tiny_tokenizer(Path(tmp) / "1", model_max_length=max_length)
+            tokenizer_2 = build_tiny_tokenizer(Path(tmp) / "2", model_max_length=max_length)
+        text_encoder = CLIPTextModel(clip_config(text_hidden_sizes[0], len(tokenizer), tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(text_hidden_sizes[1], len(tokenizer_2), tokenizer_2))
+    # SDXL ships an EulerDiscreteScheduler config with SD's betas; schedulers built from it keep these keys.
+    scheduler = EulerDiscreteScheduler.from_config(
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": prediction_type,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "interpolation_type": "linear",
+        }
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if save_dir is not None:
+        pipe.save_pretrained(str(save_dir), safe_serialization=True)
+    return pipe

@@ -8,14 +8,14 @@ import math
 import os
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
-from .data import DataConfig, build_train_dataloader
+from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_family
 from .models import check_teacher_config, enable_memory_efficient_attention, encode_latents
 from .schedule import NoiseSchedule, ddim_grid
@@ -54,6 +54,15 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
 
+def speed_up_unets(unets: list[nn.Module | None], cfg: TrainConfig) -> None:
+    """--channels_last / --compile_unet on each distinct UNet; `Module.compile` keeps state-dict keys unchanged."""
+    for m in {id(u): u for u in unets if u is not None}.values():
+        if cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if cfg.compile_unet:
+            m.compile()
+
+
 class Trainer:
     """Owns the accelerator, models, data, optimizer and checkpoints of one distillation run."""
 
@@ -75,7 +84,7 @@ class Trainer:
         acc = self.accelerator
         cfg.mixed_precision = acc.mixed_precision
         check_environment(cfg, acc.device)
-        check_shards(cfg.train_shards_path_or_url)
+        check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -86,7 +95,15 @@ class Trainer:
         self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
         self.device = acc.device
 
-        self.family = family = load_family(cfg)
+        try:
+            self.family = family = load_family(cfg)
+        except (OSError, ValueError) as e:
+            hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if "safetensors" in str(e) else ""
+            raise ConfigError(f"cannot load the teacher {cfg.pretrained_teacher_model!r}: {str(e).splitlines()[0]}{hint}") from None
+        if cfg.train_latents_path_or_url:
+            from .data_cached import prepare_cached_training
+
+            prepare_cached_training(cfg, family)  # checks the cache against the teacher; drops the VAE encoder
         self.schedule = NoiseSchedule.from_scheduler(family.noise_scheduler).to(self.device)
         # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
         # fp16-safe VAE with --pretrained_vae_model_name_or_path for SDXL-style VAEs).
@@ -99,6 +116,8 @@ class Trainer:
         if cfg.enable_xformers_memory_efficient_attention:
             for m in {id(student): student, id(self.strategy.teacher_unet): self.strategy.teacher_unet}.values():
                 enable_memory_efficient_attention(m)
+        if cfg.channels_last or cfg.compile_unet:
+            speed_up_unets([student, getattr(self.strategy, "target", None), self.strategy.teacher_unet], cfg)
 
         self.num_ddim = cfg.num_ddim_timesteps
         self.k = self.schedule.num_train_timesteps // self.num_ddim
@@ -122,29 +141,36 @@ class Trainer:
         self.skipped: Counter[str] = Counter()
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
         self.nonfinite_streak = 0
+        self.stream = StreamTracker()
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+        """AdamW (fused on CUDA and CPU unless --no_fused_adam) or bitsandbytes' 8-bit AdamW."""
         c = self.cfg
         kw = dict(lr=lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
         if c.use_8bit_adam:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, **kw)
-        return torch.optim.AdamW(params, fused=self.device.type == "cuda", **kw)
+        return torch.optim.AdamW(params, fused=c.fused_adam and self.device.type in ("cuda", "cpu"), **kw)
 
     # ------------------------------------------------------------------ state
     def _data_loader(self) -> Any:
         c = self.cfg
-        return build_train_dataloader(DataConfig(
-            train_shards_path_or_url=c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
+        dcfg = DataConfig(
+            train_shards_path_or_url=c.train_latents_path_or_url or c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
             center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
             dataloader_num_workers=c.dataloader_num_workers, proportion_empty_prompts=c.proportion_empty_prompts,
             seed=c.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             failure_patience=c.data_failure_patience,
-            # A resumed run draws a fresh shard stream instead of replaying the samples it already saw.
-            shard_resample_seed_offset=self.global_step,
-        ))
+            min_image_size=c.min_image_size, max_pwatermark=c.max_pwatermark,
+            # A resumed run continues the shard stream exactly where its checkpoint left it.
+            resume_state=self.stream.state() if self.global_step else None,
+        )
+        if c.train_latents_path_or_url:
+            from .data_cached import build_cached_dataloader
+
+            return build_cached_dataloader(dcfg)
+        return build_train_dataloader(dcfg)
 
     def save_checkpoint(self) -> None:
         """Every rank calls this; the main process publishes `checkpoint-<step>` atomically."""
@@ -154,15 +180,20 @@ class Trainer:
             "progress": {"global_step": self.global_step, "skipped": dict(self.skipped)},
         }
         self.ckpt.save(self.global_step, tensors=self.strategy.state_tensors(), states=states,
-                       meta={"variant": self.cfg.variant, "config": self.cfg.to_dict()}, barrier=self.accelerator.wait_for_everyone)
+                       meta={"variant": self.cfg.variant, "config": self.cfg.to_dict(redact=True)}, barrier=self.accelerator.wait_for_everyone,
+                       rank_extra={"data": self.stream.state()})
 
-    def maybe_resume(self) -> None:
-        """Restore weights, EMA target, optimizer, LR schedule, RNG and step from `--resume_from_checkpoint`."""
+    def maybe_resume(self) -> dict | None:
+        """Restore weights, EMA target, optimizer, LR schedule, data position and step from `--resume_from_checkpoint`.
+
+        Returns this rank's RNG state for the caller to restore *after* it builds the data iterator (creating a
+        DataLoader iterator draws from torch's RNG, which the uninterrupted run did before its first step).
+        """
         path = self.ckpt.resolve(self.cfg.resume_from_checkpoint)
         if path is None:
             if self.cfg.resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s; starting a new run.", self.cfg.output_dir)
-            return
+            return None
         ck = self.ckpt.load(path)
         self.strategy.load_state_tensors(ck.tensors)
         self.optimizer.load_state_dict(ck.states["optimizer"])
@@ -170,8 +201,13 @@ class Trainer:
         self.global_step = int(ck.states["progress"]["global_step"])
         self.skipped.update(ck.states["progress"].get("skipped", {}))
         if ck.rng is not None:
-            restore_rng_state(ck.rng)
+            if "data" in ck.rng.get("extra", {}):
+                self.stream = StreamTracker(ck.rng["extra"]["data"])
+        else:
+            logger.warning("%s has no state for rank %d (fewer processes saved it): data and RNG streams start fresh.",
+                           path, self.accelerator.process_index)
         logger.info("Resumed from %s at step %d.", path, self.global_step)
+        return ck.rng
 
     def _finite_step(self, loss_value: float) -> bool:
         """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
@@ -210,17 +246,57 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode a batch, draw (t, t_n, s, w, eps) and return the TCD loss of the student."""
         timer = self.timer
-        with timer.section("vae"):
-            pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-            x0 = encode_latents(self.family.vae, pixels, self.cfg.vae_encode_batch_size)
-        with timer.section("text_encoder"):
-            cond = self.family.encode(batch, self.device)
-            uncond = self.family.uncond(batch, self.device)
+        if "latents" in batch:  # cached shards (`tcdistill cache`): VAE posterior and prompt embeddings precomputed
+            from .data_cached import cached_inputs
+
+            with timer.section("vae"):
+                x0, cond, uncond = cached_inputs(batch, self.device)
+        else:
+            with timer.section("vae"):
+                pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+                x0 = encode_latents(self.family.vae, pixels, self.cfg.vae_encode_batch_size)
+            with timer.section("text_encoder"):
+                cond = self.family.encode(batch, self.device)
+                uncond = self.family.uncond(batch, self.device)
         draw = draw_tcd(x0, self.grid, self.k, self.cfg.w_min, self.cfg.w_max, mode=self.cfg.distill_mode)
         student, target, teacher = self.strategy.denoisers(self.student)
         student, target, teacher = timer.wrap("student_forward", student), timer.wrap("target", target), timer.wrap("teacher", teacher)
         with self.accelerator.autocast():
             return self.loss_fn(student, target, teacher, x0, cond, uncond, draw)
+
+    def optimizer_step(self, data: Iterator[dict[str, Any]]) -> tuple[float, int, bool]:
+        """One optimizer step over `gradient_accumulation_steps` batches of `data` (then LR schedule, EMA, step count).
+
+        Returns (mean loss, samples seen by all processes, whether the step was applied); the benchmark calls it too.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        self.student.train()
+        loss_sum, samples, step_ok = 0.0, 0, True
+        for _ in range(cfg.gradient_accumulation_steps):
+            with self.timer.section("data"):
+                batch = next(data)
+            if "stream_pos" in batch:
+                self.stream.consumed(batch)
+            self.skipped.update(batch.get("skipped", {}))
+            with acc.accumulate(self.student):
+                loss, stats = self.train_step(batch)
+                with self.timer.section("student_backward"):
+                    acc.backward(loss)
+                loss_sum += loss.detach().float().item() / cfg.gradient_accumulation_steps
+                samples += len(batch["captions"]) * acc.num_processes
+                with self.timer.section("optimizer"):
+                    step_ok = True
+                    if acc.sync_gradients:
+                        step_ok = self._finite_step(loss_sum)
+                    if step_ok:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        if step_ok:
+            self.lr_scheduler.step()
+            with self.timer.section("ema"):
+                self.strategy.after_optimizer_step()
+            self.global_step += 1
+        return loss_sum, samples, step_ok
 
     def train(self) -> None:
         """Run until `max_train_steps`, checkpointing, validating and logging along the way."""
@@ -230,56 +306,49 @@ class Trainer:
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-            acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
-        self.maybe_resume()
+                json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
+            acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
+        rng = self.maybe_resume()
         data = iter(self._data_loader())
+        if rng is not None:
+            restore_rng_state(rng)
         remaining = self.max_train_steps - self.global_step
         logger.info("Training %s for %d more steps (global batch %d, %d process(es)).", cfg.variant, remaining, self.global_batch, acc.num_processes)
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="steps")
         t_last, samples = time.perf_counter(), 0
-        while self.global_step < self.max_train_steps:
-            self.student.train()
-            loss_sum = 0.0
-            for _ in range(cfg.gradient_accumulation_steps):
-                with self.timer.section("data"):
-                    batch = next(data)
-                self.skipped.update(batch.get("skipped", {}))
-                with acc.accumulate(self.student):
-                    loss, stats = self.train_step(batch)
-                    with self.timer.section("student_backward"):
-                        acc.backward(loss)
-                    loss_sum += loss.detach().float().item() / cfg.gradient_accumulation_steps
-                    samples += len(batch["captions"]) * acc.num_processes
-                    with self.timer.section("optimizer"):
-                        step_ok = True
-                        if acc.sync_gradients:
-                            step_ok = self._finite_step(loss_sum)
-                        if step_ok:
-                            self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-            if not step_ok:
-                continue
-            self.lr_scheduler.step()
-            self.strategy.after_optimizer_step()
-            self.global_step += 1
-            now = time.perf_counter()
-            sps = samples / max(now - t_last, 1e-9)
-            t_last, samples = now, 0
-            logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
-            logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
-            acc.log(logs, step=self.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
-            if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
-                self._try_checkpoint()
-            if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
-                self.validate()
-        bar.close()
+        try:
+            while self.global_step < self.max_train_steps:
+                loss_sum, n, step_ok = self.optimizer_step(data)
+                samples += n
+                if not step_ok:
+                    continue
+                now = time.perf_counter()
+                sps = samples / max(now - t_last, 1e-9)
+                t_last, samples = now, 0
+                logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
+                logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
+                acc.log(logs, step=self.global_step)
+                if acc.is_main_process:
+                    # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
+                    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
+                if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+                    self._try_checkpoint()
+                if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
+                    self.validate()
+        finally:
+            bar.close()  # before any error message, so the message is the last line
         acc.wait_for_everyone()
         if acc.is_main_process:
             paths = self.strategy.save_outputs(cfg.output_dir)
             logger.info("Saved %s", ", ".join(paths))
+            from .modelcard import push_to_hub, write_model_card
+
+            logger.info("Model card: %s", write_model_card(cfg, paths))
+            if cfg.push_to_hub:
+                logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths))
             if self.skipped:
                 logger.warning("Skipped samples by kind: %s", dict(self.skipped))
         acc.end_training()

@@ -201,7 +201,7 @@ def test_multi_process_save(tmp_path: Path) -> None:
 
     def run(rank: int) -> None:
         results[rank] = ios[rank].save(3, tensors={"model": {"w": torch.ones(2)}}, states={"c": {"n": 1}},
-                                       barrier=barrier.wait)
+                                       barrier=barrier.wait, rank_extra={"data": {"shard": rank}})
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
     for t in threads:
@@ -211,7 +211,8 @@ def test_multi_process_save(tmp_path: Path) -> None:
     assert results == {0: tmp_path / "checkpoint-3", 1: tmp_path / "checkpoint-3"}
     assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(_entries(tmp_path / "checkpoint-3"))
     assert _entries(tmp_path) == ["checkpoint-3"]
-    assert ios[1].load_latest().rng is not None
+    for rank in range(2):  # each rank gets back its own RNG state and per-rank extra
+        assert ios[rank].load_latest().rng["extra"] == {"data": {"shard": rank}}
 
     with pytest.raises(ValueError, match="barrier"):
         ios[0].save(4, tensors={}, states={})
@@ -221,17 +222,20 @@ def test_multi_process_save(tmp_path: Path) -> None:
     assert _entries(tmp_path) == ["checkpoint-3"]
 
 
-# Imports torch once (seconds), then per round forks a worker that resumes like a restarted run and
-# saves in a loop until the test SIGKILLs it; in the last round it saves itself and is SIGKILLed.
+# Imports torch once (seconds), then on each "go" line forks a worker that resumes like a restarted run
+# and saves in a loop until the test SIGKILLs it; after the forked rounds it saves itself and is SIGKILLed.
 CHILD = """
-import os, sys, torch
+import os, sys, time, torch
 from tcdistill.checkpoint import CheckpointIO
 
 def save_forever(run_dir):
     io = CheckpointIO(run_dir, total_limit=2)
     last = io.latest()
     step = int(last.name.split("-")[1]) + 1 if last else 1
+    deadline = time.time() + 30  # never outlive a crashed test by long
     for i in range(1_000_000):
+        if time.time() > deadline:
+            os._exit(2)
         io.save(step + i, tensors={"model": {"w": torch.full((256, 1024), float(step + i))}},
                 states={"counters": {"step": step + i, "buf": torch.full((4096,), step + i)}}, meta={"step": step + i})
         if i == 0:
@@ -239,15 +243,32 @@ def save_forever(run_dir):
 
 run_dir, rounds = sys.argv[1], int(sys.argv[2])
 for _ in range(rounds):
+    if not sys.stdin.readline():  # the test is gone, or did not run
+        sys.exit(2)
     pid = os.fork()
     if pid == 0:
         save_forever(run_dir)
         os._exit(1)
     os.waitpid(pid, 0)
     print("dead", flush=True)
-    sys.stdin.readline()
-save_forever(run_dir)
+if sys.stdin.readline():
+    save_forever(run_dir)
 """
+ROUNDS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kill_child(tmp_path_factory: pytest.TempPathFactory):
+    """Start the kill test's child first, so its torch import overlaps the other tests."""
+    run_dir = tmp_path_factory.mktemp("killed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir), str(ROUNDS)], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    yield child, run_dir
+    child.kill()  # safe: it forks workers only on "go", so a child the test did not use has none
+    child.wait()
+    child.stdin.close()
+    child.stdout.close()
 
 
 def _check_after_kill(run_dir: Path, previous_step: int) -> int:
@@ -259,30 +280,21 @@ def _check_after_kill(run_dir: Path, previous_step: int) -> int:
     return ckpt.step
 
 
-def test_sigkill_during_saves_leaves_loadable_latest(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    rounds, step = 5, 0
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(rounds)], env=env, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        for round_ in range(rounds + 1):
-            ready, pid = child.stdout.readline().split()
-            assert ready == "ready"
-            time.sleep(random.uniform(0.0, 0.1))  # land somewhere inside the save loop
-            os.kill(int(pid), signal.SIGKILL)
-            if round_ < rounds:
-                assert child.stdout.readline().strip() == "dead"  # reaped, so it cannot write any more
-            else:
-                assert child.wait(timeout=10) == -signal.SIGKILL
-            step = _check_after_kill(tmp_path, step)
-            if round_ < rounds:
-                child.stdin.write("next\\n")
-                child.stdin.flush()
-    finally:
-        child.kill()
-        child.wait()
-        child.stdin.close()
-        child.stdout.close()
-    io = CheckpointIO(tmp_path, total_limit=2)
+def test_sigkill_during_saves_leaves_loadable_latest(kill_child: tuple[subprocess.Popen, Path]) -> None:
+    child, run_dir = kill_child
+    step = 0
+    for round_ in range(ROUNDS + 1):
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        ready, pid = child.stdout.readline().split()
+        assert ready == "ready"
+        time.sleep(random.uniform(0.0, 0.1))  # a save takes ~0.1 s with fsync: land anywhere in it
+        os.kill(int(pid), signal.SIGKILL)
+        if round_ < ROUNDS:
+            assert child.stdout.readline().strip() == "dead"  # reaped, so it cannot write any more
+        else:
+            assert child.wait(timeout=10) == -signal.SIGKILL
+        step = _check_after_kill(run_dir, step)
+    io = CheckpointIO(run_dir, total_limit=2)
     _save_simple(io, step + 1)  # the next save cleans up whatever the kills left behind
-    assert _entries(tmp_path) == [f"checkpoint-{step}", f"checkpoint-{step + 1}"]
+    assert _entries(run_dir) == [f"checkpoint-{step}", f"checkpoint-{step + 1}"]

@@ -1,0 +1,423 @@
+"""`tcdistill bench`: throughput, time split, peak memory and MFU of real training steps, optimised vs reference-like.
+
+Each mode builds `TrainConfig(...)` + `Trainer(cfg)` (the code path of the training scripts) over a teacher written
+to a work folder (the tiny offline pipeline, or the SD 1.5 architecture with random weights), then runs
+`Trainer.optimizer_step`: one step under FlopCounterMode (counted FLOPs), warmup steps, timed steps (timer off)
+and a few steps with the section timer on (the time split; it synchronises CUDA per section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import TrainConfig, _parse_bool
+
+# Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
+PEAK_BF16_DENSE_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(resolution=32, batch_size=4, warmup=1, steps=5, workers=0),
+    "sd15": dict(resolution=512, batch_size=12, warmup=3, steps=10, workers=6),
+}
+# Reference-like: the reference scripts' choices (fp32 teacher under autocast, two teacher passes, a target forward
+# for every sample, a second frozen UNet for LoRA) and pixels re-encoded every step; compile/channels_last off.
+REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_target=False, teacher_dtype="fp32", lora_separate_teacher=True,
+                                      fused_adam=False, compile_unet=False, channels_last=False)
+SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
+MODES = ("reference-like", "optimised")
+
+
+# SD 1.5's published component configs (runwayml/stable-diffusion-v1-5), written here so nothing is downloaded.
+SD15_UNET: dict[str, Any] = dict(
+    in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+SD15_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)
+SD15_SCHEDULER: dict[str, Any] = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="epsilon",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+@dataclasses.dataclass
+class Assets:
+    """What the modes train from: a teacher folder, pixel shards and (optimised mode) cached shards."""
+
+    teacher: str
+    shards: str
+    cached: str | None = None
+    cache_info: dict[str, Any] | None = None
+
+
+def build_sd15_pipeline(save_dir: Path, resolution: int) -> None:
+    """SD 1.5's UNet, VAE and CLIP text encoder with random weights, saved as a diffusers pipeline folder.
+
+    The tokenizer is the tiny offline one with SD's 77-token length; its ids stay inside CLIP's 49408-token vocab.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny import build_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_tiny_tokenizer(tmp, model_max_length=77)
+    # Random init on the GPU when there is one: initialising ~1.1B parameters on the CPU takes a while.
+    with torch.random.fork_rng(devices=[]), torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=resolution // 8, **SD15_UNET)
+        vae = AutoencoderKL(sample_size=resolution, **SD15_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDPMScheduler.from_config(SD15_SCHEDULER),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(save_dir), safe_serialization=True)
+
+
+def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool) -> Assets:
+    """Teacher, synthetic shards at the preset's resolution and (if needed) their cache; reused when already in `work`."""
+    from .tiny import build_tiny_sd_pipeline, shard_pattern, write_tiny_shards
+
+    teacher = work / f"{preset}-teacher-{resolution}"
+    if not (teacher / ".complete").exists():
+        shutil.rmtree(teacher, ignore_errors=True)
+        if preset == "sd15":
+            build_sd15_pipeline(teacher, resolution)
+        else:
+            build_tiny_sd_pipeline(teacher, sample_size=resolution // 2)
+        (teacher / ".complete").touch()
+    n_shards, per_shard = (4, 24) if preset == "sd15" else (2, 16)
+    shards_dir = work / f"shards-{resolution}"
+    if not (shards_dir / ".complete").exists():
+        # Source images larger than the training size, so the loader's resize does real work.
+        write_tiny_shards(shards_dir, n_shards=n_shards, per_shard=per_shard, image_size=(resolution * 5 // 4, resolution * 3 // 2))
+        (shards_dir / ".complete").touch()
+    assets = Assets(teacher=str(teacher), shards=shard_pattern(shards_dir, n_shards))
+    if need_cache:
+        from .cache import build_parser as cache_parser, run_cache
+
+        cache_dir = work / f"{preset}-cache-{resolution}"
+        meta_path = cache_dir / "tcdistill_cache.json"
+        if meta_path.exists():
+            info = json.loads(meta_path.read_text())
+        else:
+            info = run_cache(cache_parser().parse_args([
+                "--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", assets.shards,
+                "--output_dir", str(cache_dir), "--resolution", str(resolution)]))
+        assets.cached, assets.cache_info = shard_pattern(cache_dir, len(info["shards"])), info
+    return assets
+
+
+def device_peak_tflops(name: str, override: float | None = None) -> tuple[float | None, str]:
+    """(peak bf16 dense TFLOP/s, where it came from) for a GPU name; None when unknown."""
+    if override:
+        return override, "--peak_tflops"
+    for key, tflops in PEAK_BF16_DENSE_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops, f"table entry {key!r} (bf16 dense)"
+    return None, f"no table entry for {name!r} (pass --peak_tflops)"
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> TrainConfig field values, typed by the field."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"tcdistill bench: --set/--opt-set expects FIELD=VALUE with a TrainConfig field, got {item!r}")
+        kind = str(fields[key].type)
+        if raw == "None":
+            out[key] = None
+        elif kind.startswith("bool"):
+            out[key] = _parse_bool(raw)
+        else:
+            out[key] = int(raw) if kind.startswith("int") else float(raw) if kind.startswith("float") else raw
+    return out
+
+
+def mode_config(args: argparse.Namespace, assets: Assets, variant: str, mode: str, out_dir: str) -> TrainConfig:
+    """The TrainConfig of one benchmark mode."""
+    ref = mode == "reference-like"
+    kw: dict[str, Any] = dict(
+        pretrained_teacher_model=assets.teacher, output_dir=out_dir, variant=variant, train_shards_path_or_url=assets.shards,
+        train_latents_path_or_url=None if ref or not assets.cached else assets.cached, resolution=args.resolution,
+        train_batch_size=args.batch_size, max_train_steps=1_000_000, report_to="none", seed=args.seed,
+        mixed_precision=args.mixed_precision, dataloader_num_workers=args.workers, validation_steps=0, lr_warmup_steps=0,
+        compile_unet=args.compile_unet, channels_last=args.channels_last,
+    )
+    kw.update(_overrides(args.set))
+    kw.update(REFERENCE_LIKE if ref else _overrides(args.opt_set))
+    return TrainConfig(**kw)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): CUDA max allocated, or this process's peak RSS since the last reset."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak_rss"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss_process_lifetime"
+
+
+def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
+    """FLOPs (matmul/conv/attention, forward+backward) of one optimizer step, run eagerly; returns (flops, samples)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager = torch.compiler.set_stance("force_eager") if trainer.cfg.compile_unet else contextlib.nullcontext()
+    with eager, FlopCounterMode(display=False) as counter:
+        _, n, _ = trainer.optimizer_step(data)
+    return int(counter.get_total_flops()), n
+
+
+def _release(device: torch.device) -> None:
+    """Free what a finished mode left (the next mode's peak must not include it)."""
+    from accelerate.state import AcceleratorState
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+    AcceleratorState._reset_state(True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path) -> dict[str, Any]:
+    """Build a Trainer for `mode` and measure it; returns a JSON-ready dict."""
+    from .trainer import Trainer
+
+    cfg = mode_config(args, assets, variant, mode, str(work / f"out-{variant}-{mode}"))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    device = trainer.device
+    build_s = time.perf_counter() - t0
+    data = iter(trainer._data_loader())
+    flops, flop_samples = _count_flops(trainer, data)
+    _reset_peak(device)
+    for _ in range(args.warmup):
+        trainer.optimizer_step(data)
+    _sync(device)
+    losses, samples, bad = [], 0, 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        loss, n, ok = trainer.optimizer_step(data)
+        losses.append(loss)
+        samples, bad = samples + n, bad + (not ok)
+    _sync(device)
+    elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    peak, peak_kind = _peak_memory(device)
+    trainer.timer.reset()
+    trainer.timer.enabled = True
+    for _ in range(args.split_steps):
+        trainer.optimizer_step(data)
+    trainer.timer.enabled = False
+    split = {k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()}
+    step_s = elapsed / max(args.steps, 1)
+    res: dict[str, Any] = dict(
+        mode=mode, variant=variant, build_s=build_s, steps=args.steps, warmup=args.warmup, samples=samples,
+        samples_per_s=samples / max(elapsed, 1e-12), step_time_ms=1000.0 * step_s,
+        # CPU seconds of this process per step: on a shared CPU box, robust to other jobs' load (unlike wall time).
+        cpu_time_ms=1000.0 * cpu_s / max(args.steps, 1), split_ms=split,
+        split_other_ms=max(0.0, 1000.0 * step_s - sum(split.values())) if args.split_steps else None,
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, losses=losses, nonfinite_steps=bad,
+        flops_per_step=flops, flops_per_sample=flops / max(flop_samples, 1), achieved_tflops=flops / step_s / 1e12,
+        data_source="cached latents" if cfg.train_latents_path_or_url else "pixels (VAE + text encoder every step)",
+        config={k: getattr(cfg, k) for k in (*REFERENCE_LIKE, "mixed_precision", "train_batch_size", "resolution",
+                                             "gradient_checkpointing", "dataloader_num_workers")},
+    )
+    if device.type == "cuda":
+        res["peak_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+    del data, trainer
+    _release(device)
+    return res
+
+
+def data_throughput(args: argparse.Namespace, assets: Assets) -> list[dict[str, Any]]:
+    """Decoded + cropped/resized samples/s of the pixel loader for each worker count (`--data-only`)."""
+    from .data import DataConfig, build_train_dataloader
+
+    out = []
+    for w in args.data_workers:
+        loader = build_train_dataloader(DataConfig(train_shards_path_or_url=assets.shards, resolution=args.resolution,
+                                                   train_batch_size=args.batch_size, dataloader_num_workers=w, seed=args.seed))
+        it = iter(loader)
+        next(it)  # worker start-up is not throughput
+        t0 = time.perf_counter()
+        n = sum(len(next(it)["captions"]) for _ in range(args.data_batches))
+        sps = n / (time.perf_counter() - t0)
+        out.append(dict(workers=w, samples_per_s=sps, samples_per_s_per_worker=sps / max(w, 1), resolution=args.resolution))
+        del it, loader
+    return out
+
+
+def _fmt_bytes(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def format_run(run: dict[str, Any], header: str) -> str:
+    """One variant's side-by-side table (modes as columns, plus the optimised/reference-like ratio)."""
+    modes = [run["modes"][m] for m in MODES if m in run["modes"]]
+    names = [m["mode"] for m in modes]
+    cols = names + (["ratio"] if len(modes) == 2 else [])
+    lines = [header, f"{'':<28}" + "".join(f"{c:>18}" for c in cols)]
+
+    def row(label: str, vals: list[str], ratio: str = "") -> None:
+        lines.append(f"{label:<28}" + "".join(f"{v:>18}" for v in vals) + (f"{ratio:>18}" if len(modes) == 2 else ""))
+
+    r = run.get("ratio", {})
+    row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], f"{r.get('samples_per_s', 0):.2f}x")
+    row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], f"{r.get('step_time', 0):.2f}x")
+    row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], f"{r.get('cpu_time', 0):.2f}x")
+    row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], f"{r.get('peak_memory', 0):.2f}x")
+    row("GFLOP/sample (counted)", [f"{m['flops_per_sample'] / 1e9:.2f}" for m in modes])
+    row("achieved TFLOP/s", [f"{m['achieved_tflops']:.3f}" for m in modes])
+    row("MFU", [("n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%") for m in modes])
+    row("data", [m["data_source"].split(" (")[0] for m in modes])
+    row("mean loss (timed steps)", [f"{sum(m['losses']) / max(len(m['losses']), 1):.4g}" for m in modes])
+    lines.append("time split, ms/step (section timer on):")
+    for s in [*SECTIONS, *sorted({k for m in modes for k in m["split_ms"]} - set(SECTIONS))]:
+        if any(s in m["split_ms"] for m in modes):
+            row(f"  {s}", [f"{m['split_ms'].get(s, 0.0):.1f}" for m in modes])
+    row("  other (untimed)", [f"{m['split_other_ms'] or 0.0:.1f}" for m in modes])
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcdistill bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: the offline tiny pipeline (CPU); sd15: SD 1.5 architecture, random weights.")
+    p.add_argument("--variant", default="full", help="full, lora, or a comma list (full,lora).")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compare", action="store_true", help="Run reference-like and optimised in this process; print both and the ratio.")
+    g.add_argument("--reference-like", dest="reference_like", action="store_true", help="Run only the reference-like mode.")
+    g.add_argument("--data-only", dest="data_only", action="store_true", help="Only measure the pixel loader (samples/s per worker).")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--batch_size", type=int, default=None, help="Per-device batch (preset default: tiny 4, sd15 12).")
+    p.add_argument("--resolution", type=int, default=None, help="Pixels (preset default: tiny 32, sd15 512).")
+    p.add_argument("--warmup", type=int, default=None, help="Untimed steps after the FLOP-counting step.")
+    p.add_argument("--steps", type=int, default=None, help="Timed steps.")
+    p.add_argument("--split-steps", dest="split_steps", type=int, default=2, help="Steps timed per section (after the timed steps).")
+    p.add_argument("--workers", type=int, default=None, help="Data-loader workers (preset default: tiny 0, sd15 6).")
+    p.add_argument("--no-cache", dest="no_cache", action="store_true", help="Optimised mode reads pixels too (no `tcdistill cache`).")
+    p.add_argument("--compile_unet", action="store_true", help="Optimised mode: torch.compile the UNets.")
+    p.add_argument("--channels_last", action="store_true", help="Optimised mode: channels_last UNets.")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for every mode (repeatable).")
+    p.add_argument("--opt-set", dest="opt_set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for the optimised mode only.")
+    p.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: from the GPU-name table).")
+    p.add_argument("--data-workers", dest="data_workers", default="0,1,2", help="Worker counts for --data-only.")
+    p.add_argument("--data-batches", dest="data_batches", type=int, default=10, help="Batches timed per worker count for --data-only.")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU: 1 avoids thread contention on a busy machine).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="Keep teacher, shards and cache here and reuse them (default: a temp dir, removed).")
+    p.add_argument("--json", default=None, help="Write the results here.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the tables, optionally write JSON; returns the results."""
+    args = build_parser().parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.data_workers = [int(x) for x in str(args.data_workers).split(",") if x.strip()]
+    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
+    if not variants or any(v not in ("full", "lora") for v in variants):
+        raise SystemExit(f"tcdistill bench: --variant must be full, lora or a comma list of them, got {args.variant!r}")
+    modes = list(MODES) if args.compare else ["reference-like"] if args.reference_like else ["optimised"]
+    owned = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="tcdistill-bench-") if owned else args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        assets = prepare_assets(args.preset, work, args.resolution, need_cache="optimised" in modes and not args.no_cache and not args.data_only)
+        cuda = torch.cuda.is_available()
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda else (None, "CPU: no MFU")
+        result: dict[str, Any] = dict(
+            preset=args.preset, device=name, mixed_precision=args.mixed_precision, batch_size=args.batch_size, resolution=args.resolution,
+            torch=torch.__version__, threads=torch.get_num_threads(), peak_tflops=peak, peak_source=peak_src, cache=assets.cache_info, argv=list(argv or sys.argv[1:]),
+        )
+        if args.data_only:
+            result["data"] = data_throughput(args, assets)
+            for d in result["data"]:
+                print(f"data loader @ {d['resolution']} px, {d['workers']} worker(s): {d['samples_per_s']:.1f} samples/s "
+                      f"({d['samples_per_s_per_worker']:.1f} per worker)")
+        else:
+            result["runs"] = [bench_variant(args, assets, v, modes, work, peak, peak_src, name) for v in variants]
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        return result
+    finally:
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes: list[str], work: Path,
+                  peak: float | None, peak_src: str, name: str) -> dict[str, Any]:
+    """Run the modes of one variant, print its table, return {variant, modes, ratio}."""
+    run: dict[str, Any] = dict(variant=variant, modes={})
+    for mode in modes:
+        res = run_mode(args, assets, variant, mode, work)
+        res["mfu"] = res["achieved_tflops"] / peak if peak else None
+        run["modes"][mode] = res
+    if len(modes) == 2:
+        ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
+        run["ratio"] = dict(samples_per_s=opt["samples_per_s"] / ref["samples_per_s"], step_time=opt["step_time_ms"] / ref["step_time_ms"],
+                            cpu_time=opt["cpu_time_ms"] / ref["cpu_time_ms"],
+                            peak_memory=opt["peak_memory_bytes"] / ref["peak_memory_bytes"])
+    header = (f"tcdistill bench: preset {args.preset}, variant {variant}, {name}, mixed_precision {args.mixed_precision}, "
+              f"batch {args.batch_size}, {args.resolution} px; {args.warmup} warmup + {args.steps} timed + {args.split_steps} split step(s)")
+    if peak:
+        header += f"\nMFU peak: {peak:.0f} TFLOP/s, {peak_src}"
+    print(format_run(run, header), flush=True)
+    if any(not math.isfinite(x) for m in run["modes"].values() for x in m["losses"]):
+        print("warning: non-finite losses in the timed steps", flush=True)
+    return run
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,188 @@
+"""`tcdistill cache`: encode image/caption shards once into latent + prompt-embedding shards.
+
+Train from the result with `--train_latents_path_or_url` on the same scripts: the training step then runs no VAE
+encoder and no text encoder (the layout is described in `tcdistill.data_cached`). The crop (and flip, with
+`--random_flip`) is drawn once here, not per epoch; the VAE posterior is stored as (mean, std) so training still
+draws a fresh `x0 ~ N(mean, std^2)` at every step, as the reference does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ConfigError, TrainConfig
+from .data import DataConfig, ImageTextShards, _Skip, expand_urls
+from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE = {"fp16": np.float16, "fp32": np.float32}
+
+
+class _OnePass(ImageTextShards):
+    """The training loader's decode/crop/caption transform, reading each shard exactly once, in order."""
+
+    def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
+        from webdataset.gopen import gopen
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        def handler(exn: Exception) -> bool:
+            skipped["shard_error"] += 1
+            return False  # a broken tar stream has lost its position: move on to the next shard
+
+        stream = gopen(url)
+        try:
+            for raw in group_by_keys(tar_file_expander([dict(url=url, stream=stream)], handler=handler), handler=handler):
+                key = raw.get("__key__", "")
+                try:
+                    # One RNG per sample key: the cached crop does not depend on shard order.
+                    yield key, self._process(raw, random.Random(f"tcdistill.cache:{self.base_seed}:{key}"))
+                except _Skip as bad:
+                    skipped[bad.kind] += 1
+        finally:
+            stream.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `tcdistill cache` (data flags mean what they mean for training)."""
+    p = argparse.ArgumentParser(prog="tcdistill cache", description=__doc__.splitlines()[0])
+    p.add_argument("--pretrained_teacher_model", required=True, help="Teacher pipeline: hub id or local diffusers folder.")
+    p.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A different VAE (as for training).")
+    p.add_argument("--teacher_revision", default=None)
+    p.add_argument("--cache_dir", default=None, help="Download cache for hub models.")
+    p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
+    p.add_argument("--output_dir", required=True, help="Where the cached shards and sidecar files go.")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "nearest", "lanczos"])
+    p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
+    p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
+    p.add_argument("--batch_size", type=int, default=32, help="Images per VAE/text-encoder call.")
+    p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching.")
+    p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
+    p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the crops/flips.")
+    return p
+
+
+def _npy_bytes(a: Tensor, dtype: Any) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a.detach().float().cpu().numpy().astype(dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def _encode(family: Any, pixels: Tensor, captions: list[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Posterior (mean, std) x scaling_factor and the prompt conditioning of a batch."""
+    vae = family.vae
+    dist = vae.encode(pixels.to(device, dtype)).latent_dist
+    sf = vae.config.scaling_factor
+    cond = family.encode({"captions": captions}, device)
+    return dist.mean.float() * sf, dist.std.float() * sf, cond
+
+
+def run_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """Encode every usable sample of every source shard once; returns the summary also written to the sidecar."""
+    import webdataset as wds
+    from safetensors.torch import save
+
+    from .families import load_family
+    from .models import check_teacher_config
+
+    cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
+                      pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
+                      cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none")
+    check_teacher_config(cfg)
+    if args.batch_size < 1:
+        raise ConfigError("--batch_size must be >= 1.")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
+    family = load_family(cfg)
+    family.unet = None  # only the encoders are needed here
+    family.to(device, dtype)
+    ds = _OnePass(DataConfig(train_shards_path_or_url=args.train_shards_path_or_url, resolution=args.resolution,
+                             interpolation_type=args.interpolation_type, center_crop=args.center_crop,
+                             random_flip=args.random_flip, seed=args.seed))
+    os.makedirs(args.output_dir, exist_ok=True)
+    skipped: Counter[str] = Counter()
+    n_samples, shards, latent_shape, cond_keys = 0, [], None, None
+    t0 = time.perf_counter()
+    for i, url in enumerate(expand_urls(args.train_shards_path_or_url)):
+        # Sequential names: source shards from several folders may share a basename.
+        name = f"{i:05d}.tar"
+        tmp = os.path.join(args.output_dir, name + ".tmp")
+        with wds.TarWriter(tmp) as sink:
+            pending: list[tuple[str, dict[str, Any]]] = []
+
+            def flush() -> None:
+                nonlocal n_samples, latent_shape, cond_keys
+                if not pending:
+                    return
+                pixels = torch.stack([s["pixel_values"] for _, s in pending])
+                captions = [s["caption"] for _, s in pending]
+                mean, std, cond = _encode(family, pixels, captions, device, dtype)
+                latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
+                for j, (key, _) in enumerate(pending):
+                    rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
+                           "txt": captions[j].encode("utf-8")}
+                    rec.update({f"{k}.npy": _npy_bytes(cond[k][j], store) for k in cond_keys})
+                    sink.write(rec)
+                n_samples += len(pending)
+                pending.clear()
+
+            for key, sample in ds.read_once(url, skipped):
+                pending.append((key, sample))
+                if len(pending) >= args.batch_size:
+                    flush()
+            flush()
+        os.replace(tmp, os.path.join(args.output_dir, name))  # a killed run leaves only *.tmp, never a short shard
+        shards.append(name)
+    if n_samples == 0:
+        raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}).")
+    elapsed = time.perf_counter() - t0
+    uncond = {k: v[:1].to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in family.uncond({"captions": [""]}, device).items()}
+    meta = {
+        "format": FORMAT, "teacher": args.pretrained_teacher_model, "vae": args.pretrained_vae_model_name_or_path,
+        "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": latent_shape,
+        "cond_keys": cond_keys, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
+        "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
+        "seed": args.seed, "num_samples": n_samples, "skipped": dict(skipped), "shards": shards,
+        "seconds": round(elapsed, 3), "samples_per_s": round(n_samples / max(elapsed, 1e-9), 3),
+    }
+    _atomic_write(os.path.join(args.output_dir, UNCOND_NAME), save(uncond, metadata={"format": FORMAT}))
+    _atomic_write(os.path.join(args.output_dir, META_NAME), json.dumps(meta, indent=2).encode("utf-8"))
+    meta["pattern"] = os.path.join(args.output_dir, f"{{00000..{len(shards) - 1:05d}}}.tar")
+    return meta
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`tcdistill cache --pretrained_teacher_model M --train_shards_path_or_url S --output_dir D [...]`."""
+    args = build_parser().parse_args(argv)
+    try:
+        meta = run_cache(args)
+    except ConfigError as e:
+        sys.exit(f"tcdistill cache: error: {e}")
+    print(f"cached {meta['num_samples']} samples into {len(meta['shards'])} shard(s) in {meta['seconds']:.1f}s "
+          f"({meta['samples_per_s']:.1f} samples/s); skipped: {meta['skipped'] or 'none'}")
+    print(f"train with: --train_latents_path_or_url='{meta['pattern']}' --resolution={meta['resolution']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

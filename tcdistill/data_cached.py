@@ -1,0 +1,172 @@
+"""Training from cached shards written by `tcdistill cache`: VAE posterior moments and prompt embeddings per sample.
+
+Layout of a cached dataset directory (the sidecar files sit next to the shards):
+
+- `NNNNN.tar`: per sample `latents.npy` (posterior mean x scaling_factor, [C, h, w]), `latents_std.npy` (posterior
+  std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]) and
+  `txt` (the caption, kept for reference);
+- `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts);
+- `uncond.safetensors`: the unconditional prompt's conditioning, stored once (one row per key).
+
+Training draws `x0 = mean + std * n`, `n ~ N(0, I)`, at every step: the reference's `latent_dist.sample() *
+scaling_factor` (step 1 of the TCD step) without running the VAE encoder, and with the same RNG draw.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from webdataset.gopen import gopen
+
+from .config import ConfigError, TrainConfig
+from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "tcdistill-latents-v1"
+META_NAME = "tcdistill_cache.json"
+UNCOND_NAME = "uncond.safetensors"
+LATENTS, LATENTS_STD = "latents.npy", "latents_std.npy"
+
+
+def cache_root(spec: str | list[str]) -> str:
+    """Directory (or url prefix) holding the sidecar files: that of the first shard."""
+    url = expand_urls(spec)[0]
+    if url.startswith("pipe:"):
+        raise ConfigError("--train_latents_path_or_url: pipe: urls are not supported (the sidecar files cannot be located).")
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _read(url: str) -> bytes:
+    with gopen(url, "rb") as f:
+        return f.read()
+
+
+def read_sidecar(spec: str | list[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The cache's metadata and its unconditional conditioning ({key: [1, ...]})."""
+    from safetensors.torch import load
+
+    root = cache_root(spec)
+    try:
+        meta = json.loads(_read(f"{root}/{META_NAME}").decode("utf-8"))
+        uncond = load(_read(f"{root}/{UNCOND_NAME}"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--train_latents_path_or_url: cannot read {META_NAME}/{UNCOND_NAME} in {root!r} "
+                          f"(write them with `tcdistill cache`): {type(e).__name__}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{root}/{META_NAME}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    return meta, uncond
+
+
+def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
+    """Check the cache against the teacher and config (one-line errors), then drop the VAE encoder.
+
+    The step never encodes; validation still decodes (VAE decoder) and encodes its prompts (text encoder).
+    """
+    meta, uncond = read_sidecar(cfg.train_latents_path_or_url)
+    unet_cfg = family.unet.config
+    if int(meta["resolution"]) != cfg.resolution:
+        raise ConfigError(f"--resolution {cfg.resolution} differs from the cache's {meta['resolution']} (re-run `tcdistill cache`).")
+    if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
+        raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
+    ehs = uncond.get("encoder_hidden_states")
+    if ehs is not None and ehs.shape[-1] != unet_cfg.cross_attention_dim:
+        raise ConfigError(f"cached prompt embeddings are {ehs.shape[-1]}-dim; the teacher UNet wants {unet_cfg.cross_attention_dim}.")
+    if meta.get("teacher") != cfg.pretrained_teacher_model:
+        logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
+    vae = family.vae
+    vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
+    if getattr(vae, "quant_conv", None) is not None:
+        vae.quant_conv = None
+    return meta
+
+
+def _npy(data: bytes) -> Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+class CachedLatentShards(ImageTextShards):
+    """The same resampled, resumable, failure-counting shard stream as the pixel loader, over cached samples."""
+
+    def __init__(self, cfg: DataConfig, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
+        super().__init__(cfg)
+        self.cond_keys = list(meta["cond_keys"])
+        self.latent_shape = tuple(int(x) for x in meta["latent_shape"])
+        self.uncond = uncond
+
+    def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """One cached sample, or _Skip; --proportion_empty_prompts swaps in the stored unconditional embedding."""
+        missing = [k for k in (LATENTS, *(f"{c}.npy" for c in self.cond_keys)) if k not in raw]
+        if missing:
+            raise _Skip("missing_member", f"cached sample lacks {missing}")
+        try:
+            latents = _npy(raw[LATENTS])
+            std = _npy(raw[LATENTS_STD]) if LATENTS_STD in raw else None
+            cond = {c: _npy(raw[f"{c}.npy"]) for c in self.cond_keys}
+        except Exception as exn:  # noqa: BLE001 - any unreadable member costs only this sample
+            raise _Skip("decode_error", f"{type(exn).__name__}: {exn}") from None
+        if tuple(latents.shape) != self.latent_shape or (std is not None and std.shape != latents.shape):
+            raise _Skip("shape_mismatch", f"latents {tuple(latents.shape)}, expected {self.latent_shape}")
+        caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
+        if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
+            cond, caption = {c: self.uncond[c][0].to(cond[c].dtype) for c in cond}, ""
+        return dict(latents=latents, latents_std=std, cond=cond, caption=caption)
+
+
+def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor]) -> dict[str, Any]:
+    """Stack cached samples; `uncond` is the stored empty-prompt conditioning expanded to the batch."""
+    skipped: Counter[str] = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    n = len(samples)
+    cond = {k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]}
+    batch: dict[str, Any] = dict(
+        latents=torch.stack([s["latents"] for s in samples]),
+        cond=cond,
+        uncond={k: v.to(cond[k].dtype).expand(n, *v.shape[1:]) for k, v in uncond.items() if k in cond},
+        captions=[s["caption"] for s in samples],
+        skipped=dict(skipped),
+    )
+    if all(s["latents_std"] is not None for s in samples):
+        batch["latents_std"] = torch.stack([s["latents_std"] for s in samples])
+    if "stream_pos" in samples[-1]:
+        batch["stream_pos"] = samples[-1]["stream_pos"]
+    return batch
+
+
+def build_cached_dataloader(cfg: DataConfig) -> DataLoader:
+    """The infinite per-process loader over cached shards (`cfg.train_shards_path_or_url` names them)."""
+    _validate(cfg)
+    meta, uncond = read_sidecar(cfg.train_shards_path_or_url)
+    workers = cfg.dataloader_num_workers
+    return DataLoader(
+        CachedLatentShards(cfg, meta, uncond),
+        batch_size=cfg.train_batch_size,
+        collate_fn=partial(collate_cached, uncond=uncond),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def cached_inputs(batch: dict[str, Any], device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """`(x0, cond, uncond)` of a cached batch: `x0 = mean + std * n`, n ~ N(0, I) (the VAE posterior sample, scaled)."""
+    mean = batch["latents"].to(device, non_blocking=True).float()
+    x0 = mean
+    if "latents_std" in batch:
+        # Same draw as DiagonalGaussianDistribution.sample() on an fp32 posterior: one randn of the latent shape.
+        n = torch.randn(mean.shape, device=device, dtype=torch.float32)
+        x0 = mean + batch["latents_std"].to(device, non_blocking=True).float() * n
+    cond = {k: v.to(device, non_blocking=True) for k, v in batch["cond"].items()}
+    uncond = {k: v.to(device, non_blocking=True) for k, v in batch["uncond"].items()}
+    return x0, cond, uncond

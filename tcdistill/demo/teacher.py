@@ -1,0 +1,176 @@
+"""Train the demo's tiny SD-architecture teacher: a VAE (reconstruction + small KL), then an eps-prediction UNet.
+
+The text encoder stays random and frozen: the UNet learns to read its (deterministic, token- and position-
+dependent) features through cross-attention, which is all a teacher needs. The VAE must be trained: a random
+one's GroupNorms erase colour and intensity, leaving a latent space the UNet cannot learn the world in.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..schedule import NoiseSchedule
+from ..tcd import ema_update
+from .world import bpe_merges, vocabulary
+
+logger = logging.getLogger("tcdistill.demo")
+Log = Callable[[str], None]
+
+
+@dataclass
+class TeacherSpec:
+    """Architecture and budget of the demo teacher (32x32 images -> 8x8x4 latents: CPU-sized)."""
+
+    image_size: int = 32
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: downscale factor 4
+    unet_channels: tuple[int, ...] = (64, 128)  # attention only at the 4x4 level
+    cross_attention_dim: int = 64
+    max_length: int = 16
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1500
+    unet_lr: float = 1e-3
+    unet_ema: float = 0.995
+    batch_size: int = 64
+    p_uncond: float = 0.1  # caption dropout, so classifier-free guidance works
+
+
+def to_pixels(images: np.ndarray) -> Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the VAE's input range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def build_teacher_pipeline(spec: TeacherSpec, seed: int) -> Any:
+    """A random tiny SD pipeline whose tokenizer turns each world word into one token."""
+    from ..tiny import build_tiny_sd_pipeline
+
+    factor = 2 ** (len(spec.vae_channels) - 1)
+    return build_tiny_sd_pipeline(
+        sample_size=spec.image_size // factor, block_out_channels=spec.unet_channels,
+        cross_attention_dim=spec.cross_attention_dim, vae_block_out_channels=spec.vae_channels,
+        max_length=spec.max_length, seed=seed, merges=bpe_merges(vocabulary()),
+    )
+
+
+def _lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
+    """Linear warmup then cosine decay to 10 % (a short run needs the decay to settle)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+def train_vae(vae: nn.Module, pixels: Tensor, spec: TeacherSpec, gen: torch.Generator, log: Log = logger.info) -> float:
+    """Fit the VAE: `||D(z) - x||^2 + kl_weight * KL(q(z|x) || N(0, I))`, z ~ q(z|x); returns the last MSE."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
+    mse = float("nan")
+    for step in range(spec.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec.vae_steps, spec.vae_lr)
+        x = pixels[torch.randint(0, pixels.shape[0], (spec.batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        rec_loss = F.mse_loss(rec, x)
+        loss = rec_loss + spec.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        mse = rec_loss.item()
+        if step % 100 == 0 or step == spec.vae_steps - 1:
+            log(f"  vae step {step:4d}/{spec.vae_steps}  recon mse {mse:.4f}")
+    vae.eval().requires_grad_(False)
+    return mse
+
+
+@torch.no_grad()
+def encode_posterior(vae: nn.Module, pixels: Tensor, batch: int = 256) -> tuple[Tensor, Tensor]:
+    """Posterior mean and std of every image (unscaled), so UNet training can resample z cheaply."""
+    means, stds = [], []
+    for chunk in pixels.split(batch):
+        d = vae.encode(chunk).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def set_scaling_factor(vae: nn.Module, mean: Tensor) -> float:
+    """Choose `scaling_factor = 1 / std(z)` so the UNet sees unit-variance latents (SD's 0.18215 plays this role)."""
+    sf = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=sf)
+    return sf
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: list[str]) -> Tensor:
+    """Last hidden states of the frozen text encoder, padded to the tokenizer's max length (as the trainer does)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(
+    unet: nn.Module, latents: tuple[Tensor, Tensor], scaling_factor: float, text: Tensor, uncond: Tensor,
+    schedule: NoiseSchedule, spec: TeacherSpec, gen: torch.Generator, log: Log = logger.info,
+) -> nn.Module:
+    """Standard eps-prediction loss `||eps - eps_theta(a_t x0 + s_t eps, t, c)||^2`, 10 % empty captions; returns the EMA UNet."""
+    unet.train().requires_grad_(True)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
+    mean, std = latents
+    n, T = mean.shape[0], schedule.num_train_timesteps
+    running = None
+    for step in range(spec.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec.unet_steps, spec.unet_lr)
+        idx = torch.randint(0, n, (spec.batch_size,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+        t = torch.randint(0, T, (spec.batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(spec.batch_size, generator=gen) < spec.p_uncond
+        cond = torch.where(drop[:, None, None], uncond.expand_as(text[idx]), text[idx])
+        pred = unet(schedule.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        # Warm the EMA up (decay grows with steps) so a short run is not dominated by the random init.
+        ema_update(ema.parameters(), unet.parameters(), min(spec.unet_ema, (1 + step) / (10 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == spec.unet_steps - 1:
+            log(f"  unet step {step:4d}/{spec.unet_steps}  eps loss {running:.4f}")
+    for b_ema, b in zip(ema.buffers(), unet.buffers()):
+        b_ema.copy_(b)
+    return ema
+
+
+def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], spec: TeacherSpec, seed: int, log: Log = logger.info) -> dict[str, float]:
+    """Build, train and save the teacher as a diffusers pipeline in `out_dir`; returns training stats."""
+    pipe = build_teacher_pipeline(spec, seed)
+    gen = torch.Generator().manual_seed(seed)
+    pixels = to_pixels(images)
+    log(f"training the VAE ({spec.vae_steps} steps)")
+    vae_mse = train_vae(pipe.vae, pixels, spec, gen, log)
+    mean, std = encode_posterior(pipe.vae, pixels)
+    sf = set_scaling_factor(pipe.vae, mean)
+    text = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    uncond = encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    log(f"training the UNet ({spec.unet_steps} steps, latents {tuple(mean.shape[1:])}, scaling factor {sf:.3f})")
+    ema = train_unet(pipe.unet, (mean, std), sf, text, uncond, schedule, spec, gen, log)
+    pipe.unet.load_state_dict(ema.state_dict())
+    pipe.unet.eval().requires_grad_(False)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return {"vae_recon_mse": vae_mse, "scaling_factor": sf}

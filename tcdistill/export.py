@@ -1,0 +1,107 @@
+"""`tcdistill export`: a trained LoRA's diffusers file -> the kohya key format that ComfyUI and A1111 load.
+
+Keys go `unet.<module>.lora_A.weight` -> `lora_unet_<module_with_underscores>.lora_down.weight` (and lora_B ->
+lora_up) through diffusers' own `convert_state_dict_to_kohya`; each module gets an `.alpha` so that kohya's scale
+`alpha / rank` equals the scale PEFT trained with (diffusers' converter writes alpha = rank, i.e. scale 1, which is
+wrong whenever --lora_alpha != --lora_rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The diffusers LoRA file of a training output (a folder) or the file itself."""
+    p = Path(path)
+    f = p / LORA_WEIGHT_NAME if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {f} (expected a training output folder or a .safetensors file)")
+    return f
+
+
+def _unet_adapter_config(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """The UNet adapter's PEFT config from the file's `lora_adapter_metadata` ({} when the file has none)."""
+    if not metadata or _METADATA_KEY not in metadata:
+        return {}
+    packed = json.loads(metadata[_METADATA_KEY])
+    return {k[len("unet."):]: v for k, v in packed.items() if k.startswith("unet.")}
+
+
+def _peft_scale(module: str, rank: int, conf: dict[str, Any]) -> float:
+    """PEFT's LoRA scale for `module` (lora_alpha / r, or / sqrt(r) with rsLoRA, honouring rank/alpha patterns)."""
+    if not conf:
+        return 1.0  # diffusers loads a file without metadata with lora_alpha = r
+    from peft.utils.other import get_pattern_key
+
+    alpha = conf.get("lora_alpha", rank)
+    if conf.get("alpha_pattern"):
+        alpha = conf["alpha_pattern"].get(get_pattern_key(conf["alpha_pattern"].keys(), module), alpha)
+    return alpha / (rank**0.5 if conf.get("use_rslora") else rank)
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Diffusers/PEFT UNet LoRA state dict -> kohya keys with per-module `alpha` = PEFT scale x rank."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    conf = _unet_adapter_config(metadata)
+    if conf.get("use_dora"):
+        raise ValueError("DoRA adapters have no faithful kohya LoRA form; export the plain LoRA only")
+    # Files written through convert_state_dict_to_diffusers name the attention projections `.lora.down/.lora.up`.
+    state_dict = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
+                  for k, v in state_dict.items()}
+    bad = [k for k in state_dict if not k.startswith("unet.") or not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if bad:
+        raise ValueError(f"not a diffusers UNet LoRA file (unexpected keys such as {bad[:3]})")
+    out: dict[str, torch.Tensor] = {}
+    for key, down in state_dict.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        up_key = key.replace(".lora_A.weight", ".lora_B.weight")
+        pair = convert_state_dict_to_kohya({key: down, up_key: state_dict[up_key]})
+        rank = down.shape[0]
+        module = key[len("unet."):-len(".lora_A.weight")]
+        for k, v in pair.items():
+            # kohya scales by alpha / rank: pick alpha so that equals the scale the adapter was trained with.
+            out[k] = torch.tensor(_peft_scale(module, rank, conf) * rank, dtype=torch.float32) if k.endswith(".alpha") else v.contiguous()
+    return out
+
+
+def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -> str:
+    """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    f = lora_file(src)
+    with safe_open(str(f), framework="pt") as fh:
+        metadata = fh.metadata()
+        state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
+    out = to_kohya(state_dict, metadata)
+    dst = Path(dst) if dst else f.with_name(KOHYA_WEIGHT_NAME)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    os.replace(tmp, dst)  # never leave a half-written file under the final name
+    return str(dst)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`tcdistill export --lora DIR_OR_FILE [--output PATH]`."""
+    p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0])
+    p.add_argument("--lora", required=True, help=f"A LoRA training output folder (with {LORA_WEIGHT_NAME}) or a diffusers LoRA .safetensors file.")
+    p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input).")
+    args = p.parse_args(argv)
+    try:
+        print(export_kohya(args.lora, args.output))
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")

@@ -1,0 +1,166 @@
+"""`tcdistill generate`: prompts -> PNGs with a TCD-distilled UNet (`--unet`) or LoRA (`--lora`) on its base model.
+
+Guidance: a LoRA student learned a guidance-distilled ODE and samples with guidance_scale 0 (no CFG). A full
+student has `time_cond_proj_dim`: the pipeline embeds w = guidance_scale - 1 and runs no CFG, so the default 8.0
+gives w = 7, inside the training range of w for SD (5..15) and SDXL (3..15) and the same as validation's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .export import LORA_WEIGHT_NAME
+
+FULL_MODEL_GUIDANCE = 8.0
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_RUN_CONFIG = "tcdistill_config.json"
+
+
+def _run_config(path: str | None) -> dict[str, Any]:
+    """The training run's saved flags next to an output (its folder or the folder above), or {}."""
+    if not path:
+        return {}
+    p = Path(path)
+    for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+        if (d / _RUN_CONFIG).is_file():
+            return json.loads((d / _RUN_CONFIG).read_text())
+    return {}
+
+
+def resolve_unet_dir(path: str) -> str:
+    """A UNet folder: the path itself, or a full-model training output's `unet_target` (the EMA deliverable)."""
+    p = Path(path)
+    for cand in (p, p / "unet_target"):
+        if (cand / "config.json").is_file():
+            return str(cand)
+    if p.exists():
+        raise FileNotFoundError(f"no UNet config.json in {p} or {p / 'unet_target'}")
+    return path  # a hub id
+
+
+def pipeline_class(base: str) -> Any:
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, from the base's model_index.json."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    classes = {c.__name__: c for c in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+    name = DiffusionPipeline.load_config(base).get("_class_name")
+    if name not in classes:
+        raise ValueError(f"{base}: pipeline class {name!r} is not supported (expected one of {sorted(classes)})")
+    return classes[name]
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`dtype=` where diffusers takes it (it deprecates `torch_dtype`), else the older `torch_dtype=`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 - present once `dtype` is accepted
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype,
+                  original_inference_steps: int = 50, lora_scale: float = 1.0) -> Any:
+    """The base pipeline with the distilled UNet or the fused LoRA, on TCDScheduler over the training grid."""
+    from diffusers import TCDScheduler, UNet2DConditionModel
+
+    kw: dict[str, Any] = _dtype_kwargs(dtype)
+    if unet:
+        kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
+    pipe = pipeline_class(base).from_pretrained(base, **kw)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps)
+    if lora:
+        p = Path(lora)
+        folder, name = (p, LORA_WEIGHT_NAME) if p.is_dir() else (p.parent, p.name)
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        pipe.fuse_lora(lora_scale=lora_scale)  # fused: sampling runs at the base model's speed
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    """`--prompt` values, then the non-empty lines of `--prompt_file`."""
+    out = list(prompts or [])
+    if prompt_file:
+        out += [ln.strip() for ln in Path(prompt_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not out:
+        raise ValueError("no prompts: pass --prompt (repeatable) or --prompt_file")
+    return out
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "prompt"
+
+
+@torch.no_grad()
+def generate(args: argparse.Namespace) -> list[str]:
+    """Sample every prompt (image i uses seed + i, so outputs do not depend on --batch_size); return the PNG paths."""
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    run = _run_config(args.unet or args.lora)
+    base = args.base or run.get("pretrained_teacher_model")
+    if not base:
+        raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, int(run.get("num_ddim_timesteps", 50)), args.lora_scale)
+    gs = args.guidance_scale
+    if gs is None:
+        gs = FULL_MODEL_GUIDANCE if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths, records = [], []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(args.seed + start + j) for j in range(len(batch))]
+        images = pipe(batch, num_inference_steps=args.steps, guidance_scale=gs, eta=args.gamma, generator=gens,
+                      height=args.height, width=args.width).images
+        for j, (prompt, image) in enumerate(zip(batch, images)):
+            name = f"{start + j:05d}_{_slug(prompt)}.png"
+            image.save(os.path.join(args.output_dir, name))
+            paths.append(os.path.join(args.output_dir, name))
+            records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
+                            "gamma": args.gamma, "guidance_scale": gs, "base": base, "unet": args.unet, "lora": args.lora})
+    with open(os.path.join(args.output_dir, "metadata.jsonl"), "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id.")
+    src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}) or a LoRA .safetensors file (diffusers or kohya keys).")
+    p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json).")
+    p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
+    p.add_argument("--prompt_file", help="A text file with one prompt per line.")
+    p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")
+    p.add_argument("--gamma", type=float, default=0.3, help="TCD gamma, the scheduler's eta (0 = deterministic; default: 0.3).")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"Default: 0 for a LoRA (no CFG); {FULL_MODEL_GUIDANCE} for a full UNet with time_cond_proj_dim (embeds w = scale - 1).")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the fused LoRA (default: 1).")
+    p.add_argument("--seed", type=int, default=0, help="Image i uses seed + i (default: 0).")
+    p.add_argument("--batch_size", type=int, default=1, help="Prompts per pipeline call (default: 1).")
+    p.add_argument("--height", type=int, default=None, help="Image height (default: the pipeline's).")
+    p.add_argument("--width", type=int, default=None, help="Image width (default: the pipeline's).")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Weights dtype (default: fp16 on CUDA, fp32 elsewhere).")
+    p.add_argument("--output_dir", default="tcd-samples", help="Where the PNGs and metadata.jsonl go (default: tcd-samples).")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`tcdistill generate (--unet DIR | --lora DIR) --prompt P [...]`: write PNGs and print their paths."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or not 0.0 <= args.gamma <= 1.0:
+        p.error("need --steps >= 1, --batch_size >= 1 and --gamma in [0, 1]")
+    try:
+        paths = generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print("\n".join(paths))

@@ -1,0 +1,145 @@
+"""The model card (`README.md` in output_dir) written at the end of training, and `--push_to_hub`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from .config import TrainConfig
+
+# Sampling advice for TCD students (TCD paper: 2-8 steps, gamma 0.2 in its evaluation; the authors recommend 0.3,
+# higher gamma for more steps, lower for fewer).
+RECOMMENDED_STEPS = 4
+RECOMMENDED_GAMMA = 0.3
+_SECRET_FLAGS = ("hub_token",)
+_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def latest_validation_grids(output_dir: str | os.PathLike) -> list[str]:
+    """The newest `validation/<tag>-step<N>.png` per tag, relative to output_dir (grids survive resumes on disk)."""
+    best: dict[str, tuple[int, str]] = {}
+    folder = Path(output_dir) / "validation"
+    for f in folder.glob("*-step*.png") if folder.is_dir() else []:
+        m = re.fullmatch(r"(.+)-step(\d+)\.png", f.name)
+        if m and int(m.group(2)) >= best.get(m.group(1), (-1, ""))[0]:
+            best[m.group(1)] = (int(m.group(2)), f"validation/{f.name}")
+    return [best[tag][1] for tag in sorted(best)]
+
+
+def entry_script(cfg: TrainConfig) -> str:
+    """The training script of this variant and family."""
+    return f"train_tcd_distill_{'lora_' if cfg.variant == 'lora' else ''}{cfg.model_family}_wds.py"
+
+
+def changed_flags(cfg: TrainConfig) -> dict[str, object]:
+    """Flags whose values differ from the entry script's defaults (secrets and the script-set variant/family left out)."""
+    from .families import SDXL_FLAG_DEFAULTS
+
+    script_defaults = SDXL_FLAG_DEFAULTS if cfg.model_family == "sdxl" else {}
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in (*_SECRET_FLAGS, "variant", "model_family") and value != script_defaults.get(f.name, f.default):
+            out[f.name] = value
+    return out
+
+
+def _usage(cfg: TrainConfig, repo: str) -> str:
+    """diffusers code that samples the trained output with TCDScheduler."""
+    pipe_cls = _PIPELINES[cfg.model_family]
+    sched = "TCDScheduler.from_config(pipe.scheduler.config"
+    sched += f", original_inference_steps={cfg.num_ddim_timesteps})" if cfg.num_ddim_timesteps != 50 else ")"
+    head = f"import torch\nfrom diffusers import {pipe_cls}, TCDScheduler"
+    if cfg.variant == "lora":
+        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", torch_dtype=torch.float16).to(\"cuda\")\n"
+                f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\")\npipe.fuse_lora()\n"
+                f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0, "
+                f"eta={RECOMMENDED_GAMMA}).images[0]\n")
+    # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
+    return (f"{head}, UNet2DConditionModel\n\n"
+            f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
+            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", unet=unet, torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe.scheduler = {sched}\n"
+            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={cfg.validation_guidance_scale}, "
+            f"eta={RECOMMENDED_GAMMA}).images[0]\n")
+
+
+def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None) -> str:
+    """Markdown with YAML front matter: base model, method, data, flags, sampling advice, usage, validation grids."""
+    repo = repo or cfg.hub_model_id or cfg.output_dir
+    base = cfg.pretrained_teacher_model
+    family = "stable-diffusion-xl" if cfg.model_family == "sdxl" else "stable-diffusion"
+    tags = ["text-to-image", "diffusers", family, "tcd", "trajectory-consistency-distillation", "tcdistill"]
+    tags += ["lora"] if cfg.variant == "lora" else []
+    front = "\n".join(["---", f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags], "---"])
+    method = "a LoRA on the teacher's UNet" if cfg.variant == "lora" else "the full UNet (EMA target in `unet_target/`, online student in `unet/`)"
+    files = "\n".join(f"- `{os.path.relpath(p, cfg.output_dir)}`" for p in outputs) or "- (none)"
+    flags = "\n".join(f"--{k}={v}" for k, v in changed_flags(cfg).items())
+    grids = latest_validation_grids(cfg.output_dir)
+    grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
+    gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{cfg.validation_guidance_scale} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
+    cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
+    return f"""{front}
+
+# TCD ({cfg.distill_mode}) distillation of `{base}`
+
+Trajectory Consistency Distillation ([arXiv 2402.19159](https://arxiv.org/abs/2402.19159)) of `{base}` into
+{method}, trained with tcdistill (`distill_mode={cfg.distill_mode}`, {cfg.num_ddim_timesteps}-step DDIM grid,
+guidance w ~ U[{cfg.w_min}, {cfg.w_max}] in the LCM form, `{cfg.loss_type}` loss).
+
+- Base model: `{base}` ({cfg.model_family}, prediction type from its scheduler config)
+- Method: TCD, {"LoRA" if cfg.variant == "lora" else "full model"} (`{cfg.distill_mode}`)
+- Data: `{cfg.train_shards_path_or_url or cfg.train_latents_path_or_url}`
+- Resolution: {cfg.resolution}
+
+Files:
+{files}
+
+## Sampling
+
+Use `TCDScheduler` with {RECOMMENDED_STEPS} steps (2-8 work) and gamma (`eta`) {RECOMMENDED_GAMMA}: higher gamma for
+more steps, lower for fewer; gamma 0 is deterministic. Guidance scale: {gs}.
+
+```python
+{_usage(cfg, repo)}```
+
+Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS} --gamma {RECOMMENDED_GAMMA}`.
+
+## Training flags
+
+Flags that differ from the defaults of `{entry_script(cfg)}`:
+
+```
+{flags}
+```
+
+## Latest validation grids
+
+Rows are prompts, columns are step counts ({cfg.validation_inference_steps}), gamma {cfg.validation_gamma}.
+
+{grid_md}
+"""
+
+
+def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None) -> str:
+    """Write `output_dir/README.md` and return its path."""
+    path = os.path.join(cfg.output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_model_card(cfg, outputs, repo))
+    return path
+
+
+def push_to_hub(cfg: TrainConfig, outputs: list[str]) -> str:
+    """Create (or reuse) the hub repo, point the card's usage code at it, upload output_dir without checkpoints."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
+    write_model_card(cfg, outputs, repo=repo_id)
+    upload_folder(
+        repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token, commit_message="End of TCD training",
+        # Resumable checkpoints (optimizer state) and their staging folders stay local.
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.tmp*"],
+    )
+    return repo_id

@@ -1,0 +1,164 @@
+"""Shared fixtures for the end-to-end tests: a tiny offline teacher, tiny shards, the seed README's commands, and
+helpers that run the entry scripts as subprocesses and read what they wrote (checkpoints, tensorboard events)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"full": ROOT / "train_tcd_distill_sd_wds.py", "lora": ROOT / "train_tcd_distill_lora_sd_wds.py"}
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# The seed README's flags, verbatim (the `export`ed variables and the shard url are substituted by `seed_flags`).
+SEED_README_FLAGS = {
+    "full": """--pretrained_teacher_model=$MODEL_NAME --output_dir=$OUTPUT_DIR --mixed_precision=fp16 --resolution=512
+        --learning_rate=4e-6 --loss_type=l2 --ema_decay=0.95 --adam_weight_decay=0.01 --max_train_steps=100000
+        --max_train_samples=4000000 --dataloader_num_workers=8 --train_shards_path_or_url=$SHARDS --validation_steps=200
+        --checkpointing_steps=200 --checkpoints_total_limit=10 --train_batch_size=12 --gradient_checkpointing
+        --enable_xformers_memory_efficient_attention --gradient_accumulation_steps=1 --use_8bit_adam
+        --resume_from_checkpoint=latest --report_to=tensorboard --seed=453645634""",
+    "lora": """--pretrained_teacher_model=$MODEL_NAME --output_dir=$OUTPUT_DIR --mixed_precision=fp16 --resolution=512
+        --lora_rank=64 --learning_rate=4.5e-6 --loss_type=l2 --adam_weight_decay=0.01 --max_train_steps=10000
+        --max_train_samples=4000000 --dataloader_num_workers=8 --train_shards_path_or_url=$SHARDS --validation_steps=200
+        --checkpointing_steps=200 --checkpoints_total_limit=10 --train_batch_size=12 --gradient_checkpointing
+        --enable_xformers_memory_efficient_attention --gradient_accumulation_steps=1 --use_8bit_adam
+        --resume_from_checkpoint=latest --report_to=tensorboard --seed=453645634""",
+}
+# What a 2-core CPU needs instead (fp16 needs a GPU; everything else is size): the only departures from the README.
+CPU_OVERRIDES: dict[str, Any] = {"mixed_precision": "no", "resolution": 32, "train_batch_size": 2, "max_train_steps": 3,
+                                 "validation_steps": 3, "checkpointing_steps": 2, "dataloader_num_workers": 0}
+LORA_CPU_OVERRIDES: dict[str, Any] = {"lora_rank": 4}
+# Validation at 4 prompts x 3 step counts costs seconds; runs that do not test validation sample one prompt at 2 steps.
+QUICK_VALIDATION: dict[str, Any] = {"validation_prompts": "a red circle on a blue background", "validation_inference_steps": "2"}
+
+
+def seed_flags(variant: str, *, teacher: Path | str, shards: str, output_dir: Path | str, **overrides: Any) -> list[str]:
+    """The README command's flags for `variant` with paths substituted, CPU overrides, then `overrides`.
+
+    An override value of None drops the flag, True makes it a bare switch; new names are appended.
+    """
+    text = SEED_README_FLAGS[variant].replace("$MODEL_NAME", str(teacher)).replace("$OUTPUT_DIR", str(output_dir))
+    text = text.replace("$SHARDS", shards)
+    flags: dict[str, Any] = {}
+    for tok in text.split():
+        name, eq, value = tok[2:].partition("=")
+        flags[name] = value if eq else True
+    flags.update(CPU_OVERRIDES)
+    if variant == "lora":
+        flags.update(LORA_CPU_OVERRIDES)
+    flags.update(overrides)
+    return [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items() if v is not None]
+
+
+@pytest.fixture(scope="session")
+def run_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Subprocess environment: offline, a private HF home (no user accelerate config), one intra-op thread."""
+    env = dict(os.environ)
+    env.update(HF_HOME=str(tmp_path_factory.mktemp("hf_home")), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core box spinning OpenMP threads cost
+    # 5x the CPU time (measured: 84 s vs 15 s user for one 3-step run at load average 7).
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def run_train(variant: str, flags: list[str], env: dict[str, str], *, launcher: list[str] | None = None,
+              extra_env: dict[str, str] | None = None, script: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run an entry script (`python SCRIPT` unless `launcher`, e.g. accelerate launch) and return it, output merged."""
+    cmd = [*(launcher or [sys.executable]), str(script or SCRIPTS[variant]), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc.cmd = cmd  # type: ignore[attr-defined]
+    return proc
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> str:
+    """Assert a run exited 0 without a traceback; return its output."""
+    tail = "\n".join(proc.stdout.splitlines()[-40:])
+    assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(proc.cmd)}\n{tail}"
+    assert "Traceback" not in proc.stdout, tail
+    return proc.stdout
+
+
+def event_files(logdir: Path) -> set[Path]:
+    """All tensorboard event files under `logdir`."""
+    return set(Path(logdir).rglob("events.out.tfevents.*"))
+
+
+def read_scalars(files: set[Path] | list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] over the given event files (tensorboard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for f in sorted(files):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out[tag] += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return dict(out)
+
+
+def complete_checkpoints(output_dir: Path) -> dict[int, Path]:
+    """step -> checkpoint dir, for `checkpoint-<step>` dirs holding their COMPLETE marker."""
+    out = {}
+    for p in Path(output_dir).glob("checkpoint-*"):
+        if p.is_dir() and (p / "COMPLETE").is_file():
+            out[int(p.name.split("-")[1])] = p
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny SD pipeline saved as a diffusers folder (VAE factor 2, 32 px images)."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    build_tiny_sd_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def config_only_teacher(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny teacher without weight files: a run that tries to load a model from it fails loudly."""
+    path = tmp_path_factory.mktemp("config_only") / "teacher"
+    shutil.copytree(tiny_teacher, path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Brace pattern of two 8-sample webdataset shards of 32 px captioned shapes."""
+    from tcdistill.tiny import shard_pattern, write_tiny_shards
+
+    path = tmp_path_factory.mktemp("tiny_shards")
+    write_tiny_shards(path, n_shards=2, per_shard=8, image_size=32, seed=0)
+    return shard_pattern(path, 2)
+
+
+@pytest.fixture(scope="session")
+def full_seed_run(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The README's full-model command through `accelerate launch --cpu --num_processes 1`, 2 loader workers, 3 steps."""
+    out = tmp_path_factory.mktemp("full_seed") / "out"
+    flags = seed_flags("full", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, dataloader_num_workers=2)
+    proc = run_train("full", flags, run_env, launcher=[ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                                                       "--mixed_precision", "no", "--dynamo_backend", "no"])
+    return {"out": out, "flags": flags, "proc": proc, "log": check_ok(proc)}
+
+
+@pytest.fixture(scope="session")
+def lora_seed_run(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The README's LoRA command through `python <script>`, in-process loading, 3 steps."""
+    out = tmp_path_factory.mktemp("lora_seed") / "out"
+    flags = seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out)
+    proc = run_train("lora", flags, run_env)
+    return {"out": out, "flags": flags, "proc": proc, "log": check_ok(proc)}

@@ -1,0 +1,112 @@
+"""`tcdistill bench` on the tiny preset, and the optimisations it measures keep the loss: batched teacher, skipped
+identity targets and the adapters-off LoRA teacher give the reference path's loss on a real tiny UNet (budget: ~60 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tcdistill.bench import device_peak_tflops, main as bench_main
+from tcdistill.config import TrainConfig
+from tcdistill.schedule import TimestepDraw
+from tcdistill.tcd import TCDDraw, TCDLoss
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both variants, both modes, 2 timed steps: finite throughput, memory, FLOPs, split and ratios, JSON and table."""
+    out = tmp_path / "bench.json"
+    bench_main(["--preset", "tiny", "--variant", "full,lora", "--compare", "--steps", "2", "--warmup", "0", "--split-steps", "1",
+                "--batch_size", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["preset"] == "tiny" and res["device"] == "cpu" and res["peak_tflops"] is None
+    assert res["cache"]["num_samples"] == 32  # the optimised mode trained from `tcdistill cache` output
+    assert [r["variant"] for r in res["runs"]] == ["full", "lora"]
+    for run in res["runs"]:
+        ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
+        for m in (ref, opt):
+            for k in ("samples_per_s", "step_time_ms", "cpu_time_ms", "flops_per_sample", "achieved_tflops"):
+                assert _finite(m[k]) and m[k] > 0, (m["mode"], k, m[k])
+            assert m["peak_memory_bytes"] > 2**20 and m["peak_memory_kind"].startswith("peak_rss")
+            assert m["samples"] == 4 and len(m["losses"]) == 2 and all(map(_finite, m["losses"]))
+            assert {"data", "teacher", "student_forward", "target", "student_backward", "optimizer"} <= set(m["split_ms"])
+            assert all(map(_finite, m["split_ms"].values()))
+        # Reference-like re-encodes pixels and prompts every step; the optimised mode reads the cache.
+        assert ref["split_ms"]["vae"] > 0 and ref["split_ms"]["text_encoder"] > 0 and "text_encoder" not in opt["split_ms"]
+        assert ref["config"]["teacher_dtype"] == "fp32" and not ref["config"]["batched_teacher"]
+        assert opt["config"]["batched_teacher"] and opt["config"]["skip_identity_target"]
+        # Same seed, same draw: the counted FLOPs differ by the VAE/text encoders and the skipped target rows only.
+        assert ref["flops_per_sample"] > opt["flops_per_sample"]
+        assert all(_finite(v) and v > 0 for v in run["ratio"].values())
+    for text in ("reference-like", "optimised", "samples/s", "peak memory", "GFLOP/sample", "ratio", "student_backward"):
+        assert text in printed
+
+
+def test_data_only_and_peak_table(tmp_path: Path) -> None:
+    res = bench_main(["--preset", "tiny", "--data-only", "--data-workers", "0", "--data-batches", "2", "--workdir", str(tmp_path)])
+    assert res["data"][0]["workers"] == 0 and res["data"][0]["samples_per_s"] > 0
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert device_peak_tflops("NVIDIA H200")[0] == 989.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert device_peak_tflops("Some GPU")[0] is None and device_peak_tflops("Some GPU", 100.0)[0] == 100.0
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_optimisations_give_the_reference_loss(variant: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """On the real tiny UNets: batched vs separate teacher passes, skipped vs computed identity targets, and (LoRA)
+    the adapters-off teacher vs a separate frozen copy give one loss to float precision."""
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.trainer import Trainer
+
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                      resolution=32, max_train_steps=1, report_to="none", seed=0, mixed_precision="no", variant=variant,
+                      lora_separate_teacher=variant == "lora", lora_rank=4)
+    tr = Trainer(cfg)
+    strat = tr.strategy
+    if variant == "lora":
+        with torch.no_grad():  # non-zero adapters, so "adapters off" really differs from the student
+            for name, p in strat.student.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    else:
+        with torch.no_grad():  # an EMA target that differs from the student, as after some training
+            for p in strat.target.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 16, 16, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(6, 16, 32, generator=g)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 16, 32, generator=g).expand(6, -1, -1)}
+    t = torch.tensor([999, 499, 259, 39, 739, 99])
+    t_n = (t - tr.k).clamp(min=0)
+    s = torch.tensor([979, 0, 239, 0, 100, 79])  # rows 0, 2, 5: s == t_n (identity target); others: a real target
+    draw = TCDDraw(steps=TimestepDraw(t=t, t_n=t_n, s=s), w=torch.rand(6, generator=g) * 10 + 5, eps=torch.randn(6, 4, 16, 16, generator=g))
+    student, target, teacher = strat.denoisers(tr.student)
+    losses = {}
+    for batched in (False, True):
+        for skip in (False, True):
+            fn = TCDLoss(tr.schedule, w_cond_student=strat.w_cond_student, batched_teacher=batched, skip_identity_target=skip)
+            loss, stats = fn(student, target, teacher, x0, cond, uncond, draw)
+            assert stats["target_forwards"] == (3 if skip else 6)
+            losses[(batched, skip)] = loss.item()
+    ref = losses[(False, False)]
+    for key, val in losses.items():
+        assert val == pytest.approx(ref, rel=1e-5), (key, losses)
+    if variant == "lora":
+        from tcdistill.strategy import _AdaptersOff
+
+        fn = TCDLoss(tr.schedule, w_cond_student=False)
+        off = _AdaptersOff(UNetDenoiser(strat.student), strat.student)
+        one_unet = fn(student, target, off, x0, cond, uncond, draw)[0].item()
+        assert one_unet == pytest.approx(ref, rel=1e-5)  # the separate copy == the base with adapters off
+        on = fn(student, target, UNetDenoiser(strat.student), x0, cond, uncond, draw)[0].item()
+        assert abs(on - ref) > 1e-3 * abs(ref)  # and the adapters really change the teacher, so the check has teeth

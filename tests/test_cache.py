@@ -1,0 +1,152 @@
+"""`tcdistill cache` and training from cached shards: the cache holds the VAE posterior and prompt embeddings of the
+pixel path, the loss from a cached batch equals the loss from pixels under the same seed, and the seed scripts
+train from the cache without the VAE encoder or the text encoder (budget: ~60 s on 2 cores)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import check_ok, run_train, seed_flags
+
+from tcdistill.cache import main as cache_main
+from tcdistill.config import ConfigError, TrainConfig
+from tcdistill.data_cached import META_NAME, UNCOND_NAME, read_sidecar
+from tcdistill.tiny import shard_pattern, write_tiny_shards
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One 4-sample shard of 40x48 images (so the loader resizes and crops)."""
+    path = tmp_path_factory.mktemp("cache_src")
+    write_tiny_shards(path, n_shards=1, per_shard=4, image_size=(40, 48), seed=3)
+    return shard_pattern(path, 1)
+
+
+def _cache(teacher: Path, shards: str, out: Path, *extra: str) -> str:
+    cache_main(["--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", shards, "--output_dir", str(out),
+                "--resolution", str(RES), "--center_crop", "--batch_size", "3", *extra])
+    return str(out / "00000.tar")
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(tiny_teacher: Path, one_shard: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _cache(tiny_teacher, one_shard, tmp_path_factory.mktemp("cache32"), "--storage_dtype", "fp32")
+
+
+def _read_tar(path: str) -> dict[str, dict[str, np.ndarray | str]]:
+    """key -> {member ext: array or text} of a cached shard."""
+    out: dict[str, dict[str, Any]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            data = tar.extractfile(m).read()
+            out.setdefault(key, {})[ext] = np.load(io.BytesIO(data)) if ext.endswith(".npy") else data.decode()
+    return out
+
+
+def _trainer(teacher: Path, shards: str, out: Path, **kw: Any) -> Any:
+    from tcdistill.trainer import Trainer
+
+    cfg = dict(pretrained_teacher_model=str(teacher), output_dir=str(out), train_shards_path_or_url=shards, resolution=RES,
+               train_batch_size=4, max_train_steps=10, report_to="none", seed=0, mixed_precision="no", center_crop=True)
+    return Trainer(TrainConfig(**{**cfg, **kw}))
+
+
+def test_cache_holds_vae_posterior_and_prompt_embeddings(tiny_teacher: Path, one_shard: str, fp32_cache: str) -> None:
+    """Per key: latents = posterior mean x scaling, latents_std = posterior std x scaling, embeddings = text encoder."""
+    from diffusers import AutoencoderKL
+
+    from tcdistill.cache import _OnePass
+    from tcdistill.data import DataConfig
+    from tcdistill.families import SDFamily
+
+    cached = _read_tar(fp32_cache)
+    assert len(cached) == 4
+    meta, uncond = read_sidecar(fp32_cache)
+    assert meta["num_samples"] == 4 and meta["resolution"] == RES and meta["cond_keys"] == ["encoder_hidden_states"]
+    vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae").eval()
+    fam = SDFamily.load(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=one_shard, max_train_steps=1))
+    src = _OnePass(DataConfig(train_shards_path_or_url=one_shard, resolution=RES, center_crop=True, seed=0))
+    seen = 0
+    for key, sample in src.read_once(src.urls[0], Counter()):
+        with torch.no_grad():
+            dist = vae.encode(sample["pixel_values"][None]).latent_dist
+            ehs = fam.encode({"captions": [sample["caption"]]}, torch.device("cpu"))["encoder_hidden_states"][0]
+        sf = vae.config.scaling_factor
+        got = cached[key]
+        assert got["txt"] == sample["caption"]
+        np.testing.assert_allclose(got["latents.npy"], (dist.mean[0] * sf).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["latents_std.npy"], (dist.std[0] * sf).numpy(), rtol=1e-5, atol=1e-7)
+        assert got["latents_std.npy"].min() > 0  # a real posterior: training still samples x0
+        np.testing.assert_allclose(got["encoder_hidden_states.npy"], ehs.numpy(), rtol=1e-5, atol=1e-6)
+        seen += 1
+    assert seen == 4
+    with torch.no_grad():
+        empty = fam.encode({"captions": [""]}, torch.device("cpu"))["encoder_hidden_states"]
+    torch.testing.assert_close(uncond["encoder_hidden_states"], empty)
+
+
+def test_loss_from_cache_equals_loss_from_pixels(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
+    """Same seed: the cached batch draws the same VAE noise, (t, t_n, s), w and eps, so the TCD loss agrees to float precision."""
+    from tcdistill.data import DataConfig, build_train_dataloader
+    from tcdistill.data_cached import build_cached_dataloader
+
+    trainer = _trainer(tiny_teacher, one_shard, tmp_path / "out")
+    common = dict(resolution=RES, train_batch_size=4, center_crop=True, seed=0)
+    # One shard of 4 samples and a batch of 4: both loaders return the whole shard, in tar order.
+    pixel_batch = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=one_shard, **common))))
+    cached_batch = next(iter(build_cached_dataloader(DataConfig(train_shards_path_or_url=fp32_cache, **common))))
+    assert pixel_batch["captions"] == cached_batch["captions"]
+    losses = {}
+    for name, batch, seed in (("pixels", pixel_batch, 0), ("cached", cached_batch, 0), ("cached_other_seed", cached_batch, 1)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses[name] = trainer.train_step(batch)[0].item()
+    assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
+    # The tolerance is far tighter than what a different draw changes.
+    assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
+
+
+def test_cache_resolution_mismatch_is_a_config_error(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="differs from the cache"):
+        _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache, resolution=16)
+
+
+def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default fp16 cache -> 2 steps of each seed script from --train_latents_path_or_url; no encoder runs in the step."""
+    from diffusers import AutoencoderKL
+
+    from tcdistill.cli import train_main
+    from tcdistill.families import SDFamily
+
+    cache_dir = tmp_path / "cache"
+    _cache(tiny_teacher, tiny_shards, cache_dir)
+    assert (cache_dir / META_NAME).is_file() and (cache_dir / UNCOND_NAME).is_file()
+    latents = shard_pattern(cache_dir, 2)
+    over = dict(train_shards_path_or_url=None, train_latents_path_or_url=latents, max_train_steps=2, validation_steps=0,
+                checkpointing_steps=2, report_to="none", use_8bit_adam=None, gradient_checkpointing=None,
+                enable_xformers_memory_efficient_attention=None)
+    # The full-model script as a user runs it (subprocess).
+    out = tmp_path / "full"
+    check_ok(run_train("full", seed_flags("full", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, **over), run_env))
+    assert (out / "unet_target" / "config.json").is_file() and (out / "checkpoint-2").is_dir()
+
+    # The LoRA script's entry point in-process, with the VAE encoder and the text encoder booby-trapped.
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("an encoder ran in a step trained from cached latents")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", boom)
+    monkeypatch.setattr(SDFamily, "_encode_text", boom)
+    out = tmp_path / "lora"
+    train_main("lora", seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, **over))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

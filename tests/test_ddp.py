@@ -1,0 +1,95 @@
+"""Two-process CPU DDP runs of both seed scripts through `accelerate launch --multi_gpu --num_processes 2`."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import torch
+from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
+
+# Runs an entry script as __main__ after wrapping Trainer.train_step to log each rank's batches, so the test can
+# see what data every rank trained on (nothing else changes: same script, flags and launcher).
+BATCH_RECORDER = '''
+import json, os, runpy, sys
+
+import tcdistill.trainer as trainer_mod
+
+_train_step = trainer_mod.Trainer.train_step
+
+
+def train_step(self, batch):
+    path = os.path.join(os.environ["TCD_BATCH_LOG_DIR"], f"rank{self.accelerator.process_index}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": self.global_step, "captions": list(batch["captions"]),
+                            "pixel_sum": float(batch["pixel_values"].double().sum())}) + "\\n")
+    return _train_step(self, batch)
+
+
+trainer_mod.Trainer.train_step = train_step
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def _free_port() -> int:
+    """A free TCP port for the rendezvous, so concurrent DDP runs on this machine do not collide on 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, str], recorder: Path | None = None,
+            extra_env: dict[str, str] | None = None) -> str:
+    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 <script> <README flags>` for 2 steps."""
+    flags = seed_flags(variant, teacher=teacher, shards=shards, output_dir=out, max_train_steps=2, checkpointing_steps=2,
+                       validation_steps=2, **QUICK_VALIDATION)
+    launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    if recorder is not None:  # `<recorder> <script> <flags>`: the recorder runs the script as __main__
+        flags = [str(SCRIPTS[variant]), *flags]
+    proc = run_train(variant, flags, env, launcher=launcher, script=recorder, extra_env={"ACCELERATE_USE_CPU": "true", **(extra_env or {})})
+    log = check_ok(proc)
+    assert "2 process(es)" in log
+    return log
+
+
+def _check_ddp_checkpoint_and_logs(out: Path) -> None:
+    ckpts = complete_checkpoints(out)
+    assert sorted(ckpts) == [2]
+    rng = [torch.load(ckpts[2] / f"rng_state_{r}.pt", weights_only=True) for r in (0, 1)]
+    # set_seed(device_specific=True): each rank draws its own noise, so the saved RNG states differ.
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    # Only the main process logs: one `loss` per optimizer step, not one per rank.
+    scalars = read_scalars(event_files(out / "logs"))
+    assert [s for s, _ in scalars["loss"]] == [1, 2]
+
+
+def test_ddp_lora(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
+    """LoRA seed script on 2 CPU processes: LoRA file, validation, a checkpoint with both ranks' RNG states."""
+    out = tmp_path / "out"
+    _launch("lora", out, tiny_teacher, tiny_shards, run_env)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "validation" / "lora-step000002.png").is_file()
+    _check_ddp_checkpoint_and_logs(out)
+
+
+def test_ddp_full_ranks_see_different_data(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
+    """Full seed script on 2 CPU processes: outputs and checkpoint, and the two ranks trained on different batches."""
+    out, batches = tmp_path / "out", tmp_path / "batches"
+    batches.mkdir()
+    recorder = tmp_path / "record_batches.py"
+    recorder.write_text(BATCH_RECORDER)
+    _launch("full", out, tiny_teacher, tiny_shards, run_env, recorder=recorder, extra_env={"TCD_BATCH_LOG_DIR": str(batches)})
+    for name in ("unet", "unet_target"):
+        assert (out / name / "config.json").is_file()
+    assert {p.name for p in (out / "validation").glob("*.png")} == {"online-step000002.png", "ema-step000002.png"}
+    _check_ddp_checkpoint_and_logs(out)
+    seen = {r: [json.loads(line) for line in (batches / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert [b["step"] for b in seen[0]] == [b["step"] for b in seen[1]] == [0, 1]
+    assert all(len(b["captions"]) == 2 for r in (0, 1) for b in seen[r])  # --train_batch_size is per device
+    # Each rank reads its own resampled shard stream: at every step the two ranks' batches differ.
+    for b0, b1 in zip(seen[0], seen[1]):
+        assert (b0["captions"], b0["pixel_sum"]) != (b1["captions"], b1["pixel_sum"]), (b0, b1)

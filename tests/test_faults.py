@@ -1,0 +1,210 @@
+"""Fault suite (issue 5), for real: SIGKILLed trainers, corrupt shards, non-finite steps, failing saves, pickle weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK_VALIDATION, ROOT, SCRIPTS, check_ok, complete_checkpoints, run_train, seed_flags
+
+FAST = dict(QUICK_VALIDATION, validation_steps=0, report_to="none", gradient_checkpointing=None,
+            enable_xformers_memory_efficient_attention=None, use_8bit_adam=None)
+
+
+def metrics(out: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (killed, then redone after resume) keeps the last value."""
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def flags_for(variant: str, teacher: Path, shards: str, out: Path, **kw) -> list[str]:
+    return seed_flags(variant, teacher=teacher, shards=shards, output_dir=out, **{**FAST, **kw})
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_sigkill_anywhere_then_resume_gives_the_same_loss_curve(variant, tiny_teacher, tiny_shards, run_env, tmp_path):
+    """Kill at random moments (some during checkpoint saves); every restart resumes from a complete checkpoint and
+    the final per-step losses equal an uninterrupted run's (data position, RNG, optimizer, EMA all restored)."""
+    steps = 8
+    kw = dict(max_train_steps=steps, checkpointing_steps=1, checkpoints_total_limit=3, dataloader_num_workers=1,
+              random_flip=True, learning_rate=1e-4)
+    ref_out = tmp_path / "ref"
+    check_ok(run_train(variant, flags_for(variant, tiny_teacher, tiny_shards, ref_out, **kw), run_env))
+    ref = metrics(ref_out)
+    assert sorted(ref) == list(range(1, steps + 1))
+
+    out = tmp_path / "killed"
+    flags = flags_for(variant, tiny_teacher, tiny_shards, out, **kw)
+    rnd = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS[variant]), *flags], cwd=ROOT, env=run_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait until training is under way (a checkpoint newer than the last one seen), then kill at a random moment.
+        before = max(complete_checkpoints(out), default=0)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and max(complete_checkpoints(out), default=0) <= before:
+            time.sleep(0.05)
+        time.sleep(rnd.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        done = complete_checkpoints(out)
+        assert done, "no complete checkpoint after a kill"
+        # Never a partial checkpoint under a final name: each one loads.
+        from tcdistill.checkpoint import CheckpointIO
+
+        io = CheckpointIO(out)
+        assert io.latest() == done[max(done)]
+        io.load(io.latest())
+    assert kills >= 1
+    check_ok(run_train(variant, flags, run_env))  # the last restart finishes the run
+    got = metrics(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-7), (step, got, ref)
+
+
+def test_hostile_shards_are_skipped_counted_and_training_goes_on(tiny_teacher, tiny_shards, run_env, tmp_path):
+    """Corrupt, missing, empty, caption-less and odd-mode samples among good ones: skipped, counted, run completes."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+
+    def img(mode: str, size=(40, 30), fmt="PNG") -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, fmt)
+        return buf.getvalue()
+
+    members = {
+        "a.jpg": b"not an image", "a.txt": b"corrupt image",
+        "b.png": img("RGBA"), "b.txt": "\xff\xfe non-utf8".encode("latin-1"),
+        "c.png": img("I;16"), "c.txt": b"16-bit",
+        "d.jpg": img("CMYK", fmt="JPEG"), "d.txt": b"cmyk",
+        "e.png": img("P"),  # no caption
+        "f.png": img("RGB", (1, 1)), "f.txt": b"one pixel",
+        "g.cls": b"3", "g.txt": b"no image",
+    }
+    with tarfile.open(bad / "mixed.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (bad / "empty.tar").write_bytes(b"")
+    (bad / "trunc.tar").write_bytes((bad / "mixed.tar").read_bytes()[:700])
+    from tcdistill.tiny import write_tiny_shards
+
+    # A 2-sample good shard: the 8 samples of the run need several shard draws, so bad shards are met too.
+    good = write_tiny_shards(tmp_path / "good", n_shards=1, per_shard=2, image_size=32, seed=3)[0]
+    spec = "::".join([good, str(bad / "mixed.tar"), str(bad / "empty.tar"), str(bad / "trunc.tar"),
+                      str(bad / "missing.tar"), "pipe:false"])
+    out = tmp_path / "out"
+    proc = run_train("lora", flags_for("lora", tiny_teacher, spec, out, max_train_steps=4, checkpointing_steps=4), run_env)
+    log = check_ok(proc)
+    assert "Skipped samples by kind" in log
+    skipped = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    kinds = {k.split("data/skipped_", 1)[1] for k in skipped if k.startswith("data/skipped_")}
+    assert {"decode_error", "missing_caption"} <= kinds, kinds
+    assert kinds & {"shard_error", "empty_shard"}, kinds
+
+
+def test_all_bad_data_stops_in_bounded_time_naming_the_shards(tiny_teacher, run_env, tmp_path):
+    bad = tmp_path / "junk.tar"
+    bad.write_bytes(os.urandom(4096))
+    t0 = time.time()
+    proc = run_train("full", flags_for("full", tiny_teacher, f"{bad}::pipe:false", tmp_path / "out", data_failure_patience=20,
+                                       dataloader_num_workers=2), run_env, timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 180
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "error:" in last and "junk.tar" in last and "shard_error" in last, last
+    assert "Traceback" not in proc.stdout
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoint(tiny_teacher, tiny_shards, run_env, tmp_path):
+    """An absurd learning rate makes the weights explode after one step: later steps are skipped, then a clear stop."""
+    out = tmp_path / "out"
+    proc = run_train("full", flags_for("full", tiny_teacher, tiny_shards, out, learning_rate=1e30, max_train_steps=20,
+                                       checkpointing_steps=1, max_nonfinite_steps=3, adam_weight_decay=0.0), run_env)
+    assert proc.returncode != 0
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "error:" in last and "consecutive non-finite steps" in last and "checkpoint-" in last, last
+    assert proc.stdout.count("step skipped") >= 3
+    done = complete_checkpoints(out)
+    assert done and max(done) < 20
+    assert f"checkpoint-{max(done)}" in last
+
+
+def test_failed_saves_keep_previous_checkpoints(tiny_teacher, tiny_shards, run_env, tmp_path):
+    """Saves fail with ENOSPC from the third on (a real OSError inside the writer): older checkpoints stay intact."""
+    out = tmp_path / "out"
+    flags = flags_for("full", tiny_teacher, tiny_shards, out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=None)
+    code = (
+        "import errno, sys, safetensors.torch as st\n"
+        "real, n = st.save_file, [0]\n"
+        "def failing(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] > 4: raise OSError(errno.ENOSPC, 'No space left on device')\n"  # 2 files per full checkpoint
+        "    return real(*a, **k)\n"
+        "st.save_file = failing\n"
+        "from tcdistill.cli import train_main\n"
+        "train_main('full', sys.argv[1:], prog='t')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert "No space left on device" in proc.stdout and "intact" in proc.stdout, proc.stdout[-2000:]
+    done = complete_checkpoints(out)
+    assert sorted(done) == [1, 2], done
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]  # no staging leftovers
+    from tcdistill.checkpoint import CheckpointIO
+
+    assert CheckpointIO(out).load_latest().step == 2
+
+
+def test_pickle_weights_need_opt_in(tiny_teacher, tiny_shards, run_env, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pkl = tmp_path / "pkl_teacher"
+    StableDiffusionPipeline.from_pretrained(tiny_teacher).save_pretrained(pkl, safe_serialization=False)
+    # transformers 5 always writes safetensors; diffusers' UNet and VAE honour safe_serialization=False.
+    assert list((pkl / "unet").glob("*.bin")) and not list((pkl / "unet").glob("*.safetensors"))
+    out = tmp_path / "out"
+    proc = run_train("full", flags_for("full", pkl, tiny_shards, out, max_train_steps=1), run_env)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "error:" in last and "--allow_pickle_weights" in last, last
+    check_ok(run_train("full", flags_for("full", pkl, tiny_shards, out, max_train_steps=1, allow_pickle_weights=True), run_env))
+
+
+def test_invalid_arguments_fail_before_loading(tiny_teacher, tiny_shards, run_env, tmp_path):
+    """Each bad combination: non-zero exit, one `error:` line, no traceback, and nothing written."""
+    cases = [
+        dict(w_min=9, w_max=3),
+        dict(loss_type="l1"),
+        dict(max_train_steps=None, max_train_samples=None),
+        dict(validation_gamma=1.5),
+        dict(validation_inference_steps="2,60"),
+        dict(train_batch_size=0),
+        dict(resolution=33),
+        dict(ema_decay=1.5),
+        dict(mixed_precision="fp16"),
+        dict(train_shards_path_or_url=str(tmp_path / "none-{0..3}.tar")),
+    ]
+    for i, case in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        shards = case.pop("train_shards_path_or_url", tiny_shards)
+        proc = run_train("full", flags_for("full", tiny_teacher, shards, out, **case), run_env, timeout=120)
+        lines = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
+        assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stdout, (case, proc.stdout[-1500:])
+        assert not (out / "metrics.jsonl").exists()

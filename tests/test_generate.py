@@ -1,0 +1,109 @@
+"""`tcdistill generate` on CPU: LoRA and full-UNet students on SD and SDXL bases -> PNGs + metadata.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_export import make_lora, sd_teacher  # noqa: E402,F401 - sd_teacher is a fixture
+from test_sdxl import one_thread  # noqa: E402,F401 - autouse fixture
+
+from tcdistill.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sdxl_gen")
+    build_tiny_sdxl_pipeline(path)
+    return path
+
+
+def full_output(teacher: Path, out: Path) -> Path:
+    """A full-model training output layout: `unet_target` (teacher + zero w projection) and tcdistill_config.json."""
+    from diffusers import UNet2DConditionModel
+
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=256)
+    student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    student.save_pretrained(out / "unet_target")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(teacher), "num_ddim_timesteps": 50}))
+    return out
+
+
+def pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
+
+
+def test_generate_lora_sd(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Prompts from flags and a file; image i uses seed + i whatever the batch size; image 0 equals diffusers' own call."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    lora = make_lora(sd_teacher, tmp_path / "lora")
+    (tmp_path / "prompts.txt").write_text("a green triangle\n\n  a white circle  \n")
+    common = ["generate", "--lora", str(lora), "--base", str(sd_teacher), "--prompt", "a red square", "--prompt_file",
+              str(tmp_path / "prompts.txt"), "--steps", "2", "--gamma", "0.3", "--seed", "5", "--device", "cpu"]
+    main([*common, "--batch_size", "2", "--output_dir", str(tmp_path / "b2")])
+    printed = capsys.readouterr().out.split()
+    main([*common, "--batch_size", "1", "--output_dir", str(tmp_path / "b1")])
+    b2, b1 = pngs(tmp_path / "b2"), pngs(tmp_path / "b1")
+    assert list(b2) == ["00000_a_red_square.png", "00001_a_green_triangle.png", "00002_a_white_circle.png"]
+    assert printed == [str(tmp_path / "b2" / n) for n in b2]
+    assert all(im.shape == (32, 32, 3) for im in b2.values())
+    assert max(np.abs(b2[n] - b1[n]).max() for n in b2) <= 1  # batching changes float rounding only
+    meta = [json.loads(line) for line in (tmp_path / "b2" / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["prompt"], m["seed"], m["guidance_scale"]) for m in meta] == [
+        ("a red square", 5, 0.0), ("a green triangle", 6, 0.0), ("a white circle", 7, 0.0)]
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(lora)
+    ref = pipe("a red square", num_inference_steps=2, guidance_scale=0.0, eta=0.3, generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.abs(np.asarray(ref, dtype=np.int16) - b2["00000_a_red_square.png"]).max() <= 1
+
+
+def test_generate_full_unet_sdxl(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """A full-model output folder on an SDXL base: base and grid from the run's config, guidance default 8."""
+    out = full_output(sdxl_teacher, tmp_path / "run")
+    main(["generate", "--unet", str(out), "--prompt", "a blue circle", "--steps", "2", "--height", "32", "--width", "32",
+          "--output_dir", str(tmp_path / "imgs")])
+    imgs = pngs(tmp_path / "imgs")
+    assert list(imgs) == ["00000_a_blue_circle.png"] and imgs["00000_a_blue_circle.png"].shape == (32, 32, 3)
+    meta = json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())
+    assert meta["base"] == str(sdxl_teacher) and meta["guidance_scale"] == 8.0
+
+
+def test_generate_full_unet_sd_matches_pipeline(sd_teacher: Path, tmp_path: Path) -> None:
+    """--unet on an SD base with an explicit guidance scale gives diffusers' own TCD sample."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler, UNet2DConditionModel
+
+    out = full_output(sd_teacher, tmp_path / "run")
+    main(["generate", "--unet", str(out / "unet_target"), "--base", str(sd_teacher), "--prompt", "a red circle",
+          "--steps", "2", "--gamma", "0", "--guidance_scale", "6", "--output_dir", str(tmp_path / "imgs")])
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    ref = pipe("a red circle", num_inference_steps=2, guidance_scale=6.0, eta=0.0, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(np.asarray(ref, dtype=np.int16) - pngs(tmp_path / "imgs")["00000_a_red_circle.png"]).max() <= 1
+
+
+def test_generate_errors(sd_teacher: Path, tmp_path: Path) -> None:
+    """No prompts, or a base that is not an SD/SDXL text-to-image pipeline, exit 2 with one line."""
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--lora", str(tmp_path), "--base", str(sd_teacher)])
+    assert exc.value.code == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--lora", str(tmp_path), "--base", str(other), "--prompt", "x"])
+    assert exc.value.code == 2

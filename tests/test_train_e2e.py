@@ -1,0 +1,143 @@
+"""End-to-end runs of the two seed scripts with the seed README's flags: outputs, checkpoints, logs, resume, errors."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import SCRIPTS, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
+from PIL import Image
+
+
+def _assert_logged_every_step(out: Path, steps: list[int], files: set[Path] | None = None) -> None:
+    """`loss` and `lr` are tensorboard scalars at exactly `steps`, all finite."""
+    scalars = read_scalars(files if files is not None else event_files(out / "logs"))
+    for tag in ("loss", "lr"):
+        logged = scalars.get(tag, [])
+        assert [s for s, _ in logged] == steps, (tag, logged)
+        assert all(math.isfinite(v) for _, v in logged), (tag, logged)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts/lists (bitsandbytes nests its quantised optimizer state)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for x in obj for t in _tensors(x)] if isinstance(obj, (list, tuple)) else []
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG" and min(im.size) >= 32, (im.format, im.size)
+
+
+def test_full_seed_command(full_seed_run: dict[str, Any]) -> None:
+    """README full-model command (accelerate launch, 2 workers, 8-bit Adam, xformers flag): every output is there."""
+    from diffusers import UNet2DConditionModel
+
+    out, log = full_seed_run["out"], full_seed_run["log"]
+    assert "xformers is unavailable" in log  # warned and fell back to SDPA instead of crashing
+    unets = {name: UNet2DConditionModel.from_pretrained(out / name) for name in ("unet", "unet_target")}
+    for unet in unets.values():
+        assert unet.config.time_cond_proj_dim == 256
+    online, ema = (dict(u.named_parameters()) for u in unets.values())
+    # The EMA target lags the online student, so after 3 steps they differ (and the student moved from its init).
+    assert any(not torch.equal(online[k], ema[k]) for k in online)
+    ckpts = complete_checkpoints(out)
+    assert sorted(ckpts) == [2, 3]  # every --checkpointing_steps and at the end
+    assert {"student.safetensors", "target.safetensors", "optimizer.pt", "rng_state_0.pt"} <= {p.name for p in ckpts[3].iterdir()}
+    # --use_8bit_adam really ran bitsandbytes' 8-bit AdamW: its moment buffers are uint8.
+    opt = torch.load(ckpts[3] / "optimizer.pt", weights_only=True)
+    assert torch.uint8 in {t.dtype for t in _tensors(opt["state"])}
+    for tag in ("online", "ema"):
+        _assert_png(out / "validation" / f"{tag}-step000003.png")
+    _assert_logged_every_step(out, [1, 2, 3])
+
+
+def test_lora_seed_command(lora_seed_run: dict[str, Any]) -> None:
+    """README LoRA command (python, 0 workers): diffusers-format LoRA file, checkpoints, validation, logs."""
+    out, log = lora_seed_run["out"], lora_seed_run["log"]
+    assert "xformers is unavailable" in log
+    lora = safetensors.torch.load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and not any("base_model.model." in k for k in lora)  # reference defect 1
+    assert all(k.startswith("unet.") for k in lora)
+    ranks = {t.shape[0] for k, t in lora.items() if ".lora_A." in k}
+    assert ranks == {4}
+    assert not (out / "unet").exists()
+    ckpts = complete_checkpoints(out)
+    assert sorted(ckpts) == [2, 3]
+    assert (ckpts[3] / "lora.safetensors").is_file()
+    _assert_png(out / "validation" / "lora-step000003.png")
+    _assert_logged_every_step(out, [1, 2, 3])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where there is a GPU")
+def test_fp16_on_cpu_is_one_line_error(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
+    """`--mixed_precision=fp16` on a CPU machine stops with one line that names a precision that works here."""
+    out = tmp_path / "out"
+    proc = run_train("full", seed_flags("full", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, mixed_precision="fp16"), run_env)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert "fp16" in errors[0] and re.search(r"\bno\b|bf16", errors[0]), errors[0]
+    assert not (out / "unet").exists() and not complete_checkpoints(out)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_resume_runs_only_the_remaining_steps(variant: str, request: pytest.FixtureRequest, run_env: dict[str, str], tmp_path: Path) -> None:
+    """Run 3 steps (the seed run), then the same command with --max_train_steps 5: resumes at 3, runs 2 steps."""
+    seed = request.getfixturevalue(f"{variant}_seed_run")
+    out = tmp_path / "out"
+    shutil.copytree(seed["out"], out)
+    before = event_files(out / "logs")
+    flags = [f.replace(str(seed["out"]), str(out)) for f in seed["flags"]]
+    flags = [f for f in flags if not f.startswith("--max_train_steps=")] + ["--max_train_steps=5"]
+    assert "--resume_from_checkpoint=latest" in flags
+    log = check_ok(run_train(variant, flags, run_env))
+    assert "Resumed from" in log and "checkpoint-3 at step 3" in log
+    # Exactly two new optimizer steps were logged, numbered 4 and 5.
+    _assert_logged_every_step(out, [4, 5], event_files(out / "logs") - before)
+    ckpts = complete_checkpoints(out)
+    assert max(ckpts) == 5 and sorted(ckpts) == [2, 3, 4, 5]
+    for f in (seed["out"] / "checkpoint-3").iterdir():  # the checkpoint resumed from is left as it was
+        assert (ckpts[3] / f.name).read_bytes() == f.read_bytes(), f.name
+    name = "student" if variant == "full" else "lora"
+    w3 = safetensors.torch.load_file(ckpts[3] / f"{name}.safetensors")
+    w5 = safetensors.torch.load_file(ckpts[5] / f"{name}.safetensors")
+    assert w3.keys() == w5.keys()
+    assert any(not torch.equal(w3[k], w5[k]) for k in w3)
+
+
+ONE_LINE_ERRORS = {
+    "missing_teacher": ({"pretrained_teacher_model": None}, "--pretrained_teacher_model"),
+    "w_min_above_w_max": ({"w_min": 9.0, "w_max": 4.0}, "--w_min"),
+    "resolution_not_divisible_by_vae": ({"resolution": 33}, "--resolution 33"),
+    "missing_shards": ({"train_shards_path_or_url": None}, "--train_shards_path_or_url"),
+}
+# The VAE-factor check needs the heavy imports (seconds); it is shared by both scripts, so it runs for one.
+ERROR_CASES = [(v, c) for v in ("full", "lora") for c in ONE_LINE_ERRORS if not (v == "lora" and c.startswith("resolution"))]
+
+
+@pytest.mark.parametrize("variant,case", ERROR_CASES, ids=[f"{v}-{c}" for v, c in ERROR_CASES])
+def test_argument_errors_are_one_line(variant: str, case: str, config_only_teacher: Path, tiny_shards: str,
+                                      run_env: dict[str, str], tmp_path: Path) -> None:
+    """Bad flags exit non-zero with a single `error:` line, before any model loads (the teacher here has no weights)."""
+    overrides, needle = ONE_LINE_ERRORS[case]
+    out = tmp_path / "out"
+    proc = run_train(variant, seed_flags(variant, teacher=config_only_teacher, shards=tiny_shards, output_dir=out, **overrides), run_env)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
+    assert len(errors) == 1, proc.stdout[-2000:]
+    assert errors[0].startswith(f"{SCRIPTS[variant].name}: error:") and needle in errors[0], errors[0]
+    # Loading any weights from the config-only teacher would have failed first, naming the missing files.
+    assert "Traceback" not in proc.stdout and "safetensors" not in proc.stdout, proc.stdout[-2000:]
+    assert not out.exists() or not any(out.iterdir())
