@@ -223,6 +223,10 @@ def _release(device: torch.device) -> None:
     AcceleratorState._reset_state(True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    with contextlib.suppress(Exception):  # glibc keeps freed heap pages; hand them back so the next RSS peak is its own
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path) -> dict[str, Any]:

@@ -66,13 +66,15 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype,
-                  original_inference_steps: int = 50, lora_scale: float = 1.0) -> Any:
-    """The base pipeline with the distilled UNet or the fused LoRA, on TCDScheduler over the training grid."""
-    from diffusers import TCDScheduler, UNet2DConditionModel
+                  original_inference_steps: int = 50, lora_scale: float = 1.0, vae: str | None = None) -> Any:
+    """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on TCDScheduler over the training grid."""
+    from diffusers import AutoencoderKL, TCDScheduler, UNet2DConditionModel
 
     kw: dict[str, Any] = _dtype_kwargs(dtype)
     if unet:
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
+    if vae:
+        kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
     pipe = pipeline_class(base).from_pretrained(base, **kw)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps)
     if lora:
@@ -108,7 +110,8 @@ def generate(args: argparse.Namespace) -> list[str]:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, int(run.get("num_ddim_timesteps", 50)), args.lora_scale)
+    vae = args.vae or run.get("pretrained_vae_model_name_or_path")
+    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, int(run.get("num_ddim_timesteps", 50)), args.lora_scale, vae)
     gs = args.guidance_scale
     if gs is None:
         gs = FULL_MODEL_GUIDANCE if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id.")
     src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}) or a LoRA .safetensors file (diffusers or kohya keys).")
     p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json).")
+    p.add_argument("--vae", help="Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, else the base's).")
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")
     p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")

@@ -76,16 +76,14 @@ def run_train(variant: str, flags: list[str], env: dict[str, str], *, launcher: 
               extra_env: dict[str, str] | None = None, script: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run an entry script (`python SCRIPT` unless `launcher`, e.g. accelerate launch) and return it, output merged."""
     cmd = [*(launcher or [sys.executable]), str(script or SCRIPTS[variant]), *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+    return subprocess.run(cmd, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    proc.cmd = cmd  # type: ignore[attr-defined]
-    return proc
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> str:
     """Assert a run exited 0 without a traceback; return its output."""
     tail = "\n".join(proc.stdout.splitlines()[-40:])
-    assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(proc.cmd)}\n{tail}"
+    assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(proc.args)}\n{tail}"
     assert "Traceback" not in proc.stdout, tail
     return proc.stdout
 

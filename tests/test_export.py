@@ -21,12 +21,9 @@ RANK, ALPHA = 4, 8  # alpha != rank, so a converter that assumed scale 1 would g
 
 
 @pytest.fixture(scope="module")
-def sd_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tcdistill.tiny import build_tiny_sd_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sd")
-    build_tiny_sd_pipeline(path)
-    return path
+def sd_teacher(tiny_teacher: Path) -> Path:
+    """conftest's session-wide tiny SD teacher (default build_tiny_sd_pipeline), read-only here."""
+    return tiny_teacher
 
 
 def make_lora(teacher: Path, out: Path, rank: int = RANK, alpha: int = ALPHA, mixed_keys: bool = False) -> Path:

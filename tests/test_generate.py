@@ -73,10 +73,10 @@ def test_generate_lora_sd(sd_teacher: Path, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_generate_full_unet_sdxl(sdxl_teacher: Path, tmp_path: Path) -> None:
-    """A full-model output folder on an SDXL base: base and grid from the run's config, guidance default 8."""
+    """A full-model output folder on an SDXL base (and a --vae): base and grid from the run's config, guidance default 8."""
     out = full_output(sdxl_teacher, tmp_path / "run")
     main(["generate", "--unet", str(out), "--prompt", "a blue circle", "--steps", "2", "--height", "32", "--width", "32",
-          "--output_dir", str(tmp_path / "imgs")])
+          "--vae", str(sdxl_teacher / "vae"), "--output_dir", str(tmp_path / "imgs")])
     imgs = pngs(tmp_path / "imgs")
     assert list(imgs) == ["00000_a_blue_circle.png"] and imgs["00000_a_blue_circle.png"].shape == (32, 32, 3)
     meta = json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())

@@ -40,7 +40,7 @@ def _assert_png(path: Path) -> None:
         assert im.format == "PNG" and min(im.size) >= 32, (im.format, im.size)
 
 
-def test_full_seed_command(full_seed_run: dict[str, Any]) -> None:
+def test_full_seed_command(full_seed_run: dict[str, Any], tiny_teacher: Path) -> None:
     """README full-model command (accelerate launch, 2 workers, 8-bit Adam, xformers flag): every output is there."""
     from diffusers import UNet2DConditionModel
 
@@ -50,7 +50,9 @@ def test_full_seed_command(full_seed_run: dict[str, Any]) -> None:
     for unet in unets.values():
         assert unet.config.time_cond_proj_dim == 256
     online, ema = (dict(u.named_parameters()) for u in unets.values())
-    # The EMA target lags the online student, so after 3 steps they differ (and the student moved from its init).
+    teacher = dict(UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").named_parameters())
+    # The student trained away from the teacher, and the EMA target lags it, so all three differ.
+    assert any(not torch.equal(online[k], teacher[k]) for k in teacher)
     assert any(not torch.equal(online[k], ema[k]) for k in online)
     ckpts = complete_checkpoints(out)
     assert sorted(ckpts) == [2, 3]  # every --checkpointing_steps and at the end
@@ -81,13 +83,15 @@ def test_lora_seed_command(lora_seed_run: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where there is a GPU")
-def test_fp16_on_cpu_is_one_line_error(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
-    """`--mixed_precision=fp16` on a CPU machine stops with one line that names a precision that works here."""
+def test_fp16_on_cpu_is_one_line_error(config_only_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
+    """`--mixed_precision=fp16` on a CPU machine stops, before loading weights, with one line naming what works here."""
     out = tmp_path / "out"
-    proc = run_train("full", seed_flags("full", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, mixed_precision="fp16"), run_env)
+    flags = seed_flags("full", teacher=config_only_teacher, shards=tiny_shards, output_dir=out, mixed_precision="fp16")
+    proc = run_train("full", flags, run_env)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert errors[0].startswith("train_tcd_distill_sd_wds.py: error:"), errors[0]
     assert "fp16" in errors[0] and re.search(r"\bno\b|bf16", errors[0]), errors[0]
     assert not (out / "unet").exists() and not complete_checkpoints(out)
 

@@ -93,6 +93,12 @@ def sample_scene(rng: random.Random) -> Scene:
     )
 
 
+def scene_for(attrs: dict[str, str], rng: random.Random) -> Scene:
+    """A scene with the given named attributes and freshly drawn nuisance (an image a prompt could mean)."""
+    nuisance = sample_scene(rng)
+    return Scene(**attrs, radius=nuisance.radius, dx=nuisance.dx, dy=nuisance.dy)
+
+
 def render(scene: Scene, size: int = 32) -> Image.Image:
     """Draw the scene as an RGB image of `size` x `size` (4x supersampled, then downscaled for smooth edges)."""
     ss = 4 * size

@@ -1,0 +1,350 @@
+"""`tcdistill eval`: few-step quality of a distilled student against its teacher, at NFE k in {1, 2, 4, 8, 20}.
+
+Teacher matching: latent RMSE between the student's k-step sample and the teacher's 50-step guided DDIM sample
+from the same noise and prompt, next to the teacher's own guided DDIM at k steps. Distribution: with a demo
+world classifier (`--classifier`), a Fréchet distance in its features against rendered world images plus prompt
+fidelity (its attribute accuracy against the prompt); on real models FID against the teacher's 50-step images
+and CLIP score through torchmetrics, when installed and its weights are local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .sampler import sample_lcm, sample_tcd, tcd_timesteps
+from .schedule import NoiseSchedule
+from .tcd import guidance_embedding
+
+logger = logging.getLogger("tcdistill.eval")
+Net = Callable[[Tensor, Tensor], Tensor]
+DEFAULT_STEPS = (1, 2, 4, 8, 20)
+
+
+# ------------------------------------------------------------------------- metrics
+def latent_rmse(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample root-mean-square distance `sqrt(mean((a - b)^2))` over all latent elements, shape [N]."""
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
+    """Fréchet distance of Gaussians fit to two feature sets: `|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`."""
+    a = torch.as_tensor(np.asarray(feats_a), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(feats_b), dtype=torch.float64)
+    mu = (a.mean(0) - b.mean(0)).pow(2).sum()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    # C_a C_b is similar to a PSD matrix, so its eigenvalues are real and >= 0 up to rounding: the complex sqrt
+    # of tiny negative ones adds (almost) nothing to the real part.
+    tr_sqrt = torch.linalg.eigvals(ca @ cb).sqrt().real.sum()
+    return float(mu + ca.trace() + cb.trace() - 2.0 * tr_sqrt)
+
+
+# ------------------------------------------------------------------------- samplers as nets
+def guided_net(unet: nn.Module, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Net:
+    """Teacher with classifier-free guidance: `out_u + g (out_c - out_u)` (CFG scale g = LCM-form w + 1)."""
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        if guidance_scale == 1.0:
+            return unet(x, t, encoder_hidden_states=cond).sample
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+        out_c, out_u = out.chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+    return net
+
+
+def student_net(unet: nn.Module, cond: Tensor, guidance_scale: float) -> Net:
+    """A distilled student, one pass per step: a w-conditioned UNet gets `w = guidance_scale - 1` as `timestep_cond`."""
+    w_dim = unet.config.get("time_cond_proj_dim")
+    w_emb = guidance_embedding(torch.full((cond.shape[0],), guidance_scale - 1.0), w_dim) if w_dim else None
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+    return net
+
+
+@torch.no_grad()
+def sample_ddim(net: Net, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
+    """Deterministic DDIM on `timesteps` (eta 0): each step jumps to `alpha_prev x0_hat + sigma_prev eps_hat` (TCD at gamma 0)."""
+    return sample_tcd(net, x_T, schedule, timesteps, gamma=0.0)
+
+
+# ------------------------------------------------------------------------- models
+def load_teacher(teacher: str) -> Any:
+    """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) -> nn.Module:
+    """A full distilled UNet (`--unet`: the folder, or a training output holding unet_target/unet) or the teacher + a fused LoRA."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    if (unet is None) == (lora is None):
+        raise ValueError("give exactly one of --unet or --lora")
+    if unet is not None:
+        path = Path(unet)
+        for sub in ("unet_target", "unet"):  # a training run's output dir: the EMA target is the deliverable
+            if not (path / "config.json").exists() and (path / sub / "config.json").exists():
+                path = path / sub
+                break
+        return UNet2DConditionModel.from_pretrained(str(path)).eval().requires_grad_(False)
+    # The LoRA goes onto a copy, so the teacher's own UNet stays clean for the reference samples.
+    student = copy.deepcopy(pipe.unet)
+    view = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=student,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    view.load_lora_weights(lora)
+    view.fuse_lora()
+    return student.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------- distribution scorers
+class Scorer(Protocol):
+    """Distribution / fidelity metrics of decoded images (uint8 [N, H, W, 3]) for the evaluator's prompts."""
+
+    def __call__(self, images: np.ndarray) -> dict[str, float]: ...
+
+
+@dataclass
+class EvalSettings:
+    """What to sample: the noise seed, guidance, step counts, gammas, reference length and training grid N."""
+
+    seed: int = 0
+    guidance_scale: float = 3.0
+    steps: Sequence[int] = DEFAULT_STEPS
+    gammas: Sequence[float] = (0.0, 0.3)
+    reference_steps: int = 50
+    original_steps: int = 50
+    batch_size: int = 128
+
+
+@dataclass
+class Evaluator:
+    """Fixed prompts and noise; the teacher's 50-step guided DDIM latents are the reference every row is measured to."""
+
+    pipe: Any
+    prompts: list[str]
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    scorers: dict[str, Scorer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s, pipe = self.settings, self.pipe
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        tok = pipe.tokenizer
+        with torch.no_grad():
+            ids = tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            self.cond = pipe.text_encoder(ids)[0]
+            empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+            self.uncond = pipe.text_encoder(empty)[0].expand_as(self.cond)
+        size = pipe.unet.config.sample_size
+        self.x_T = torch.randn((len(self.prompts), pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(s.seed))
+        self.reference = self._sample(lambda c, u: guided_net(pipe.unet, c, u, s.guidance_scale), "ddim", s.reference_steps, 0.0)
+        self.reference_images = self.decode(self.reference)
+
+    def timesteps(self, k: int) -> Tensor:
+        return tcd_timesteps(k, self.schedule.num_train_timesteps, self.settings.original_steps)
+
+    @torch.no_grad()
+    def _sample(self, make_net: Callable[[Tensor, Tensor], Net], sampler: str, k: int, gamma: float) -> Tensor:
+        """Sample every prompt in batches; re-noising (gamma > 0, LCM) draws from a generator fixed by the seed."""
+        gen = torch.Generator().manual_seed(self.settings.seed + 1)
+        out = []
+        bs = self.settings.batch_size
+        for i in range(0, len(self.prompts), bs):
+            net = make_net(self.cond[i:i + bs], self.uncond[i:i + bs])
+            x_T, ts = self.x_T[i:i + bs], self.timesteps(k)
+            if sampler == "ddim":
+                out.append(sample_ddim(net, x_T, self.schedule, ts))
+            elif sampler == "tcd":
+                out.append(sample_tcd(net, x_T, self.schedule, ts, gamma=gamma, generator=gen))
+            elif sampler == "lcm":
+                out.append(sample_lcm(net, x_T, self.schedule, ts, generator=gen))
+            else:
+                raise ValueError(f"unknown sampler {sampler!r}")
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """Latents -> uint8 images [N, H, W, 3] through the teacher's VAE."""
+        vae = self.pipe.vae
+        imgs = [vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(self.settings.batch_size)]
+        x = torch.cat(imgs).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).numpy()
+
+    def row(self, model: str, sampler: str, k: int, gamma: float | None, latents: Tensor) -> dict[str, Any]:
+        """One table row: RMSE to the reference (mean and std over prompts) and every scorer's metrics."""
+        d = latent_rmse(latents, self.reference)
+        r: dict[str, Any] = {"model": model, "sampler": sampler, "steps": k, "gamma": gamma,
+                             "rmse": float(d.mean()), "rmse_std": float(d.std()) if d.numel() > 1 else 0.0}
+        images = self.decode(latents)
+        for name, scorer in self.scorers.items():
+            r.update({f"{name}_{k_}": v for k_, v in scorer(images).items()})
+        r["_images"] = images  # for sample grids; dropped from JSON
+        return r
+
+    def teacher_rows(self) -> list[dict[str, Any]]:
+        """The teacher's own guided DDIM at each k, and the 50-step reference itself (RMSE 0 by definition)."""
+        s, unet = self.settings, self.pipe.unet
+        rows = [self.row("teacher", "ddim", s.reference_steps, None, self.reference)]
+        for k in s.steps:
+            rows.append(self.row("teacher", "ddim", k, None, self._sample(lambda c, u: guided_net(unet, c, u, s.guidance_scale), "ddim", k, 0.0)))
+        return rows
+
+    def student_rows(self, name: str, unet: nn.Module, sampler: str = "tcd") -> list[dict[str, Any]]:
+        """A student at each k (and each gamma for TCD), one UNet pass per step, no CFG (w enters as an input if any)."""
+        s = self.settings
+        make = lambda c, u: student_net(unet, c, s.guidance_scale)  # noqa: E731
+        gammas: Sequence[float | None] = s.gammas if sampler == "tcd" else [None]
+        return [self.row(name, sampler, k, g, self._sample(make, sampler, k, g or 0.0)) for g in gammas for k in s.steps]
+
+
+def world_scorer(classifier_dir: str, prompts: list[str], seed: int) -> Scorer:
+    """Demo world: Fréchet distance of classifier features to rendered world images of the same prompts, and prompt fidelity."""
+    import random
+
+    from .demo.classifier import accuracy, labels_of, load_classifier, to_tensor
+    from .demo.world import images_array, parse_caption, scene_for
+
+    model = load_classifier(classifier_dir)
+    attrs = [parse_caption(p) for p in prompts]
+    rng = random.Random(seed)
+    real = to_tensor(images_array([scene_for(a, rng) for a in attrs]))
+    with torch.no_grad():
+        real_feats = model.features(real)
+    labels = labels_of(attrs)
+
+    def score(images: np.ndarray) -> dict[str, float]:
+        x = to_tensor(images)
+        with torch.no_grad():
+            feats = model.features(x)
+        acc = accuracy(model, x, labels)
+        return {"fd": frechet_distance(feats, real_feats), "fidelity": acc["all"],
+                **{f"acc_{k}": v for k, v in acc.items() if k != "all"}}
+    return score
+
+
+def torchmetrics_scorers(prompts: list[str], reference_images: np.ndarray, clip_model: str | None, fid: bool) -> dict[str, Scorer]:
+    """FID (against the teacher's 50-step images) and CLIP score through torchmetrics, each only if it can run here."""
+    scorers: dict[str, Scorer] = {}
+    if not (fid or clip_model):
+        return scorers
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        print("tcdistill eval: FID/CLIP score need torchmetrics (pip install 'torchmetrics[image,multimodal]'); skipping them.")
+        return scorers
+    ref = torch.from_numpy(reference_images).permute(0, 3, 1, 2)
+    if fid:
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            FrechetInceptionDistance(feature=2048)  # loads the Inception weights: fails here when they are not local
+
+            def fid_score(images: np.ndarray) -> dict[str, float]:
+                m = FrechetInceptionDistance(feature=2048)
+                m.update(ref, real=True)
+                m.update(torch.from_numpy(images).permute(0, 3, 1, 2), real=False)
+                return {"fid": float(m.compute())}
+            scorers["tm"] = fid_score
+        except Exception as e:  # noqa: BLE001 - missing weights surface as OSError, URLError, RuntimeError...
+            print(f"tcdistill eval: FID unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); skipping it.")
+    if clip_model:
+        try:
+            from torchmetrics.multimodal.clip_score import CLIPScore
+
+            metric = CLIPScore(model_name_or_path=clip_model)
+
+            def clip_score(images: np.ndarray) -> dict[str, float]:
+                metric.reset()
+                return {"clip_score": float(metric(torch.from_numpy(images).permute(0, 3, 1, 2), list(prompts)))}
+            scorers["clip"] = clip_score
+        except Exception as e:  # noqa: BLE001
+            print(f"tcdistill eval: CLIP score unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); skipping it.")
+    return scorers
+
+
+# ------------------------------------------------------------------------- output
+METRIC_COLUMNS = ("rmse", "world_fd", "world_fidelity", "tm_fid", "clip_clip_score")
+
+
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without the in-memory images."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: one line per (model, sampler, gamma, steps), the metrics present in any row."""
+    cols = [c for c in METRIC_COLUMNS if any(c in r for r in rows)]
+    head = "| model | sampler | gamma | steps | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
+    for r in rows:
+        g = "" if r["gamma"] is None else f"{r['gamma']:g}"
+        vals = [f"{r[c]:.4f}" if c in r else "" for c in cols]
+        lines.append(f"| {r['model']} | {r['sampler']} | {g} | {r['steps']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line."""
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--unet", help="Full distilled UNet folder (or a training output dir holding unet_target/).")
+    g.add_argument("--lora", help="Folder holding pytorch_lora_weights.safetensors.")
+    p.add_argument("--prompts", required=True, help="Text file, one prompt per line.")
+    p.add_argument("--sampler", default="tcd", choices=["tcd", "lcm"], help="Student sampler (lcm for --distill_mode lcm students).")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="NFE k to evaluate.")
+    p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG scale; full students get w = scale - 1.")
+    p.add_argument("--reference_steps", type=int, default=50, help="Steps of the teacher's reference guided DDIM.")
+    p.add_argument("--original_steps", type=int, default=50, help="N of the training grid (TCDScheduler original_inference_steps).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (and of re-noising).")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--classifier", help="Demo world classifier dir (from `tcdistill demo`): Fréchet distance and prompt fidelity.")
+    p.add_argument("--fid", action="store_true", help="FID against the teacher's 50-step images (torchmetrics, local Inception weights).")
+    p.add_argument("--clip_model", help="Local CLIP model for CLIP score (torchmetrics).")
+    p.add_argument("--output", help="Write the rows as JSON here.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
+    args = build_parser().parse_args(argv)
+    for k in args.steps:
+        if not 1 <= k <= args.original_steps:
+            sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {args.original_steps}]")
+    if any(not 0.0 <= g <= 1.0 for g in args.gamma):
+        sys.exit("tcdistill eval: error: --gamma values must be in [0, 1]")
+    prompts = read_prompts(args.prompts)
+    pipe = load_teacher(args.teacher)
+    student = load_student(pipe, args.unet, args.lora)
+    settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
+                            reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size)
+    ev = Evaluator(pipe, prompts, settings)
+    if args.classifier:
+        ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)
+    ev.scorers.update(torchmetrics_scorers(prompts, ev.reference_images, args.clip_model, args.fid))
+    rows = ev.teacher_rows() + ev.student_rows("lora" if args.lora else "unet", student, args.sampler)
+    print(format_table(rows))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": json_rows(rows)}, indent=1))

@@ -1,0 +1,91 @@
+"""The model card written at the end of training, its usage code, and --push_to_hub (huggingface_hub monkeypatched:
+no network)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_export import sd_teacher  # noqa: E402,F401 - fixture
+from test_sdxl import one_thread, run_script, train_flags  # noqa: E402,F401 - one_thread is an autouse fixture
+
+from tcdistill.config import TrainConfig  # noqa: E402
+from tcdistill.modelcard import latest_validation_grids, render_model_card  # noqa: E402
+
+
+class FakeHub:
+    """Records create_repo / upload_folder calls, and which files upload_folder's own filter would send."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.uploaded: list[str] = []
+
+    def create_repo(self, repo_id: str, **kw):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append(("upload_folder", kw))
+        root = Path(kw["folder_path"])
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        self.uploaded = sorted(filter_repo_objects(files, ignore_patterns=kw.get("ignore_patterns")))
+
+
+def test_training_writes_card_and_pushes(sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA run with --push_to_hub: card in output_dir, repo created, folder uploaded without checkpoints or the token."""
+    from diffusers import StableDiffusionPipeline
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "create_repo", hub.create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", hub.upload_folder)
+    from tcdistill.tiny import shard_pattern, write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards", n_shards=1, per_shard=4, image_size=32)
+    out = tmp_path / "out"
+    run_script("train_tcd_distill_lora_sd_wds.py", train_flags(sd_teacher, shard_pattern(tmp_path / "shards", 1), out, 2, "--lora_rank=4",
+                                                               "--push_to_hub", "--hub_model_id=me/tcd-lora", "--hub_token=hf_SECRET"))
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert hub.calls[0][1]["exist_ok"] is True and hub.calls[0][1]["token"] == "hf_SECRET"
+    up = hub.calls[1][1]
+    assert up["repo_id"] == "me/tcd-lora" and Path(up["folder_path"]) == out
+    assert {"README.md", "pytorch_lora_weights.safetensors", "tcdistill_config.json", "validation/lora-step000002.png"} <= set(hub.uploaded)
+    assert not [f for f in hub.uploaded if f.startswith("checkpoint-")] and (out / "checkpoint-2").is_dir()
+    for f in hub.uploaded:  # the hub token is in no uploaded file
+        assert b"hf_SECRET" not in (out / f).read_bytes(), f
+    card = (out / "README.md").read_text()
+    assert f"base_model: {sd_teacher}" in card and 'load_lora_weights("me/tcd-lora")' in card
+    assert "![validation/lora-step000002.png](validation/lora-step000002.png)" in card
+
+    # The card's usage code runs as written (on CPU in fp32, with the output folder standing in for the hub repo).
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('"me/tcd-lora"', repr(str(out))).replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32")
+    scope: dict = {}
+    exec(code, scope)
+    assert isinstance(scope["pipe"], StableDiffusionPipeline) and np.asarray(scope["image"]).shape == (32, 32, 3)
+
+
+def test_card_for_full_sdxl_with_vae(tmp_path: Path) -> None:
+    """Full SDXL card: unet_target usage with the embedded guidance, the custom VAE, the training grid, newest grids only."""
+    (tmp_path / "validation").mkdir()
+    for name in ("ema-step000002.png", "ema-step000010.png", "online-step000010.png", "notes.txt"):
+        (tmp_path / "validation" / name).write_bytes(b"")
+    cfg = TrainConfig(pretrained_teacher_model="stabilityai/stable-diffusion-xl-base-1.0", train_shards_path_or_url="s/{0..9}.tar",
+                      output_dir=str(tmp_path), max_train_steps=10, model_family="sdxl", resolution=1024, w_min=3.0,
+                      min_image_size=700, max_pwatermark=0.5, num_ddim_timesteps=25,
+                      pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix")
+    assert latest_validation_grids(tmp_path) == ["validation/ema-step000010.png", "validation/online-step000010.png"]
+    card = render_model_card(cfg, [str(tmp_path / "unet"), str(tmp_path / "unet_target")], repo="me/tcd-xl")
+    assert "StableDiffusionXLPipeline" in card and 'subfolder="unet_target"' in card and "guidance_scale=8.0" in card
+    assert 'AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in card
+    assert "original_inference_steps=25" in card and "train_tcd_distill_sdxl_wds.py" in card
+    flags = re.search(r"defaults of `train_tcd_distill_sdxl_wds.py`:\n\n```\n(.*?)```", card, re.S).group(1)
+    assert "--num_ddim_timesteps=25" in flags and "--w_min" not in flags and "--resolution" not in flags
