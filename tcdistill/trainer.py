@@ -156,6 +156,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _data_loader(self) -> Any:
         c = self.cfg
+        if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers):
+            logger.warning("The checkpoint's data stream was read by %d loader worker(s), this run uses %d: "
+                           "the shard stream starts fresh instead of continuing exactly.", self.stream.num_workers, c.dataloader_num_workers)
         dcfg = DataConfig(
             train_shards_path_or_url=c.train_latents_path_or_url or c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
             center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
