@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -94,6 +93,7 @@ def build_sd15_pipeline(save_dir: Path, resolution: int) -> None:
         vae = AutoencoderKL(sample_size=resolution, **SD15_VAE)
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                             eos_token_id=tok.eos_token_id))
+    unet, vae, text = unet.cpu(), vae.cpu(), text.cpu()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDPMScheduler.from_config(SD15_SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(save_dir), safe_serialization=True)
@@ -169,6 +169,8 @@ def mode_config(args: argparse.Namespace, assets: Assets, variant: str, mode: st
         train_latents_path_or_url=None if ref or not assets.cached else assets.cached, resolution=args.resolution,
         train_batch_size=args.batch_size, max_train_steps=1_000_000, report_to="none", seed=args.seed,
         mixed_precision=args.mixed_precision, dataloader_num_workers=args.workers, validation_steps=0, lr_warmup_steps=0,
+        # The seed README's LR, and no early stop: random-weight teachers may give non-finite steps (counted, not fatal).
+        learning_rate=4e-6, max_nonfinite_steps=1_000_000,
         compile_unet=args.compile_unet, channels_last=args.channels_last,
     )
     kw.update(_overrides(args.set))
@@ -229,54 +231,94 @@ def _release(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path) -> dict[str, Any]:
-    """Build a Trainer for `mode` and measure it; returns a JSON-ready dict."""
+def _timed_step(trainer: Any, data: Any, acc: dict[str, Any]) -> None:
+    """One optimizer step; its wall and CPU seconds, samples and loss are added to `acc`."""
+    _sync(trainer.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss, n, ok = trainer.optimizer_step(data)
+    _sync(trainer.device)
+    acc["wall_s"] += time.perf_counter() - t0
+    # CPU seconds of this process: on a shared CPU box, less sensitive to other jobs' load than wall time.
+    acc["cpu_s"] += time.process_time() - c0
+    acc["samples"] += n
+    acc["losses"].append(loss)
+    acc["nonfinite_steps"] += int(not ok)
+
+
+def _throughput(res: dict[str, Any], acc: dict[str, Any]) -> None:
+    """Fill the throughput fields of a mode's result from its accumulated timed steps."""
+    steps = max(len(acc["losses"]), 1)
+    step_s = acc["wall_s"] / steps
+    res.update(samples=acc["samples"], losses=acc["losses"], nonfinite_steps=acc["nonfinite_steps"],
+               samples_per_s=acc["samples"] / max(acc["wall_s"], 1e-12), step_time_ms=1000.0 * step_s,
+               cpu_time_ms=1000.0 * acc["cpu_s"] / steps, achieved_tflops=res["flops_per_step"] / step_s / 1e12,
+               split_other_ms=max(0.0, 1000.0 * step_s - sum(res["split_ms"].values())) if res["split_ms"] else None)
+
+
+def _new_acc() -> dict[str, Any]:
+    return dict(wall_s=0.0, cpu_s=0.0, samples=0, losses=[], nonfinite_steps=0)
+
+
+def _build(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path) -> tuple[Any, Any, TrainConfig, float]:
     from .trainer import Trainer
 
     cfg = mode_config(args, assets, variant, mode, str(work / f"out-{variant}-{mode}"))
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
+    return trainer, iter(trainer._data_loader()), cfg, time.perf_counter() - t0
+
+
+def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path, timed: bool = True) -> dict[str, Any]:
+    """Build a Trainer for `mode` alone and measure it (FLOPs, peak memory, split; throughput if `timed`)."""
+    trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
     device = trainer.device
-    build_s = time.perf_counter() - t0
-    data = iter(trainer._data_loader())
     flops, flop_samples = _count_flops(trainer, data)
     _reset_peak(device)
     for _ in range(args.warmup):
         trainer.optimizer_step(data)
-    _sync(device)
-    losses, samples, bad = [], 0, 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
-        loss, n, ok = trainer.optimizer_step(data)
-        losses.append(loss)
-        samples, bad = samples + n, bad + (not ok)
-    _sync(device)
-    elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    acc = _new_acc()
+    for _ in range(args.steps if timed else 0):
+        _timed_step(trainer, data, acc)
     peak, peak_kind = _peak_memory(device)
     trainer.timer.reset()
     trainer.timer.enabled = True
     for _ in range(args.split_steps):
         trainer.optimizer_step(data)
     trainer.timer.enabled = False
-    split = {k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()}
-    step_s = elapsed / max(args.steps, 1)
     res: dict[str, Any] = dict(
-        mode=mode, variant=variant, build_s=build_s, steps=args.steps, warmup=args.warmup, samples=samples,
-        samples_per_s=samples / max(elapsed, 1e-12), step_time_ms=1000.0 * step_s,
-        # CPU seconds of this process per step: on a shared CPU box, robust to other jobs' load (unlike wall time).
-        cpu_time_ms=1000.0 * cpu_s / max(args.steps, 1), split_ms=split,
-        split_other_ms=max(0.0, 1000.0 * step_s - sum(split.values())) if args.split_steps else None,
-        peak_memory_bytes=peak, peak_memory_kind=peak_kind, losses=losses, nonfinite_steps=bad,
-        flops_per_step=flops, flops_per_sample=flops / max(flop_samples, 1), achieved_tflops=flops / step_s / 1e12,
+        mode=mode, variant=variant, build_s=build_s, steps=args.steps, warmup=args.warmup,
+        split_ms={k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()},
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, flops_per_step=flops, flops_per_sample=flops / max(flop_samples, 1),
         data_source="cached latents" if cfg.train_latents_path_or_url else "pixels (VAE + text encoder every step)",
         config={k: getattr(cfg, k) for k in (*REFERENCE_LIKE, "mixed_precision", "train_batch_size", "resolution",
                                              "gradient_checkpointing", "dataloader_num_workers")},
     )
+    if timed:
+        _throughput(res, acc)
     if device.type == "cuda":
         res["peak_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
     del data, trainer
     _release(device)
     return res
+
+
+def interleaved_throughput(args: argparse.Namespace, assets: Assets, variant: str, results: dict[str, dict[str, Any]], work: Path) -> None:
+    """Fresh trainers for every mode, timed one step each in turn (A B A B ...), so a shared machine's changing
+    load hits all modes alike; fills the throughput fields of `results`. All trainers are alive at once."""
+    built = {m: _build(args, assets, variant, m, work)[:2] for m in results}
+    for trainer, data in built.values():
+        for _ in range(max(args.warmup, 1)):
+            trainer.optimizer_step(data)
+    accs = {m: _new_acc() for m in results}
+    for _ in range(args.steps):
+        for m, (trainer, data) in built.items():
+            _timed_step(trainer, data, accs[m])
+    for m, res in results.items():
+        _throughput(res, accs[m])
+        res["timing"] = "interleaved"
+    device = next(iter(built.values()))[0].device
+    del built
+    _release(device)
 
 
 def data_throughput(args: argparse.Namespace, assets: Assets) -> list[dict[str, Any]]:
@@ -320,7 +362,7 @@ def format_run(run: dict[str, Any], header: str) -> str:
     row("achieved TFLOP/s", [f"{m['achieved_tflops']:.3f}" for m in modes])
     row("MFU", [("n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%") for m in modes])
     row("data", [m["data_source"].split(" (")[0] for m in modes])
-    row("mean loss (timed steps)", [f"{sum(m['losses']) / max(len(m['losses']), 1):.4g}" for m in modes])
+    row("mean loss (own batches)", [f"{sum(m['losses']) / max(len(m['losses']), 1):.4g}" for m in modes])
     lines.append("time split, ms/step (section timer on):")
     for s in [*SECTIONS, *sorted({k for m in modes for k in m["split_ms"]} - set(SECTIONS))]:
         if any(s in m["split_ms"] for m in modes):
@@ -352,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: from the GPU-name table).")
     p.add_argument("--data-workers", dest="data_workers", default="0,1,2", help="Worker counts for --data-only.")
     p.add_argument("--data-batches", dest="data_batches", type=int, default=10, help="Batches timed per worker count for --data-only.")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="Time the modes' steps alternately, with all modes' trainers alive at once (default: on for --compare on CPU, "
+                        "where other jobs' load drifts; off on GPU, where two SD 1.5 trainers need not fit).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU: 1 avoids thread contention on a busy machine).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="Keep teacher, shards and cache here and reuse them (default: a temp dir, removed).")
@@ -404,17 +449,21 @@ def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes:
                   peak: float | None, peak_src: str, name: str) -> dict[str, Any]:
     """Run the modes of one variant, print its table, return {variant, modes, ratio}."""
     run: dict[str, Any] = dict(variant=variant, modes={})
+    interleave = args.interleave if args.interleave is not None else (len(modes) > 1 and not torch.cuda.is_available())
     for mode in modes:
-        res = run_mode(args, assets, variant, mode, work)
+        run["modes"][mode] = run_mode(args, assets, variant, mode, work, timed=not interleave)
+    if interleave:
+        interleaved_throughput(args, assets, variant, run["modes"], work)
+    for res in run["modes"].values():
         res["mfu"] = res["achieved_tflops"] / peak if peak else None
-        run["modes"][mode] = res
     if len(modes) == 2:
         ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
         run["ratio"] = dict(samples_per_s=opt["samples_per_s"] / ref["samples_per_s"], step_time=opt["step_time_ms"] / ref["step_time_ms"],
                             cpu_time=opt["cpu_time_ms"] / ref["cpu_time_ms"],
                             peak_memory=opt["peak_memory_bytes"] / ref["peak_memory_bytes"])
     header = (f"tcdistill bench: preset {args.preset}, variant {variant}, {name}, mixed_precision {args.mixed_precision}, "
-              f"batch {args.batch_size}, {args.resolution} px; {args.warmup} warmup + {args.steps} timed + {args.split_steps} split step(s)")
+              f"batch {args.batch_size}, {args.resolution} px; {args.warmup} warmup + {args.steps} timed + {args.split_steps} split step(s)"
+              + ("; timed steps interleaved across modes" if interleave else ""))
     if peak:
         header += f"\nMFU peak: {peak:.0f} TFLOP/s, {peak_src}"
     print(format_run(run, header), flush=True)

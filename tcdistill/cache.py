@@ -42,7 +42,11 @@ class _OnePass(ImageTextShards):
             skipped["shard_error"] += 1
             return False  # a broken tar stream has lost its position: move on to the next shard
 
-        stream = gopen(url)
+        try:
+            stream = gopen(url)
+        except Exception:  # noqa: BLE001 - a missing or unreadable shard is counted like the loader counts it
+            skipped["shard_error"] += 1
+            return
         try:
             for raw in group_by_keys(tar_file_expander([dict(url=url, stream=stream)], handler=handler), handler=handler):
                 key = raw.get("__key__", "")
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of `tcdistill cache` (data flags mean what they mean for training)."""
     p = argparse.ArgumentParser(prog="tcdistill cache", description=__doc__.splitlines()[0])
     p.add_argument("--pretrained_teacher_model", required=True, help="Teacher pipeline: hub id or local diffusers folder.")
+    p.add_argument("--model_family", default="sd", choices=["sd", "sdxl"], help="Teacher family (as the entry script sets it).")
     p.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A different VAE (as for training).")
     p.add_argument("--teacher_revision", default=None)
     p.add_argument("--cache_dir", default=None, help="Download cache for hub models.")
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "nearest", "lanczos"])
     p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
     p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
+    p.add_argument("--use_fix_crop_and_size", action="store_true", help="SDXL: micro-condition on (resolution, resolution) and crop (0, 0).")
+    p.add_argument("--min_image_size", type=int, default=0, help="Skip images smaller than this (SDXL scripts: 700).")
+    p.add_argument("--max_pwatermark", type=float, default=1.0, help="Skip samples whose json pwatermark exceeds this (SDXL scripts: 0.5).")
     p.add_argument("--batch_size", type=int, default=32, help="Images per VAE/text-encoder call.")
     p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching.")
     p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
@@ -83,13 +91,42 @@ def _npy_bytes(a: Tensor, dtype: Any) -> bytes:
 
 
 @torch.no_grad()
-def _encode(family: Any, pixels: Tensor, captions: list[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Posterior (mean, std) x scaling_factor and the prompt conditioning of a batch."""
+def _encode(family: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Posterior (mean, std) x scaling_factor, and the prompt conditioning of a batch."""
     vae = family.vae
-    dist = vae.encode(pixels.to(device, dtype)).latent_dist
+    dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
     sf = vae.config.scaling_factor
-    cond = family.encode({"captions": captions}, device)
-    return dist.mean.float() * sf, dist.std.float() * sf, cond
+    return dist.mean.float() * sf, dist.std.float() * sf, family.encode(batch, device)
+
+
+def _batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the families' encode()/uncond() read from a training batch (SDXL's time ids need sizes and crops)."""
+    return dict(pixel_values=torch.stack([s["pixel_values"] for s in samples]), captions=[s["caption"] for s in samples],
+                original_sizes=torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+                crop_top_lefts=torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long))
+
+
+@torch.no_grad()
+def _uncond_layout(family: Any, batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], list[str]]:
+    """The sidecar's tensors and the keys whose unconditional value is the sample's own conditioning (SDXL's time ids).
+
+    Stored once: the unconditional conditioning of every other key, and `empty.<key>`, the encoding of "" that
+    --proportion_empty_prompts puts in (for SD the same as the unconditional; SDXL's unconditional is zeros).
+    Probed with the caption "a", so empty captions in the data cannot make an embedding look sample-specific.
+    """
+    n = len(batch["captions"])
+    cond, uncond = family.encode(dict(batch, captions=["a"] * n), device), family.uncond(batch, device)
+    empty = family.encode(dict(batch, captions=[""] * n), device)
+    shared, from_cond = {}, []
+    for k, u in uncond.items():
+        if torch.equal(u, cond[k]):
+            from_cond.append(k)
+            continue
+        for name, v in ((k, u), (f"empty.{k}", empty[k])):
+            if not all(torch.equal(v[0], row) for row in v):
+                raise ConfigError(f"{name!r} varies per sample but is not the sample's conditioning; cannot cache it.")
+            shared[name] = v[:1]
+    return shared, sorted(from_cond)
 
 
 def run_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +139,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
-                      cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none")
+                      cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
+                      model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size)
     check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
@@ -113,10 +151,11 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     family.to(device, dtype)
     ds = _OnePass(DataConfig(train_shards_path_or_url=args.train_shards_path_or_url, resolution=args.resolution,
                              interpolation_type=args.interpolation_type, center_crop=args.center_crop,
-                             random_flip=args.random_flip, seed=args.seed))
+                             random_flip=args.random_flip, seed=args.seed, min_image_size=args.min_image_size,
+                             max_pwatermark=args.max_pwatermark))
     os.makedirs(args.output_dir, exist_ok=True)
     skipped: Counter[str] = Counter()
-    n_samples, shards, latent_shape, cond_keys = 0, [], None, None
+    n_samples, shards, latent_shape, cond_keys, uncond, from_cond = 0, [], None, None, None, None
     t0 = time.perf_counter()
     for i, url in enumerate(expand_urls(args.train_shards_path_or_url)):
         # Sequential names: source shards from several folders may share a basename.
@@ -126,13 +165,15 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
             pending: list[tuple[str, dict[str, Any]]] = []
 
             def flush() -> None:
-                nonlocal n_samples, latent_shape, cond_keys
+                nonlocal n_samples, latent_shape, cond_keys, uncond, from_cond
                 if not pending:
                     return
-                pixels = torch.stack([s["pixel_values"] for _, s in pending])
-                captions = [s["caption"] for _, s in pending]
-                mean, std, cond = _encode(family, pixels, captions, device, dtype)
+                batch = _batch([s for _, s in pending])
+                captions = batch["captions"]
+                mean, std, cond = _encode(family, batch, device, dtype)
                 latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
+                if uncond is None:
+                    uncond, from_cond = _uncond_layout(family, batch, device)
                 for j, (key, _) in enumerate(pending):
                     rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
                            "txt": captions[j].encode("utf-8")}
@@ -151,11 +192,12 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     if n_samples == 0:
         raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}).")
     elapsed = time.perf_counter() - t0
-    uncond = {k: v[:1].to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in family.uncond({"captions": [""]}, device).items()}
+    uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in uncond.items()}
     meta = {
         "format": FORMAT, "teacher": args.pretrained_teacher_model, "vae": args.pretrained_vae_model_name_or_path,
         "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": latent_shape,
-        "cond_keys": cond_keys, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
+        "cond_keys": cond_keys, "uncond_from_cond": from_cond, "model_family": args.model_family,
+        "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
         "seed": args.seed, "num_samples": n_samples, "skipped": dict(skipped), "shards": shards,
         "seconds": round(elapsed, 3), "samples_per_s": round(n_samples / max(elapsed, 1e-9), 3),

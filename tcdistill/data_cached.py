@@ -6,7 +6,9 @@ Layout of a cached dataset directory (the sidecar files sit next to the shards):
   std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]) and
   `txt` (the caption, kept for reference);
 - `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts);
-- `uncond.safetensors`: the unconditional prompt's conditioning, stored once (one row per key).
+- `uncond.safetensors`: stored once (one row per key), the unconditional conditioning that is the same for every
+  sample and, as `empty.<key>`, the encoding of "" (for --proportion_empty_prompts); keys listed in the metadata's
+  `uncond_from_cond` (SDXL's time ids) take the sample's own conditioning.
 
 Training draws `x0 = mean + std * n`, `n ~ N(0, I)`, at every step: the reference's `latent_dist.sample() *
 scaling_factor` (step 1 of the TCD step) without running the VAE encoder, and with the same RNG draw.
@@ -20,7 +22,7 @@ import logging
 import random
 from collections import Counter
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +77,8 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
     """
     meta, uncond = read_sidecar(cfg.train_latents_path_or_url)
     unet_cfg = family.unet.config
+    if meta.get("model_family", "sd") != cfg.model_family:
+        raise ConfigError(f"the cache was made for a {meta.get('model_family')!r} teacher; this run trains {cfg.model_family!r}.")
     if int(meta["resolution"]) != cfg.resolution:
         raise ConfigError(f"--resolution {cfg.resolution} differs from the cache's {meta['resolution']} (re-run `tcdistill cache`).")
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
@@ -101,11 +105,12 @@ class CachedLatentShards(ImageTextShards):
     def __init__(self, cfg: DataConfig, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
         super().__init__(cfg)
         self.cond_keys = list(meta["cond_keys"])
+        self.from_cond = set(meta.get("uncond_from_cond", []))
         self.latent_shape = tuple(int(x) for x in meta["latent_shape"])
         self.uncond = uncond
 
     def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        """One cached sample, or _Skip; --proportion_empty_prompts swaps in the stored unconditional embedding."""
+        """One cached sample, or _Skip; --proportion_empty_prompts swaps in the stored encoding of ""."""
         missing = [k for k in (LATENTS, *(f"{c}.npy" for c in self.cond_keys)) if k not in raw]
         if missing:
             raise _Skip("missing_member", f"cached sample lacks {missing}")
@@ -119,12 +124,15 @@ class CachedLatentShards(ImageTextShards):
             raise _Skip("shape_mismatch", f"latents {tuple(latents.shape)}, expected {self.latent_shape}")
         caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
         if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
-            cond, caption = {c: self.uncond[c][0].to(cond[c].dtype) for c in cond}, ""
+            cond = {c: v if c in self.from_cond else self.uncond.get(f"empty.{c}", self.uncond[c])[0].to(v.dtype)
+                    for c, v in cond.items()}
+            caption = ""
         return dict(latents=latents, latents_std=std, cond=cond, caption=caption)
 
 
-def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor]) -> dict[str, Any]:
-    """Stack cached samples; `uncond` is the stored empty-prompt conditioning expanded to the batch."""
+def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor], from_cond: Sequence[str] = ()) -> dict[str, Any]:
+    """Stack cached samples; `uncond` is the stored unconditional conditioning expanded to the batch, plus the
+    `from_cond` keys taken from each sample's own conditioning."""
     skipped: Counter[str] = Counter()
     for s in samples:
         skipped.update(s["skipped"])
@@ -133,7 +141,9 @@ def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor]) -> 
     batch: dict[str, Any] = dict(
         latents=torch.stack([s["latents"] for s in samples]),
         cond=cond,
-        uncond={k: v.to(cond[k].dtype).expand(n, *v.shape[1:]) for k, v in uncond.items() if k in cond},
+        # contiguous: an expanded view shares memory across rows, which pin_memory (CUDA loaders) rejects.
+        uncond={**{k: v.to(cond[k].dtype).expand(n, *v.shape[1:]).contiguous() for k, v in uncond.items() if k in cond},
+                **{k: cond[k] for k in from_cond}},
         captions=[s["caption"] for s in samples],
         skipped=dict(skipped),
     )
@@ -152,7 +162,7 @@ def build_cached_dataloader(cfg: DataConfig) -> DataLoader:
     return DataLoader(
         CachedLatentShards(cfg, meta, uncond),
         batch_size=cfg.train_batch_size,
-        collate_fn=partial(collate_cached, uncond=uncond),
+        collate_fn=partial(collate_cached, uncond=uncond, from_cond=tuple(meta.get("uncond_from_cond", []))),
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),

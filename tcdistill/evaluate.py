@@ -64,7 +64,8 @@ def guided_net(unet: nn.Module, cond: Tensor, uncond: Tensor, guidance_scale: fl
 def student_net(unet: nn.Module, cond: Tensor, guidance_scale: float) -> Net:
     """A distilled student, one pass per step: a w-conditioned UNet gets `w = guidance_scale - 1` as `timestep_cond`."""
     w_dim = unet.config.get("time_cond_proj_dim")
-    w_emb = guidance_embedding(torch.full((cond.shape[0],), guidance_scale - 1.0), w_dim) if w_dim else None
+    w = torch.full((cond.shape[0],), guidance_scale - 1.0, device=cond.device)
+    w_emb = guidance_embedding(w, w_dim).to(cond.dtype) if w_dim else None
 
     def net(x: Tensor, t: Tensor) -> Tensor:
         return unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
@@ -129,6 +130,7 @@ class EvalSettings:
     reference_steps: int = 50
     original_steps: int = 50
     batch_size: int = 128
+    device: str = "cpu"
 
 
 @dataclass
@@ -142,15 +144,19 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         s, pipe = self.settings, self.pipe
-        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.device = torch.device(s.device)
+        pipe.to(self.device)
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
             ids = tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            self.cond = pipe.text_encoder(ids)[0]
+            self.cond = pipe.text_encoder(ids.to(self.device))[0]
             empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-            self.uncond = pipe.text_encoder(empty)[0].expand_as(self.cond)
+            self.uncond = pipe.text_encoder(empty.to(self.device))[0].expand_as(self.cond)
         size = pipe.unet.config.sample_size
-        self.x_T = torch.randn((len(self.prompts), pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(s.seed))
+        # Noise drawn on the CPU: the same x_T whatever device samples from it.
+        shape = (len(self.prompts), pipe.unet.config.in_channels, size, size)
+        self.x_T = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         self.reference = self._sample(lambda c, u: guided_net(pipe.unet, c, u, s.guidance_scale), "ddim", s.reference_steps, 0.0)
         self.reference_images = self.decode(self.reference)
 
@@ -160,7 +166,7 @@ class Evaluator:
     @torch.no_grad()
     def _sample(self, make_net: Callable[[Tensor, Tensor], Net], sampler: str, k: int, gamma: float) -> Tensor:
         """Sample every prompt in batches; re-noising (gamma > 0, LCM) draws from a generator fixed by the seed."""
-        gen = torch.Generator().manual_seed(self.settings.seed + 1)
+        gen = torch.Generator(self.device).manual_seed(self.settings.seed + 1)
         out = []
         bs = self.settings.batch_size
         for i in range(0, len(self.prompts), bs):
@@ -182,7 +188,7 @@ class Evaluator:
         vae = self.pipe.vae
         imgs = [vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(self.settings.batch_size)]
         x = torch.cat(imgs).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1).numpy()
+        return x.permute(0, 2, 3, 1).cpu().numpy()
 
     def row(self, model: str, sampler: str, k: int, gamma: float | None, latents: Tensor) -> dict[str, Any]:
         """One table row: RMSE to the reference (mean and std over prompts) and every scorer's metrics."""
@@ -206,6 +212,7 @@ class Evaluator:
     def student_rows(self, name: str, unet: nn.Module, sampler: str = "tcd") -> list[dict[str, Any]]:
         """A student at each k (and each gamma for TCD), one UNet pass per step, no CFG (w enters as an input if any)."""
         s = self.settings
+        unet = unet.to(self.device)
         make = lambda c, u: student_net(unet, c, s.guidance_scale)  # noqa: E731
         gammas: Sequence[float | None] = s.gammas if sampler == "tcd" else [None]
         return [self.row(name, sampler, k, g, self._sample(make, sampler, k, g or 0.0)) for g in gammas for k in s.steps]

@@ -110,6 +110,7 @@ class LoraStrategy:
                 p.data = p.data.float()
         self.student = unet.train()
         self.teacher_unet = self.separate_teacher if self.separate_teacher is not None else unet
+        self._teacher_view: _AdaptersOff | None = None
 
     def to(self, device: torch.device) -> None:
         self.student.to(device)
@@ -123,7 +124,9 @@ class LoraStrategy:
         unet = self.student
         if self.separate_teacher is not None:
             return UNetDenoiser(student_module), UNetDenoiser(unet), UNetDenoiser(self.separate_teacher, None, self.teacher_dtype)
-        return UNetDenoiser(student_module), UNetDenoiser(unet), _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype), unet)
+        if self._teacher_view is None:  # built once: it caches the adapter layers
+            self._teacher_view = _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype), unet)
+        return UNetDenoiser(student_module), UNetDenoiser(unet), self._teacher_view
 
     def after_optimizer_step(self) -> None:
         pass
@@ -168,14 +171,28 @@ class _AdaptersOff:
     """The teacher view of a LoRA'd UNet: the same module with its adapters disabled for the call."""
 
     def __init__(self, inner: Denoiser, unet: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.inner, self.unet = inner, unet
+        # unet.disable_adapters()/enable_adapters() walk every module and flip requires_grad on every adapter
+        # (measured 17 ms per call pair on the tiny UNet); the teacher runs under no_grad, so flipping the
+        # layers' own switch is enough (0.6 ms). Fall back to the public calls if peft renames it.
+        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self.fast = bool(self.layers) and all(hasattr(m, "_disable_adapters") for m in self.layers)
+
+    def _switch(self, off: bool) -> None:
+        if not self.fast:
+            self.unet.disable_adapters() if off else self.unet.enable_adapters()
+            return
+        for m in self.layers:
+            m._disable_adapters = off
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.unet.disable_adapters()
+        self._switch(True)
         try:
             return self.inner(*args, **kwargs)
         finally:
-            self.unet.enable_adapters()
+            self._switch(False)
 
 
 def teacher_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:

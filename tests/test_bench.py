@@ -38,6 +38,7 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
                 assert _finite(m[k]) and m[k] > 0, (m["mode"], k, m[k])
             assert m["peak_memory_bytes"] > 2**20 and m["peak_memory_kind"].startswith("peak_rss")
             assert m["samples"] == 4 and len(m["losses"]) == 2 and all(map(_finite, m["losses"]))
+            assert m["timing"] == "interleaved"  # CPU --compare: the modes' timed steps alternate
             assert {"data", "teacher", "student_forward", "target", "student_backward", "optimizer"} <= set(m["split_ms"])
             assert all(map(_finite, m["split_ms"].values()))
         # Reference-like re-encodes pixels and prompts every step; the optimised mode reads the cache.

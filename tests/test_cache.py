@@ -93,26 +93,50 @@ def test_cache_holds_vae_posterior_and_prompt_embeddings(tiny_teacher: Path, one
     with torch.no_grad():
         empty = fam.encode({"captions": [""]}, torch.device("cpu"))["encoder_hidden_states"]
     torch.testing.assert_close(uncond["encoder_hidden_states"], empty)
+    torch.testing.assert_close(uncond["empty.encoder_hidden_states"], empty)  # SD: "" is the unconditional prompt
+    assert meta["uncond_from_cond"] == []
 
 
 def test_loss_from_cache_equals_loss_from_pixels(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
     """Same seed: the cached batch draws the same VAE noise, (t, t_n, s), w and eps, so the TCD loss agrees to float precision."""
+    losses = _loss_pixels_vs_cached(_trainer(tiny_teacher, one_shard, tmp_path / "out"), one_shard, fp32_cache)
+    assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
+    # The tolerance is far tighter than what a different draw changes.
+    assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
+
+
+def _loss_pixels_vs_cached(trainer: Any, shards: str, cached: str) -> dict[str, float]:
+    """Loss of the first 4-sample batch from pixels and from the cache, same seed (and cached with another seed)."""
     from tcdistill.data import DataConfig, build_train_dataloader
     from tcdistill.data_cached import build_cached_dataloader
 
-    trainer = _trainer(tiny_teacher, one_shard, tmp_path / "out")
     common = dict(resolution=RES, train_batch_size=4, center_crop=True, seed=0)
     # One shard of 4 samples and a batch of 4: both loaders return the whole shard, in tar order.
-    pixel_batch = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=one_shard, **common))))
-    cached_batch = next(iter(build_cached_dataloader(DataConfig(train_shards_path_or_url=fp32_cache, **common))))
+    pixel_batch = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shards, **common))))
+    cached_batch = next(iter(build_cached_dataloader(DataConfig(train_shards_path_or_url=cached, **common))))
     assert pixel_batch["captions"] == cached_batch["captions"]
     losses = {}
     for name, batch, seed in (("pixels", pixel_batch, 0), ("cached", cached_batch, 0), ("cached_other_seed", cached_batch, 1)):
         torch.manual_seed(seed)
         with torch.no_grad():
             losses[name] = trainer.train_step(batch)[0].item()
+    return losses
+
+
+def test_sdxl_cache_keeps_per_sample_time_ids_and_the_loss(one_shard: str, tmp_path: Path) -> None:
+    """SDXL: time ids stay per sample (the unconditional pass reuses them), zeros are the stored unconditional
+    embeddings, the encoding of "" is stored for empty-prompt dropout, and the loss matches the pixel path."""
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    teacher = tmp_path / "sdxl"
+    build_tiny_sdxl_pipeline(teacher)
+    cached = _cache(teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl")
+    meta, uncond = read_sidecar(cached)
+    assert meta["uncond_from_cond"] == ["time_ids"] and "time_ids" not in uncond
+    assert not uncond["encoder_hidden_states"].any() and not uncond["text_embeds"].any()
+    assert uncond["empty.encoder_hidden_states"].any()
+    losses = _loss_pixels_vs_cached(_trainer(teacher, one_shard, tmp_path / "out", model_family="sdxl"), one_shard, cached)
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
-    # The tolerance is far tighter than what a different draw changes.
     assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
 
 

@@ -26,10 +26,10 @@ class AttributeClassifier(nn.Module):
     def __init__(self, feature_dim: int = FEATURE_DIM):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, feature_dim, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(64, feature_dim, 3, padding=1), nn.ReLU(),
         )
         # Position is an attribute, so the pooled features must keep where things are: pool to 2x2, not 1x1.
         self.proj = nn.Linear(feature_dim * 4, feature_dim)
@@ -45,7 +45,7 @@ class AttributeClassifier(nn.Module):
         return {k: head(f) for k, head in self.heads.items()}
 
 
-def train_classifier(pixels: Tensor, labels: dict[str, Tensor], steps: int, seed: int, batch_size: int = 128, lr: float = 2e-3) -> AttributeClassifier:
+def train_classifier(pixels: Tensor, labels: dict[str, Tensor], steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3) -> AttributeClassifier:
     """Cross-entropy on every attribute; small pixel noise so decoded (slightly blurry) samples stay in-distribution."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

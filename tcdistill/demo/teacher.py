@@ -32,14 +32,16 @@ class TeacherSpec:
     """Architecture and budget of the demo teacher (32x32 images -> 8x8x4 latents: CPU-sized)."""
 
     image_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: downscale factor 4
-    unet_channels: tuple[int, ...] = (64, 128)  # attention only at the 4x4 level
-    cross_attention_dim: int = 64
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # three levels: downscale factor 4
+    unet_channels: tuple[int, ...] = (32, 64)  # attention only at the 4x4 level
+    cross_attention_dim: int = 32
     max_length: int = 16
-    vae_steps: int = 400
+    vae_norm_groups: int = 4
+    vae_steps: int = 300
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1500
+    vae_batch_size: int = 32
+    unet_steps: int = 1000
     unet_lr: float = 1e-3
     unet_ema: float = 0.995
     batch_size: int = 64
@@ -52,15 +54,28 @@ def to_pixels(images: np.ndarray) -> Tensor:
 
 
 def build_teacher_pipeline(spec: TeacherSpec, seed: int) -> Any:
-    """A random tiny SD pipeline whose tokenizer turns each world word into one token."""
+    """A random tiny SD pipeline whose tokenizer turns each world word into one token, with a VAE of few norm groups."""
+    from diffusers import AutoencoderKL
+
     from ..tiny import build_tiny_sd_pipeline
 
     factor = 2 ** (len(spec.vae_channels) - 1)
-    return build_tiny_sd_pipeline(
+    pipe = build_tiny_sd_pipeline(
         sample_size=spec.image_size // factor, block_out_channels=spec.unet_channels,
         cross_attention_dim=spec.cross_attention_dim, vae_block_out_channels=spec.vae_channels,
         max_length=spec.max_length, seed=seed, merges=bpe_merges(vocabulary()),
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Few, wide GroupNorm groups: a norm of one or two channels per group removes each channel's mean, i.e. the
+        # flat colour of a region, and the encoder's last norm has no residual path around it.
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=spec.image_size,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            block_out_channels=spec.vae_channels, norm_num_groups=spec.vae_norm_groups,
+        )
+    pipe.register_modules(vae=vae)
+    return pipe
 
 
 def _lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
@@ -74,12 +89,13 @@ def _lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
 def train_vae(vae: nn.Module, pixels: Tensor, spec: TeacherSpec, gen: torch.Generator, log: Log = logger.info) -> float:
     """Fit the VAE: `||D(z) - x||^2 + kl_weight * KL(q(z|x) || N(0, I))`, z ~ q(z|x); returns the last MSE."""
     vae.train().requires_grad_(True)
+    device = next(vae.parameters()).device
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     mse = float("nan")
     for step in range(spec.vae_steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec.vae_steps, spec.vae_lr)
-        x = pixels[torch.randint(0, pixels.shape[0], (spec.batch_size,), generator=gen)]
+        x = pixels[torch.randint(0, pixels.shape[0], (spec.vae_batch_size,), generator=gen)].to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         rec_loss = F.mse_loss(rec, x)
@@ -99,10 +115,11 @@ def train_vae(vae: nn.Module, pixels: Tensor, spec: TeacherSpec, gen: torch.Gene
 def encode_posterior(vae: nn.Module, pixels: Tensor, batch: int = 256) -> tuple[Tensor, Tensor]:
     """Posterior mean and std of every image (unscaled), so UNet training can resample z cheaply."""
     means, stds = [], []
+    device = next(vae.parameters()).device
     for chunk in pixels.split(batch):
-        d = vae.encode(chunk).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
+        d = vae.encode(chunk.to(device)).latent_dist
+        means.append(d.mean.cpu())
+        stds.append(d.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -117,7 +134,7 @@ def set_scaling_factor(vae: nn.Module, mean: Tensor) -> float:
 def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: list[str]) -> Tensor:
     """Last hidden states of the frozen text encoder, padded to the tokenizer's max length (as the trainer does)."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0].cpu()
 
 
 def train_unet(
@@ -126,6 +143,8 @@ def train_unet(
 ) -> nn.Module:
     """Standard eps-prediction loss `||eps - eps_theta(a_t x0 + s_t eps, t, c)||^2`, 10 % empty captions; returns the EMA UNet."""
     unet.train().requires_grad_(True)
+    device = next(unet.parameters()).device
+    schedule = schedule.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
     mean, std = latents
@@ -140,6 +159,7 @@ def train_unet(
         eps = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(spec.batch_size, generator=gen) < spec.p_uncond
         cond = torch.where(drop[:, None, None], uncond.expand_as(text[idx]), text[idx])
+        x0, t, eps, cond = x0.to(device), t.to(device), eps.to(device), cond.to(device)
         pred = unet(schedule.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
@@ -156,9 +176,11 @@ def train_unet(
     return ema
 
 
-def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], spec: TeacherSpec, seed: int, log: Log = logger.info) -> dict[str, float]:
-    """Build, train and save the teacher as a diffusers pipeline in `out_dir`; returns training stats."""
-    pipe = build_teacher_pipeline(spec, seed)
+def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], spec: TeacherSpec, seed: int,
+                  log: Log = logger.info, device: str | None = None) -> dict[str, float]:
+    """Build, train and save the teacher as a diffusers pipeline in `out_dir` (on a GPU if there is one); returns stats."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = build_teacher_pipeline(spec, seed).to(device)
     gen = torch.Generator().manual_seed(seed)
     pixels = to_pixels(images)
     log(f"training the VAE ({spec.vae_steps} steps)")
@@ -172,5 +194,5 @@ def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], 
     ema = train_unet(pipe.unet, (mean, std), sf, text, uncond, schedule, spec, gen, log)
     pipe.unet.load_state_dict(ema.state_dict())
     pipe.unet.eval().requires_grad_(False)
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    pipe.to("cpu").save_pretrained(str(out_dir), safe_serialization=True)
     return {"vae_recon_mse": vae_mse, "scaling_factor": sf}

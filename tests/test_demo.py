@@ -1,0 +1,135 @@
+"""The demo: its world generator (determinism, captions vs attributes vs pixels), tokenizer, shards, classifier,
+and a shortened end-to-end run (`--quick`) followed by `tcdistill eval` on its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tcdistill.demo import world as W
+
+
+def test_world_is_deterministic_from_seed() -> None:
+    a, b, c = W.make_scenes(40, 3), W.make_scenes(40, 3), W.make_scenes(40, 4)
+    assert a == b and a != c
+    assert np.array_equal(W.images_array(a[:8]), W.images_array(b[:8]))
+    assert not np.array_equal(W.images_array(a[:8]), W.images_array(c[:8]))
+
+
+def test_captions_name_the_attributes_the_pixels_show() -> None:
+    scenes = W.make_scenes(200, 0)
+    for s in scenes:
+        attrs = W.parse_caption(s.caption)
+        assert attrs == {"color": s.color, "shape": s.shape, "position": s.position, "background": s.background}
+        assert s.color != s.background
+        assert s.labels() == {k: W.ATTRIBUTES[k].index(v) for k, v in attrs.items()}
+    # Every attribute value occurs (the world is varied enough for prompts to matter).
+    for k, values in W.ATTRIBUTES.items():
+        assert {W.parse_caption(s.caption)[k] for s in scenes} == set(values)
+    imgs = W.images_array(scenes[:60]).astype(int)
+    for s, img in zip(scenes[:60], imgs):
+        fx, fy = W.POSITIONS[s.position]
+        cx, cy = int((fx + s.dx) * 32), int((fy + s.dy) * 32)
+        # The object's colour at its centre (the triangle's centroid sits a little below cy), the background's at a corner.
+        y = cy + 2 if s.shape == "triangle" else cy
+        assert np.abs(img[y, cx] - W.COLORS[s.color]).max() < 40, s
+        assert np.abs(img[0, 0] - W.COLORS[s.background]).max() < 10, s
+
+
+def test_parse_caption_rejects_other_text() -> None:
+    with pytest.raises(ValueError):
+        W.parse_caption("a photo of a red fox")
+    with pytest.raises(ValueError):
+        W.parse_caption("a pink circle at the left on a blue background")
+
+
+def test_demo_tokenizer_gives_one_token_per_word(tmp_path: Path) -> None:
+    from tcdistill.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path, model_max_length=16, merges=W.bpe_merges(W.vocabulary()))
+    for word in W.vocabulary():
+        assert tok.convert_ids_to_tokens(tok(word).input_ids) == [tok.bos_token, word + "</w>", tok.eos_token]
+    caption = W.make_scenes(1, 0)[0].caption
+    ids = tok(caption, padding="max_length", max_length=16).input_ids
+    assert len(ids) == 16 and tok.decode(ids, skip_special_tokens=True) == caption  # nothing truncated
+
+
+def test_world_shards_feed_the_trainer_data_loader(tmp_path: Path) -> None:
+    from tcdistill.data import DataConfig, build_train_dataloader
+
+    scenes = W.make_scenes(12, 5)
+    paths = W.write_world_shards(tmp_path, scenes, per_shard=5)
+    assert len(paths) == 3
+    loader = build_train_dataloader(DataConfig(train_shards_path_or_url=f"{tmp_path}/{{00000..00002}}.tar", resolution=32,
+                                               train_batch_size=4, seed=0))
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    captions = {s.caption for s in scenes}
+    assert all(c in captions for c in batch["captions"])
+
+
+def test_classifier_reads_the_world(tmp_path: Path) -> None:
+    """A short training run already reads most attributes of fresh renders; save/load round-trips."""
+    from tcdistill.demo.classifier import accuracy, labels_of, load_classifier, save_classifier, to_tensor, train_classifier
+
+    scenes = W.make_scenes(1024, 0)
+    labels = labels_of([W.parse_caption(s.caption) for s in scenes])
+    model = train_classifier(to_tensor(W.images_array(scenes)), labels, steps=150, seed=0)
+    held = W.make_scenes(200, 99)
+    x, y = to_tensor(W.images_array(held)), labels_of([W.parse_caption(s.caption) for s in held])
+    acc = accuracy(model, x, y)
+    assert min(acc[k] for k in W.ATTRIBUTES) > 0.8, acc
+    save_classifier(model, tmp_path)
+    again = load_classifier(tmp_path)
+    assert torch.equal(again.features(x[:4]), model.features(x[:4]))
+
+
+def test_quick_demo_end_to_end_then_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tcdistill demo --quick` writes the report, JSON and grids; a rerun reuses the cache; `tcdistill eval` reads its outputs."""
+    from tcdistill import evaluate
+    from tcdistill.cli import main
+
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    main(["demo", "--quick", "--output_dir", str(out), "--seed", "1"])
+    first = time.perf_counter() - t0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    models = {r["model"] for r in rows}
+    assert models == {"teacher", "tcd-full", "tcd-lora", "lcm-full"}
+    assert {r["steps"] for r in rows if r["model"] == "tcd-full"} == set(evaluate.DEFAULT_STEPS)
+    assert {r["gamma"] for r in rows if r["model"] == "tcd-lora"} == {0.0, 0.3}
+    ref = [r for r in rows if r["model"] == "teacher" and r["steps"] == 50]
+    assert len(ref) == 1 and ref[0]["rmse"] == 0.0
+    assert all(math.isfinite(r["rmse"]) and 0.0 <= r["world_fidelity"] <= 1.0 for r in rows)
+    assert len(report["targets"]) > 0 and report["timings_s"]["total"] > 0
+    md = (out / "report.md").read_text()
+    assert "| k | teacher DDIM |" in md and "tcdistill demo --quick" in md
+    for m in models:
+        assert (out / f"grid-{m}.png").is_file()
+    assert (out / "students" / "tcd-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "students" / "lcm-full" / "unet_target" / "config.json").is_file()
+
+    capsys.readouterr()
+    main(["demo", "--quick", "--output_dir", str(out), "--seed", "1"])
+    log = capsys.readouterr().out
+    assert "teacher: cached" in log and "tcd-full: cached" in log and "classifier: cached" in log
+
+    result = out / "eval.json"
+    evaluate.main(["--teacher", str(out / "teacher"), "--lora", str(out / "students" / "tcd-lora"),
+                   "--prompts", str(out / "world" / "eval_prompts.txt"), "--classifier", str(out / "classifier"),
+                   "--steps", "1", "2", "--gamma", "0", "0.3", "--seed", "1", "--output", str(result)])
+    table = capsys.readouterr().out
+    assert "| lora | tcd | 0.3 | 2 |" in table
+    ev = json.loads(result.read_text())
+    assert [(r["model"], r["steps"]) for r in ev["rows"]][:3] == [("teacher", 50), ("teacher", 1), ("teacher", 2)]
+    # The same teacher, noise and prompts as the demo: its teacher rows agree with the demo's report.
+    demo_ddim2 = next(r["rmse"] for r in rows if r["model"] == "teacher" and r["steps"] == 2)
+    assert ev["rows"][2]["rmse"] == pytest.approx(demo_ddim2, rel=1e-5)
+    print(f"quick demo: first run {first:.1f} s")

@@ -1,0 +1,97 @@
+"""Unit tests of `tcdistill eval`'s metrics and samplers (offline, CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tcdistill.evaluate import (
+    EvalSettings,
+    Evaluator,
+    format_table,
+    frechet_distance,
+    guided_net,
+    latent_rmse,
+    sample_ddim,
+    torchmetrics_scorers,
+)
+from tcdistill.sampler import tcd_timesteps
+from tcdistill.schedule import NoiseSchedule, scaled_linear_alphas_cumprod
+
+
+def test_latent_rmse_identical_is_zero_and_known_value() -> None:
+    x = torch.randn(3, 4, 8, 8)
+    assert torch.equal(latent_rmse(x, x), torch.zeros(3, dtype=torch.float64))
+    d = latent_rmse(torch.zeros(2, 4, 2, 2), torch.full((2, 4, 2, 2), 0.5))
+    assert torch.allclose(d, torch.full((2,), 0.5, dtype=torch.float64))
+    # Per sample: only the second sample differs.
+    y = x.clone()
+    y[1] += 2.0
+    assert latent_rmse(x, y).tolist() == pytest.approx([0.0, 2.0, 0.0])
+
+
+def test_frechet_distance_identical_zero_and_affine_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-6 * float(torch.cov(a.T).trace())
+    # b = 2 a + c: C_b = 4 C_a, (C_a C_b)^(1/2) = 2 C_a, so FD = |mu_a - mu_b|^2 + tr(C_a).
+    c = torch.arange(6.0)
+    b = 2 * a + c
+    expected = float((a.mean(0) - b.mean(0)).pow(2).sum() + torch.cov(a.T.double()).trace())
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a.numpy(), b.numpy()) == pytest.approx(expected, rel=1e-6)  # numpy in, same answer
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_sample_ddim_matches_diffusers_ddim_with_cfg(k: int) -> None:
+    """Where the TCD grid equals DDIM's trailing spacing (k | 50 and 20 k | 1000), our guided DDIM is diffusers' DDIM."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, timestep_spacing="trailing")
+    sched.set_timesteps(k)
+    assert sched.timesteps.tolist() == tcd_timesteps(k).tolist()
+    schedule = NoiseSchedule(scaled_linear_alphas_cumprod())
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    unet = lambda x, t, encoder_hidden_states: type("O", (), {"sample": torch.tanh(conv(x) + encoder_hidden_states.mean() + t.float().view(-1, 1, 1, 1) / 1000)})()  # noqa: E731
+    cond, uncond = torch.ones(2, 3, 5), torch.zeros(2, 3, 5)
+    net = guided_net(unet, cond, uncond, guidance_scale=3.0)
+    x_T = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ours = sample_ddim(net, x_T, schedule, tcd_timesteps(k))
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(net(x, t.expand(2)), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluator_reference_row_is_zero_and_same_net_matches_ddim(tmp_path) -> None:
+    """The 50-step reference has RMSE 0; a 'student' that is the teacher sampled by TCD at gamma 0 (no CFG) is DDIM."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(block_out_channels=(16, 32), vae_block_out_channels=(8, 16), sample_size=8)
+    settings = EvalSettings(guidance_scale=1.0, steps=(1, 2), gammas=(0.0, 0.3), reference_steps=4, batch_size=2)
+    ev = Evaluator(pipe, ["a red circle", "a blue square", ""], settings)
+    rows = ev.teacher_rows()
+    assert rows[0]["steps"] == 4 and rows[0]["rmse"] == 0.0
+    assert all(r["rmse"] > 0 for r in rows[1:])
+    student = ev.student_rows("same", pipe.unet, "tcd")
+    assert [(r["gamma"], r["steps"]) for r in student] == [(0.0, 1), (0.0, 2), (0.3, 1), (0.3, 2)]
+    by_k = {r["steps"]: r["rmse"] for r in rows[1:]}
+    for r in student:
+        if r["gamma"] == 0.0 or r["steps"] == 1:  # gamma only acts between steps
+            assert r["rmse"] == pytest.approx(by_k[r["steps"]], rel=1e-5)
+    assert student[3]["rmse"] != pytest.approx(by_k[2], rel=1e-3)  # re-noising changed the 2-step sample
+    assert rows[0]["_images"].shape == (3, 16, 16, 3)
+    table = format_table(rows + student)
+    assert table.count("\n") == 1 + len(rows) + len(student) and "| same | tcd | 0.3 | 2 |" in table
+
+
+def test_missing_torchmetrics_is_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import now raises ImportError
+    assert torchmetrics_scorers(["a"], torch.zeros(1, 8, 8, 3, dtype=torch.uint8).numpy(), None, fid=True) == {}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "torchmetrics" in out[0] and "pip install" in out[0]
