@@ -31,6 +31,13 @@ def _load_vae(cfg: TrainConfig) -> nn.Module:
     return _from_pretrained(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
 
 
+def _freeze(*modules: nn.Module) -> None:
+    """Frozen, eval-mode teacher parts."""
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+
+
 class SDFamily:
     """SD 1.x / 2.x: one CLIP text encoder; the unconditional prompt is the encoding of ""."""
 
@@ -41,9 +48,7 @@ class SDFamily:
         self.noise_scheduler = noise_scheduler
         self.scheduler_config = dict(noise_scheduler.config)
         self._uncond: Cond | None = None
-        for m in (text_encoder, vae, unet):
-            m.requires_grad_(False)
-            m.eval()
+        _freeze(text_encoder, vae, unet)
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> "SDFamily":
@@ -120,9 +125,7 @@ class SDXLFamily:
         self.noise_scheduler = noise_scheduler
         self.scheduler_config = dict(noise_scheduler.config)
         self.resolution, self.fix_crop_and_size, self.vae_fp16_safe = resolution, fix_crop_and_size, vae_fp16_safe
-        for m in (*text_encoders, vae, unet):
-            m.requires_grad_(False)
-            m.eval()
+        _freeze(*text_encoders, vae, unet)
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> "SDXLFamily":

@@ -9,7 +9,7 @@ import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw
@@ -116,6 +116,14 @@ def _num_groups(channels: Sequence[int], cap: int = 8) -> int:
     return n
 
 
+def _finish(pipe: Any, save_dir: str | Path | None) -> Any:
+    """Quiet the progress bar and, if asked, save the pipeline as a safetensors diffusers folder."""
+    pipe.set_progress_bar_config(disable=True)
+    if save_dir is not None:
+        pipe.save_pretrained(str(save_dir), safe_serialization=True)
+    return pipe
+
+
 def build_tiny_sd_pipeline(
     save_dir: str | Path | None = None,
     *,
@@ -215,10 +223,7 @@ def build_tiny_sd_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if save_dir is not None:
-        pipe.save_pretrained(str(save_dir), safe_serialization=True)
-    return pipe
+    return _finish(pipe, save_dir)
 
 
 def _draw_sample(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str]:
@@ -384,7 +389,4 @@ def build_tiny_sdxl_pipeline(
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if save_dir is not None:
-        pipe.save_pretrained(str(save_dir), safe_serialization=True)
-    return pipe
+    return _finish(pipe, save_dir)
