@@ -27,10 +27,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Object centre as fractions of (width, height).
 POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.27, 0.5),
-    "right": (0.73, 0.5),
-    "top": (0.5, 0.27),
-    "bottom": (0.5, 0.73),
+    "left": (0.29, 0.5),
+    "right": (0.71, 0.5),
+    "top": (0.5, 0.29),
+    "bottom": (0.5, 0.71),
     "center": (0.5, 0.5),
 }
 # Attribute name -> its values, in a fixed order (the classifier's class indices).
@@ -89,7 +89,7 @@ def sample_scene(rng: random.Random) -> Scene:
     color, background = rng.sample(list(COLORS), 2)
     return Scene(
         color=color, shape=rng.choice(SHAPES), position=rng.choice(list(POSITIONS)), background=background,
-        radius=rng.uniform(0.15, 0.21), dx=rng.uniform(-0.04, 0.04), dy=rng.uniform(-0.04, 0.04),
+        radius=rng.uniform(0.2, 0.25), dx=rng.uniform(-0.03, 0.03), dy=rng.uniform(-0.03, 0.03),
     )
 
 
