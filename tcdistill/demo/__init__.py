@@ -115,11 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     t = time.perf_counter()
     clf_dir = out / "classifier"
-    key = _key({"stage": "classifier", "budget": [budget.n_train, budget.classifier_steps], "seed": args.seed})
+    key = _key({"stage": "classifier", "teacher": teacher_info.get("key"), "budget": [budget.n_train, budget.classifier_steps], "seed": args.seed})
     if not args.force and _cached(clf_dir, key):
         _log(f"classifier: cached in {clf_dir}")
     else:
-        _mark(clf_dir, key, train_classifier_stage(clf_dir, world, budget, args.seed, _log))
+        _mark(clf_dir, key, train_classifier_stage(clf_dir, world, teacher_dir, budget, args.seed, _log))
     timings["classifier"] = time.perf_counter() - t
 
     students: dict[str, dict[str, Any]] = {}
