@@ -245,6 +245,19 @@ def _timed_step(trainer: Any, data: Any, acc: dict[str, Any]) -> None:
     acc["nonfinite_steps"] += int(not ok)
 
 
+def _profile(args: argparse.Namespace, trainer: Any, data: Any, label: str) -> dict[str, Any]:
+    """`--profile N`: N more steps under torch.profiler; prints the host-vs-device summary and the top ops."""
+    from .timing import profile_steps
+
+    p = profile_steps(lambda: trainer.optimizer_step(data), args.profile)
+    busy = "" if p["device_busy_ms"] is None else f", GPU kernels {p['device_busy_ms']:.1f} ms ({100 * p['device_busy_ms'] / p['wall_ms']:.0f} % busy)"
+    print(f"profile {label}: {p['wall_ms']:.1f} ms/step wall, host ops {p['host_ms']:.1f} ms{busy}", flush=True)
+    for key in ("top_self_device", "top_self_cpu"):
+        if key in p:
+            print(p[key], flush=True)
+    return p
+
+
 def _throughput(res: dict[str, Any], acc: dict[str, Any]) -> None:
     """Fill the throughput fields of a mode's result from its accumulated timed steps."""
     steps = max(len(acc["losses"]), 1)
@@ -285,6 +298,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     for _ in range(args.split_steps):
         trainer.optimizer_step(data)
     trainer.timer.enabled = False
+    prof = _profile(args, trainer, data, f"{variant}/{mode}") if args.profile else None
     res: dict[str, Any] = dict(
         mode=mode, variant=variant, build_s=build_s, steps=args.steps, warmup=args.warmup,
         split_ms={k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()},
@@ -293,6 +307,8 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
         config={k: getattr(cfg, k) for k in (*REFERENCE_LIKE, "mixed_precision", "train_batch_size", "resolution",
                                              "gradient_checkpointing", "dataloader_num_workers")},
     )
+    if prof:
+        res["profile"] = prof
     if timed:
         _throughput(res, acc)
     if device.type == "cuda":
@@ -391,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels_last", action="store_true", help="Optimised mode: channels_last UNets.")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for every mode (repeatable).")
     p.add_argument("--opt-set", dest="opt_set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for the optimised mode only.")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="Profile N more steps per mode (torch.profiler): GPU-busy share, top ops.")
     p.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: from the GPU-name table).")
     p.add_argument("--data-workers", dest="data_workers", default="0,1,2", help="Worker counts for --data-only.")
     p.add_argument("--data-batches", dest="data_batches", type=int, default=10, help="Batches timed per worker count for --data-only.")

@@ -97,7 +97,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
     batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
-    teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
+    teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
     lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.")
     fused_adam: bool = _f(True, "Fused AdamW kernel on CUDA and CPU (off: the default foreach AdamW, as the reference).", negatable=True)
     compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place.")

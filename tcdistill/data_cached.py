@@ -177,6 +177,8 @@ def cached_inputs(batch: dict[str, Any], device: torch.device) -> tuple[Tensor, 
         # Same draw as DiagonalGaussianDistribution.sample() on an fp32 posterior: one randn of the latent shape.
         n = torch.randn(mean.shape, device=device, dtype=torch.float32)
         x0 = mean + batch["latents_std"].to(device, non_blocking=True).float() * n
-    cond = {k: v.to(device, non_blocking=True) for k, v in batch["cond"].items()}
-    uncond = {k: v.to(device, non_blocking=True) for k, v in batch["uncond"].items()}
+    # fp32 like the encoders' output under fp32 weights: an fp16 cache must not meet a bf16 autocast (CPU rejects it);
+    # each denoiser casts to its UNet's dtype anyway.
+    cond = {k: v.to(device, non_blocking=True).float() for k, v in batch["cond"].items()}
+    uncond = {k: v.to(device, non_blocking=True).float() for k, v in batch["uncond"].items()}
     return x0, cond, uncond

@@ -157,21 +157,24 @@ class Evaluator:
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
         shape = (len(self.prompts), pipe.unet.config.in_channels, size, size)
         self.x_T = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
-        self.reference = self._sample(lambda c, u: guided_net(pipe.unet, c, u, s.guidance_scale), "ddim", s.reference_steps, 0.0)
+        self.reference = self._sample(lambda c, u: guided_net(pipe.unet, c, u, s.guidance_scale), "ddim", s.reference_steps, 0.0,
+                                      grid=s.reference_steps)
         self.reference_images = self.decode(self.reference)
 
-    def timesteps(self, k: int) -> Tensor:
-        return tcd_timesteps(k, self.schedule.num_train_timesteps, self.settings.original_steps)
+    def timesteps(self, k: int, grid: int | None = None) -> Tensor:
+        """k timesteps of a skipping grid of `grid` points: the student's training N by default (TCDScheduler's
+        original_inference_steps); the teacher's own DDIM rows use the reference's grid, whatever N the student had."""
+        return tcd_timesteps(k, self.schedule.num_train_timesteps, grid or self.settings.original_steps)
 
     @torch.no_grad()
-    def _sample(self, make_net: Callable[[Tensor, Tensor], Net], sampler: str, k: int, gamma: float) -> Tensor:
+    def _sample(self, make_net: Callable[[Tensor, Tensor], Net], sampler: str, k: int, gamma: float, grid: int | None = None) -> Tensor:
         """Sample every prompt in batches; re-noising (gamma > 0, LCM) draws from a generator fixed by the seed."""
         gen = torch.Generator(self.device).manual_seed(self.settings.seed + 1)
         out = []
         bs = self.settings.batch_size
         for i in range(0, len(self.prompts), bs):
             net = make_net(self.cond[i:i + bs], self.uncond[i:i + bs])
-            x_T, ts = self.x_T[i:i + bs], self.timesteps(k)
+            x_T, ts = self.x_T[i:i + bs], self.timesteps(k, grid)
             if sampler == "ddim":
                 out.append(sample_ddim(net, x_T, self.schedule, ts))
             elif sampler == "tcd":
@@ -206,7 +209,8 @@ class Evaluator:
         s, unet = self.settings, self.pipe.unet
         rows = [self.row("teacher", "ddim", s.reference_steps, None, self.reference)]
         for k in s.steps:
-            rows.append(self.row("teacher", "ddim", k, None, self._sample(lambda c, u: guided_net(unet, c, u, s.guidance_scale), "ddim", k, 0.0)))
+            rows.append(self.row("teacher", "ddim", k, None,
+                                 self._sample(lambda c, u: guided_net(unet, c, u, s.guidance_scale), "ddim", k, 0.0, grid=s.reference_steps)))
         return rows
 
     def student_rows(self, name: str, unet: nn.Module, sampler: str = "tcd") -> list[dict[str, Any]]:
@@ -338,8 +342,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
     for k in args.steps:
-        if not 1 <= k <= args.original_steps:
-            sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {args.original_steps}]")
+        if not 1 <= k <= min(args.original_steps, args.reference_steps):
+            sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {min(args.original_steps, args.reference_steps)}] "
+                     "(at most --original_steps and --reference_steps)")
     if any(not 0.0 <= g <= 1.0 for g in args.gamma):
         sys.exit("tcdistill eval: error: --gamma values must be in [0, 1]")
     prompts = read_prompts(args.prompts)

@@ -34,12 +34,18 @@ def check_teacher_config(cfg: TrainConfig) -> None:
 
 
 class UNetDenoiser:
-    """Adapter: a diffusers UNet as a `Denoiser` (inputs cast to its dtype; `w` fed as `timestep_cond`)."""
+    """Adapter: a diffusers UNet as a `Denoiser` (inputs cast to its dtype; `w` fed as `timestep_cond`).
 
-    def __init__(self, unet: nn.Module, w_embedding_dim: int | None = None, dtype: torch.dtype | None = None):
+    `native=True` runs the UNet outside any enclosing autocast, in its own dtype: for a frozen teacher whose weights
+    are already bf16/fp16, autocast only adds a cast check per op and upcasts every GroupNorm to fp32 (a round trip
+    through fp32 activations), which is how diffusers' half-precision pipelines run anyway.
+    """
+
+    def __init__(self, unet: nn.Module, w_embedding_dim: int | None = None, dtype: torch.dtype | None = None, native: bool = False):
         self.unet = unet
         self.w_embedding_dim = w_embedding_dim
         self.dtype = dtype
+        self.native = native
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond, w: Tensor | None = None) -> Tensor:
         dtype = self.dtype or x_t.dtype
@@ -48,6 +54,9 @@ class UNetDenoiser:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
         if w is not None and self.w_embedding_dim:
             kwargs["timestep_cond"] = guidance_embedding(w, self.w_embedding_dim).to(device=x_t.device, dtype=dtype)
+        if self.native:
+            with torch.autocast(x_t.device.type, enabled=False):
+                return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
         return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
 
 

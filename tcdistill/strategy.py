@@ -55,7 +55,7 @@ class FullStrategy:
         return (
             UNetDenoiser(student_module, self.w_dim),
             UNetDenoiser(self.target, self.w_dim),
-            UNetDenoiser(self.teacher_unet, None, self.teacher_dtype),
+            UNetDenoiser(self.teacher_unet, None, self.teacher_dtype, native=self.cfg.teacher_dtype == "weight"),
         )
 
     def after_optimizer_step(self) -> None:
@@ -123,9 +123,9 @@ class LoraStrategy:
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         unet = self.student
         if self.separate_teacher is not None:
-            return UNetDenoiser(student_module), UNetDenoiser(unet), UNetDenoiser(self.separate_teacher, None, self.teacher_dtype)
+            return UNetDenoiser(student_module), UNetDenoiser(unet), UNetDenoiser(self.separate_teacher, None, self.teacher_dtype, native=self.cfg.teacher_dtype == "weight")
         if self._teacher_view is None:  # built once: it caches the adapter layers
-            self._teacher_view = _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype), unet)
+            self._teacher_view = _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet)
         return UNetDenoiser(student_module), UNetDenoiser(unet), self._teacher_view
 
     def after_optimizer_step(self) -> None:

@@ -48,3 +48,38 @@ class StepTimer:
     def reset(self) -> None:
         self.totals.clear()
         self.counts.clear()
+
+
+def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20, trace_path: str | None = None) -> dict[str, Any]:
+    """Run `step` `steps` times under torch.profiler; report wall vs device-busy time per step and the top ops.
+
+    Device-busy is the sum of the GPU kernels' own time (they never overlap on one stream), so
+    `1 - busy / wall` is the share of the step in which the GPU waited for the host (launch overhead, syncs).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / max(steps, 1)
+    events = prof.key_averages()
+    # The kernels themselves (device-side events): summing the op rows too would count each kernel twice.
+    device_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else 0.0
+    out: dict[str, Any] = {
+        "steps": steps, "wall_ms": 1000.0 * wall,
+        "device_busy_ms": device_us / 1000.0 / max(steps, 1) if cuda else None,
+        "host_ms": sum(e.self_cpu_time_total for e in events) / 1000.0 / max(steps, 1),
+        "top_self_cpu": events.table(sort_by="self_cpu_time_total", row_limit=row_limit),
+    }
+    if cuda:
+        out["top_self_device"] = events.table(sort_by="self_device_time_total", row_limit=row_limit)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    return out

@@ -111,3 +111,26 @@ def test_optimisations_give_the_reference_loss(variant: str, tiny_teacher: Path,
         assert one_unet == pytest.approx(ref, rel=1e-5)  # the separate copy == the base with adapters off
         on = fn(student, target, UNetDenoiser(strat.student), x0, cond, uncond, draw)[0].item()
         assert abs(on - ref) > 1e-3 * abs(ref)  # and the adapters really change the teacher, so the check has teeth
+
+
+def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
+    """`UNetDenoiser(native=True)` (the weight-dtype teacher) runs its UNet with the enclosing autocast switched off
+    (seen from inside the forward) and gives what the bf16 UNet gives with no autocast at all."""
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    unet = build_tiny_sd_pipeline(None).unet.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
+    seen: list[bool] = []
+    unet.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        plain = UNetDenoiser(unet, None, torch.bfloat16)(x, t, cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            native = UNetDenoiser(unet, None, torch.bfloat16, native=True)(x, t, cond)
+            autocast = UNetDenoiser(unet, None, torch.bfloat16)(x, t, cond)
+    assert native.dtype == torch.bfloat16
+    assert torch.equal(native, plain)
+    assert autocast.dtype == torch.bfloat16
+    assert seen == [False, False, True]  # plain, native (autocast off inside), default adapter (autocast on inside)

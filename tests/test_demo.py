@@ -93,6 +93,28 @@ def test_classifier_reads_the_world(tmp_path: Path) -> None:
     assert torch.equal(again.features(x[:4]), model.features(x[:4]))
 
 
+def test_target_checks_measure_each_target() -> None:
+    """RMSE targets at gamma 0; at gamma 0.3 the LCM and 8-vs-4 comparisons use the world FD; each verdict follows the numbers."""
+    from tcdistill.demo.report import target_checks
+
+    def row(model: str, k: int, rmse: float, fd: float, gamma: float | None = None) -> dict:
+        return {"model": model, "steps": k, "gamma": gamma, "rmse": rmse, "world_fd": fd}
+
+    rows = [row("teacher", 2, 1.2, 900.0), row("teacher", 4, 0.6, 400.0)]
+    rows += [row("lcm-full", k, r, fd) for k, r, fd in ((1, 0.9, 1000.0), (2, 0.5, 500.0), (4, 0.5, 450.0), (8, 0.6, 470.0))]
+    rows += [row("tcd-full", k, r, fd, 0.0) for k, r, fd in ((1, 0.95, 1100.0), (2, 0.35, 300.0), (4, 0.25, 250.0), (8, 0.24, 240.0))]
+    rows += [row("tcd-full", k, r, fd, 0.3) for k, r, fd in ((1, 0.95, 990.0), (2, 0.4, 310.0), (4, 0.5, 260.0), (8, 0.7, 270.0))]
+    got = {c["target"]: (c["value"], c["met"]) for c in target_checks(rows, [0.0, 0.3])}
+    assert got["tcd-full gamma 0, 2 steps: >= 3x closer to teacher-50 than teacher DDIM-2"] == ("3.43x", True)
+    assert got["tcd-full gamma 0, 4 steps: >= 3x closer to teacher-50 than teacher DDIM-4"] == ("2.40x", False)
+    assert got["tcd-full gamma 0 no worse than lcm-full at every k (rmse)"] == ("worse at k=1", False)
+    assert got["tcd-full gamma 0: 8 steps no worse than 4 (rmse)"][1] is True
+    # gamma 0.3: its RMSE grows with k (fresh noise), but the distribution metric decides these two.
+    assert got["tcd-full gamma 0.3 no worse than lcm-full at every k (world_fd)"] == ("all k", True)
+    assert got["tcd-full gamma 0.3: 8 steps no worse than 4 (world_fd)"] == ("270.0000 vs 260.0000", False)
+    assert not any("gamma 0.3, 2 steps" in t for t in got)
+
+
 def test_quick_demo_end_to_end_then_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`tcdistill demo --quick` writes the report, JSON and grids; a rerun reuses the cache; `tcdistill eval` reads its outputs."""
     from tcdistill import evaluate

@@ -25,24 +25,32 @@ def _find(rows: list[dict[str, Any]], model: str, k: int, gamma: float | None = 
 
 
 def target_checks(rows: list[dict[str, Any]], gammas: list[float], lcm: str = "lcm-full", tcd: str = "tcd-full") -> list[dict[str, Any]]:
-    """The issue's targets, each measured (never assumed): ratio to teacher DDIM, TCD vs LCM, TCD 8 vs 4 steps."""
+    """The issue's targets, each measured (never assumed): ratio to teacher DDIM, TCD vs LCM, TCD 8 vs 4 steps.
+
+    At gamma 0 TCD follows the deterministic trajectory the teacher's reference follows, so the targets are in RMSE
+    to that reference. At gamma > 0 it re-injects fresh noise each step (the paper's SSS): its samples leave that
+    trajectory by design, so "no worse than LCM" and "8 steps no worse than 4" are judged on the distribution
+    metric (world Fréchet distance) when the rows have one.
+    """
     checks = []
     for g in gammas:
-        for k in (2, 4):
-            ddim, t = _find(rows, "teacher", k), _find(rows, tcd, k, g)
-            if ddim and t:
-                ratio = ddim["rmse"] / max(t["rmse"], 1e-12)
-                checks.append({"target": f"{tcd} gamma {g:g}, {k} steps: >= 3x closer to teacher-50 than teacher DDIM-{k}",
-                               "value": f"{ratio:.2f}x", "met": ratio >= 3.0})
+        metric = "rmse" if g == 0 or not any("world_fd" in r for r in rows) else "world_fd"
+        if metric == "rmse":
+            for k in (2, 4):
+                ddim, t = _find(rows, "teacher", k), _find(rows, tcd, k, g)
+                if ddim and t:
+                    ratio = ddim["rmse"] / max(t["rmse"], 1e-12)
+                    checks.append({"target": f"{tcd} gamma {g:g}, {k} steps: >= 3x closer to teacher-50 than teacher DDIM-{k}",
+                                   "value": f"{ratio:.2f}x", "met": ratio >= 3.0})
         ks = sorted({r["steps"] for r in rows if r["model"] == lcm})
         pairs = [(k, _find(rows, tcd, k, g), _find(rows, lcm, k)) for k in ks]
-        worse = [k for k, t, lc in pairs if t and lc and t["rmse"] > lc["rmse"]]
-        checks.append({"target": f"{tcd} gamma {g:g} no worse than {lcm} at every k (RMSE)",
+        worse = [k for k, t, lc in pairs if t and lc and t[metric] > lc[metric]]
+        checks.append({"target": f"{tcd} gamma {g:g} no worse than {lcm} at every k ({metric})",
                        "value": "worse at k=" + ",".join(map(str, worse)) if worse else "all k", "met": not worse})
         t4, t8 = _find(rows, tcd, 4, g), _find(rows, tcd, 8, g)
         if t4 and t8:
-            checks.append({"target": f"{tcd} gamma {g:g}: 8 steps no worse than 4 (RMSE)",
-                           "value": f"{t8['rmse']:.4f} vs {t4['rmse']:.4f}", "met": t8["rmse"] <= t4["rmse"]})
+            checks.append({"target": f"{tcd} gamma {g:g}: 8 steps no worse than 4 ({metric})",
+                           "value": f"{t8[metric]:.4f} vs {t4[metric]:.4f}", "met": t8[metric] <= t4[metric]})
     return checks
 
 

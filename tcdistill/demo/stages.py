@@ -102,7 +102,7 @@ def distill_student(run_dir: Path, variant: str, flags: dict[str, Any], teacher_
 
 
 def evaluate_all(teacher_dir: Path, clf_dir: Path, world: World, students: dict[str, dict[str, Any]], budget: "Budget",
-                 seed: int, guidance_scale: float, log: Log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                 seed: int, guidance_scale: float, log: Log, original_steps: int = 50) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`tcdistill eval`'s evaluator over the teacher and every student, with the world scorer."""
     from dataclasses import asdict
 
@@ -110,7 +110,7 @@ def evaluate_all(teacher_dir: Path, clf_dir: Path, world: World, students: dict[
 
     torch.manual_seed(seed)
     pipe = load_teacher(str(teacher_dir))
-    settings = EvalSettings(seed=seed, guidance_scale=guidance_scale)
+    settings = EvalSettings(seed=seed, guidance_scale=guidance_scale, original_steps=original_steps)
     log(f"evaluating on {len(world.eval_prompts)} prompts: teacher {settings.reference_steps}-step guided DDIM reference (CFG {guidance_scale})")
     ev = Evaluator(pipe, world.eval_prompts, settings, {"world": world_scorer(str(clf_dir), world.eval_prompts, seed)})
     rows = ev.teacher_rows()

@@ -1,8 +1,8 @@
-"""Train the demo's tiny SD-architecture teacher: a VAE (reconstruction + small KL), then an eps-prediction UNet.
+"""Train the demo's tiny SD-architecture teacher: a VAE (reconstruction + small KL), then an eps-prediction UNet
+jointly with its CLIP text encoder.
 
-The text encoder stays random and frozen: the UNet learns to read its (deterministic, token- and position-
-dependent) features through cross-attention, which is all a teacher needs. The VAE must be trained: a random
-one's GroupNorms erase colour and intensity, leaving a latent space the UNet cannot learn the world in.
+The VAE must be trained: a random one's GroupNorms erase colour and intensity, leaving a latent space the UNet
+cannot learn the world in. Distillation later keeps the text encoder frozen, as for any SD teacher.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class TeacherSpec:
 
     image_size: int = 32
     vae_channels: tuple[int, ...] = (16, 32, 32)  # three levels: downscale factor 4
-    unet_channels: tuple[int, ...] = (32, 64)  # attention only at the 4x4 level
+    unet_channels: tuple[int, ...] = (32, 64)  # 8x8 and 4x4 latents
+    unet_heads: int = 2
     cross_attention_dim: int = 32
     max_length: int = 16
     vae_norm_groups: int = 1
@@ -55,7 +56,7 @@ def to_pixels(images: np.ndarray) -> Tensor:
 
 def build_teacher_pipeline(spec: TeacherSpec, seed: int) -> Any:
     """A random tiny SD pipeline whose tokenizer turns each world word into one token, with a VAE of few norm groups."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..tiny import build_tiny_sd_pipeline
 
@@ -78,7 +79,13 @@ def build_teacher_pipeline(spec: TeacherSpec, seed: int) -> Any:
         # teaching the decoder to ignore posterior noise, and blurs.
         with torch.no_grad():
             vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
-    pipe.register_modules(vae=vae)
+        # Cross-attention at both levels (SD has it at three of four) with wide heads: with 8 heads of width 4 the
+        # teacher learned the prompt's words only slowly.
+        unet = UNet2DConditionModel.from_config(
+            dict(pipe.unet.config), down_block_types=("CrossAttnDownBlock2D",) * len(spec.unet_channels),
+            up_block_types=("CrossAttnUpBlock2D",) * len(spec.unet_channels), attention_head_dim=spec.unet_heads,
+        )
+    pipe.register_modules(vae=vae, unet=unet)
     return pipe
 
 
@@ -134,23 +141,25 @@ def set_scaling_factor(vae: nn.Module, mean: Tensor) -> float:
     return sf
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: nn.Module, captions: list[str]) -> Tensor:
-    """Last hidden states of the frozen text encoder, padded to the tokenizer's max length (as the trainer does)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].cpu()
+def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
+    """Token ids padded to the tokenizer's max length (as the trainer and the pipelines pad)."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def train_unet(
-    unet: nn.Module, latents: tuple[Tensor, Tensor], scaling_factor: float, text: Tensor, uncond: Tensor,
-    schedule: NoiseSchedule, spec: TeacherSpec, gen: torch.Generator, log: Log = logger.info,
-) -> nn.Module:
-    """Standard eps-prediction loss `||eps - eps_theta(a_t x0 + s_t eps, t, c)||^2`, 10 % empty captions; returns the EMA UNet."""
-    unet.train().requires_grad_(True)
+    unet: nn.Module, text_encoder: nn.Module, latents: tuple[Tensor, Tensor], scaling_factor: float, ids: Tensor,
+    uncond_ids: Tensor, schedule: NoiseSchedule, spec: TeacherSpec, gen: torch.Generator, log: Log = logger.info,
+) -> tuple[nn.Module, nn.Module]:
+    """Standard eps-prediction loss `||eps - eps_theta(a_t x0 + s_t eps, t, c)||^2`, 10 % empty captions.
+
+    The text encoder trains jointly: a random one's features barely tell a colour word's role (object or
+    background) apart, and the UNet alone learned to follow it only slowly. Returns the EMA UNet and text encoder.
+    """
+    modules = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train().requires_grad_(True)
     device = next(unet.parameters()).device
     schedule = schedule.to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
+    ema = copy.deepcopy(modules).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(modules.parameters(), lr=spec.unet_lr, weight_decay=0.0)
     mean, std = latents
     n, T = mean.shape[0], schedule.num_train_timesteps
     running = None
@@ -162,22 +171,23 @@ def train_unet(
         t = torch.randint(0, T, (spec.batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(spec.batch_size, generator=gen) < spec.p_uncond
-        cond = torch.where(drop[:, None, None], uncond.expand_as(text[idx]), text[idx])
-        x0, t, eps, cond = x0.to(device), t.to(device), eps.to(device), cond.to(device)
+        tokens = torch.where(drop[:, None], uncond_ids.expand_as(ids[idx]), ids[idx])
+        x0, t, eps, tokens = x0.to(device), t.to(device), eps.to(device), tokens.to(device)
+        cond = text_encoder(tokens)[0]
         pred = unet(schedule.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         # Warm the EMA up (decay grows with steps) so a short run is not dominated by the random init.
-        ema_update(ema.parameters(), unet.parameters(), min(spec.unet_ema, (1 + step) / (10 + step)))
+        ema_update(ema.parameters(), modules.parameters(), min(spec.unet_ema, (1 + step) / (10 + step)))
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == spec.unet_steps - 1:
             log(f"  unet step {step:4d}/{spec.unet_steps}  eps loss {running:.4f}")
-    for b_ema, b in zip(ema.buffers(), unet.buffers()):
+    for b_ema, b in zip(ema.buffers(), modules.buffers()):
         b_ema.copy_(b)
-    return ema
+    return ema["unet"], ema["text_encoder"]
 
 
 def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], spec: TeacherSpec, seed: int,
@@ -191,12 +201,13 @@ def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], 
     vae_mse = train_vae(pipe.vae, pixels, spec, gen, log)
     mean, std = encode_posterior(pipe.vae, pixels)
     sf = set_scaling_factor(pipe.vae, mean)
-    text = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
-    uncond = encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
-    log(f"training the UNet ({spec.unet_steps} steps, latents {tuple(mean.shape[1:])}, scaling factor {sf:.3f})")
-    ema = train_unet(pipe.unet, (mean, std), sf, text, uncond, schedule, spec, gen, log)
-    pipe.unet.load_state_dict(ema.state_dict())
-    pipe.unet.eval().requires_grad_(False)
+    log(f"training the UNet and text encoder ({spec.unet_steps} steps, latents {tuple(mean.shape[1:])}, scaling factor {sf:.3f})")
+    unet, text_encoder = train_unet(pipe.unet, pipe.text_encoder, (mean, std), sf, tokenize(pipe.tokenizer, captions),
+                                    tokenize(pipe.tokenizer, [""]), schedule, spec, gen, log)
+    pipe.unet.load_state_dict(unet.state_dict())
+    pipe.text_encoder.load_state_dict(text_encoder.state_dict())
+    for m in (pipe.unet, pipe.text_encoder):
+        m.eval().requires_grad_(False)
     pipe.to("cpu").save_pretrained(str(out_dir), safe_serialization=True)
     return {"vae_recon_mse": vae_mse, "scaling_factor": sf}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Where the optimised GPU step spends its time (issue 4): SD 1.5 architecture, random weights, 512 px, bf16, batch 12.
+# 1. full: reference-like vs optimised, each with `--profile 2` (torch.profiler: GPU-busy share of the step, top ops);
+# 2. LoRA: the same;  3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
+# 5. full with `--compile_unet` (whatever time is left under BUDGET_S; its compile time is not in the numbers).
+# Usage: benchmarks/gpu_profile.sh OUT_DIR   (env: PYTHON, BUDGET_S=540, BENCH_WORKDIR, BENCH_ARGS)
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_profile.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python}
+BUDGET=${BUDGET_S:-540}
+cd "$(dirname "$0")/.."
+WORK=${BENCH_WORKDIR:-/tmp/tcdistill-bench-work}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+COMMON=(--preset sd15 --mixed_precision bf16 --batch_size 12 --resolution 512 --warmup 2 --steps 5 --split-steps 1
+        --workers 6 --workdir "$WORK")
+read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"  # appended to every run (later flags win), e.g. a CPU dry run with --preset tiny
+COMMON+=("${EXTRA_ARGS[@]}")
+
+run() {  # name, cap in seconds, then bench flags
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 40 ]; then echo "=== $name skipped (${left}s left)"; return; fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "=== $name (t=${SECONDS}s, cap ${cap}s)"
+  timeout "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.log"
+  echo "--- $name rc=$? (t=${SECONDS}s)"
+  grep -E "^(profile|samples/s|step time|peak memory|MFU|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
+}
+
+run full 200 --variant full --compare --profile 2
+run lora 150 --variant lora --compare --profile 1
+run full_gradckpt 70 --variant full --set gradient_checkpointing=true
+run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
+run full_compile 400 --variant full --compile_unet --warmup 3
+echo "done in ${SECONDS}s"
