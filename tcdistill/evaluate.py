@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .families import tokenize
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
 from .tcd import guidance_embedding
@@ -149,10 +150,8 @@ class Evaluator:
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
-            ids = tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            self.cond = pipe.text_encoder(ids.to(self.device))[0]
-            empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-            self.uncond = pipe.text_encoder(empty.to(self.device))[0].expand_as(self.cond)
+            self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]
+            self.uncond = pipe.text_encoder(tokenize(tok, [""]).to(self.device))[0].expand_as(self.cond)
         size = pipe.unet.config.sample_size
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
         shape = (len(self.prompts), pipe.unet.config.in_channels, size, size)

@@ -31,6 +31,11 @@ def _load_vae(cfg: TrainConfig) -> nn.Module:
     return _from_pretrained(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
 
 
+def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
+    """Token ids padded (and truncated) to the tokenizer's own max length, no hard-coded 77: how SD pipelines tokenize."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
 def _freeze(*modules: nn.Module) -> None:
     """Frozen, eval-mode teacher parts."""
     for m in modules:
@@ -72,11 +77,8 @@ class SDFamily:
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], device: torch.device) -> Tensor:
-        """Tokenize to the tokenizer's own max length (no hard-coded 77) and take the last hidden state."""
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        return self.text_encoder(ids)[0]
+        """Tokenize to the tokenizer's own max length and take the last hidden state."""
+        return self.text_encoder(tokenize(self.tokenizer, captions).to(device))[0]
 
     def encode(self, batch: dict[str, Any], device: torch.device) -> Cond:
         """Conditioning for a data batch."""
@@ -161,8 +163,7 @@ class SDXLFamily:
         """Both encoders' penultimate hidden states, concatenated, and the second's pooled projection (the pipeline's encode_prompt)."""
         states = []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            out = enc(ids.to(device), output_hidden_states=True)
+            out = enc(tokenize(tok, captions).to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
         return torch.cat(states, dim=-1), out.text_embeds
 

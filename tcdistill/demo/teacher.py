@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..families import tokenize
 from ..schedule import NoiseSchedule
 from ..tcd import ema_update
 from .world import bpe_merges, vocabulary
@@ -139,11 +140,6 @@ def set_scaling_factor(vae: nn.Module, mean: Tensor) -> float:
     sf = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=sf)
     return sf
-
-
-def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
-    """Token ids padded to the tokenizer's max length (as the trainer and the pipelines pad)."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def train_unet(
