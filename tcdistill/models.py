@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -54,10 +55,8 @@ class UNetDenoiser:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
         if w is not None and self.w_embedding_dim:
             kwargs["timestep_cond"] = guidance_embedding(w, self.w_embedding_dim).to(device=x_t.device, dtype=dtype)
-        if self.native:
-            with torch.autocast(x_t.device.type, enabled=False):
-                return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
-        return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
+        with torch.autocast(x_t.device.type, enabled=False) if self.native else contextlib.nullcontext():
+            return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
 
 
 def enable_memory_efficient_attention(unet: nn.Module) -> bool:

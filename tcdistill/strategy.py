@@ -55,7 +55,7 @@ class FullStrategy:
         return (
             UNetDenoiser(student_module, self.w_dim),
             UNetDenoiser(self.target, self.w_dim),
-            UNetDenoiser(self.teacher_unet, None, self.teacher_dtype, native=self.cfg.teacher_dtype == "weight"),
+            teacher_denoiser(self.teacher_unet, self.cfg, self.teacher_dtype),
         )
 
     def after_optimizer_step(self) -> None:
@@ -123,7 +123,7 @@ class LoraStrategy:
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         unet = self.student
         if self.separate_teacher is not None:
-            return UNetDenoiser(student_module), UNetDenoiser(unet), UNetDenoiser(self.separate_teacher, None, self.teacher_dtype, native=self.cfg.teacher_dtype == "weight")
+            return UNetDenoiser(student_module), UNetDenoiser(unet), teacher_denoiser(self.separate_teacher, self.cfg, self.teacher_dtype)
         if self._teacher_view is None:  # built once: it caches the adapter layers
             self._teacher_view = _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet)
         return UNetDenoiser(student_module), UNetDenoiser(unet), self._teacher_view
@@ -198,6 +198,11 @@ class _AdaptersOff:
 def teacher_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:
     """The frozen teacher's dtype: the weight dtype, or fp32 under autocast for --teacher_dtype fp32 (reference-like)."""
     return torch.float32 if cfg.teacher_dtype == "fp32" else weight_dtype
+
+
+def teacher_denoiser(unet: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> UNetDenoiser:
+    """The frozen teacher as a Denoiser: in the weight dtype it runs outside autocast; fp32 (reference-like) under it."""
+    return UNetDenoiser(unet, None, dtype, native=cfg.teacher_dtype == "weight")
 
 
 def make_strategy(cfg: TrainConfig, family: Any, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
