@@ -50,7 +50,7 @@ class StepTimer:
         self.counts.clear()
 
 
-def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20, trace_path: str | None = None) -> dict[str, Any]:
+def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20) -> dict[str, Any]:
     """Run `step` `steps` times under torch.profiler; report wall vs device-busy time per step and the top ops.
 
     Device-busy is the sum of the GPU kernels' own time (they never overlap on one stream), so
@@ -80,6 +80,4 @@ def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20, trac
     }
     if cuda:
         out["top_self_device"] = events.table(sort_by="self_device_time_total", row_limit=row_limit)
-    if trace_path:
-        prof.export_chrome_trace(trace_path)
     return out

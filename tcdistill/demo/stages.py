@@ -58,29 +58,29 @@ def train_teacher_stage(path: Path, world: World, budget: "Budget", seed: int, l
 
 
 @torch.no_grad()
-def _reconstruct(teacher_dir: Path, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def _reconstruct(vae: torch.nn.Module, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """`D(E(x))` with the teacher's VAE (posterior mean), images in [-1, 1]."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(teacher_dir), subfolder="vae").eval()
     return torch.cat([vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) for x in pixels.split(batch)])
 
 
 def train_classifier_stage(path: Path, world: World, teacher_dir: Path, budget: "Budget", seed: int, log: Log) -> dict[str, Any]:
     """Train the attribute classifier on the world's images and their VAE reconstructions; report held-out accuracy."""
+    from diffusers import AutoencoderKL
+
     from .classifier import accuracy, labels_of, save_classifier, to_tensor, train_classifier
 
+    vae = AutoencoderKL.from_pretrained(str(teacher_dir), subfolder="vae").eval()
     labels = labels_of([W.parse_caption(c) for c in world.captions])
     real = to_tensor(world.images)
     # Also the teacher VAE's reconstructions of the same images (same labels): samples can only be as sharp as the
     # decoder, and the classifier must read attributes in its (slightly blurred) rendering too.
-    recon = _reconstruct(teacher_dir, real)
+    recon = _reconstruct(vae, real)
     pixels = torch.cat([real, recon])
     model = train_classifier(pixels, {k: torch.cat([v, v]) for k, v in labels.items()}, budget.classifier_steps, seed)
     rng = random.Random(seed + 1)
     attrs = [W.parse_caption(p) for p in world.eval_prompts]
     held = to_tensor(W.images_array([W.scene_for(a, rng) for a in attrs]))
-    acc = {"real": accuracy(model, held, labels_of(attrs)), "vae": accuracy(model, _reconstruct(teacher_dir, held), labels_of(attrs))}
+    acc = {"real": accuracy(model, held, labels_of(attrs)), "vae": accuracy(model, _reconstruct(vae, held), labels_of(attrs))}
     save_classifier(model, path, {"held_out_accuracy": acc})
     log(f"classifier: held-out accuracy {json.dumps(acc)}")
     return {"held_out_accuracy": acc}
