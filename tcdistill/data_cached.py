@@ -137,7 +137,9 @@ def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor], fro
     for s in samples:
         skipped.update(s["skipped"])
     n = len(samples)
-    cond = {k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]}
+    # fp32, like the encoders' output under fp32 weights: an fp16 cache must not meet a bf16 autocast (CPU rejects
+    # the mix); each denoiser casts to its UNet's dtype anyway. Cast here, in the loader, not in the training step.
+    cond = {k: torch.stack([s["cond"][k] for s in samples]).float() for k in samples[0]["cond"]}
     batch: dict[str, Any] = dict(
         latents=torch.stack([s["latents"] for s in samples]),
         cond=cond,
@@ -177,8 +179,6 @@ def cached_inputs(batch: dict[str, Any], device: torch.device) -> tuple[Tensor, 
         # Same draw as DiagonalGaussianDistribution.sample() on an fp32 posterior: one randn of the latent shape.
         n = torch.randn(mean.shape, device=device, dtype=torch.float32)
         x0 = mean + batch["latents_std"].to(device, non_blocking=True).float() * n
-    # fp32 like the encoders' output under fp32 weights: an fp16 cache must not meet a bf16 autocast (CPU rejects it);
-    # each denoiser casts to its UNet's dtype anyway.
-    cond = {k: v.to(device, non_blocking=True).float() for k, v in batch["cond"].items()}
-    uncond = {k: v.to(device, non_blocking=True).float() for k, v in batch["uncond"].items()}
+    cond = {k: v.to(device, non_blocking=True) for k, v in batch["cond"].items()}
+    uncond = {k: v.to(device, non_blocking=True) for k, v in batch["uncond"].items()}
     return x0, cond, uncond

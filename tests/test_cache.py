@@ -174,3 +174,19 @@ def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run
     out = tmp_path / "lora"
     train_main("lora", seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, **over))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_fp16_cache_batches_are_fp32_and_run_under_cpu_bf16_autocast() -> None:
+    """An fp16-stored cache is cast to fp32 in the loader's collate: a bf16 CPU autocast rejects a cat of fp16
+    tensors (the batched teacher's cond+uncond), which is what a bf16 run from an fp16 cache used to hit."""
+    from tcdistill.data_cached import collate_cached
+    from tcdistill.tcd import cat_cond
+
+    samples = [dict(latents=torch.zeros(4, 2, 2), latents_std=None, caption="a", skipped={},
+                    cond={"encoder_hidden_states": torch.randn(3, 8).half()}) for _ in range(2)]
+    batch = collate_cached(samples, {"encoder_hidden_states": torch.randn(1, 3, 8).half()})
+    assert batch["cond"]["encoder_hidden_states"].dtype == torch.float32
+    assert batch["uncond"]["encoder_hidden_states"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        both = cat_cond(batch["cond"], batch["uncond"])
+    assert both["encoder_hidden_states"].shape == (4, 3, 8)
