@@ -178,7 +178,8 @@ def train_unet(
         opt.step()
         # Warm the EMA up (decay grows with steps) so a short run is not dominated by the random init.
         ema_update(ema.parameters(), modules.parameters(), min(spec.unet_ema, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = loss.item()  # one host sync per step
+        running = value if running is None else 0.98 * running + 0.02 * value
         if step % 100 == 0 or step == spec.unet_steps - 1:
             log(f"  unet step {step:4d}/{spec.unet_steps}  eps loss {running:.4f}")
     for b_ema, b in zip(ema.buffers(), modules.buffers()):
