@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Reference-like: the reference scripts' choices (fp32 teacher under autocast, two teacher passes, a target forward
 # for every sample, a second frozen UNet for LoRA) and pixels re-encoded every step; compile/channels_last off.
 REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_target=False, teacher_dtype="fp32", lora_separate_teacher=True,
-                                      fused_adam=False, compile_unet=False, channels_last=False)
+                                      lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
 SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
 MODES = ("reference-like", "optimised")
 
@@ -287,8 +287,11 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     device = trainer.device
     flops, flop_samples = _count_flops(trainer, data)
     _reset_peak(device)
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # with --compile_unet, the compilations happen here
         trainer.optimizer_step(data)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
     acc = _new_acc()
     for _ in range(args.steps if timed else 0):
         _timed_step(trainer, data, acc)
@@ -300,7 +303,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     trainer.timer.enabled = False
     prof = _profile(args, trainer, data, f"{variant}/{mode}") if args.profile else None
     res: dict[str, Any] = dict(
-        mode=mode, variant=variant, build_s=build_s, steps=args.steps, warmup=args.warmup,
+        mode=mode, variant=variant, build_s=build_s, warmup_s=warmup_s, steps=args.steps, warmup=args.warmup,
         split_ms={k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()},
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, flops_per_step=flops, flops_per_sample=flops / max(flop_samples, 1),
         data_source="cached latents" if cfg.train_latents_path_or_url else "pixels (VAE + text encoder every step)",
@@ -370,6 +373,7 @@ def format_run(run: dict[str, Any], header: str) -> str:
         lines.append(f"{label:<28}" + "".join(f"{v:>18}" for v in vals) + (f"{ratio:>18}" if len(modes) == 2 else ""))
 
     r = run.get("ratio", {})
+    row("warmup (s, incl. compile)", [f"{m['warmup_s']:.1f}" for m in modes])
     row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], f"{r.get('samples_per_s', 0):.2f}x")
     row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], f"{r.get('step_time', 0):.2f}x")
     row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], f"{r.get('cpu_time', 0):.2f}x")

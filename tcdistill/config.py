@@ -99,8 +99,11 @@ class TrainConfig:
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
     lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.")
+    lora_merged_target: bool = _f(True, "LoRA: run the target as the base UNet with the adapters merged into its weights for the call (one op per layer, not the adapter branch).", negatable=True)
     fused_adam: bool = _f(True, "Fused AdamW kernel on CUDA and CPU (off: the default foreach AdamW, as the reference).", negatable=True)
-    compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place.")
+    compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place, static shapes (the target then runs every row).")
+    compile_mode: str = _f("default", "torch.compile mode for --compile_unet ('reduce-overhead' adds CUDA graphs on GPU).",
+                           choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     channels_last: bool = _f(False, "Put the UNets in channels_last memory format.")
     # --- validation
     validation_steps: int = _f(200, "Run validation every N optimizer steps (0 = never).")

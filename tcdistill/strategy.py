@@ -110,7 +110,8 @@ class LoraStrategy:
                 p.data = p.data.float()
         self.student = unet.train()
         self.teacher_unet = self.separate_teacher if self.separate_teacher is not None else unet
-        self._teacher_view: _AdaptersOff | None = None
+        self._teacher_view: Denoiser | None = None
+        self._target_view: Denoiser | None = None
 
     def to(self, device: torch.device) -> None:
         self.student.to(device)
@@ -122,11 +123,12 @@ class LoraStrategy:
 
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         unet = self.student
-        if self.separate_teacher is not None:
-            return UNetDenoiser(student_module), UNetDenoiser(unet), teacher_denoiser(self.separate_teacher, self.cfg, self.teacher_dtype)
-        if self._teacher_view is None:  # built once: it caches the adapter layers
-            self._teacher_view = _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet)
-        return UNetDenoiser(student_module), UNetDenoiser(unet), self._teacher_view
+        if self._teacher_view is None:  # built once: the views cache the adapter layers
+            self._teacher_view = (teacher_denoiser(self.separate_teacher, self.cfg, self.teacher_dtype) if self.separate_teacher is not None
+                                  else _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet))
+            self._target_view = (_MergedAdapters(unet) if self.cfg.lora_merged_target and _MergedAdapters.applies(unet)
+                                 else UNetDenoiser(unet))
+        return UNetDenoiser(student_module), self._target_view, self._teacher_view
 
     def after_optimizer_step(self) -> None:
         pass
@@ -193,6 +195,68 @@ class _AdaptersOff:
             return self.inner(*args, **kwargs)
         finally:
             self._switch(False)
+
+
+class _FunctionalUNet:
+    """Calls a module with some parameters replaced for the call (`torch.func.functional_call`); none are written."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.params: dict[str, torch.Tensor] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.module, self.params, args, kwargs, strict=False)
+
+
+class _MergedAdapters:
+    """The LoRA target view: the base UNet run with `W + scaling B A` in place of each adapted weight, adapters off.
+
+    The same function as the adapted UNet (to float rounding), but each adapted layer runs one base op instead of
+    base + down + up + scale + add: on the tiny UNet (rank 64 on 32-64 channels) that halves the target forward.
+    The merged weights live only during the call (the base weights, which are also the teacher, are never written).
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.call = _FunctionalUNet(unet)
+        self.view = _AdaptersOff(UNetDenoiser(self.call), unet)  # type: ignore[arg-type]
+        names = {id(m): n for n, m in unet.named_modules()}
+        self.weights = [(f"{names[id(m)]}.base_layer.weight", m) for m in self.view.layers]
+
+    @staticmethod
+    def applies(unet: nn.Module) -> bool:
+        """Plain LoRA only: DoRA, LoRA biases and dropout (the train-mode target applies it) are not a weight delta."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in unet.modules() if hasattr(m, "base_layer")]
+        return bool(layers) and all(
+            isinstance(m, LoraLayer) and isinstance(getattr(m.get_base_layer(), "weight", None), torch.Tensor)
+            and not any(m.use_dora.get(a, False) or getattr(m, "lora_bias", {}).get(a, False) for a in m.active_adapters)
+            and all(isinstance(m.lora_dropout[a], nn.Identity) for a in m.active_adapters)
+            for m in layers)
+
+    @torch.no_grad()
+    def _merged(self) -> dict[str, torch.Tensor]:
+        """`W + scaling B A` per adapted weight: one addmm per layer (peft's `get_delta_weight` runs a k x k conv
+        delta as a conv over the channels, ~2x slower on the tiny UNet), rounded once to the weight's dtype."""
+        out = {}
+        for name, m in self.weights:
+            w = m.get_base_layer().weight
+            merged = w.flatten(1)
+            for a in m.active_adapters:
+                A, B = m.lora_A[a].weight, m.lora_B[a].weight
+                if getattr(m, "fan_in_fan_out", False) or B.shape[2:].numel() != 1 or A.flatten(1).shape[1] != merged.shape[1]:
+                    merged = merged + m.get_delta_weight(a).to(w.dtype).flatten(1)  # layouts this fast path does not know
+                else:
+                    merged = torch.addmm(merged, B.flatten(1).to(w.dtype), A.flatten(1).to(w.dtype), alpha=m.scaling[a])
+            out[name] = merged.view_as(w)
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.call.params = self._merged()
+        try:
+            return self.view(*args, **kwargs)
+        finally:
+            self.call.params = {}
 
 
 def teacher_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:

@@ -132,6 +132,8 @@ class TCDLoss:
 
     `student`, `target` and `teacher` are `Denoiser`s. `w_cond_student` says whether the student and target get
     the guidance scale `w` (full model with `time_cond_proj_dim`) or not (LoRA: w only enters the teacher).
+    `static_shapes` keeps every forward at the full batch (identity target rows are replaced, not skipped), so a
+    compiled UNet sees one input shape and the step makes no data-dependent host sync.
     """
 
     schedule: NoiseSchedule
@@ -141,6 +143,7 @@ class TCDLoss:
     w_cond_student: bool = True
     batched_teacher: bool = True
     skip_identity_target: bool = True
+    static_shapes: bool = False
     _loss_fn: Callable[[Tensor, Tensor], Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,8 +182,12 @@ class TCDLoss:
         w_in = w if self.w_cond_student else None
         if self.mode == "lcm" or not self.skip_identity_target:
             return self.consistency_map(x_prev, target(x_prev, t_n, cond, w_in), t_n, s), x_prev.shape[0]
+        identity = s == t_n
+        if self.static_shapes:  # one shape for a compiled target: run every row, then put the identity rows in exactly
+            f = self.consistency_map(x_prev, target(x_prev, t_n, cond, w_in), t_n, s)
+            return torch.where(_bcast(identity, f), x_prev.float(), f), x_prev.shape[0]
         out = x_prev.float().clone()
-        idx = (s != t_n).nonzero(as_tuple=True)[0]
+        idx = (~identity).nonzero(as_tuple=True)[0]
         if idx.numel() > 0:
             xp = x_prev[idx]
             pred = target(xp, t_n[idx], index_cond(cond, idx), None if w_in is None else w_in[idx])
@@ -193,9 +200,11 @@ class TCDLoss:
         """Loss for latents `x0` with the random inputs `draw`; returns `(loss, stats)`."""
         t, t_n, s, w = draw.steps.t, draw.steps.t_n, draw.steps.s, draw.w
         z = self.schedule.add_noise(x0.float(), draw.eps, t)
-        student_out = student(z, t, cond, w if self.w_cond_student else None)
-        student_pred = self.consistency_map(z, student_out, t, s)
+        # Teacher and target first: their no-grad activations are freed before the student's forward starts
+        # holding activations for backward, so they never add to the step's peak memory.
         x_prev = self.teacher_step(teacher, z, t, t_n, w, cond, uncond)
         target_pred, n_target = self.target_map(target, x_prev, t_n, s, w, cond)
+        student_out = student(z, t, cond, w if self.w_cond_student else None)
+        student_pred = self.consistency_map(z, student_out, t, s)
         loss = self._loss_fn(student_pred, target_pred)
         return loss, {"target_forwards": float(n_target)}

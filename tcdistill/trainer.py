@@ -60,7 +60,9 @@ def speed_up_unets(unets: list[nn.Module | None], cfg: TrainConfig) -> None:
         if cfg.channels_last:
             m.to(memory_format=torch.channels_last)
         if cfg.compile_unet:
-            m.compile()
+            # Static shapes: the loss keeps every batch fixed (static_shapes), so each UNet compiles once per call
+            # site (student B with grad, teacher 2B, target B) and never recompiles with symbolic sizes.
+            m.compile(mode=cfg.compile_mode, dynamic=False)
 
 
 class Trainer:
@@ -125,6 +127,7 @@ class Trainer:
         self.loss_fn = TCDLoss(
             self.schedule, cfg.loss_type, cfg.huber_c, mode=cfg.distill_mode, w_cond_student=self.strategy.w_cond_student,
             batched_teacher=cfg.batched_teacher, skip_identity_target=cfg.skip_identity_target,
+            static_shapes=cfg.compile_unet,  # a varying target batch would recompile the compiled UNets
         )
 
         self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps

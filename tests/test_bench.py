@@ -94,23 +94,74 @@ def test_optimisations_give_the_reference_loss(variant: str, tiny_teacher: Path,
     student, target, teacher = strat.denoisers(tr.student)
     losses = {}
     for batched in (False, True):
-        for skip in (False, True):
-            fn = TCDLoss(tr.schedule, w_cond_student=strat.w_cond_student, batched_teacher=batched, skip_identity_target=skip)
+        for skip, static in ((False, False), (True, False), (True, True)):
+            fn = TCDLoss(tr.schedule, w_cond_student=strat.w_cond_student, batched_teacher=batched, skip_identity_target=skip,
+                         static_shapes=static)
             loss, stats = fn(student, target, teacher, x0, cond, uncond, draw)
-            assert stats["target_forwards"] == (3 if skip else 6)
-            losses[(batched, skip)] = loss.item()
-    ref = losses[(False, False)]
+            assert stats["target_forwards"] == (3 if skip and not static else 6)
+            losses[(batched, skip, static)] = loss.item()
+    ref = losses[(False, False, False)]
     for key, val in losses.items():
-        assert val == pytest.approx(ref, rel=1e-5), (key, losses)
+        # 1e-4: the loss is a small difference of two predictions, so batch-size-dependent conv rounding (~1e-7 in
+        # x_prev) shows up at ~2e-5 here; a real change of the math moves it by > 1e-3 (checked below).
+        assert val == pytest.approx(ref, rel=1e-4), (key, losses)
     if variant == "lora":
         from tcdistill.strategy import _AdaptersOff
 
         fn = TCDLoss(tr.schedule, w_cond_student=False)
         off = _AdaptersOff(UNetDenoiser(strat.student), strat.student)
         one_unet = fn(student, target, off, x0, cond, uncond, draw)[0].item()
-        assert one_unet == pytest.approx(ref, rel=1e-5)  # the separate copy == the base with adapters off
+        assert one_unet == pytest.approx(ref, rel=1e-4)  # the separate copy == the base with adapters off
         on = fn(student, target, UNetDenoiser(strat.student), x0, cond, uncond, draw)[0].item()
         assert abs(on - ref) > 1e-3 * abs(ref)  # and the adapters really change the teacher, so the check has teeth
+        # The merged-weights target (the default) == the adapted UNet's own forward, and leaves the base untouched.
+        from tcdistill.strategy import _MergedAdapters
+
+        assert isinstance(target, _MergedAdapters)
+        base = {n: p.clone() for n, p in strat.student.named_parameters() if "base_layer" in n}
+        unmerged = fn(student, UNetDenoiser(strat.student), off, x0, cond, uncond, draw)[0].item()
+        assert unmerged == pytest.approx(ref, rel=1e-4)
+        assert all(torch.equal(p, base[n]) for n, p in strat.student.named_parameters() if "base_layer" in n)
+        # (the forward itself is compared against fp64 in test_merged_lora_target_is_the_adapted_unet)
+
+
+def test_merged_lora_target_is_the_adapted_unet() -> None:
+    """The merged-weights LoRA target computes the adapted UNet: in fp64 to ~1e-12, and in fp32 as close to the fp64
+    result as the adapter-branch forward is; dropout or DoRA keep the adapter branch (`applies` is False)."""
+    from peft import LoraConfig
+
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.strategy import _MergedAdapters
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    torch.manual_seed(0)
+    mods = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "time_emb_proj"]
+    unet = build_tiny_sd_pipeline(None).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=64, target_modules=mods, init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([10, 500, 900])
+    cond = {"encoder_hidden_states": torch.randn(3, 8, unet.config.cross_attention_dim, generator=g)}
+    assert _MergedAdapters.applies(unet)
+    with torch.no_grad():
+        merged32, branch32 = _MergedAdapters(unet)(x, t, cond), UNetDenoiser(unet)(x, t, cond)
+        base = {n: p.clone() for n, p in unet.named_parameters()}
+        unet.double()
+        x64, cond64 = x.double(), {k: v.double() for k, v in cond.items()}
+        merged64, branch64 = _MergedAdapters(unet)(x64, t, cond64), UNetDenoiser(unet)(x64, t, cond64)
+        off = _MergedAdapters(unet).view(x64, t, cond64)  # the same UNet with the adapters off: the teeth of the check
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    assert rel(merged64, branch64) < 1e-10
+    assert rel(off, branch64) > 1e-2
+    assert rel(merged32, branch64) < 3 * rel(branch32, branch64) + 1e-6
+    assert all(torch.equal(p.double(), base[n].double()) for n, p in unet.named_parameters())  # base never written
+    unet.float()
+    dropout = build_tiny_sd_pipeline(None).unet
+    dropout.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=mods, lora_dropout=0.1))
+    assert not _MergedAdapters.applies(dropout)
 
 
 def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
@@ -134,3 +185,37 @@ def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
     assert torch.equal(native, plain)
     assert autocast.dtype == torch.bfloat16
     assert seen == [False, False, True]  # plain, native (autocast off inside), default adapter (autocast on inside)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_compiled_unets_compile_once(variant: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile_unet`: every graph is captured in the first step and no later step recompiles, although identity
+    target rows (s == t_n) vary per batch (the loss keeps the target at the full batch). dynamo's graph capture is
+    real; the backend is `eager` (inductor's code generation would take minutes here and is not what recompiles)."""
+    import torch._dynamo
+
+    from tcdistill.trainer import Trainer
+
+    captured: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        captured.append(len(example_inputs))
+        return gm.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **{**kw, "backend": counting_backend, "mode": None}))
+    torch._dynamo.reset()
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                      resolution=32, max_train_steps=8, report_to="none", seed=0, mixed_precision="no", variant=variant,
+                      train_batch_size=4, lora_rank=4, compile_unet=True, num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
+    tr = Trainer(cfg)
+    assert tr.loss_fn.static_shapes
+    data = iter(tr._data_loader())
+    tr.optimizer_step(data)
+    first = len(captured)
+    assert first >= 3  # teacher, target and student (plus any graph breaks)
+    losses = [tr.optimizer_step(data)[0] for _ in range(6)]
+    assert len(captured) == first, f"recompiled after step 1: {first} -> {len(captured)} graphs"
+    assert all(math.isfinite(x) for x in losses)
+    torch._dynamo.reset()

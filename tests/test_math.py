@@ -181,6 +181,12 @@ def test_exact_student_has_near_zero_loss_and_batched_teacher_agrees():
     ref, ref_stats = TCDLoss(sc, "l2", batched_teacher=False, skip_identity_target=False)(wrong, wrong, teacher, x0, cond, uncond, draw)
     torch.testing.assert_close(bad, ref)
     assert stats["target_forwards"] < 64 and ref_stats["target_forwards"] == 64
+    # The compile-friendly form runs the target on every row (one shape) and puts the identity rows in after.
+    shapes = []
+    seen = lambda x, t, c, w=None: shapes.append(x.shape[0]) or wrong(x, t, c, w)
+    static, static_stats = TCDLoss(sc, "l2", static_shapes=True)(wrong, seen, teacher, x0, cond, uncond, draw)
+    torch.testing.assert_close(static, ref)
+    assert shapes == [64] and static_stats["target_forwards"] == 64
 
 
 def test_gradients_reach_only_the_student():
