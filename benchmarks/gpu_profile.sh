@@ -2,8 +2,11 @@
 # Where the optimised GPU step spends its time (issue 4): SD 1.5 architecture, random weights, 512 px, bf16, batch 12.
 # 1. full: reference-like vs optimised, each with `--profile 2` (torch.profiler: GPU-busy share of the step, top ops);
 # 2. LoRA: the same;  3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
-# 5. full with `--compile_unet` (whatever time is left under BUDGET_S; its compile time is not in the numbers).
-# Usage: benchmarks/gpu_profile.sh OUT_DIR   (env: PYTHON, BUDGET_S=540, BENCH_WORKDIR, BENCH_ARGS)
+# 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA in the default mode, full with CUDA graphs
+# (`compile_mode=reduce-overhead`); each against a reference-like run in the same process. The compile time is the
+# "warmup" row, not in the samples/s. Runs that would not fit in what is left of BUDGET_S are skipped.
+# Usage: benchmarks/gpu_profile.sh OUT_DIR [RUN ...]   (default: all runs, in this order; env: PYTHON, BUDGET_S=540,
+#        BENCH_WORKDIR, BENCH_ARGS). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_profile.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -18,20 +21,24 @@ COMMON=(--preset sd15 --mixed_precision bf16 --batch_size 12 --resolution 512 --
 read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"  # appended to every run (later flags win), e.g. a CPU dry run with --preset tiny
 COMMON+=("${EXTRA_ARGS[@]}")
 
+RUNS=("${@:2}")
 run() {  # name, cap in seconds, then bench flags
   local name=$1 cap=$2; shift 2
+  if [ "${#RUNS[@]}" -gt 0 ] && [[ " ${RUNS[*]} " != *" $name "* ]]; then return; fi
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 40 ]; then echo "=== $name skipped (${left}s left)"; return; fi
   [ "$cap" -gt "$left" ] && cap=$left
   echo "=== $name (t=${SECONDS}s, cap ${cap}s)"
   timeout "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.log"
   echo "--- $name rc=$? (t=${SECONDS}s)"
-  grep -E "^(profile|samples/s|step time|peak memory|MFU|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
+  grep -E "^(profile|warmup|samples/s|step time|peak memory|MFU|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
 }
 
 run full 200 --variant full --compare --profile 2
 run lora 150 --variant lora --compare --profile 1
 run full_gradckpt 70 --variant full --set gradient_checkpointing=true
 run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
-run full_compile 400 --variant full --compile_unet --warmup 3
+run full_compile 400 --variant full --compare --compile_unet --warmup 3
+run lora_compile 400 --variant lora --compare --compile_unet --warmup 3
+run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
 echo "done in ${SECONDS}s"

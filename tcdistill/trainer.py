@@ -121,6 +121,8 @@ class Trainer:
         if cfg.channels_last or cfg.compile_unet:
             speed_up_unets([student, getattr(self.strategy, "target", None), self.strategy.teacher_unet], cfg)
 
+        # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
+        self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         self.num_ddim = cfg.num_ddim_timesteps
         self.k = self.schedule.num_train_timesteps // self.num_ddim
         self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
@@ -285,6 +287,8 @@ class Trainer:
                 self.stream.consumed(batch)
             self.skipped.update(batch.get("skipped", {}))
             with acc.accumulate(self.student):
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss, stats = self.train_step(batch)
                 with self.timer.section("student_backward"):
                     acc.backward(loss)

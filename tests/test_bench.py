@@ -187,8 +187,8 @@ def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
     assert seen == [False, False, True]  # plain, native (autocast off inside), default adapter (autocast on inside)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
-def test_compiled_unets_compile_once(variant: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+@pytest.mark.parametrize("variant,mode", [("full", "reduce-overhead"), ("lora", "default")])
+def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`--compile_unet`: every graph is captured in the first step and no later step recompiles, although identity
     target rows (s == t_n) vary per batch (the loss keeps the target at the full batch). dynamo's graph capture is
@@ -208,9 +208,9 @@ def test_compiled_unets_compile_once(variant: str, tiny_teacher: Path, tiny_shar
     torch._dynamo.reset()
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                       resolution=32, max_train_steps=8, report_to="none", seed=0, mixed_precision="no", variant=variant,
-                      train_batch_size=4, lora_rank=4, compile_unet=True, num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
+                      train_batch_size=4, lora_rank=4, compile_unet=True, compile_mode=mode, num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
     tr = Trainer(cfg)
-    assert tr.loss_fn.static_shapes
+    assert tr.loss_fn.static_shapes and tr.cudagraphs == (mode == "reduce-overhead")
     data = iter(tr._data_loader())
     tr.optimizer_step(data)
     first = len(captured)
