@@ -217,31 +217,36 @@ class Trainer:
         logger.info("Resumed from %s at step %d.", path, self.global_step)
         return ck.rng
 
-    def _finite_step(self, loss_value: float) -> bool:
+    def _finite_step(self, loss: torch.Tensor) -> tuple[float, bool]:
         """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
 
-        Gradients are already all-reduced here, so their norm is the same on every rank; the loss is reduced too.
-        Under fp16 an overflowing gradient is the GradScaler's business (it skips and lowers the scale).
+        `loss` is this rank's step loss on the device. Gradients are already all-reduced here, so their norm is the
+        same on every rank; the non-finite-loss flag is summed over ranks. The loss, the flag and the norm's
+        finiteness come to the host in one transfer: the step's only host sync (each sync stalls the host until the
+        GPU drains, and the step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
+        (it skips and lowers the scale). Returns (loss value, apply the step).
         """
         acc = self.accelerator
         grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
-        bad = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
+        loss = loss.reshape(()).float()
+        bad = (~torch.isfinite(loss)).float().reshape(1)
         bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad
-        grad_bad = grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).item()
-        if bad.item() == 0 and not (grad_bad and acc.mixed_precision != "fp16"):
+        norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
+        loss_value, n_bad, grad_ok = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float()]).tolist()
+        if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):
             self.nonfinite_streak = 0
-            return True
+            return loss_value, True
         self.nonfinite_streak += 1
         self.skipped["nonfinite_step"] += 1
         logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
-                       "loss" if bad.item() else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
+                       "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
         if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
             newest = self.ckpt.latest()
             raise NonFiniteError(
                 f"{self.nonfinite_streak} consecutive non-finite steps at step {self.global_step + 1}; stopping. "
                 f"Last good checkpoint: {newest or 'none'} (lower --learning_rate, or check the data / --mixed_precision)."
             )
-        return False
+        return loss_value, False
 
     def _try_checkpoint(self) -> None:
         """Save a checkpoint; a failed save (disk full, permissions) keeps the older ones and training goes on."""
@@ -279,7 +284,8 @@ class Trainer:
         """
         acc, cfg = self.accelerator, self.cfg
         self.student.train()
-        loss_sum, samples, step_ok = 0.0, 0, True
+        loss_sum: float | None = None
+        loss_dev, samples, step_ok = torch.zeros((), device=self.device), 0, True
         for _ in range(cfg.gradient_accumulation_steps):
             with self.timer.section("data"):
                 batch = next(data)
@@ -292,12 +298,12 @@ class Trainer:
                 loss, stats = self.train_step(batch)
                 with self.timer.section("student_backward"):
                     acc.backward(loss)
-                loss_sum += loss.detach().float().item() / cfg.gradient_accumulation_steps
+                loss_dev = loss_dev + loss.detach().float() / cfg.gradient_accumulation_steps  # on the device: no sync
                 samples += len(batch["captions"]) * acc.num_processes
                 with self.timer.section("optimizer"):
                     step_ok = True
                     if acc.sync_gradients:
-                        step_ok = self._finite_step(loss_sum)
+                        loss_sum, step_ok = self._finite_step(loss_dev)
                     if step_ok:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -306,7 +312,7 @@ class Trainer:
             with self.timer.section("ema"):
                 self.strategy.after_optimizer_step()
             self.global_step += 1
-        return loss_sum, samples, step_ok
+        return loss_dev.item() if loss_sum is None else loss_sum, samples, step_ok
 
     def train(self) -> None:
         """Run until `max_train_steps`, checkpointing, validating and logging along the way."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -208,3 +209,32 @@ def test_invalid_arguments_fail_before_loading(tiny_teacher, tiny_shards, run_en
         lines = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
         assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stdout, (case, proc.stdout[-1500:])
         assert not (out / "metrics.jsonl").exists()
+
+
+def test_finite_step_guard_reads_loss_and_gradient_in_one_transfer(tiny_teacher, tiny_shards, tmp_path):
+    """The step guard: a finite step applies; a non-finite gradient (finite loss) or loss is skipped and counted; the
+    limit stops the run naming the last good checkpoint. Its one host transfer returns the loss value too."""
+    import torch
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import NonFiniteError, Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", max_nonfinite_steps=3))
+    params = tr.strategy.trainable_parameters()
+
+    def grads(value: float) -> None:
+        for p in params:
+            p.grad = torch.full_like(p, value)
+
+    grads(1e-3)
+    assert tr._finite_step(torch.tensor(0.25)) == (0.25, True) and tr.nonfinite_streak == 0
+    grads(float("inf"))
+    assert tr._finite_step(torch.tensor(0.25)) == (0.25, False) and tr.nonfinite_streak == 1
+    grads(1e-3)
+    value, ok = tr._finite_step(torch.tensor(float("nan")))
+    assert math.isnan(value) and not ok and tr.nonfinite_streak == 2 and tr.skipped["nonfinite_step"] == 2
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+        tr._finite_step(torch.tensor(float("nan")))
+    grads(1e-3)
+    assert tr._finite_step(torch.tensor(1.5)) == (1.5, True) and tr.nonfinite_streak == 0
