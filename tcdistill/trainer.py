@@ -222,8 +222,8 @@ class Trainer:
 
         `loss` is this rank's step loss on the device. Gradients are already all-reduced here, so their norm is the
         same on every rank; the non-finite-loss flag is summed over ranks. The loss, the flag and the norm's
-        finiteness come to the host in one transfer: the step's only host sync (each sync stalls the host until the
-        GPU drains, and the step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
+        finiteness come to the host in one transfer, not four syncs (each sync stalls the host until the GPU
+        drains, and the GPU step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
         (it skips and lowers the scale). Returns (loss value, apply the step).
         """
         acc = self.accelerator
