@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .bench_assets import Assets, prepare_assets
 from .config import TrainConfig, _parse_bool
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -39,98 +41,6 @@ REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_targe
                                       lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
 SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
 MODES = ("reference-like", "optimised")
-
-
-# SD 1.5's published component configs (runwayml/stable-diffusion-v1-5), written here so nothing is downloaded.
-SD15_UNET: dict[str, Any] = dict(
-    in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    scaling_factor=0.18215,
-)
-SD15_TEXT: dict[str, Any] = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-)
-SD15_SCHEDULER: dict[str, Any] = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="epsilon",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-)
-
-
-@dataclasses.dataclass
-class Assets:
-    """What the modes train from: a teacher folder, pixel shards and (optimised mode) cached shards."""
-
-    teacher: str
-    shards: str
-    cached: str | None = None
-    cache_info: dict[str, Any] | None = None
-
-
-def build_sd15_pipeline(save_dir: Path, resolution: int) -> None:
-    """SD 1.5's UNet, VAE and CLIP text encoder with random weights, saved as a diffusers pipeline folder.
-
-    The tokenizer is the tiny offline one with SD's 77-token length; its ids stay inside CLIP's 49408-token vocab.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tiny import build_tiny_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = build_tiny_tokenizer(tmp, model_max_length=77)
-    # Random init on the GPU when there is one: initialising ~1.1B parameters on the CPU takes a while.
-    with torch.random.fork_rng(devices=[]), torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(sample_size=resolution // 8, **SD15_UNET)
-        vae = AutoencoderKL(sample_size=resolution, **SD15_VAE)
-        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                            eos_token_id=tok.eos_token_id))
-    unet, vae, text = unet.cpu(), vae.cpu(), text.cpu()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDPMScheduler.from_config(SD15_SCHEDULER),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(save_dir), safe_serialization=True)
-
-
-def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool) -> Assets:
-    """Teacher, synthetic shards at the preset's resolution and (if needed) their cache; reused when already in `work`."""
-    from .tiny import build_tiny_sd_pipeline, shard_pattern, write_tiny_shards
-
-    teacher = work / f"{preset}-teacher-{resolution}"
-    if not (teacher / ".complete").exists():
-        shutil.rmtree(teacher, ignore_errors=True)
-        if preset == "sd15":
-            build_sd15_pipeline(teacher, resolution)
-        else:
-            build_tiny_sd_pipeline(teacher, sample_size=resolution // 2)
-        (teacher / ".complete").touch()
-    n_shards, per_shard = (4, 24) if preset == "sd15" else (2, 16)
-    shards_dir = work / f"shards-{resolution}"
-    if not (shards_dir / ".complete").exists():
-        # Source images larger than the training size, so the loader's resize does real work.
-        write_tiny_shards(shards_dir, n_shards=n_shards, per_shard=per_shard, image_size=(resolution * 5 // 4, resolution * 3 // 2))
-        (shards_dir / ".complete").touch()
-    assets = Assets(teacher=str(teacher), shards=shard_pattern(shards_dir, n_shards))
-    if need_cache:
-        from .cache import build_parser as cache_parser, run_cache
-
-        cache_dir = work / f"{preset}-cache-{resolution}"
-        meta_path = cache_dir / "tcdistill_cache.json"
-        if meta_path.exists():
-            info = json.loads(meta_path.read_text())
-        else:
-            info = run_cache(cache_parser().parse_args([
-                "--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", assets.shards,
-                "--output_dir", str(cache_dir), "--resolution", str(resolution)]))
-        assets.cached, assets.cache_info = shard_pattern(cache_dir, len(info["shards"])), info
-    return assets
 
 
 def device_peak_tflops(name: str, override: float | None = None) -> tuple[float | None, str]:
@@ -237,7 +147,8 @@ def _timed_step(trainer: Any, data: Any, acc: dict[str, Any]) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     loss, n, ok = trainer.optimizer_step(data)
     _sync(trainer.device)
-    acc["wall_s"] += time.perf_counter() - t0
+    acc["walls"].append(time.perf_counter() - t0)
+    acc["wall_s"] += acc["walls"][-1]
     # CPU seconds of this process: on a shared CPU box, less sensitive to other jobs' load than wall time.
     acc["cpu_s"] += time.process_time() - c0
     acc["samples"] += n
@@ -264,12 +175,14 @@ def _throughput(res: dict[str, Any], acc: dict[str, Any]) -> None:
     step_s = acc["wall_s"] / steps
     res.update(samples=acc["samples"], losses=acc["losses"], nonfinite_steps=acc["nonfinite_steps"],
                samples_per_s=acc["samples"] / max(acc["wall_s"], 1e-12), step_time_ms=1000.0 * step_s,
+               # The median resists the odd slow step (a shared machine's hiccup, a late recompile) that moves the mean.
+               step_time_median_ms=1000.0 * statistics.median(acc["walls"] or [0.0]),
                cpu_time_ms=1000.0 * acc["cpu_s"] / steps, achieved_tflops=res["flops_per_step"] / step_s / 1e12,
                split_other_ms=max(0.0, 1000.0 * step_s - sum(res["split_ms"].values())) if res["split_ms"] else None)
 
 
 def _new_acc() -> dict[str, Any]:
-    return dict(wall_s=0.0, cpu_s=0.0, samples=0, losses=[], nonfinite_steps=0)
+    return dict(wall_s=0.0, cpu_s=0.0, samples=0, losses=[], nonfinite_steps=0, walls=[])
 
 
 def _build(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path) -> tuple[Any, Any, TrainConfig, float]:
@@ -376,6 +289,7 @@ def format_run(run: dict[str, Any], header: str) -> str:
     row("warmup (s, incl. compile)", [f"{m['warmup_s']:.1f}" for m in modes])
     row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], f"{r.get('samples_per_s', 0):.2f}x")
     row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], f"{r.get('step_time', 0):.2f}x")
+    row("step time, median (ms)", [f"{m['step_time_median_ms']:.1f}" for m in modes], f"{r.get('step_time_median', 0):.2f}x")
     row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], f"{r.get('cpu_time', 0):.2f}x")
     row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], f"{r.get('peak_memory', 0):.2f}x")
     row("GFLOP/sample (counted)", [f"{m['flops_per_sample'] / 1e9:.2f}" for m in modes])
@@ -480,6 +394,7 @@ def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes:
     if len(modes) == 2:
         ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
         run["ratio"] = dict(samples_per_s=opt["samples_per_s"] / ref["samples_per_s"], step_time=opt["step_time_ms"] / ref["step_time_ms"],
+                            step_time_median=opt["step_time_median_ms"] / max(ref["step_time_median_ms"], 1e-12),
                             cpu_time=opt["cpu_time_ms"] / ref["cpu_time_ms"],
                             peak_memory=opt["peak_memory_bytes"] / ref["peak_memory_bytes"])
     header = (f"tcdistill bench: preset {args.preset}, variant {variant}, {name}, mixed_precision {args.mixed_precision}, "

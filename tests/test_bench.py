@@ -34,8 +34,9 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
     for run in res["runs"]:
         ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
         for m in (ref, opt):
-            for k in ("samples_per_s", "step_time_ms", "cpu_time_ms", "flops_per_sample", "achieved_tflops"):
+            for k in ("samples_per_s", "step_time_ms", "step_time_median_ms", "cpu_time_ms", "flops_per_sample", "achieved_tflops"):
                 assert _finite(m[k]) and m[k] > 0, (m["mode"], k, m[k])
+            assert _finite(m["warmup_s"]) and m["warmup_s"] >= 0
             assert m["peak_memory_bytes"] > 2**20 and m["peak_memory_kind"].startswith("peak_rss")
             assert m["samples"] == 4 and len(m["losses"]) == 2 and all(map(_finite, m["losses"]))
             assert m["timing"] == "interleaved"  # CPU --compare: the modes' timed steps alternate
@@ -48,7 +49,7 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
         # Same seed, same draw: the counted FLOPs differ by the VAE/text encoders and the skipped target rows only.
         assert ref["flops_per_sample"] > opt["flops_per_sample"]
         assert all(_finite(v) and v > 0 for v in run["ratio"].values())
-    for text in ("reference-like", "optimised", "samples/s", "peak memory", "GFLOP/sample", "ratio", "student_backward"):
+    for text in ("reference-like", "optimised", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "ratio", "student_backward"):
         assert text in printed
 
 
