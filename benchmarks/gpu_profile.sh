@@ -2,9 +2,10 @@
 # Where the optimised GPU step spends its time (issue 4): SD 1.5 architecture, random weights, 512 px, bf16, batch 12.
 # 1. full: reference-like vs optimised, each with `--profile 2` (torch.profiler: GPU-busy share of the step, top ops);
 # 2. LoRA: the same;  3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
-# 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA in the default mode, full with CUDA graphs
-# (`compile_mode=reduce-overhead`); each against a reference-like run in the same process. The compile time is the
-# "warmup" row, not in the samples/s. Runs that would not fit in what is left of BUDGET_S are skipped.
+# 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA as three modes in one process (reference-like,
+#    optimised eager, compiled; ~8 min each on SD 1.5), then full compiled with CUDA graphs
+#    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
+# Runs that would not fit in what is left of BUDGET_S are skipped.
 # Usage: benchmarks/gpu_profile.sh OUT_DIR [RUN ...]   (default: all runs, in this order; env: PYTHON, BUDGET_S=540,
 #        BENCH_WORKDIR, BENCH_ARGS). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
 set -uo pipefail
@@ -38,7 +39,7 @@ run full 200 --variant full --compare --profile 2
 run lora 150 --variant lora --compare --profile 1
 run full_gradckpt 70 --variant full --set gradient_checkpointing=true
 run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
-run full_compile 400 --variant full --compare --compile_unet --warmup 3
-run lora_compile 400 --variant lora --compare --compile_unet --warmup 3
+run full_compile 500 --variant full --compare --compile_unet --warmup 3
+run lora_compile 500 --variant lora --compare --compile_unet --warmup 3
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
 echo "done in ${SECONDS}s"

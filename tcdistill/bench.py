@@ -40,7 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_target=False, teacher_dtype="fp32", lora_separate_teacher=True,
                                       lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
 SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
-MODES = ("reference-like", "optimised")
+# "compiled" is the optimised mode with `--compile_unet` (static shapes); `--compare --compile_unet` times all three.
+MODES = ("reference-like", "optimised", "compiled")
 
 
 def device_peak_tflops(name: str, override: float | None = None) -> tuple[float | None, str]:
@@ -81,7 +82,7 @@ def mode_config(args: argparse.Namespace, assets: Assets, variant: str, mode: st
         mixed_precision=args.mixed_precision, dataloader_num_workers=args.workers, validation_steps=0, lr_warmup_steps=0,
         # The seed README's LR, and no early stop: random-weight teachers may give non-finite steps (counted, not fatal).
         learning_rate=4e-6, max_nonfinite_steps=1_000_000,
-        compile_unet=args.compile_unet, channels_last=args.channels_last,
+        compile_unet=mode == "compiled", channels_last=args.channels_last,
     )
     kw.update(_overrides(args.set))
     kw.update(REFERENCE_LIKE if ref else _overrides(args.opt_set))
@@ -276,22 +277,23 @@ def _fmt_bytes(b: int) -> str:
 
 
 def format_run(run: dict[str, Any], header: str) -> str:
-    """One variant's side-by-side table (modes as columns, plus the optimised/reference-like ratio)."""
+    """One variant's side-by-side table (modes as columns, plus each mode's ratio to the reference-like)."""
     modes = [run["modes"][m] for m in MODES if m in run["modes"]]
     names = [m["mode"] for m in modes]
-    cols = names + (["ratio"] if len(modes) == 2 else [])
+    ratios = run.get("ratios", {})
+    cols = names + [f"{m}/ref" for m in ratios]
     lines = [header, f"{'':<28}" + "".join(f"{c:>18}" for c in cols)]
 
-    def row(label: str, vals: list[str], ratio: str = "") -> None:
-        lines.append(f"{label:<28}" + "".join(f"{v:>18}" for v in vals) + (f"{ratio:>18}" if len(modes) == 2 else ""))
+    def row(label: str, vals: list[str], key: str = "") -> None:
+        r = [f"{x[key]:.2f}x" if key else "" for x in ratios.values()]
+        lines.append(f"{label:<28}" + "".join(f"{v:>18}" for v in vals + r))
 
-    r = run.get("ratio", {})
     row("warmup (s, incl. compile)", [f"{m['warmup_s']:.1f}" for m in modes])
-    row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], f"{r.get('samples_per_s', 0):.2f}x")
-    row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], f"{r.get('step_time', 0):.2f}x")
-    row("step time, median (ms)", [f"{m['step_time_median_ms']:.1f}" for m in modes], f"{r.get('step_time_median', 0):.2f}x")
-    row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], f"{r.get('cpu_time', 0):.2f}x")
-    row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], f"{r.get('peak_memory', 0):.2f}x")
+    row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], "samples_per_s")
+    row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], "step_time")
+    row("step time, median (ms)", [f"{m['step_time_median_ms']:.1f}" for m in modes], "step_time_median")
+    row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], "cpu_time")
+    row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], "peak_memory")
     row("GFLOP/sample (counted)", [f"{m['flops_per_sample'] / 1e9:.2f}" for m in modes])
     row("achieved TFLOP/s", [f"{m['achieved_tflops']:.3f}" for m in modes])
     row("MFU", [("n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%") for m in modes])
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: the offline tiny pipeline (CPU); sd15: SD 1.5 architecture, random weights.")
     p.add_argument("--variant", default="full", help="full, lora, or a comma list (full,lora).")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--compare", action="store_true", help="Run reference-like and optimised in this process; print both and the ratio.")
+    g.add_argument("--compare", action="store_true", help="Run reference-like and optimised (and compiled, with --compile_unet) in this process; print them and their ratios.")
     g.add_argument("--reference-like", dest="reference_like", action="store_true", help="Run only the reference-like mode.")
     g.add_argument("--data-only", dest="data_only", action="store_true", help="Only measure the pixel loader (samples/s per worker).")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-steps", dest="split_steps", type=int, default=2, help="Steps timed per section (after the timed steps).")
     p.add_argument("--workers", type=int, default=None, help="Data-loader workers (preset default: tiny 0, sd15 6).")
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="Optimised mode reads pixels too (no `tcdistill cache`).")
-    p.add_argument("--compile_unet", action="store_true", help="Optimised mode: torch.compile the UNets.")
+    p.add_argument("--compile_unet", action="store_true", help="Add the 'compiled' mode (optimised + torch.compile'd UNets); alone, run only it.")
     p.add_argument("--channels_last", action="store_true", help="Optimised mode: channels_last UNets.")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for every mode (repeatable).")
     p.add_argument("--opt-set", dest="opt_set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for the optimised mode only.")
@@ -351,12 +353,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     variants = [v.strip() for v in args.variant.split(",") if v.strip()]
     if not variants or any(v not in ("full", "lora") for v in variants):
         raise SystemExit(f"tcdistill bench: --variant must be full, lora or a comma list of them, got {args.variant!r}")
-    modes = list(MODES) if args.compare else ["reference-like"] if args.reference_like else ["optimised"]
+    opt = ["optimised", "compiled"] if args.compile_unet and args.compare else ["compiled"] if args.compile_unet else ["optimised"]
+    modes = ["reference-like", *opt] if args.compare else ["reference-like"] if args.reference_like else opt
     owned = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="tcdistill-bench-") if owned else args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        assets = prepare_assets(args.preset, work, args.resolution, need_cache="optimised" in modes and not args.no_cache and not args.data_only)
+        assets = prepare_assets(args.preset, work, args.resolution, need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
         cuda = torch.cuda.is_available()
         name = torch.cuda.get_device_name() if cuda else "cpu"
         peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda else (None, "CPU: no MFU")
@@ -380,9 +383,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def ratios(res: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    """A mode's figures over the reference-like's (throughput, mean and median step time, CPU time, peak memory)."""
+    return dict(samples_per_s=res["samples_per_s"] / ref["samples_per_s"], step_time=res["step_time_ms"] / ref["step_time_ms"],
+                step_time_median=res["step_time_median_ms"] / max(ref["step_time_median_ms"], 1e-12),
+                cpu_time=res["cpu_time_ms"] / ref["cpu_time_ms"], peak_memory=res["peak_memory_bytes"] / ref["peak_memory_bytes"])
+
+
 def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes: list[str], work: Path,
                   peak: float | None, peak_src: str, name: str) -> dict[str, Any]:
-    """Run the modes of one variant, print its table, return {variant, modes, ratio}."""
+    """Run the modes of one variant, print its table, return {variant, modes, ratios[, ratio]} (`ratio`: optimised's)."""
     run: dict[str, Any] = dict(variant=variant, modes={})
     interleave = args.interleave if args.interleave is not None else (len(modes) > 1 and not torch.cuda.is_available())
     for mode in modes:
@@ -391,12 +401,11 @@ def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes:
         interleaved_throughput(args, assets, variant, run["modes"], work)
     for res in run["modes"].values():
         res["mfu"] = res["achieved_tflops"] / peak if peak else None
-    if len(modes) == 2:
-        ref, opt = run["modes"]["reference-like"], run["modes"]["optimised"]
-        run["ratio"] = dict(samples_per_s=opt["samples_per_s"] / ref["samples_per_s"], step_time=opt["step_time_ms"] / ref["step_time_ms"],
-                            step_time_median=opt["step_time_median_ms"] / max(ref["step_time_median_ms"], 1e-12),
-                            cpu_time=opt["cpu_time_ms"] / ref["cpu_time_ms"],
-                            peak_memory=opt["peak_memory_bytes"] / ref["peak_memory_bytes"])
+    ref = run["modes"].get("reference-like")
+    if ref is not None:
+        run["ratios"] = {m: ratios(res, ref) for m, res in run["modes"].items() if m != "reference-like"}
+        if "optimised" in run["ratios"]:
+            run["ratio"] = run["ratios"]["optimised"]
     header = (f"tcdistill bench: preset {args.preset}, variant {variant}, {name}, mixed_precision {args.mixed_precision}, "
               f"batch {args.batch_size}, {args.resolution} px; {args.warmup} warmup + {args.steps} timed + {args.split_steps} split step(s)"
               + ("; timed steps interleaved across modes" if interleave else ""))

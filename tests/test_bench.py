@@ -49,7 +49,7 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
         # Same seed, same draw: the counted FLOPs differ by the VAE/text encoders and the skipped target rows only.
         assert ref["flops_per_sample"] > opt["flops_per_sample"]
         assert all(_finite(v) and v > 0 for v in run["ratio"].values())
-    for text in ("reference-like", "optimised", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "ratio", "student_backward"):
+    for text in ("reference-like", "optimised", "optimised/ref", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "student_backward"):
         assert text in printed
 
 
@@ -220,3 +220,23 @@ def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path
     assert len(captured) == first, f"recompiled after step 1: {first} -> {len(captured)} graphs"
     assert all(math.isfinite(x) for x in losses)
     torch._dynamo.reset()
+
+
+def test_compare_with_compile_times_three_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compare --compile_unet`: reference-like, optimised (eager) and compiled in one interleaved run, each
+    non-reference mode with its ratio. dynamo captures graphs for real; the backend is `eager` (no inductor here)."""
+    import torch._dynamo
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **{**kw, "backend": "eager", "mode": None}))
+    torch._dynamo.reset()
+    res = bench_main(["--preset", "tiny", "--variant", "full", "--compare", "--compile_unet", "--steps", "2", "--warmup", "1",
+                      "--split-steps", "1", "--batch_size", "2", "--threads", "1", "--workdir", str(tmp_path / "work")])
+    torch._dynamo.reset()
+    printed = capsys.readouterr().out
+    run = res["runs"][0]
+    assert list(run["modes"]) == ["reference-like", "optimised", "compiled"]
+    assert [run["modes"][m]["config"]["compile_unet"] for m in run["modes"]] == [False, False, True]
+    assert set(run["ratios"]) == {"optimised", "compiled"} and run["ratio"] == run["ratios"]["optimised"]
+    assert all(_finite(v) and v > 0 for r in run["ratios"].values() for v in r.values())
+    assert "compiled/ref" in printed and "optimised/ref" in printed
