@@ -180,14 +180,14 @@ class TCDLoss:
     def target_map(self, target: Denoiser, x_prev: Tensor, t_n: Tensor, s: Tensor, w: Tensor, cond: Cond) -> tuple[Tensor, int]:
         """`f_target(x_prev, t_n -> s)`; rows with `s == t_n` are the identity (TCF(t -> t) = x_t), so skip their forward."""
         w_in = w if self.w_cond_student else None
-        if self.mode == "lcm" or not self.skip_identity_target:
-            return self.consistency_map(x_prev, target(x_prev, t_n, cond, w_in), t_n, s), x_prev.shape[0]
-        identity = s == t_n
-        if self.static_shapes:  # one shape for a compiled target: run every row, then put the identity rows in exactly
+        skip = self.mode != "lcm" and self.skip_identity_target
+        if not skip or self.static_shapes:  # every row through the target (static shapes: one shape for a compiled UNet)
             f = self.consistency_map(x_prev, target(x_prev, t_n, cond, w_in), t_n, s)
-            return torch.where(_bcast(identity, f), x_prev.float(), f), x_prev.shape[0]
+            if skip:  # then put the identity rows in exactly
+                f = torch.where(_bcast(s == t_n, f), x_prev.float(), f)
+            return f, x_prev.shape[0]
         out = x_prev.float().clone()
-        idx = (~identity).nonzero(as_tuple=True)[0]
+        idx = (s != t_n).nonzero(as_tuple=True)[0]
         if idx.numel() > 0:
             xp = x_prev[idx]
             pred = target(xp, t_n[idx], index_cond(cond, idx), None if w_in is None else w_in[idx])

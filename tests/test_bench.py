@@ -188,6 +188,15 @@ def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
     assert seen == [False, False, True]  # plain, native (autocast off inside), default adapter (autocast on inside)
 
 
+def _compile_with_backend(monkeypatch: pytest.MonkeyPatch, backend: Any) -> None:
+    """`Module.compile` with dynamo's real graph capture but `backend` (no inductor code generation) and no mode."""
+    import torch._dynamo
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **{**kw, "backend": backend, "mode": None}))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("variant,mode", [("full", "reduce-overhead"), ("lora", "default")])
 def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,9 +213,7 @@ def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path
         captured.append(len(example_inputs))
         return gm.forward
 
-    real_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **{**kw, "backend": counting_backend, "mode": None}))
-    torch._dynamo.reset()
+    _compile_with_backend(monkeypatch, counting_backend)
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                       resolution=32, max_train_steps=8, report_to="none", seed=0, mixed_precision="no", variant=variant,
                       train_batch_size=4, lora_rank=4, compile_unet=True, compile_mode=mode, num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
@@ -227,9 +234,7 @@ def test_compare_with_compile_times_three_modes(tmp_path: Path, capsys: pytest.C
     non-reference mode with its ratio. dynamo captures graphs for real; the backend is `eager` (no inductor here)."""
     import torch._dynamo
 
-    real_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **{**kw, "backend": "eager", "mode": None}))
-    torch._dynamo.reset()
+    _compile_with_backend(monkeypatch, "eager")
     res = bench_main(["--preset", "tiny", "--variant", "full", "--compare", "--compile_unet", "--steps", "2", "--warmup", "1",
                       "--split-steps", "1", "--batch_size", "2", "--threads", "1", "--workdir", str(tmp_path / "work")])
     torch._dynamo.reset()
