@@ -26,6 +26,7 @@ import torch
 
 from .bench_assets import Assets, prepare_assets
 from .config import TrainConfig, _parse_bool
+from .timing import OpCounter
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
 PEAK_BF16_DENSE_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Reference-like: the reference scripts' choices (fp32 teacher under autocast, two teacher passes, a target forward
 # for every sample, a second frozen UNet for LoRA) and pixels re-encoded every step; compile/channels_last off.
 REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_target=False, teacher_dtype="fp32", lora_separate_teacher=True,
-                                      lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
+                                      target_dtype="fp32", lora_skip_input_cast=False, lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
 SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
 # "compiled" is the optimised mode with `--compile_unet` (static shapes); `--compare --compile_unet` times all three.
 MODES = ("reference-like", "optimised", "compiled")
@@ -116,14 +117,25 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss_process_lifetime"
 
 
+def _eager(trainer: Any) -> contextlib.AbstractContextManager:
+    return torch.compiler.set_stance("force_eager") if trainer.cfg.compile_unet else contextlib.nullcontext()
+
+
 def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
     """FLOPs (matmul/conv/attention, forward+backward) of one optimizer step, run eagerly; returns (flops, samples)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    eager = torch.compiler.set_stance("force_eager") if trainer.cfg.compile_unet else contextlib.nullcontext()
-    with eager, FlopCounterMode(display=False) as counter:
+    with _eager(trainer), FlopCounterMode(display=False) as counter:
         _, n, _ = trainer.optimizer_step(data)
     return int(counter.get_total_flops()), n
+
+
+def _count_ops(trainer: Any, data: Any) -> OpCounter:
+    """The ops one optimizer step dispatches, run eagerly. Not the first step: that one also creates the optimizer
+    state (a few ops per parameter, once), and FlopCounterMode decomposes ops it has no formula for."""
+    with _eager(trainer), OpCounter() as ops:
+        trainer.optimizer_step(data)
+    return ops
 
 
 def _release(device: torch.device) -> None:
@@ -200,6 +212,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
     device = trainer.device
     flops, flop_samples = _count_flops(trainer, data)
+    ops = _count_ops(trainer, data)
     _reset_peak(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # with --compile_unet, the compilations happen here
@@ -219,7 +232,8 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     res: dict[str, Any] = dict(
         mode=mode, variant=variant, build_s=build_s, warmup_s=warmup_s, steps=args.steps, warmup=args.warmup,
         split_ms={k: 1000.0 * v / max(args.split_steps, 1) for k, v in trainer.timer.totals.items()},
-        peak_memory_bytes=peak, peak_memory_kind=peak_kind, flops_per_step=flops, flops_per_sample=flops / max(flop_samples, 1),
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, flops_per_step=flops, ops_per_step=ops.count,
+        casts_per_step=ops.by_op["_to_copy"], flops_per_sample=flops / max(flop_samples, 1),
         data_source="cached latents" if cfg.train_latents_path_or_url else "pixels (VAE + text encoder every step)",
         config={k: getattr(cfg, k) for k in (*REFERENCE_LIKE, "mixed_precision", "train_batch_size", "resolution",
                                              "gradient_checkpointing", "dataloader_num_workers")},
@@ -295,6 +309,9 @@ def format_run(run: dict[str, Any], header: str) -> str:
     row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], "cpu_time")
     row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], "peak_memory")
     row("GFLOP/sample (counted)", [f"{m['flops_per_sample'] / 1e9:.2f}" for m in modes])
+    # Eager count of one step (compiled mode included): on a GPU, ~ kernel launches, i.e. the host's work per step.
+    row("dispatched ops/step", [str(m["ops_per_step"]) for m in modes], "ops")
+    row("  of which dtype casts", [str(m["casts_per_step"]) for m in modes])
     row("achieved TFLOP/s", [f"{m['achieved_tflops']:.3f}" for m in modes])
     row("MFU", [("n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%") for m in modes])
     row("data", [m["data_source"].split(" (")[0] for m in modes])
@@ -387,7 +404,8 @@ def ratios(res: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
     """A mode's figures over the reference-like's (throughput, mean and median step time, CPU time, peak memory)."""
     return dict(samples_per_s=res["samples_per_s"] / ref["samples_per_s"], step_time=res["step_time_ms"] / ref["step_time_ms"],
                 step_time_median=res["step_time_median_ms"] / max(ref["step_time_median_ms"], 1e-12),
-                cpu_time=res["cpu_time_ms"] / ref["cpu_time_ms"], peak_memory=res["peak_memory_bytes"] / ref["peak_memory_bytes"])
+                cpu_time=res["cpu_time_ms"] / ref["cpu_time_ms"], peak_memory=res["peak_memory_bytes"] / ref["peak_memory_bytes"],
+                ops=res["ops_per_step"] / max(ref["ops_per_step"], 1))
 
 
 def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes: list[str], work: Path,

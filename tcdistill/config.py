@@ -99,6 +99,8 @@ class TrainConfig:
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
     lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.")
+    target_dtype: str = _f("weight", "Target forward dtype under mixed precision: 'weight' (full: a weight-dtype copy of the EMA target, refreshed after each EMA update, +1 UNet in the weight dtype; LoRA: the merged-weights target; both run outside autocast, like the teacher) or 'fp32' (the EMA/adapter weights under autocast, as the reference).", choices=["weight", "fp32"])
+    lora_skip_input_cast: bool = _f(True, "LoRA under mixed precision: skip peft's cast of each adapter's input to the fp32 adapter dtype (autocast casts it back; same result, two fewer copies per layer).", negatable=True)
     lora_merged_target: bool = _f(True, "LoRA: run the target as the base UNet with the adapters merged into its weights for the call (one op per layer, not the adapter branch).", negatable=True)
     fused_adam: bool = _f(True, "Fused AdamW kernel on CUDA and CPU (off: the default foreach AdamW, as the reference).", negatable=True)
     compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place, static shapes (the target then runs every row).")
@@ -123,6 +125,9 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in dataclasses.fields(self):  # the parser checks choices; configs built in code are checked here
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            need(not choices or value in choices or (value is None and f.default is None), f"--{f.name} must be one of {', '.join(map(str, choices or []))}; got {value!r}.")
         need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
         need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
              "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")

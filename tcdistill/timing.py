@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class StepTimer:
@@ -81,3 +82,24 @@ def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20) -> d
     if cuda:
         out["top_self_device"] = events.table(sort_by="self_device_time_total", row_limit=row_limit)
     return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor ops a step dispatches below autograd (forward and backward), views excluded.
+
+    On a GPU each is about one kernel launch (a foreach or fused op counts once), so the count measures on any
+    device the host work that makes a GPU step host-bound; `by_op` says which ops they are.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if not func.is_view:
+            self.by_op[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))

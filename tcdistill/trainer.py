@@ -115,11 +115,12 @@ class Trainer:
         student = self.strategy.student
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
+        unets = {id(m): m for m in (student, self.strategy.target_unet, self.strategy.teacher_unet) if m is not None}
         if cfg.enable_xformers_memory_efficient_attention:
-            for m in {id(student): student, id(self.strategy.teacher_unet): self.strategy.teacher_unet}.values():
+            for m in unets.values():
                 enable_memory_efficient_attention(m)
         if cfg.channels_last or cfg.compile_unet:
-            speed_up_unets([student, getattr(self.strategy, "target", None), self.strategy.teacher_unet], cfg)
+            speed_up_unets(list(unets.values()), cfg)
 
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")

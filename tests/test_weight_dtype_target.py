@@ -1,0 +1,150 @@
+"""Mixed precision without per-forward casts: the full target runs a weight-dtype copy of the EMA weights, the merged
+LoRA target casts its factors once per step, and the LoRA student skips peft's input casts. Each copy follows its
+source after every optimizer step and every load; the input-cast skip gives the same numbers with fewer ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcdistill.config import TrainConfig
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def bf16_accelerator_state():
+    """These trainers run under bf16: accelerate's process-wide state must not leak in from, or out to, other tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _trainer(variant: str, teacher: Path, shards: str, out: Path, **kw: object):  # -> Trainer
+    from tcdistill.trainer import Trainer
+
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(out), train_shards_path_or_url=shards, resolution=32,
+                      train_batch_size=2, max_train_steps=4, report_to="none", seed=0, mixed_precision="bf16", variant=variant,
+                      learning_rate=1e-3, lora_rank=4, **kw)
+    return Trainer(cfg)
+
+
+def _inputs(unet: torch.nn.Module, n: int = 2) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    cond = {"encoder_hidden_states": torch.randn(n, 8, unet.config.cross_attention_dim, generator=g)}
+    return torch.randn(n, 4, 16, 16, generator=g), torch.tensor([99, 699])[:n], cond, torch.tensor([3.0, 9.0])[:n]
+
+
+def test_full_target_is_a_weight_dtype_copy_of_the_ema(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """bf16: the target forward runs a bf16 copy of the fp32 EMA weights (outside autocast), equal to their cast after
+    each step and each load, and computing what the autocast EMA forward computes to bf16 rounding."""
+    from tcdistill.models import UNetDenoiser
+
+    tr = _trainer("full", tiny_teacher, tiny_shards, tmp_path / "a")
+    strat = tr.strategy
+    shadow = strat.target_shadow
+    assert shadow is not None and strat.target_unet is shadow
+    assert {p.dtype for p in shadow.parameters()} == {BF16} and {p.dtype for p in strat.target.parameters()} == {torch.float32}
+
+    def in_step() -> bool:
+        return all(torch.equal(s, t.to(BF16)) for s, t in zip(shadow.parameters(), strat.target.parameters(), strict=True))
+
+    before = [p.clone() for p in shadow.parameters()]
+    tr.optimizer_step(iter(tr._data_loader()))
+    assert in_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, shadow.parameters()))  # the EMA moved, so did the copy
+
+    tensors = strat.state_tensors()
+    tensors["target"] = {k: v + 0.01 for k, v in tensors["target"].items()}
+    strat.load_state_tensors(tensors)
+    assert in_step()
+
+    x, t, cond, w = _inputs(shadow)
+    _, target, _ = strat.denoisers(tr.student)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        native = target(x, t, cond, w)
+        autocast = UNetDenoiser(strat.target, strat.w_dim)(x, t, cond, w)
+        student = UNetDenoiser(strat.student, strat.w_dim)(x, t, cond, w)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert native.dtype == BF16
+    assert rel(native, autocast) < 2e-2 < rel(student, autocast)  # same function; the +0.01 target really differs
+
+    fp32 = _trainer("full", tiny_teacher, tiny_shards, tmp_path / "b", target_dtype="fp32").strategy
+    assert fp32.target_shadow is None and fp32.target_unet is fp32.target
+
+
+def test_merged_lora_target_casts_its_factors_once_per_step(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """bf16 LoRA: the merged target's bf16 copies of the fp32 factors follow the adapters after each step and each
+    load, so it computes exactly what a freshly built merged target computes."""
+    from tcdistill.strategy import _MergedAdapters
+
+    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path)
+    strat = tr.strategy
+    _, target, _ = strat.denoisers(tr.student)
+    assert isinstance(target, _MergedAdapters) and target.factors.dst
+    assert {t.dtype for t in target.factors.dst} == {BF16} and {t.dtype for t in target.factors.src} == {torch.float32}
+
+    def fresh() -> bool:
+        return all(torch.equal(d, s.to(BF16)) for s, d in zip(target.factors.src, target.factors.dst, strict=True))
+
+    before = [d.clone() for d in target.factors.dst]
+    tr.optimizer_step(iter(tr._data_loader()))
+    assert fresh() and any(not torch.equal(a, b) for a, b in zip(before, target.factors.dst))
+
+    tensors = strat.state_tensors()
+    tensors["lora"] = {k: v * 1.5 for k, v in tensors["lora"].items()}
+    strat.load_state_tensors(tensors)
+    assert fresh()
+    x, t, cond, _ = _inputs(strat.student)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        assert torch.equal(target(x, t, cond), _MergedAdapters(strat.student, BF16, native=True)(x, t, cond))
+
+
+def test_lora_student_skips_input_casts_with_the_same_numbers(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """Under bf16 autocast, skipping peft's fp32 input casts gives bitwise the same student output and adapter
+    gradients with fewer dispatched casts; the layers' own setting is back after the call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.timing import OpCounter
+
+    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path)
+    unet = tr.strategy.student
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    skip, _, _ = tr.strategy.denoisers(tr.student)
+    x, t, cond, _ = _inputs(unet)
+    results = []
+    for student in (skip, UNetDenoiser(tr.student)):
+        unet.zero_grad(set_to_none=True)
+        with OpCounter() as ops, torch.autocast("cpu", dtype=BF16):
+            out = student(x, t, cond)
+            out.float().square().mean().backward()
+        grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad]
+        results.append((out, grads, ops.by_op["_to_copy"]))
+    (out_skip, g_skip, casts_skip), (out_ref, g_ref, casts_ref) = results
+    assert torch.equal(out_skip, out_ref)
+    assert all(torch.equal(a, b) for a, b in zip(g_skip, g_ref, strict=True))
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert casts_skip < casts_ref - len(layers)  # at least one cast per adapted layer fewer (forward and backward)
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
+
+
+def test_reference_like_switches_keep_the_casts(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """`--target_dtype fp32 --no_lora_skip_input_cast`: the target under autocast, peft's casts kept (what the
+    benchmark's reference-like mode measures)."""
+    from tcdistill.models import UNetDenoiser
+
+    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path, target_dtype="fp32", lora_skip_input_cast=False)
+    student, target, _ = tr.strategy.denoisers(tr.student)
+    assert isinstance(student, UNetDenoiser) and not target.view.inner.native
+    from tcdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--target_dtype must be one of weight, fp32"):
+        TrainConfig(pretrained_teacher_model="x", train_shards_path_or_url="x", max_train_steps=1, target_dtype="bf16")
