@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Where the optimised GPU step spends its time (issue 4): SD 1.5 architecture, random weights, 512 px, bf16, batch 12.
 # 1. full: reference-like vs optimised, each with `--profile 2` (torch.profiler: GPU-busy share of the step, top ops);
-# 2. LoRA: the same;  3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
+# 2. LoRA: the same;  2b./2c. the optimised mode with the fourth session's cast removals switched off (student weight
+#    copies, weight-dtype target, LoRA input casts), full and LoRA, profiled as in 1./2. (their gain on a GPU);
+# 3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
 # 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA as three modes in one process (reference-like,
 #    optimised eager, compiled; ~8 min each on SD 1.5), then full compiled with CUDA graphs
 #    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
@@ -32,11 +34,14 @@ run() {  # name, cap in seconds, then bench flags
   echo "=== $name (t=${SECONDS}s, cap ${cap}s)"
   timeout "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.log"
   echo "--- $name rc=$? (t=${SECONDS}s)"
-  grep -E "^(profile|warmup|samples/s|step time|peak memory|MFU|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
+  grep -E "^(profile|warmup|samples/s|step time|peak memory|MFU|dispatched|  of which|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
 }
 
 run full 200 --variant full --compare --profile 2
 run lora 150 --variant lora --compare --profile 1
+CASTS_KEPT=(--opt-set student_weight_copy=false --opt-set target_dtype=fp32 --opt-set lora_skip_input_cast=false)
+run full_casts_kept 100 --variant full --profile 2 "${CASTS_KEPT[@]}"
+run lora_casts_kept 90 --variant lora --profile 1 "${CASTS_KEPT[@]}"
 run full_gradckpt 70 --variant full --set gradient_checkpointing=true
 run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
 run full_compile 500 --variant full --compare --compile_unet --warmup 3

@@ -54,5 +54,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             if e.name == SUBCOMMANDS[cmd]:
                 sys.exit(f"tcdistill {cmd}: not available in this build")
             raise
-        return mod.main(argv[1:])
+        mod.main(argv[1:])  # not returned: the console-script wrapper would sys.exit() a returned dict (status 1)
+        return None
     sys.exit(f"usage: tcdistill {{{','.join([*train, *SUBCOMMANDS])}}} [flags]   (each takes --help)")

@@ -13,9 +13,33 @@ from torch import nn
 from .config import TrainConfig
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
+from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, WithLayerAttr, tuner_layers
 
 
-class FullStrategy:
+class _StudentCopies:
+    """What both strategies share: the student's forward through weight-dtype copies of its trainable weights."""
+
+    cfg: TrainConfig
+    student: nn.Module
+    weight_dtype: torch.dtype
+    _student_copies: WeightCopies | None = None
+
+    def _student_net(self, student_module: nn.Module) -> Any:
+        """`--student_weight_copy`: eager, one process (a DDP wrapper keeps its per-weight gradient hooks, so the
+        all-reduce keeps overlapping the backward), under mixed precision; else the module itself."""
+        cfg = self.cfg
+        if not (cfg.student_weight_copy and self.weight_dtype != torch.float32 and not cfg.compile_unet and student_module is self.student):
+            return student_module
+        if self._student_copies is None:
+            self._student_copies = WeightCopies(self.student, self.weight_dtype)
+        return self._student_copies
+
+    def _refresh_student_copies(self) -> None:
+        if self._student_copies is not None:
+            self._student_copies.refresh()
+
+
+class FullStrategy(_StudentCopies):
     """Full student (teacher config + `time_cond_proj_dim`, zero-init w projection); target = EMA of the student."""
 
     name = "full"
@@ -43,7 +67,7 @@ class FullStrategy:
         # autocast caches only casts of leaves that require grad); the copy is refreshed once per optimizer step.
         self.target_shadow = (copy.deepcopy(self.target).to(weight_dtype)
                               if cfg.target_dtype == "weight" and weight_dtype != torch.float32 else None)
-        self._shadow_copies = (_DtypeCopies(list(self.target.parameters()), list(self.target_shadow.parameters()))
+        self._shadow_copies = (DtypeCopies(list(self.target.parameters()), list(self.target_shadow.parameters()))
                                if self.target_shadow is not None else None)
         self.teacher_dtype = teacher_dtype(cfg, weight_dtype)
         self.teacher_unet = teacher_unet.to(dtype=self.teacher_dtype).requires_grad_(False).eval()
@@ -69,7 +93,7 @@ class FullStrategy:
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         """`student_module` is the (possibly DDP-wrapped) student; target and teacher run unwrapped, without grad."""
         return (
-            UNetDenoiser(student_module, self.w_dim),
+            UNetDenoiser(self._student_net(student_module), self.w_dim),
             (UNetDenoiser(self.target, self.w_dim) if self.target_shadow is None
              else UNetDenoiser(self.target_shadow, self.w_dim, self.weight_dtype, native=True)),
             teacher_denoiser(self.teacher_unet, self.cfg, self.teacher_dtype),
@@ -78,6 +102,7 @@ class FullStrategy:
     def after_optimizer_step(self) -> None:
         ema_update(self.target.parameters(), self.student.parameters(), self.cfg.ema_decay)
         self._refresh_target_shadow()
+        self._refresh_student_copies()
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"student": self.student.state_dict(), "target": self.target.state_dict()}
@@ -86,6 +111,7 @@ class FullStrategy:
         self.student.load_state_dict(tensors["student"])
         self.target.load_state_dict(tensors["target"])
         self._refresh_target_shadow()
+        self._refresh_student_copies()
 
     def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
         """(tag, unet, guidance_scale): online and EMA students get separate tags (reference defect 8)."""
@@ -103,7 +129,7 @@ class FullStrategy:
         return [os.path.join(output_dir, "unet"), os.path.join(output_dir, "unet_target")]
 
 
-class LoraStrategy:
+class LoraStrategy(_StudentCopies):
     """LoRA on the teacher's own UNet: teacher = adapters off, target = student under no_grad (one UNet in memory)."""
 
     name = "lora"
@@ -145,24 +171,25 @@ class LoraStrategy:
         unet = self.student
         if self._teacher_view is None:  # built once: the views cache the adapter layers
             self._teacher_view = (teacher_denoiser(self.separate_teacher, self.cfg, self.teacher_dtype) if self.separate_teacher is not None
-                                  else _AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet))
+                                  else AdaptersOff(UNetDenoiser(unet, None, self.weight_dtype, native=True), unet))
             native = self.cfg.target_dtype == "weight"  # the merged weights are all in the weight dtype
-            self._target_view = (_MergedAdapters(unet, self.weight_dtype, native) if self.cfg.lora_merged_target and _MergedAdapters.applies(unet)
+            self._target_view = (MergedAdapters(unet, self.weight_dtype, native) if self.cfg.lora_merged_target and MergedAdapters.applies(unet)
                                  else UNetDenoiser(unet))
             # Under autocast peft's cast of each adapter input to fp32 is undone by autocast's cast back: skip both.
             skip_cast = self.cfg.lora_skip_input_cast and self.weight_dtype != torch.float32
-            self._student_layers = _tuner_layers(unet) if skip_cast else []
-        student = UNetDenoiser(student_module)
+            self._student_layers = tuner_layers(unet) if skip_cast else []
+        student = UNetDenoiser(self._student_net(student_module))
         if self._student_layers:
-            return _WithLayerAttr(student, self._student_layers, "cast_input_dtype_enabled", False), self._target_view, self._teacher_view
+            return WithLayerAttr(student, self._student_layers, "cast_input_dtype_enabled", False), self._target_view, self._teacher_view
         return student, self._target_view, self._teacher_view
 
     def after_optimizer_step(self) -> None:
         self._refresh_target_factors()
+        self._refresh_student_copies()
 
     def _refresh_target_factors(self) -> None:
         """The merged target's low-precision copies of the adapter factors follow the adapters (step, load)."""
-        if isinstance(self._target_view, _MergedAdapters):
+        if isinstance(self._target_view, MergedAdapters):
             self._target_view.factors.refresh()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -180,6 +207,7 @@ class LoraStrategy:
         if getattr(res, "unexpected_keys", None):
             raise RuntimeError(f"LoRA checkpoint has unexpected keys: {res.unexpected_keys[:5]}")
         self._refresh_target_factors()
+        self._refresh_student_copies()
 
     def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
         return [("lora", self.student, 0.0)]
@@ -200,154 +228,6 @@ class LoraStrategy:
 
             paths.append(export_kohya(paths[0]))
         return paths
-
-
-def _tuner_layers(unet: nn.Module) -> list[nn.Module]:
-    """The peft adapter layers of a UNet."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-_UNSET = object()
-
-
-class _WithLayerAttr:
-    """Calls `inner` with `attr = value` on each of `layers` for the call; the old values come back after, even on error."""
-
-    def __init__(self, inner: Any, layers: list[nn.Module], attr: str, value: Any):
-        self.inner, self.layers, self.attr, self.value = inner, layers, attr, value
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        old = [m.__dict__.get(self.attr, _UNSET) for m in self.layers]
-        for m in self.layers:
-            setattr(m, self.attr, self.value)
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            for m, v in zip(self.layers, old):
-                if v is _UNSET:
-                    delattr(m, self.attr)
-                else:
-                    setattr(m, self.attr, v)
-
-
-class _AdaptersOff(_WithLayerAttr):
-    """The teacher view of a LoRA'd UNet: the same module with its adapters disabled for the call."""
-
-    def __init__(self, inner: Denoiser, unet: nn.Module):
-        # unet.disable_adapters()/enable_adapters() walk every module and flip requires_grad on every adapter
-        # (measured 17 ms per call pair on the tiny UNet); the teacher runs under no_grad, so flipping the
-        # layers' own switch is enough (0.6 ms). Fall back to the public calls if peft renames it.
-        super().__init__(inner, _tuner_layers(unet), "_disable_adapters", True)
-        self.unet = unet
-        self.fast = bool(self.layers) and all(hasattr(m, "_disable_adapters") for m in self.layers)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fast:
-            return super().__call__(*args, **kwargs)
-        self.unet.disable_adapters()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self.unet.enable_adapters()
-
-
-class _FunctionalUNet:
-    """Calls a module with some parameters replaced for the call (`torch.func.functional_call`); none are written."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.params: dict[str, torch.Tensor] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.module, self.params, args, kwargs, strict=False)
-
-
-class _DtypeCopies:
-    """`dst[i]`: a copy of `src[i]` in another dtype, all refreshed by one multi-tensor copy (the cast included;
-    one launch on CUDA) when the owner says the sources changed (after an optimizer step, a load)."""
-
-    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor]):
-        assert len(src) == len(dst)
-        self.src, self.dst = src, dst
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        if self.dst:
-            torch._foreach_copy_(self.dst, self.src)
-
-
-class _MergedAdapters:
-    """The LoRA target view: the base UNet run with `W + scaling B A` in place of each adapted weight, adapters off.
-
-    The same function as the adapted UNet (to float rounding), but each adapted layer runs one base op instead of
-    base + down + up + scale + add: on the tiny UNet (rank 64 on 32-64 channels) the target forward went from 69 to
-    51 ms per step, the merge included (measured).
-    The merged weights live only during the call (the base weights, which are also the teacher, are never written).
-    Under mixed precision the fp32 factors A, B are cast to the base weight's dtype once per optimizer step
-    (`refresh`, which the strategy calls after each step and each load), not twice per layer at every merge.
-    """
-
-    def __init__(self, unet: nn.Module, dtype: torch.dtype | None = None, native: bool = False):
-        self.call = _FunctionalUNet(unet)
-        # native: every weight the call sees (base and merged) is in the weight dtype, so it runs outside autocast
-        self.view = _AdaptersOff(UNetDenoiser(self.call, None, dtype, native=native), unet)  # type: ignore[arg-type]
-        names = {id(m): n for n, m in unet.named_modules()}
-        # (weight name, layer, [(adapter, B, A) in the weight's dtype, or (adapter, None, None): peft's delta])
-        self.layers: list[tuple[str, nn.Module, list[tuple[str, Any, Any]]]] = []
-        src: list[torch.Tensor] = []
-        dst: list[torch.Tensor] = []
-        for m in self.view.layers:
-            w = m.get_base_layer().weight
-            terms: list[tuple[str, Any, Any]] = []
-            for a in m.active_adapters:
-                A, B = m.lora_A[a].weight, m.lora_B[a].weight
-                if getattr(m, "fan_in_fan_out", False) or B.shape[2:].numel() != 1 or A.flatten(1).shape[1] != w.flatten(1).shape[1]:
-                    terms.append((a, None, None))  # layouts this fast path does not know
-                    continue
-                low = []
-                for t in (B, A):
-                    low.append(t.detach() if t.dtype == w.dtype else t.detach().to(w.dtype))
-                    if low[-1].dtype != t.dtype:
-                        src.append(t)
-                        dst.append(low[-1])
-                terms.append((a, low[0].flatten(1), low[1].flatten(1)))  # views: refreshed in place
-            self.layers.append((f"{names[id(m)]}.base_layer.weight", m, terms))
-        self.factors = _DtypeCopies(src, dst)
-
-    @staticmethod
-    def applies(unet: nn.Module) -> bool:
-        """Plain LoRA only: DoRA, LoRA biases and dropout (the train-mode target applies it) are not a weight delta."""
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in unet.modules() if hasattr(m, "base_layer")]
-        return bool(layers) and all(
-            isinstance(m, LoraLayer) and isinstance(getattr(m.get_base_layer(), "weight", None), torch.Tensor)
-            and not any(m.use_dora.get(a, False) or getattr(m, "lora_bias", {}).get(a, False) for a in m.active_adapters)
-            and all(isinstance(m.lora_dropout[a], nn.Identity) for a in m.active_adapters)
-            for m in layers)
-
-    @torch.no_grad()
-    def _merged(self) -> dict[str, torch.Tensor]:
-        """`W + scaling B A` per adapted weight: one addmm per layer (peft's `get_delta_weight` runs a k x k conv
-        delta as a conv over the channels, ~2x slower on the tiny UNet), rounded once to the weight's dtype."""
-        out = {}
-        for name, m, terms in self.layers:
-            w = m.get_base_layer().weight
-            merged = w.flatten(1)
-            for a, B, A in terms:
-                merged = (merged + m.get_delta_weight(a).to(w.dtype).flatten(1) if B is None
-                          else torch.addmm(merged, B, A, alpha=m.scaling[a]))
-            out[name] = merged.view_as(w)
-        return out
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.call.params = self._merged()
-        try:
-            return self.view(*args, **kwargs)
-        finally:
-            self.call.params = {}
 
 
 def teacher_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:

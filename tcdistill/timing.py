@@ -85,7 +85,7 @@ def profile_steps(step: Callable[[], Any], steps: int, row_limit: int = 20) -> d
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the tensor ops a step dispatches below autograd (forward and backward), views excluded.
+    """Counts the tensor ops a step dispatches below autograd (forward and backward), views and allocations excluded.
 
     On a GPU each is about one kernel launch (a foreach or fused op counts once), so the count measures on any
     device the host work that makes a GPU step host-bound; `by_op` says which ops they are.
@@ -100,6 +100,6 @@ class OpCounter(TorchDispatchMode):
         return sum(self.by_op.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if not func.is_view:
+        if not func.is_view and not func.__name__.startswith("empty"):  # an allocation launches no kernel
             self.by_op[func.__name__.split(".")[0]] += 1
         return func(*args, **(kwargs or {}))

@@ -48,14 +48,22 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
         assert opt["config"]["batched_teacher"] and opt["config"]["skip_identity_target"]
         # Same seed, same draw: the counted FLOPs differ by the VAE/text encoders and the skipped target rows only.
         assert ref["flops_per_sample"] > opt["flops_per_sample"]
+        # Fewer dispatched ops (one batched teacher, no VAE/text encoder, fused AdamW), counted on a warm step.
+        assert 0 < opt["ops_per_step"] < ref["ops_per_step"] and run["ratio"]["ops"] < 1
+        assert 0 <= opt["casts_per_step"] < opt["ops_per_step"]
         assert all(_finite(v) and v > 0 for v in run["ratio"].values())
-    for text in ("reference-like", "optimised", "optimised/ref", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "student_backward"):
+    for text in ("reference-like", "optimised", "optimised/ref", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "student_backward",
+                 "dispatched ops/step"):
         assert text in printed
 
 
 def test_data_only_and_peak_table(tmp_path: Path) -> None:
+    from tcdistill.cli import main as cli_main
+
     res = bench_main(["--preset", "tiny", "--data-only", "--data-workers", "0", "--data-batches", "2", "--workdir", str(tmp_path)])
     assert res["data"][0]["workers"] == 0 and res["data"][0]["samples_per_s"] > 0
+    # `tcdistill bench` (the console script) exits 0: it must not hand the result dict to the wrapper's sys.exit
+    assert cli_main(["bench", "--preset", "tiny", "--data-only", "--data-workers", "0", "--data-batches", "1", "--workdir", str(tmp_path)]) is None
     assert device_peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.0
     assert device_peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
     assert device_peak_tflops("NVIDIA H200")[0] == 989.0
@@ -107,18 +115,18 @@ def test_optimisations_give_the_reference_loss(variant: str, tiny_teacher: Path,
         # x_prev) shows up at ~2e-5 here; a real change of the math moves it by > 1e-3 (checked below).
         assert val == pytest.approx(ref, rel=1e-4), (key, losses)
     if variant == "lora":
-        from tcdistill.strategy import _AdaptersOff
+        from tcdistill.unet_views import AdaptersOff
 
         fn = TCDLoss(tr.schedule, w_cond_student=False)
-        off = _AdaptersOff(UNetDenoiser(strat.student), strat.student)
+        off = AdaptersOff(UNetDenoiser(strat.student), strat.student)
         one_unet = fn(student, target, off, x0, cond, uncond, draw)[0].item()
         assert one_unet == pytest.approx(ref, rel=1e-4)  # the separate copy == the base with adapters off
         on = fn(student, target, UNetDenoiser(strat.student), x0, cond, uncond, draw)[0].item()
         assert abs(on - ref) > 1e-3 * abs(ref)  # and the adapters really change the teacher, so the check has teeth
         # The merged-weights target (the default) == the adapted UNet's own forward, and leaves the base untouched.
-        from tcdistill.strategy import _MergedAdapters
+        from tcdistill.unet_views import MergedAdapters
 
-        assert isinstance(target, _MergedAdapters)
+        assert isinstance(target, MergedAdapters)
         base = {n: p.clone() for n, p in strat.student.named_parameters() if "base_layer" in n}
         unmerged = fn(student, UNetDenoiser(strat.student), off, x0, cond, uncond, draw)[0].item()
         assert unmerged == pytest.approx(ref, rel=1e-4)
@@ -132,7 +140,7 @@ def test_merged_lora_target_is_the_adapted_unet() -> None:
     from peft import LoraConfig
 
     from tcdistill.models import UNetDenoiser
-    from tcdistill.strategy import _MergedAdapters
+    from tcdistill.unet_views import MergedAdapters
     from tcdistill.tiny import build_tiny_sd_pipeline
 
     torch.manual_seed(0)
@@ -146,14 +154,14 @@ def test_merged_lora_target_is_the_adapted_unet() -> None:
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([10, 500, 900])
     cond = {"encoder_hidden_states": torch.randn(3, 8, unet.config.cross_attention_dim, generator=g)}
-    assert _MergedAdapters.applies(unet)
+    assert MergedAdapters.applies(unet)
     with torch.no_grad():
-        merged32, branch32 = _MergedAdapters(unet)(x, t, cond), UNetDenoiser(unet)(x, t, cond)
+        merged32, branch32 = MergedAdapters(unet)(x, t, cond), UNetDenoiser(unet)(x, t, cond)
         base = {n: p.clone() for n, p in unet.named_parameters()}
         unet.double()
         x64, cond64 = x.double(), {k: v.double() for k, v in cond.items()}
-        merged64, branch64 = _MergedAdapters(unet)(x64, t, cond64), UNetDenoiser(unet)(x64, t, cond64)
-        off = _MergedAdapters(unet).view(x64, t, cond64)  # the same UNet with the adapters off: the teeth of the check
+        merged64, branch64 = MergedAdapters(unet)(x64, t, cond64), UNetDenoiser(unet)(x64, t, cond64)
+        off = MergedAdapters(unet).view(x64, t, cond64)  # the same UNet with the adapters off: the teeth of the check
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     assert rel(merged64, branch64) < 1e-10
     assert rel(off, branch64) > 1e-2
@@ -162,7 +170,7 @@ def test_merged_lora_target_is_the_adapted_unet() -> None:
     unet.float()
     dropout = build_tiny_sd_pipeline(None).unet
     dropout.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=mods, lora_dropout=0.1))
-    assert not _MergedAdapters.applies(dropout)
+    assert not MergedAdapters.applies(dropout)
 
 
 def test_native_teacher_runs_outside_autocast_in_its_own_dtype() -> None:
@@ -245,3 +253,16 @@ def test_compare_with_compile_times_three_modes(tmp_path: Path, capsys: pytest.C
     assert set(run["ratios"]) == {"optimised", "compiled"} and run["ratio"] == run["ratios"]["optimised"]
     assert all(_finite(v) and v > 0 for r in run["ratios"].values() for v in r.values())
     assert "compiled/ref" in printed and "optimised/ref" in printed
+
+
+def test_op_counter_counts_forward_and_backward_ops_but_not_views() -> None:
+    """`OpCounter` (the bench's dispatched ops/step) sees the ops below autograd, backward included, and skips views."""
+    from tcdistill.timing import OpCounter
+
+    x = torch.randn(4, 3, requires_grad=True)
+    with OpCounter() as ops:
+        y = (x * 2).view(12).t().sum()
+        y.backward()
+    assert ops.by_op["mul"] >= 2  # x * 2 in the forward, grad * 2 in the backward
+    assert ops.by_op["sum"] == 1 and not {"view", "t", "expand", "transpose"} & set(ops.by_op)
+    assert ops.count == sum(ops.by_op.values())

@@ -1,6 +1,7 @@
-"""Mixed precision without per-forward casts: the full target runs a weight-dtype copy of the EMA weights, the merged
-LoRA target casts its factors once per step, and the LoRA student skips peft's input casts. Each copy follows its
-source after every optimizer step and every load; the input-cast skip gives the same numbers with fewer ops."""
+"""Mixed precision without per-forward casts: the student runs weight-dtype copies of its trainable weights, the full
+target a weight-dtype copy of the EMA weights, the merged LoRA target casts its factors once per step, and the LoRA
+student skips peft's input casts. Each copy follows its source after every optimizer step and every load; the
+student's views give autocast's numbers bitwise, with fewer ops."""
 
 from __future__ import annotations
 
@@ -80,12 +81,12 @@ def test_full_target_is_a_weight_dtype_copy_of_the_ema(tiny_teacher: Path, tiny_
 def test_merged_lora_target_casts_its_factors_once_per_step(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
     """bf16 LoRA: the merged target's bf16 copies of the fp32 factors follow the adapters after each step and each
     load, so it computes exactly what a freshly built merged target computes."""
-    from tcdistill.strategy import _MergedAdapters
+    from tcdistill.unet_views import MergedAdapters
 
     tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path)
     strat = tr.strategy
     _, target, _ = strat.denoisers(tr.student)
-    assert isinstance(target, _MergedAdapters) and target.factors.dst
+    assert isinstance(target, MergedAdapters) and target.factors.dst
     assert {t.dtype for t in target.factors.dst} == {BF16} and {t.dtype for t in target.factors.src} == {torch.float32}
 
     def fresh() -> bool:
@@ -101,49 +102,73 @@ def test_merged_lora_target_casts_its_factors_once_per_step(tiny_teacher: Path, 
     assert fresh()
     x, t, cond, _ = _inputs(strat.student)
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
-        assert torch.equal(target(x, t, cond), _MergedAdapters(strat.student, BF16, native=True)(x, t, cond))
+        assert torch.equal(target(x, t, cond), MergedAdapters(strat.student, BF16, native=True)(x, t, cond))
 
 
-def test_lora_student_skips_input_casts_with_the_same_numbers(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
-    """Under bf16 autocast, skipping peft's fp32 input casts gives bitwise the same student output and adapter
-    gradients with fewer dispatched casts; the layers' own setting is back after the call."""
+@pytest.mark.parametrize("variant,weight_copy", [("full", True), ("lora", True), ("lora", False)])
+def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weight_copy: bool, tiny_teacher: Path, tiny_shards: str,
+                                                              tmp_path: Path) -> None:
+    """Under bf16 autocast the student's weight-dtype weight copies (and, for LoRA, the skipped peft input casts) give
+    bitwise autocast's output and fp32 gradients with fewer dispatched casts; the copies follow the weights after each
+    step and each load, and the layers' own cast setting is back after the call."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from tcdistill.models import UNetDenoiser
     from tcdistill.timing import OpCounter
+    from tcdistill.unet_views import WeightCopies
 
-    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path)
-    unet = tr.strategy.student
+    tr = _trainer(variant, tiny_teacher, tiny_shards, tmp_path, student_weight_copy=weight_copy)
+    strat, unet = tr.strategy, tr.strategy.student
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    skip, _, _ = tr.strategy.denoisers(tr.student)
-    x, t, cond, _ = _inputs(unet)
+    w_dim = getattr(strat, "w_dim", None)
+    view, _, _ = strat.denoisers(tr.student)
+    x, t, cond, w = _inputs(unet)
     results = []
-    for student in (skip, UNetDenoiser(tr.student)):
+    for student in (view, UNetDenoiser(tr.student, w_dim)):
         unet.zero_grad(set_to_none=True)
         with OpCounter() as ops, torch.autocast("cpu", dtype=BF16):
-            out = student(x, t, cond)
+            out = student(x, t, cond, w)
             out.float().square().mean().backward()
         grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad]
         results.append((out, grads, ops.by_op["_to_copy"]))
-    (out_skip, g_skip, casts_skip), (out_ref, g_ref, casts_ref) = results
-    assert torch.equal(out_skip, out_ref)
-    assert all(torch.equal(a, b) for a, b in zip(g_skip, g_ref, strict=True))
+    (out_view, g_view, casts_view), (out_ref, g_ref, casts_ref) = results
+    assert torch.equal(out_view, out_ref)
+    assert all(g.dtype == torch.float32 for g in g_view) and all(torch.equal(a, b) for a, b in zip(g_view, g_ref, strict=True))
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-    assert casts_skip < casts_ref - len(layers)  # at least one cast per adapted layer fewer (forward and backward)
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
+    copies = strat._student_copies
+    if not weight_copy:  # the LoRA input casts alone: one fewer per adapted layer at least
+        assert copies is None and casts_view < casts_ref - len(layers)
+        return
+    assert isinstance(copies, WeightCopies) and getattr(view, "inner", view).unet is copies
+    assert casts_view < casts_ref - len(copies.weights)  # a forward cast and a backward cast per swapped weight, gone
+
+    def fresh() -> bool:
+        return all(torch.equal(c, p.to(BF16)) for p, c in zip(copies.weights, copies.copies.dst, strict=True))
+
+    before = [c.clone() for c in copies.copies.dst]
+    tr.optimizer_step(iter(tr._data_loader()))
+    assert fresh() and any(not torch.equal(a, b) for a, b in zip(before, copies.copies.dst))
+    tensors = strat.state_tensors()
+    key = "student" if variant == "full" else "lora"
+    tensors[key] = {k: v * 1.5 for k, v in tensors[key].items()}
+    strat.load_state_tensors(tensors)
+    assert fresh()
+    assert strat._student_net(torch.nn.Identity()).__class__ is torch.nn.Identity  # a DDP-wrapped student: no copies
 
 
 def test_reference_like_switches_keep_the_casts(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
-    """`--target_dtype fp32 --no_lora_skip_input_cast`: the target under autocast, peft's casts kept (what the
-    benchmark's reference-like mode measures)."""
+    """`--target_dtype fp32 --no_lora_skip_input_cast --no_student_weight_copy`: the student and the target under
+    autocast, peft's casts kept (what the benchmark's reference-like mode measures)."""
     from tcdistill.models import UNetDenoiser
 
-    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path, target_dtype="fp32", lora_skip_input_cast=False)
+    tr = _trainer("lora", tiny_teacher, tiny_shards, tmp_path, target_dtype="fp32", lora_skip_input_cast=False,
+                  student_weight_copy=False)
     student, target, _ = tr.strategy.denoisers(tr.student)
-    assert isinstance(student, UNetDenoiser) and not target.view.inner.native
+    assert isinstance(student, UNetDenoiser) and student.unet is tr.student and not target.view.inner.native
     from tcdistill.config import ConfigError
 
     with pytest.raises(ConfigError, match="--target_dtype must be one of weight, fp32"):
