@@ -51,6 +51,7 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
         # Fewer dispatched ops (one batched teacher, no VAE/text encoder, fused AdamW), counted on a warm step.
         assert 0 < opt["ops_per_step"] < ref["ops_per_step"] and run["ratio"]["ops"] < 1
         assert 0 <= opt["casts_per_step"] < opt["ops_per_step"]
+        assert 0 < sum(opt["ops_top"].values()) <= opt["ops_per_step"]
         assert all(_finite(v) and v > 0 for v in run["ratio"].values())
     for text in ("reference-like", "optimised", "optimised/ref", "samples/s", "median", "warmup", "peak memory", "GFLOP/sample", "student_backward",
                  "dispatched ops/step"):
