@@ -17,12 +17,14 @@ from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, 
 
 
 class _StudentCopies:
-    """What both strategies share: the student's forward through weight-dtype copies of its trainable weights."""
+    """What both strategies share: the student's forward through weight-dtype copies of its trainable weights, and
+    `_copies`, every weight-dtype copy the strategy holds (student, target), refreshed together when weights change."""
 
     cfg: TrainConfig
     student: nn.Module
     weight_dtype: torch.dtype
     _student_copies: WeightCopies | None = None
+    _copies: list[DtypeCopies]
 
     def _student_net(self, student_module: nn.Module) -> Any:
         """`--student_weight_copy`: eager, one process (a DDP wrapper keeps its per-weight gradient hooks, so the
@@ -32,11 +34,13 @@ class _StudentCopies:
             return student_module
         if self._student_copies is None:
             self._student_copies = WeightCopies(self.student, self.weight_dtype)
+            self._copies.append(self._student_copies.copies)
         return self._student_copies
 
-    def _refresh_student_copies(self) -> None:
-        if self._student_copies is not None:
-            self._student_copies.refresh()
+    def _refresh_copies(self) -> None:
+        """After the fp32 weights change (an optimizer step, a load)."""
+        for c in self._copies:
+            c.refresh()
 
 
 class FullStrategy(_StudentCopies):
@@ -67,8 +71,8 @@ class FullStrategy(_StudentCopies):
         # autocast caches only casts of leaves that require grad); the copy is refreshed once per optimizer step.
         self.target_shadow = (copy.deepcopy(self.target).to(weight_dtype)
                               if cfg.target_dtype == "weight" and weight_dtype != torch.float32 else None)
-        self._shadow_copies = (DtypeCopies(list(self.target.parameters()), list(self.target_shadow.parameters()))
-                               if self.target_shadow is not None else None)
+        self._copies = ([] if self.target_shadow is None
+                        else [DtypeCopies(list(self.target.parameters()), list(self.target_shadow.parameters()))])
         self.teacher_dtype = teacher_dtype(cfg, weight_dtype)
         self.teacher_unet = teacher_unet.to(dtype=self.teacher_dtype).requires_grad_(False).eval()
         self.weight_dtype = weight_dtype
@@ -82,10 +86,6 @@ class FullStrategy(_StudentCopies):
         for m in (self.student, self.target, self.target_shadow, self.teacher_unet):
             if m is not None:
                 m.to(device)
-
-    def _refresh_target_shadow(self) -> None:
-        if self._shadow_copies is not None:
-            self._shadow_copies.refresh()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -101,8 +101,7 @@ class FullStrategy(_StudentCopies):
 
     def after_optimizer_step(self) -> None:
         ema_update(self.target.parameters(), self.student.parameters(), self.cfg.ema_decay)
-        self._refresh_target_shadow()
-        self._refresh_student_copies()
+        self._refresh_copies()
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"student": self.student.state_dict(), "target": self.target.state_dict()}
@@ -110,8 +109,7 @@ class FullStrategy(_StudentCopies):
     def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         self.student.load_state_dict(tensors["student"])
         self.target.load_state_dict(tensors["target"])
-        self._refresh_target_shadow()
-        self._refresh_student_copies()
+        self._refresh_copies()
 
     def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
         """(tag, unet, guidance_scale): online and EMA students get separate tags (reference defect 8)."""
@@ -158,6 +156,7 @@ class LoraStrategy(_StudentCopies):
         self.teacher_unet = self.separate_teacher if self.separate_teacher is not None else unet
         self._teacher_view: Denoiser | None = None
         self._target_view: Denoiser | None = None
+        self._copies = []
 
     def to(self, device: torch.device) -> None:
         self.student.to(device)
@@ -175,6 +174,8 @@ class LoraStrategy(_StudentCopies):
             native = self.cfg.target_dtype == "weight"  # the merged weights are all in the weight dtype
             self._target_view = (MergedAdapters(unet, self.weight_dtype, native) if self.cfg.lora_merged_target and MergedAdapters.applies(unet)
                                  else UNetDenoiser(unet))
+            if isinstance(self._target_view, MergedAdapters):  # its factors' weight-dtype copies follow the adapters
+                self._copies.append(self._target_view.factors)
             # Under autocast peft's cast of each adapter input to fp32 is undone by autocast's cast back: skip both.
             skip_cast = self.cfg.lora_skip_input_cast and self.weight_dtype != torch.float32
             self._student_layers = tuner_layers(unet) if skip_cast else []
@@ -184,13 +185,7 @@ class LoraStrategy(_StudentCopies):
         return student, self._target_view, self._teacher_view
 
     def after_optimizer_step(self) -> None:
-        self._refresh_target_factors()
-        self._refresh_student_copies()
-
-    def _refresh_target_factors(self) -> None:
-        """The merged target's low-precision copies of the adapter factors follow the adapters (step, load)."""
-        if isinstance(self._target_view, MergedAdapters):
-            self._target_view.factors.refresh()
+        self._refresh_copies()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -206,8 +201,7 @@ class LoraStrategy(_StudentCopies):
         res = set_peft_model_state_dict(self.student, tensors["lora"])
         if getattr(res, "unexpected_keys", None):
             raise RuntimeError(f"LoRA checkpoint has unexpected keys: {res.unexpected_keys[:5]}")
-        self._refresh_target_factors()
-        self._refresh_student_copies()
+        self._refresh_copies()
 
     def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
         return [("lora", self.student, 0.0)]

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -54,9 +54,9 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
 
-def speed_up_unets(unets: list[nn.Module | None], cfg: TrainConfig) -> None:
-    """--channels_last / --compile_unet on each distinct UNet; `Module.compile` keeps state-dict keys unchanged."""
-    for m in {id(u): u for u in unets if u is not None}.values():
+def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
+    """--channels_last / --compile_unet on each of the (distinct) UNets; `Module.compile` keeps state-dict keys unchanged."""
+    for m in unets:
         if cfg.channels_last:
             m.to(memory_format=torch.channels_last)
         if cfg.compile_unet:
@@ -120,7 +120,7 @@ class Trainer:
             for m in unets.values():
                 enable_memory_efficient_attention(m)
         if cfg.channels_last or cfg.compile_unet:
-            speed_up_unets(list(unets.values()), cfg)
+            speed_up_unets(unets.values(), cfg)
 
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")

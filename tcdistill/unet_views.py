@@ -96,7 +96,7 @@ class MergedAdapters:
     51 ms per step, the merge included (measured).
     The merged weights live only during the call (the base weights, which are also the teacher, are never written).
     Under mixed precision the fp32 factors A, B are cast to the base weight's dtype once per optimizer step
-    (`refresh`, which the strategy calls after each step and each load), not twice per layer at every merge.
+    (`factors.refresh()`, which the strategy calls after each step and each load), not twice per layer at every merge.
     """
 
     def __init__(self, unet: nn.Module, dtype: torch.dtype | None = None, native: bool = False):
@@ -181,9 +181,10 @@ class WeightCopies:
     which autograd still reaches the fp32 weights (mixed precision with fp32 master weights, without autocast's casts).
 
     Under autocast each fp32 weight is cast at every forward (one kernel per weight) and its gradient cast back in the
-    backward (one more per weight). Here the copies are refreshed once per optimizer step (`refresh`, one multi-tensor
-    copy) and the gradients come back with one. The numbers are autocast's: conv and linear ops run in the autocast
-    dtype anyway, autocast leaves an input already in that dtype as it is, and the norms keep their fp32 weights.
+    backward (one more per weight). Here the copies are refreshed once per optimizer step (`copies.refresh()`, one
+    multi-tensor copy, called by the owner) and the gradients come back with one. The numbers are autocast's: conv and
+    linear ops run in the autocast dtype anyway, autocast leaves an input already in that dtype as it is, and the norms
+    keep their fp32 weights.
     Use it only under autocast (conv/linear inputs are cast there).
     """
 
@@ -198,10 +199,6 @@ class WeightCopies:
                         self.names.append(f"{prefix}.{n}" if prefix else n)
                         self.weights.append(p)
         self.copies = DtypeCopies(self.weights, [p.detach().to(dtype) for p in self.weights])
-
-    def refresh(self) -> None:
-        """After the fp32 weights change (an optimizer step, a load)."""
-        self.copies.refresh()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.weights:
