@@ -3,7 +3,8 @@
 # 1. full: reference-like vs optimised, each with `--profile 2` (torch.profiler: GPU-busy share of the step, top ops);
 # 2. LoRA: the same;  2b./2c. the optimised mode with the fourth session's cast removals switched off (student weight
 #    copies, weight-dtype target, LoRA input casts), full and LoRA, profiled as in 1./2. (their gain on a GPU);
-# 3./4. the optimised mode with gradient checkpointing (memory), full and LoRA;
+# 3./4. the optimised mode with gradient checkpointing (memory), full and LoRA; 3b./4b. the same with the selective
+#    policy (conv/matmul/attention outputs kept, the ops between them recomputed);
 # 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA as three modes in one process (reference-like,
 #    optimised eager, compiled; ~8 min each on SD 1.5), then full compiled with CUDA graphs
 #    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
@@ -44,6 +45,9 @@ run full_casts_kept 100 --variant full --profile 2 "${CASTS_KEPT[@]}"
 run lora_casts_kept 90 --variant lora --profile 1 "${CASTS_KEPT[@]}"
 run full_gradckpt 70 --variant full --set gradient_checkpointing=true
 run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
+SELECTIVE=(--set gradient_checkpointing=true --set gradient_checkpointing_policy=selective)
+run full_selckpt 70 --variant full "${SELECTIVE[@]}"
+run lora_selckpt 70 --variant lora "${SELECTIVE[@]}"
 run full_compile 500 --variant full --compare --compile_unet --warmup 3
 run lora_compile 500 --variant lora --compare --compile_unet --warmup 3
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4

@@ -95,6 +95,7 @@ class TrainConfig:
     cast_teacher_unet: bool = _f(False, "Kept for compatibility: the frozen teacher always runs in the weight dtype here.")
     enable_xformers_memory_efficient_attention: bool = _f(False, "xformers attention where it can run; else PyTorch SDPA with a warning.")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
+    gradient_checkpointing_policy: str = _f("full", "With --gradient_checkpointing: 'full' recomputes each block in the backward (least memory); 'selective' keeps the conv, matmul and attention outputs and recomputes only the norms, activations and adds between them (about half the memory saving, a fraction of the recompute time).", choices=["full", "selective"])
     batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
@@ -152,6 +153,8 @@ class TrainConfig:
         need(self.lora_rank >= 1, "--lora_rank must be >= 1.")
         need(not (self.variant == "lora" and self.teacher_dtype == "fp32" and not self.lora_separate_teacher),
              "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
+        need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
+             "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
         need(self.huber_c > 0, "--huber_c must be > 0.")
         need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
         need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")

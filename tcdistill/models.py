@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -57,6 +58,31 @@ class UNetDenoiser:
             kwargs["timestep_cond"] = guidance_embedding(w, self.w_embedding_dim).to(device=x_t.device, dtype=dtype)
         with torch.autocast(x_t.device.type, enabled=False) if self.native else contextlib.nullcontext():
             return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
+
+
+def _saved_ops() -> list[Any]:
+    """The compute-bound aten ops whose outputs selective checkpointing keeps: convolutions, matmuls, attention."""
+    aten = torch.ops.aten
+    names = ("convolution", "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return [getattr(aten, n).default for n in names if hasattr(aten, n)]
+
+
+def _selective_checkpoint(module: nn.Module, *args: Any) -> Any:
+    """diffusers' per-block checkpoint call, keeping the outputs of `_saved_ops` (torch's selective checkpointing)."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    ctx = functools.partial(create_selective_checkpoint_contexts, _saved_ops())
+    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=ctx)
+
+
+def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None:
+    """Checkpoint each of the UNet's blocks (diffusers' hook). 'full' recomputes a block's whole forward in the
+    backward. 'selective' keeps the conv, matmul and attention outputs and recomputes only the memory-bound ops
+    between them (norms, activations, residual adds, casts): less memory saved than 'full', but the expensive ops
+    are not run twice."""
+    unet.enable_gradient_checkpointing(_selective_checkpoint if policy == "selective" else None)
 
 
 def enable_memory_efficient_attention(unet: nn.Module) -> bool:

@@ -25,17 +25,31 @@ class _StudentCopies:
     weight_dtype: torch.dtype
     _student_copies: WeightCopies | None = None
     _copies: list[DtypeCopies]
+    _trainable: list[nn.Parameter] | None = None
+
+    def _call_time_views(self) -> bool:
+        """Whether the student may run through call-time views (weight copies, layer attribute flips): not under
+        selective checkpointing, whose backward recompute must dispatch the forward's ops one for one but runs after
+        the view's call has returned (plain modules again)."""
+        cfg = self.cfg
+        return self.weight_dtype != torch.float32 and not (cfg.gradient_checkpointing and cfg.gradient_checkpointing_policy == "selective")
 
     def _student_net(self, student_module: nn.Module) -> Any:
         """`--student_weight_copy`: eager, one process (a DDP wrapper keeps its per-weight gradient hooks, so the
         all-reduce keeps overlapping the backward), under mixed precision; else the module itself."""
         cfg = self.cfg
-        if not (cfg.student_weight_copy and self.weight_dtype != torch.float32 and not cfg.compile_unet and student_module is self.student):
+        if not (cfg.student_weight_copy and self._call_time_views() and not cfg.compile_unet and student_module is self.student):
             return student_module
         if self._student_copies is None:
             self._student_copies = WeightCopies(self.student, self.weight_dtype)
             self._copies.append(self._student_copies.copies)
         return self._student_copies
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters, listed once (walking the modules every step is host time on a GPU)."""
+        if self._trainable is None:
+            self._trainable = [p for p in self.student.parameters() if p.requires_grad]
+        return self._trainable
 
     def _refresh_copies(self) -> None:
         """After the fp32 weights change (an optimizer step, a load)."""
@@ -73,6 +87,7 @@ class FullStrategy(_StudentCopies):
                               if cfg.target_dtype == "weight" and weight_dtype != torch.float32 else None)
         self._copies = ([] if self.target_shadow is None
                         else [DtypeCopies(list(self.target.parameters()), list(self.target_shadow.parameters()))])
+        self._ema_pairs: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self.teacher_dtype = teacher_dtype(cfg, weight_dtype)
         self.teacher_unet = teacher_unet.to(dtype=self.teacher_dtype).requires_grad_(False).eval()
         self.weight_dtype = weight_dtype
@@ -87,9 +102,6 @@ class FullStrategy(_StudentCopies):
             if m is not None:
                 m.to(device)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
-
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         """`student_module` is the (possibly DDP-wrapped) student; target and teacher run unwrapped, without grad."""
         return (
@@ -100,7 +112,9 @@ class FullStrategy(_StudentCopies):
         )
 
     def after_optimizer_step(self) -> None:
-        ema_update(self.target.parameters(), self.student.parameters(), self.cfg.ema_decay)
+        if self._ema_pairs is None:  # listed once: the Parameter objects outlive .to() and load_state_dict
+            self._ema_pairs = (list(self.target.parameters()), list(self.student.parameters()))
+        ema_update(*self._ema_pairs, self.cfg.ema_decay)
         self._refresh_copies()
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -163,9 +177,6 @@ class LoraStrategy(_StudentCopies):
         if self.separate_teacher is not None:
             self.separate_teacher.to(device)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
-
     def denoisers(self, student_module: nn.Module) -> tuple[Denoiser, Denoiser, Denoiser]:
         unet = self.student
         if self._teacher_view is None:  # built once: the views cache the adapter layers
@@ -177,7 +188,7 @@ class LoraStrategy(_StudentCopies):
             if isinstance(self._target_view, MergedAdapters):  # its factors' weight-dtype copies follow the adapters
                 self._copies.append(self._target_view.factors)
             # Under autocast peft's cast of each adapter input to fp32 is undone by autocast's cast back: skip both.
-            skip_cast = self.cfg.lora_skip_input_cast and self.weight_dtype != torch.float32
+            skip_cast = self.cfg.lora_skip_input_cast and self._call_time_views()
             self._student_layers = tuner_layers(unet) if skip_cast else []
         student = UNetDenoiser(self._student_net(student_module))
         if self._student_layers:

@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_family
-from .models import check_teacher_config, enable_memory_efficient_attention, encode_latents
+from .models import check_teacher_config, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
@@ -114,7 +114,7 @@ class Trainer:
         self.strategy.to(self.device)
         student = self.strategy.student
         if cfg.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(student, cfg.gradient_checkpointing_policy)
         unets = {id(m): m for m in (student, self.strategy.target_unet, self.strategy.teacher_unet) if m is not None}
         if cfg.enable_xformers_memory_efficient_attention:
             for m in unets.values():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tcdistill.config import TrainConfig
+from tcdistill.unet_views import WithLayerAttr
 
 BF16 = torch.bfloat16
 
@@ -105,29 +106,17 @@ def test_merged_lora_target_casts_its_factors_once_per_step(tiny_teacher: Path, 
         assert torch.equal(target(x, t, cond), MergedAdapters(strat.student, BF16, native=True)(x, t, cond))
 
 
-@pytest.mark.parametrize("variant,weight_copy", [("full", True), ("lora", True), ("lora", False)])
-def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weight_copy: bool, tiny_teacher: Path, tiny_shards: str,
-                                                              tmp_path: Path) -> None:
-    """Under bf16 autocast the student's weight-dtype weight copies (and, for LoRA, the skipped peft input casts) give
-    bitwise autocast's output and fp32 gradients with fewer dispatched casts; the copies follow the weights after each
-    step and each load, and the layers' own cast setting is back after the call."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+def _student_view_vs_autocast(tr):  # -> (the strategy's student denoiser, its casts, autocast's casts)
+    """One forward + backward under bf16 autocast through the strategy's student view and through the plain UNet:
+    asserts bitwise the same output and fp32 gradients; returns the view and both runs' dispatched casts."""
     from tcdistill.models import UNetDenoiser
     from tcdistill.timing import OpCounter
-    from tcdistill.unet_views import WeightCopies
 
-    tr = _trainer(variant, tiny_teacher, tiny_shards, tmp_path, student_weight_copy=weight_copy)
     strat, unet = tr.strategy, tr.strategy.student
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    w_dim = getattr(strat, "w_dim", None)
     view, _, _ = strat.denoisers(tr.student)
     x, t, cond, w = _inputs(unet)
     results = []
-    for student in (view, UNetDenoiser(tr.student, w_dim)):
+    for student in (view, UNetDenoiser(tr.student, getattr(strat, "w_dim", None))):
         unet.zero_grad(set_to_none=True)
         with OpCounter() as ops, torch.autocast("cpu", dtype=BF16):
             out = student(x, t, cond, w)
@@ -137,6 +126,26 @@ def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weig
     (out_view, g_view, casts_view), (out_ref, g_ref, casts_ref) = results
     assert torch.equal(out_view, out_ref)
     assert all(g.dtype == torch.float32 for g in g_view) and all(torch.equal(a, b) for a, b in zip(g_view, g_ref, strict=True))
+    return view, casts_view, casts_ref
+
+
+@pytest.mark.parametrize("variant,weight_copy", [("full", True), ("lora", True), ("lora", False)])
+def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weight_copy: bool, tiny_teacher: Path, tiny_shards: str,
+                                                              tmp_path: Path) -> None:
+    """Under bf16 autocast the student's weight-dtype weight copies (and, for LoRA, the skipped peft input casts) give
+    bitwise autocast's output and fp32 gradients with fewer dispatched casts; the copies follow the weights after each
+    step and each load, and the layers' own cast setting is back after the call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tcdistill.unet_views import WeightCopies
+
+    tr = _trainer(variant, tiny_teacher, tiny_shards, tmp_path, student_weight_copy=weight_copy)
+    strat, unet = tr.strategy, tr.strategy.student
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    view, casts_view, casts_ref = _student_view_vs_autocast(tr)
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
     copies = strat._student_copies
@@ -158,6 +167,23 @@ def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weig
     strat.load_state_tensors(tensors)
     assert fresh()
     assert strat._student_net(torch.nn.Identity()).__class__ is torch.nn.Identity  # a DDP-wrapped student: no copies
+
+
+@pytest.mark.parametrize("variant,policy", [("full", "full"), ("full", "selective"), ("lora", "selective")])
+def test_student_views_under_gradient_checkpointing(variant: str, policy: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """--gradient_checkpointing 'full' keeps the student's weight copies (the backward recomputes blocks from the fp32
+    weights under autocast): bitwise autocast's numbers, fewer casts. 'selective' runs the plain student (its recompute
+    must dispatch the forward's ops one for one, and runs after a call-time view has returned)."""
+    tr = _trainer(variant, tiny_teacher, tiny_shards, tmp_path, gradient_checkpointing=True, gradient_checkpointing_policy=policy)
+    with torch.no_grad():
+        for name, p in tr.strategy.student.named_parameters():
+            if "conv_out" in name or "lora_B" in name:
+                p.normal_(0, 0.05)  # non-zero gradients everywhere
+    view, casts_view, casts_ref = _student_view_vs_autocast(tr)
+    if policy == "full":
+        assert tr.strategy._student_copies is not None and casts_view < casts_ref
+    else:
+        assert tr.strategy._student_copies is None and casts_view == casts_ref and not isinstance(view, WithLayerAttr)
 
 
 def test_reference_like_switches_keep_the_casts(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:

@@ -1,0 +1,58 @@
+"""Gradient checkpointing policies of the student UNet: 'full' recomputes each block, 'selective' keeps the conv,
+matmul and attention outputs and recomputes only the ops between them; both give the un-checkpointed gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcdistill.config import ConfigError, TrainConfig
+from tcdistill.models import enable_gradient_checkpointing
+from tcdistill.timing import OpCounter
+
+
+def _unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4,
+    ).train()
+
+
+def _run(policy: str | None) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, int]]:
+    """Output, parameter gradients and dispatched ops of one forward + backward under `policy` (None: no checkpointing)."""
+    unet = _unet()
+    if policy:
+        enable_gradient_checkpointing(unet, policy)
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    with OpCounter() as ops:
+        out = unet(x, torch.tensor([10, 900]), cond).sample
+        out.pow(2).mean().backward()
+    return out.detach(), [p.grad for p in unet.parameters()], dict(ops.by_op)
+
+
+def test_selective_checkpointing_recomputes_only_the_memory_bound_ops() -> None:
+    out0, grads0, ops0 = _run(None)
+    full, selective = _run("full"), _run("selective")
+    for out, grads, _ in (full, selective):
+        assert torch.equal(out, out0)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads0, strict=True))
+    # full recomputes every checkpointed block's convolutions and matmuls; selective runs each once, as without
+    for op in ("convolution", "addmm", "bmm", "mm"):
+        if ops0.get(op):
+            assert selective[2].get(op, 0) == ops0[op], op
+    assert full[2]["convolution"] > ops0["convolution"]
+    # ... and both recompute the norms (their outputs are not kept)
+    assert selective[2]["native_group_norm"] > ops0["native_group_norm"]
+    assert full[2]["native_group_norm"] == selective[2]["native_group_norm"]
+
+
+def test_selective_policy_needs_checkpointing_on() -> None:
+    base = dict(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1)
+    TrainConfig(**base, gradient_checkpointing=True, gradient_checkpointing_policy="selective").validate()
+    with pytest.raises(ConfigError, match="needs --gradient_checkpointing"):
+        TrainConfig(**base, gradient_checkpointing_policy="selective").validate()
