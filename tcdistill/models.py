@@ -69,12 +69,19 @@ def _saved_ops() -> list[Any]:
     return [getattr(aten, n).default for n in names if hasattr(aten, n)]
 
 
-def _selective_checkpoint(module: nn.Module, *args: Any) -> Any:
-    """diffusers' per-block checkpoint call, keeping the outputs of `_saved_ops` (torch's selective checkpointing)."""
+def _checkpoint(module: nn.Module, *args: Any, selective: bool = False) -> Any:
+    """diffusers' per-block checkpoint call (non-reentrant). The backward's recompute runs the block with the tensors
+    this forward saw: under a call-time swap (the student's weight-dtype copies, `torch.func.functional_call`) the
+    block's parameters are the copies now, but the module's own fp32 weights again by the time the backward runs,
+    which would re-cast every weight and, under selective checkpointing, dispatch other ops than the forward did."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    ctx = functools.partial(create_selective_checkpoint_contexts, _saved_ops())
-    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=ctx)
+    from .unet_views import FunctionalUNet
+
+    seen = dict(module.named_parameters())
+    fn: Any = FunctionalUNet(module, seen) if any(not isinstance(p, nn.Parameter) for p in seen.values()) else module.__call__
+    kw: dict[str, Any] = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _saved_ops())} if selective else {}
+    return checkpoint(fn, *args, use_reentrant=False, **kw)
 
 
 def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None:
@@ -82,7 +89,7 @@ def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None
     backward. 'selective' keeps the conv, matmul and attention outputs and recomputes only the memory-bound ops
     between them (norms, activations, residual adds, casts): less memory saved than 'full', but the expensive ops
     are not run twice."""
-    unet.enable_gradient_checkpointing(_selective_checkpoint if policy == "selective" else None)
+    unet.enable_gradient_checkpointing(functools.partial(_checkpoint, selective=policy == "selective"))
 
 
 def enable_memory_efficient_attention(unet: nn.Module) -> bool:

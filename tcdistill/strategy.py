@@ -27,18 +27,11 @@ class _StudentCopies:
     _copies: list[DtypeCopies]
     _trainable: list[nn.Parameter] | None = None
 
-    def _call_time_views(self) -> bool:
-        """Whether the student may run through call-time views (weight copies, layer attribute flips): not under
-        selective checkpointing, whose backward recompute must dispatch the forward's ops one for one but runs after
-        the view's call has returned (plain modules again)."""
-        cfg = self.cfg
-        return self.weight_dtype != torch.float32 and not (cfg.gradient_checkpointing and cfg.gradient_checkpointing_policy == "selective")
-
     def _student_net(self, student_module: nn.Module) -> Any:
         """`--student_weight_copy`: eager, one process (a DDP wrapper keeps its per-weight gradient hooks, so the
         all-reduce keeps overlapping the backward), under mixed precision; else the module itself."""
         cfg = self.cfg
-        if not (cfg.student_weight_copy and self._call_time_views() and not cfg.compile_unet and student_module is self.student):
+        if not (cfg.student_weight_copy and self.weight_dtype != torch.float32 and not cfg.compile_unet and student_module is self.student):
             return student_module
         if self._student_copies is None:
             self._student_copies = WeightCopies(self.student, self.weight_dtype)
@@ -188,7 +181,11 @@ class LoraStrategy(_StudentCopies):
             if isinstance(self._target_view, MergedAdapters):  # its factors' weight-dtype copies follow the adapters
                 self._copies.append(self._target_view.factors)
             # Under autocast peft's cast of each adapter input to fp32 is undone by autocast's cast back: skip both.
-            skip_cast = self.cfg.lora_skip_input_cast and self._call_time_views()
+            # Not under selective checkpointing: the flip is undone when the call returns, so the backward's
+            # recompute would cast where the forward did not (selective checkpointing needs the same ops).
+            cfg = self.cfg
+            skip_cast = (cfg.lora_skip_input_cast and self.weight_dtype != torch.float32
+                         and not (cfg.gradient_checkpointing and cfg.gradient_checkpointing_policy == "selective"))
             self._student_layers = tuner_layers(unet) if skip_cast else []
         student = UNetDenoiser(self._student_net(student_module))
         if self._student_layers:

@@ -66,9 +66,9 @@ class AdaptersOff(WithLayerAttr):
 class FunctionalUNet:
     """Calls a module with some parameters replaced for the call (`torch.func.functional_call`); none are written."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor] | None = None):
         self.module = module
-        self.params: dict[str, torch.Tensor] = {}
+        self.params: dict[str, torch.Tensor] = params or {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.module, self.params, args, kwargs, strict=False)
