@@ -1,5 +1,6 @@
 """Gradient checkpointing policies of the student UNet: 'full' recomputes each block, 'selective' keeps the conv,
-matmul and attention outputs and recomputes only the ops between them; both give the un-checkpointed gradients."""
+matmul and attention outputs and recomputes only the ops between them; both give the un-checkpointed gradients.
+(Also the flags' help text, which the policy's help, with a % sign, first broke.)"""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ def test_selective_policy_needs_checkpointing_on() -> None:
     TrainConfig(**base, gradient_checkpointing=True, gradient_checkpointing_policy="selective").validate()
     with pytest.raises(ConfigError, match="needs --gradient_checkpointing"):
         TrainConfig(**base, gradient_checkpointing_policy="selective").validate()
+
+
+def test_help_text_may_contain_percent_signs() -> None:
+    """argparse %-formats help: a literal % in a field's help or default (a shard url) must not break --help."""
+    from dataclasses import dataclass
+
+    from tcdistill.config import _f, build_parser
+
+    @dataclass
+    class Flags:
+        url: str = _f("pipe:curl -s https://x/a%20b.tar", "Shards; saves 40 % of the time.")
+
+    text = build_parser(Flags).format_help()
+    assert "saves 40 % of the time" in text and "a%20b.tar" in text
