@@ -236,7 +236,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
         ops_per_step=ops.count, casts_per_step=ops.by_op["_to_copy"], ops_top=dict(ops.by_op.most_common(15)),
         data_source="cached latents" if cfg.train_latents_path_or_url else "pixels (VAE + text encoder every step)",
         config={k: getattr(cfg, k) for k in (*REFERENCE_LIKE, "mixed_precision", "train_batch_size", "resolution",
-                                             "gradient_checkpointing", "dataloader_num_workers")},
+                                             "gradient_checkpointing", "gradient_checkpointing_policy", "dataloader_num_workers")},
     )
     if prof:
         res["profile"] = prof
