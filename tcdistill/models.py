@@ -60,6 +60,7 @@ class UNetDenoiser:
             return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
 
 
+@functools.cache
 def _saved_ops() -> list[Any]:
     """The compute-bound aten ops whose outputs selective checkpointing keeps: convolutions, matmuls, attention."""
     aten = torch.ops.aten

@@ -17,8 +17,9 @@ from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, 
 
 
 class _StudentCopies:
-    """What both strategies share: the student's forward through weight-dtype copies of its trainable weights, and
-    `_copies`, every weight-dtype copy the strategy holds (student, target), refreshed together when weights change."""
+    """What both strategies share: the student's trainable parameters, its forward through weight-dtype copies of its
+    trainable weights, and `_copies`, every weight-dtype copy the strategy holds (student, target), refreshed together
+    when weights change."""
 
     cfg: TrainConfig
     student: nn.Module
