@@ -4,7 +4,8 @@
 # 2. LoRA: the same;  2b./2c. the optimised mode with the fourth session's cast removals switched off (student weight
 #    copies, weight-dtype target, LoRA input casts), full and LoRA, profiled as in 1./2. (their gain on a GPU);
 # 3./4. the optimised mode with gradient checkpointing (memory), full and LoRA; 3b./4b. the same with the selective
-#    policy (conv/matmul/attention outputs kept, the ops between them recomputed);
+#    policy (conv/matmul/attention outputs kept, the ops between them recomputed); ckpt_unet: the student UNet alone,
+#    forward + backward per policy (none, full, selective: `benchmarks/checkpointing.py`);
 # 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA as three modes in one process (reference-like,
 #    optimised eager, compiled; ~8 min each on SD 1.5), then full compiled with CUDA graphs
 #    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
@@ -26,15 +27,19 @@ read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"  # appended to every run (later flag
 COMMON+=("${EXTRA_ARGS[@]}")
 
 RUNS=("${@:2}")
-run() {  # name, cap in seconds, then bench flags
+timed() {  # name, cap in seconds, then a command (stdout to OUT/name.txt); fails when the run is not selected or does not fit
   local name=$1 cap=$2; shift 2
-  if [ "${#RUNS[@]}" -gt 0 ] && [[ " ${RUNS[*]} " != *" $name "* ]]; then return; fi
+  if [ "${#RUNS[@]}" -gt 0 ] && [[ " ${RUNS[*]} " != *" $name "* ]]; then return 1; fi
   local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 40 ]; then echo "=== $name skipped (${left}s left)"; return; fi
+  if [ "$left" -lt 40 ]; then echo "=== $name skipped (${left}s left)"; return 1; fi
   [ "$cap" -gt "$left" ] && cap=$left
   echo "=== $name (t=${SECONDS}s, cap ${cap}s)"
-  timeout "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.log"
+  timeout "$cap" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.log"
   echo "--- $name rc=$? (t=${SECONDS}s)"
+}
+run() {  # name, cap in seconds, then bench flags
+  local name=$1 cap=$2; shift 2
+  timed "$name" "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" || return 0
   grep -E "^(profile|warmup|samples/s|step time|peak memory|MFU|dispatched|  of which|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
 }
 
@@ -48,6 +53,8 @@ run lora_gradckpt 70 --variant lora --set gradient_checkpointing=true
 SELECTIVE=(--set gradient_checkpointing=true --set gradient_checkpointing_policy=selective)
 run full_selckpt 70 --variant full "${SELECTIVE[@]}"
 run lora_selckpt 70 --variant lora "${SELECTIVE[@]}"
+# the student UNet alone per checkpointing policy (activation memory, fwd/bwd time, ops), one process per policy
+timed ckpt_unet 150 "$PY" benchmarks/checkpointing.py --resolution 512 --batch 12 --mixed_precision bf16 && { cat "$OUT/ckpt_unet.txt"; tail -n 3 "$OUT/ckpt_unet.log"; }
 run full_compile 500 --variant full --compare --compile_unet --warmup 3
 run lora_compile 500 --variant lora --compare --compile_unet --warmup 3
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
