@@ -14,41 +14,14 @@ one step dispatches (on a GPU, about one kernel launch each): recomputation adds
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 POLICIES = ("none", "full", "selective")
-
-
-def _held_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated()
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS")).split()[1]) * 1024
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
 
 
 def measure(policy: str, args: argparse.Namespace) -> dict[str, float]:
@@ -57,7 +30,7 @@ def measure(policy: str, args: argparse.Namespace) -> dict[str, float]:
 
     from tcdistill.bench_assets import SD15_UNET
     from tcdistill.models import enable_gradient_checkpointing
-    from tcdistill.timing import OpCounter
+    from tcdistill.timing import OpCounter, held_memory, peak_memory, reset_peak_memory, trim_heap
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = dict(SD15_UNET, block_out_channels=[c // args.width_divisor for c in SD15_UNET["block_out_channels"]])
@@ -75,21 +48,22 @@ def measure(policy: str, args: argparse.Namespace) -> dict[str, float]:
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = unet(x, t, cond).sample
-        _held_bytes(device)  # synchronises CUDA
+        held_memory(device)  # synchronises CUDA
         t1 = time.perf_counter()
         out.float().square().mean().backward()
-        _held_bytes(device)
+        held_memory(device)
         unet.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak below is the step's own
         return t1 - t0, time.perf_counter() - t1
 
     step()  # warmup: allocates the gradients
     with OpCounter() as ops:
         step()
-    _reset_peak(device)
-    held = _held_bytes(device)
+    trim_heap()
+    reset_peak_memory(device)
+    held = held_memory(device)
     times = [step() for _ in range(args.steps)]
     return dict(policy=policy, fwd_ms=1000 * min(f for f, _ in times), bwd_ms=1000 * min(b for _, b in times),
-                step_peak_mib=(_peak_bytes(device) - held) / 2**20, ops=ops.count, device=str(device))
+                step_peak_mib=(peak_memory(device)[0] - held) / 2**20, ops=ops.count, device=str(device))
 
 
 def main() -> None:

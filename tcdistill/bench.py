@@ -26,7 +26,7 @@ import torch
 
 from .bench_assets import Assets, prepare_assets
 from .config import TrainConfig, _parse_bool
-from .timing import OpCounter
+from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
 PEAK_BF16_DENSE_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -95,28 +95,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, kind): CUDA max allocated, or this process's peak RSS since the last reset."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak_rss"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss_process_lifetime"
-
-
 def _eager(trainer: Any) -> contextlib.AbstractContextManager:
     return torch.compiler.set_stance("force_eager") if trainer.cfg.compile_unet else contextlib.nullcontext()
 
@@ -148,10 +126,7 @@ def _release(device: torch.device) -> None:
     AcceleratorState._reset_state(True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with contextlib.suppress(Exception):  # glibc keeps freed heap pages; hand them back so the next RSS peak is its own
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()  # the next mode's RSS peak is its own
 
 
 def _timed_step(trainer: Any, data: Any, acc: dict[str, Any]) -> None:
@@ -213,7 +188,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     device = trainer.device
     flops, flop_samples = _count_flops(trainer, data)
     ops = _count_ops(trainer, data)
-    _reset_peak(device)
+    reset_peak_memory(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # with --compile_unet, the compilations happen here
         trainer.optimizer_step(data)
@@ -222,7 +197,7 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     acc = _new_acc()
     for _ in range(args.steps if timed else 0):
         _timed_step(trainer, data, acc)
-    peak, peak_kind = _peak_memory(device)
+    peak, peak_kind = peak_memory(device)
     trainer.timer.reset()
     trainer.timer.enabled = True
     for _ in range(args.split_steps):

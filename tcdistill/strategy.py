@@ -182,11 +182,10 @@ class LoraStrategy(_StudentCopies):
             if isinstance(self._target_view, MergedAdapters):  # its factors' weight-dtype copies follow the adapters
                 self._copies.append(self._target_view.factors)
             # Under autocast peft's cast of each adapter input to fp32 is undone by autocast's cast back: skip both.
-            # Not under selective checkpointing: the flip is undone when the call returns, so the backward's
-            # recompute would cast where the forward did not (selective checkpointing needs the same ops).
+            # Not under selective checkpointing (the config allows that policy only with checkpointing on): the flip
+            # is undone when the call returns, so the backward's recompute would cast where the forward did not.
             cfg = self.cfg
-            skip_cast = (cfg.lora_skip_input_cast and self.weight_dtype != torch.float32
-                         and not (cfg.gradient_checkpointing and cfg.gradient_checkpointing_policy == "selective"))
+            skip_cast = cfg.lora_skip_input_cast and self.weight_dtype != torch.float32 and cfg.gradient_checkpointing_policy != "selective"
             self._student_layers = tuner_layers(unet) if skip_cast else []
         student = UNetDenoiser(self._student_net(student_module))
         if self._student_layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator
 
@@ -103,3 +104,51 @@ class OpCounter(TorchDispatchMode):
         if not func.is_view and not func.__name__.startswith("empty"):  # an allocation launches no kernel
             self.by_op[func.__name__.split(".")[0]] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None without procfs."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def trim_heap() -> None:
+    """Hand glibc's freed heap pages back to the OS, so the next RSS peak measures only what comes after."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's peak-allocated counter, or the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
+
+
+def held_memory(device: torch.device) -> int:
+    """Bytes held now: CUDA allocated, or the process's RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): CUDA max allocated, or this process's peak RSS since the last reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "peak_rss"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss_process_lifetime"
