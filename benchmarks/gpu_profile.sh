@@ -7,8 +7,11 @@
 #    policy (conv/matmul/attention outputs kept, the ops between them recomputed); ckpt_unet: the student UNet alone,
 #    forward + backward per policy (none, full, selective: `benchmarks/checkpointing.py`);
 # 5.-7. `--compile_unet` (static shapes, no recompiles): full and LoRA as three modes in one process (reference-like,
-#    optimised eager, compiled; ~8 min each on SD 1.5), then full compiled with CUDA graphs
+#    optimised eager, compiled; H100: full 305 s, its compile 213 s; LoRA's did not finish in 245 s), then full
+#    compiled with CUDA graphs
 #    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
+# 8./9. lora_compile_selckpt, full_compile_selckpt: the same three modes with selective checkpointing in the two
+#    optimised ones (speed and memory targets checked in one configuration; compile ~4-6 min each on an H100).
 # Runs that would not fit in what is left of BUDGET_S are skipped.
 # Usage: benchmarks/gpu_profile.sh OUT_DIR [RUN ...]   (default: all runs, in this order; env: PYTHON, BUDGET_S=540,
 #        BENCH_WORKDIR, BENCH_ARGS). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
@@ -57,5 +60,10 @@ run lora_selckpt 70 --variant lora "${SELECTIVE[@]}"
 timed ckpt_unet 150 "$PY" benchmarks/checkpointing.py --resolution 512 --batch 12 --mixed_precision bf16 && { cat "$OUT/ckpt_unet.txt"; tail -n 3 "$OUT/ckpt_unet.log"; }
 run full_compile 500 --variant full --compare --compile_unet --warmup 3
 run lora_compile 500 --variant lora --compare --compile_unet --warmup 3
+# 8./9. both targets in one configuration: reference-like vs optimised and compiled, each with selective checkpointing
+#    (the SAC policy is applied at compile time; eager it runs a Python policy per op, slow on a GPU: see docs)
+SELECTIVE_OPT=(--opt-set gradient_checkpointing=true --opt-set gradient_checkpointing_policy=selective)
+run lora_compile_selckpt 560 --variant lora --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
+run full_compile_selckpt 560 --variant full --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
 echo "done in ${SECONDS}s"

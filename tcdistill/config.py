@@ -95,7 +95,7 @@ class TrainConfig:
     cast_teacher_unet: bool = _f(False, "Kept for compatibility: the frozen teacher always runs in the weight dtype here.")
     enable_xformers_memory_efficient_attention: bool = _f(False, "xformers attention where it can run; else PyTorch SDPA with a warning.")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
-    gradient_checkpointing_policy: str = _f("full", "With --gradient_checkpointing: 'full' recomputes each block in the backward (least memory); 'selective' keeps the conv, matmul and attention outputs and recomputes only the norms, activations and adds between them (on the SD 1.5 architecture on CPU it saved 0.4x of what 'full' saves, for 1/6 of its extra time).", choices=["full", "selective"])
+    gradient_checkpointing_policy: str = _f("full", "With --gradient_checkpointing: 'full' recomputes each block in the backward (least memory); 'selective' keeps the conv, matmul and attention outputs and recomputes only the norms, activations and adds between them (on the SD 1.5 architecture on CPU it saved 0.4x of what 'full' saves, for 1/6 of its extra time). On a GPU use it with --compile_unet: eager, its per-op Python policy made an H100's student forward 3.3x slower.", choices=["full", "selective"])
     batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])

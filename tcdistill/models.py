@@ -60,7 +60,6 @@ class UNetDenoiser:
             return self.unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
 
 
-@functools.cache
 def _saved_ops() -> list[Any]:
     """The compute-bound aten ops whose outputs selective checkpointing keeps: convolutions, matmuls, attention."""
     aten = torch.ops.aten
@@ -70,18 +69,19 @@ def _saved_ops() -> list[Any]:
     return [getattr(aten, n).default for n in names if hasattr(aten, n)]
 
 
-def _checkpoint(module: nn.Module, *args: Any, selective: bool = False) -> Any:
+def _checkpoint(module: nn.Module, *args: Any, saved_ops: list[Any] | None = None) -> Any:
     """diffusers' per-block checkpoint call (non-reentrant). The backward's recompute runs the block with the tensors
     this forward saw: under a call-time swap (the student's weight-dtype copies, `torch.func.functional_call`) the
     block's parameters are the copies now, but the module's own fp32 weights again by the time the backward runs,
-    which would re-cast every weight and, under selective checkpointing, dispatch other ops than the forward did."""
+    which would re-cast every weight and, under selective checkpointing, dispatch other ops than the forward did.
+    `saved_ops`: selective checkpointing's kept ops (listed once, outside any compiled region), or None for 'full'."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     from .unet_views import FunctionalUNet
 
     seen = dict(module.named_parameters())
     fn: Any = FunctionalUNet(module, seen) if any(not isinstance(p, nn.Parameter) for p in seen.values()) else module.__call__
-    kw: dict[str, Any] = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _saved_ops())} if selective else {}
+    kw: dict[str, Any] = {} if saved_ops is None else {"context_fn": functools.partial(create_selective_checkpoint_contexts, saved_ops)}
     return checkpoint(fn, *args, use_reentrant=False, **kw)
 
 
@@ -90,7 +90,7 @@ def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None
     backward. 'selective' keeps the conv, matmul and attention outputs and recomputes only the memory-bound ops
     between them (norms, activations, residual adds, casts): less memory saved than 'full', but the expensive ops
     are not run twice."""
-    unet.enable_gradient_checkpointing(functools.partial(_checkpoint, selective=policy == "selective"))
+    unet.enable_gradient_checkpointing(functools.partial(_checkpoint, saved_ops=_saved_ops() if policy == "selective" else None))
 
 
 def enable_memory_efficient_attention(unet: nn.Module) -> bool:

@@ -115,6 +115,9 @@ class Trainer:
         student = self.strategy.student
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student, cfg.gradient_checkpointing_policy)
+            if cfg.gradient_checkpointing_policy == "selective" and self.device.type == "cuda" and not cfg.compile_unet:
+                logger.warning("--gradient_checkpointing_policy selective runs a Python policy on every op in eager mode "
+                               "(H100, SD 1.5: student forward 3.3x slower); pair it with --compile_unet, or use 'full'.")
         unets = {id(m): m for m in (student, self.strategy.target_unet, self.strategy.teacher_unet) if m is not None}
         if cfg.enable_xformers_memory_efficient_attention:
             for m in unets.values():
