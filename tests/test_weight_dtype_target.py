@@ -205,3 +205,39 @@ def test_reference_like_switches_keep_the_casts(tiny_teacher: Path, tiny_shards:
 
     with pytest.raises(ConfigError, match="--target_dtype must be one of weight, fp32"):
         TrainConfig(pretrained_teacher_model="x", train_shards_path_or_url="x", max_train_steps=1, target_dtype="bf16")
+
+
+
+def test_student_copies_return_gradients_per_top_level_block() -> None:
+    """The weight-dtype gradients go back to the fp32 weights with one multi-tensor copy per top-level block, not one
+    for the whole UNet (which allocates every fp32 gradient while every weight-dtype one is still held: the step's
+    peak under checkpointing); the gradients are bitwise those of the single copy."""
+    from diffusers import UNet2DConditionModel
+
+    from tcdistill.timing import OpCounter
+    from tcdistill.unet_views import WeightCopies
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                mid_block_type=None, norm_num_groups=4, cross_attention_dim=8)
+    copies = WeightCopies(unet, BF16)
+    assert sorted(n for g in copies.groups for n in g[0]) == sorted(copies.names)  # each weight in one group
+    blocks = {".".join(n.split(".")[:2]) if n.startswith(("down_blocks", "up_blocks")) else n.split(".")[0] for n in copies.names}
+    assert len(copies.groups) == len(blocks) >= 6  # conv_in, time_embedding, down_blocks.0/1, up_blocks.0/1, conv_out
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+
+    def grads() -> tuple[list[torch.Tensor], int]:
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=BF16):
+            out = copies(x, t, c).sample
+        with OpCounter() as ops:
+            out.float().square().mean().backward()
+        return [p.grad.clone() for p in copies.weights], ops.by_op["_foreach_copy_"]
+
+    grouped, n_copies = grads()
+    assert n_copies == len(copies.groups)
+    copies.groups = [(copies.names, copies.copies.dst, copies.weights)]  # the single cast-back
+    single, n_single = grads()
+    assert n_single == 1
+    assert all(g.dtype == torch.float32 and torch.equal(g, h) for g, h in zip(grouped, single, strict=True))
