@@ -43,7 +43,7 @@ timed() {  # name, cap in seconds, then a command (stdout to OUT/name.txt); fail
 run() {  # name, cap in seconds, then bench flags
   local name=$1 cap=$2; shift 2
   timed "$name" "$cap" "$PY" -m tcdistill.bench "${COMMON[@]}" "$@" --json "$OUT/$name.json" || return 0
-  grep -E "^(profile|warmup|samples/s|step time|peak memory|MFU|dispatched|  of which|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
+  grep -E "^(mode |profile|warmup|samples/s|step time|peak memory|MFU|dispatched|  of which|  other|  teacher|  student|  target|  optimizer|  ema)" "$OUT/$name.txt" || tail -n 5 "$OUT/$name.log"
 }
 
 run full 200 --variant full --compare --profile 2

@@ -383,13 +383,22 @@ def ratios(res: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
                 ops=res["ops_per_step"] / max(ref["ops_per_step"], 1))
 
 
+def mode_line(res: dict[str, Any]) -> str:
+    """One line of a finished mode's figures (printed before the table, which needs every mode)."""
+    return (f"mode {res['variant']}/{res['mode']}: {res['samples_per_s']:.3f} samples/s, step {res['step_time_ms']:.1f} ms "
+            f"(median {res['step_time_median_ms']:.1f}), peak {res['peak_memory_bytes'] / 2**30:.2f} GiB "
+            f"({res['peak_memory_kind']}), {res['achieved_tflops']:.3g} TFLOP/s, warmup {res['warmup_s']:.1f} s")
+
+
 def bench_variant(args: argparse.Namespace, assets: Assets, variant: str, modes: list[str], work: Path,
                   peak: float | None, peak_src: str, name: str) -> dict[str, Any]:
     """Run the modes of one variant, print its table, return {variant, modes, ratios[, ratio]} (`ratio`: optimised's)."""
     run: dict[str, Any] = dict(variant=variant, modes={})
     interleave = args.interleave if args.interleave is not None else (len(modes) > 1 and not torch.cuda.is_available())
     for mode in modes:
-        run["modes"][mode] = run_mode(args, assets, variant, mode, work, timed=not interleave)
+        res = run["modes"][mode] = run_mode(args, assets, variant, mode, work, timed=not interleave)
+        if not interleave:  # each mode's figures as soon as it is done: a later mode's compile may outlast a time cap
+            print(mode_line(res), flush=True)
     if interleave:
         interleaved_throughput(args, assets, variant, run["modes"], work)
     for res in run["modes"].values():

@@ -58,6 +58,19 @@ def test_bench_tiny_compare_reports_every_field(tmp_path: Path, capsys: pytest.C
         assert text in printed
 
 
+def test_each_timed_mode_prints_its_line_before_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not interleaved (as on a GPU), each mode's figures are printed as soon as it is done, so a run killed by a time
+    cap during a later mode (a compile) still leaves the earlier modes' figures in its output."""
+    res = bench_main(["--preset", "tiny", "--variant", "full", "--compare", "--no-interleave", "--steps", "1", "--warmup", "0",
+                      "--split-steps", "0", "--batch_size", "2", "--threads", "1", "--workdir", str(tmp_path / "work")])
+    printed = capsys.readouterr().out
+    lines = [ln for ln in printed.splitlines() if ln.startswith("mode full/")]
+    assert [ln.split(":")[0] for ln in lines] == ["mode full/reference-like", "mode full/optimised"]
+    assert printed.index(lines[-1]) < printed.index("tcdistill bench: preset tiny")
+    opt = res["runs"][0]["modes"]["optimised"]
+    assert f"{opt['samples_per_s']:.3f} samples/s" in lines[1] and f"step {opt['step_time_ms']:.1f} ms" in lines[1]
+
+
 def test_data_only_and_peak_table(tmp_path: Path) -> None:
     from tcdistill.cli import main as cli_main
 
