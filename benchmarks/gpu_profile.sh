@@ -11,7 +11,8 @@
 #    compiled with CUDA graphs
 #    (`compile_mode=reduce-overhead`). The compile time is the "warmup" row, not in the samples/s.
 # 8./9. lora_compile_selckpt, full_compile_selckpt: the same three modes with selective checkpointing in the two
-#    optimised ones (speed and memory targets checked in one configuration; compile ~4-6 min each on an H100).
+#    optimised ones (speed and memory targets checked in one configuration; not yet run on a GPU: the full model's
+#    compile without checkpointing took 213 s on an H100).
 # Runs that would not fit in what is left of BUDGET_S are skipped.
 # Usage: benchmarks/gpu_profile.sh OUT_DIR [RUN ...]   (default: all runs, in this order; env: PYTHON, BUDGET_S=540,
 #        BENCH_WORKDIR, BENCH_ARGS). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
