@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch

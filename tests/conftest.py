@@ -40,6 +40,19 @@ LORA_CPU_OVERRIDES: dict[str, Any] = {"lora_rank": 4}
 QUICK_VALIDATION: dict[str, Any] = {"validation_prompts": "a red circle on a blue background", "validation_inference_steps": "2"}
 
 
+def small_unet() -> Any:
+    """A UNet2DConditionModel of a few thousand weights with cross-attention in one down and one up block (seeded)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4,
+    ).train()
+
+
 def seed_flags(variant: str, *, teacher: Path | str, shards: str, output_dir: Path | str, **overrides: Any) -> list[str]:
     """The README command's flags for `variant` with paths substituted, CPU overrides, then `overrides`.
 

@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_unet
 
 from tcdistill.config import ConfigError, TrainConfig
 from tcdistill.models import enable_gradient_checkpointing
 from tcdistill.timing import OpCounter
 
 
-def _unet() -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=4,
-    ).train()
-
-
 def _run(policy: str | None) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, int]]:
     """Output, parameter gradients and dispatched ops of one forward + backward under `policy` (None: no checkpointing)."""
-    unet = _unet()
+    unet = small_unet()
     if policy:
         enable_gradient_checkpointing(unet, policy)
     g = torch.Generator().manual_seed(1)
