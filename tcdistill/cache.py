@@ -9,6 +9,7 @@ draws a fresh `x0 ~ N(mean, std^2)` at every step, as the reference does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -38,6 +39,8 @@ class _OnePass(ImageTextShards):
         from webdataset.gopen import gopen
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
+        errors_before = skipped["shard_error"]
+
         def handler(exn: Exception) -> bool:
             skipped["shard_error"] += 1
             return False  # a broken tar stream has lost its position: move on to the next shard
@@ -56,7 +59,11 @@ class _OnePass(ImageTextShards):
                 except _Skip as bad:
                     skipped[bad.kind] += 1
         finally:
-            stream.close()
+            try:
+                stream.close()  # a pipe: url whose command failed raises here: count the shard, do not stop the run
+            except Exception:  # noqa: BLE001
+                if skipped["shard_error"] == errors_before:  # once per shard
+                    skipped["shard_error"] += 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,36 +164,44 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     n_samples, shards, latent_shape, cond_keys, uncond, from_cond = 0, [], None, None, None, None
     t0 = time.perf_counter()
-    for i, url in enumerate(expand_urls(args.train_shards_path_or_url)):
+    for url in expand_urls(args.train_shards_path_or_url):
         # Sequential names: source shards from several folders may share a basename.
-        name = f"{i:05d}.tar"
+        name, n_before = f"{len(shards):05d}.tar", n_samples
         tmp = os.path.join(args.output_dir, name + ".tmp")
-        with wds.TarWriter(tmp) as sink:
-            pending: list[tuple[str, dict[str, Any]]] = []
+        try:
+            with wds.TarWriter(tmp) as sink:
+                pending: list[tuple[str, dict[str, Any]]] = []
 
-            def flush() -> None:
-                nonlocal n_samples, latent_shape, cond_keys, uncond, from_cond
-                if not pending:
-                    return
-                batch = _batch([s for _, s in pending])
-                captions = batch["captions"]
-                mean, std, cond = _encode(family, batch, device, dtype)
-                latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
-                if uncond is None:
-                    uncond, from_cond = _uncond_layout(family, batch, device)
-                for j, (key, _) in enumerate(pending):
-                    rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
-                           "txt": captions[j].encode("utf-8")}
-                    rec.update({f"{k}.npy": _npy_bytes(cond[k][j], store) for k in cond_keys})
-                    sink.write(rec)
-                n_samples += len(pending)
-                pending.clear()
+                def flush() -> None:
+                    nonlocal n_samples, latent_shape, cond_keys, uncond, from_cond
+                    if not pending:
+                        return
+                    batch = _batch([s for _, s in pending])
+                    captions = batch["captions"]
+                    mean, std, cond = _encode(family, batch, device, dtype)
+                    latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
+                    if uncond is None:
+                        uncond, from_cond = _uncond_layout(family, batch, device)
+                    for j, (key, _) in enumerate(pending):
+                        rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
+                               "txt": captions[j].encode("utf-8")}
+                        rec.update({f"{k}.npy": _npy_bytes(cond[k][j], store) for k in cond_keys})
+                        sink.write(rec)
+                    n_samples += len(pending)
+                    pending.clear()
 
-            for key, sample in ds.read_once(url, skipped):
-                pending.append((key, sample))
-                if len(pending) >= args.batch_size:
-                    flush()
-            flush()
+                for key, sample in ds.read_once(url, skipped):
+                    pending.append((key, sample))
+                    if len(pending) >= args.batch_size:
+                        flush()
+                flush()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # a partial shard (disk full, an error) is not left behind
+            raise
+        if n_samples == n_before:  # a missing or failing source (counted in skipped): no empty shard for the loader
+            os.remove(tmp)
+            continue
         os.replace(tmp, os.path.join(args.output_dir, name))  # a killed run leaves only *.tmp, never a short shard
         shards.append(name)
     if n_samples == 0:
@@ -221,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         meta = run_cache(args)
     except ConfigError as e:
         sys.exit(f"tcdistill cache: error: {e}")
+    except OSError as e:  # read-only or full --output_dir: one line, not a traceback
+        sys.exit(f"tcdistill cache: error: writing to {args.output_dir!r} failed: {type(e).__name__}: {e}")
     print(f"cached {meta['num_samples']} samples into {len(meta['shards'])} shard(s) in {meta['seconds']:.1f}s "
           f"({meta['samples_per_s']:.1f} samples/s); skipped: {meta['skipped'] or 'none'}")
     print(f"train with: --train_latents_path_or_url='{meta['pattern']}' --resolution={meta['resolution']}")

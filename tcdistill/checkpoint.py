@@ -210,9 +210,21 @@ class CheckpointIO:
         return ckpt
 
     def load_latest(self) -> Checkpoint | None:
-        """Load the newest complete checkpoint, or return None if there is none."""
-        path = self.latest()
-        return None if path is None else self.load(path)
+        """Load the newest complete checkpoint that loads, or return None if there is none.
+
+        A complete checkpoint whose files have the right sizes but cannot be read (bit rot, an overwritten file) is
+        skipped with a warning; if none loads, the newest one's error is raised rather than starting over.
+        """
+        first: CheckpointError | None = None
+        for _, path in reversed(self._complete()):
+            try:
+                return self.load(path)
+            except CheckpointError as exc:
+                logger.warning("skipping unreadable checkpoint: %s", exc)
+                first = first or exc
+        if first is not None:
+            raise first
+        return None
 
     def _staging(self, step: int) -> Path:
         """Shared dir where every rank drops its RNG file."""

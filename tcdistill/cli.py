@@ -26,6 +26,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
     from .config import ConfigError, parse_config
 
     cfg = parse_config(argv, defaults={**(defaults or {}), "variant": variant, "model_family": family}, prog=prog)
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .trainer import NonFiniteError, Trainer
 
@@ -34,7 +35,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
         Trainer(cfg).train()
     except ConfigError as e:
         sys.exit(f"{name}: error: {e}")
-    except (DataError, NonFiniteError) as e:
+    except (DataError, NonFiniteError, CheckpointError) as e:
         # A DataLoader worker's error arrives wrapped with its traceback text; its last line is the message.
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         sys.exit(f"{name}: error: {lines[-1] if lines else type(e).__name__}")

@@ -62,11 +62,14 @@ def read_sidecar(spec: str | list[str]) -> tuple[dict[str, Any], dict[str, Tenso
     try:
         meta = json.loads(_read(f"{root}/{META_NAME}").decode("utf-8"))
         uncond = load(_read(f"{root}/{UNCOND_NAME}"))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, JSON errors and safetensors' SafetensorError (not a ValueError)
         raise ConfigError(f"--train_latents_path_or_url: cannot read {META_NAME}/{UNCOND_NAME} in {root!r} "
                           f"(write them with `tcdistill cache`): {type(e).__name__}: {e}") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{root}/{META_NAME}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    missing = [k for k in ("resolution", "latent_shape", "cond_keys") if k not in meta]
+    if missing:
+        raise ConfigError(f"{root}/{META_NAME} lacks {missing} (re-run `tcdistill cache`).")
     return meta, uncond
 
 

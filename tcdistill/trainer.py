@@ -43,6 +43,18 @@ def check_shards(spec: str) -> None:
         raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
 
 
+def check_output_dir(path: str) -> None:
+    """Fail before any weights load when `--output_dir` cannot be created or written (read-only, no permission)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--output_dir {path!r} is not writable: {e.strerror or e}") from None
+
+
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:
     """Reject settings this machine cannot run, as one line, before any weights load."""
     if cfg.mixed_precision == "fp16" and device.type == "cpu":
@@ -88,6 +100,7 @@ class Trainer:
         check_environment(cfg, acc.device)
         check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
+        check_output_dir(cfg.output_dir)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
             set_seed(cfg.seed, device_specific=True)  # different noise per rank, reproducible per rank
@@ -206,10 +219,23 @@ class Trainer:
             if self.cfg.resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s; starting a new run.", self.cfg.output_dir)
             return None
-        ck = self.ckpt.load(path)
-        self.strategy.load_state_tensors(ck.tensors)
-        self.optimizer.load_state_dict(ck.states["optimizer"])
-        self.lr_scheduler.load_state_dict(ck.states["lr_scheduler"])
+        # "latest": the newest checkpoint that loads (one whose files are intact in size but unreadable is skipped).
+        ck = self.ckpt.load_latest() if str(self.cfg.resume_from_checkpoint) == "latest" else self.ckpt.load(path)
+        path = ck.path
+        saved = {"variant": ck.meta.get("variant"), "model_family": ck.meta.get("config", {}).get("model_family")}
+        for key, value in saved.items():  # a LoRA run's checkpoints are no start for a full run, nor SD's for SDXL
+            if value is not None and value != getattr(self.cfg, key):
+                raise CheckpointError(f"cannot resume from {str(path)!r}: it was saved by a {key} {value!r} run; "
+                                      f"this run trains {key} {getattr(self.cfg, key)!r} (use another --output_dir).")
+        try:
+            self.strategy.load_state_tensors(ck.tensors)
+            self.optimizer.load_state_dict(ck.states["optimizer"])
+            self.lr_scheduler.load_state_dict(ck.states["lr_scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+            first = next((ln for ln in lines if "mismatch" in ln or ln.startswith(("Missing", "Unexpected"))), lines[0])[:300]
+            raise CheckpointError(f"cannot resume from {str(path)!r}: it does not match this run's model or flags "
+                                  f"({type(e).__name__}: {first})") from e
         self.global_step = int(ck.states["progress"]["global_step"])
         self.skipped.update(ck.states["progress"].get("skipped", {}))
         if ck.rng is not None:
@@ -362,7 +388,12 @@ class Trainer:
             bar.close()  # before any error message, so the message is the last line
         acc.wait_for_everyone()
         if acc.is_main_process:
-            paths = self.strategy.save_outputs(cfg.output_dir)
+            try:
+                paths = self.strategy.save_outputs(cfg.output_dir)
+            except Exception as e:  # disk full, read-only dir: one line naming what survives, not a traceback
+                detail = " ".join(f"{type(e).__name__}: {e}".split())
+                raise CheckpointError(f"saving the final model to {cfg.output_dir!r} failed ({detail}); "
+                                      f"newest checkpoint: {self.ckpt.latest() or 'none'}") from e
             logger.info("Saved %s", ", ".join(paths))
             from .modelcard import push_to_hub, write_model_card
 

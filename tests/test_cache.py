@@ -145,6 +145,35 @@ def test_cache_resolution_mismatch_is_a_config_error(tiny_teacher: Path, fp32_ca
         _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache, resolution=16)
 
 
+def test_cache_faults_are_one_line_or_counted(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
+    """An unwritable --output_dir is one error line; a failing pipe: source is one skipped shard, not the end of the
+    run; an unreadable or incomplete sidecar is a ConfigError."""
+    import json
+    import shutil
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # an --output_dir below a regular file cannot be made, as on a read-only filesystem
+    with pytest.raises(SystemExit) as info:
+        _cache(tiny_teacher, one_shard, blocker / "cache")
+    assert str(info.value.code).startswith("tcdistill cache: error:") and "\n" not in str(info.value.code), info.value.code
+    out = tmp_path / "piped"
+    _cache(tiny_teacher, f"pipe:false::{one_shard}", out)
+    meta = json.loads((out / META_NAME).read_text())
+    # No empty shard for the failed source: the written shards are what meta's pattern names.
+    assert meta["skipped"] == {"shard_error": 1} and meta["num_samples"] == 4 and meta["shards"] == ["00000.tar"], meta
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["00000.tar"]
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(fp32_cache).parent, broken)
+    (broken / UNCOND_NAME).write_bytes((broken / UNCOND_NAME).read_bytes()[:100])  # truncated
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_sidecar(str(broken / "00000.tar"))
+    shutil.copy(Path(fp32_cache).parent / UNCOND_NAME, broken / UNCOND_NAME)
+    bad_meta = {k: v for k, v in json.loads((broken / META_NAME).read_text()).items() if k != "resolution"}
+    (broken / META_NAME).write_text(json.dumps(bad_meta))
+    with pytest.raises(ConfigError, match="resolution"):
+        read_sidecar(str(broken / "00000.tar"))
+
+
 def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Default fp16 cache -> 2 steps of each seed script from --train_latents_path_or_url; no encoder runs in the step."""

@@ -115,6 +115,26 @@ def test_latest_skips_incomplete_and_foreign_dirs(tmp_path: Path) -> None:
     assert io.load_latest().step == 3
 
 
+def _corrupt_same_size(path: Path) -> None:
+    """Overwrite the safetensors header length: unreadable, same size, so the COMPLETE marker still matches."""
+    data = bytearray(path.read_bytes())
+    data[:8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_load_latest_skips_an_unreadable_newest_checkpoint(tmp_path: Path) -> None:
+    io = CheckpointIO(tmp_path)
+    for step in (1, 2):
+        _save_simple(io, step)
+    _corrupt_same_size(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert io.latest() == tmp_path / "checkpoint-2"  # the sizes match: only loading finds out
+    ck = io.load_latest()
+    assert ck.step == 1 and torch.equal(ck.tensors["model"]["w"], torch.full((4, 4), 1.0))
+    _corrupt_same_size(tmp_path / "checkpoint-1" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint-2"):  # none loads: the newest one's error, not a fresh start
+        io.load_latest()
+
+
 def test_total_limit_keeps_newest(tmp_path: Path) -> None:
     io = CheckpointIO(tmp_path, total_limit=2)
     for step in (100, 200, 300, 400):

@@ -166,6 +166,10 @@ def test_failed_saves_keep_previous_checkpoints(tiny_teacher, tiny_shards, run_e
     proc = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert "No space left on device" in proc.stdout and "intact" in proc.stdout, proc.stdout[-2000:]
+    # The final model's save fails too: one error line naming the newest checkpoint, not a traceback.
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert last.startswith("t: error:") and "final model" in last and "checkpoint-2" in last, last
     done = complete_checkpoints(out)
     assert sorted(done) == [1, 2], done
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]  # no staging leftovers

@@ -145,3 +145,32 @@ def test_argument_errors_are_one_line(variant: str, case: str, config_only_teach
     # Loading any weights from the config-only teacher would have failed first, naming the missing files.
     assert "Traceback" not in proc.stdout and "safetensors" not in proc.stdout, proc.stdout[-2000:]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_output_dir_is_one_line_before_loading(config_only_teacher: Path, tiny_shards: str, run_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # an --output_dir below a regular file cannot be made, as on a read-only filesystem
+    proc = run_train("full", seed_flags("full", teacher=config_only_teacher, shards=tiny_shards, output_dir=blocker / "out"), run_env)
+    errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert "--output_dir" in errors[0] and "not writable" in errors[0], errors[0]
+
+
+def test_resume_refuses_another_variant_or_shape_in_one_error(lora_seed_run: dict[str, Any], tiny_teacher: Path, tiny_shards: str,
+                                                              tmp_path: Path) -> None:
+    """A LoRA run's checkpoints resumed by a full run, or by a LoRA run of another rank: a CheckpointError naming the
+    checkpoint (the scripts print it as one line), not a KeyError or a multi-line size-mismatch dump."""
+    from tcdistill.checkpoint import CheckpointError
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    out = tmp_path / "out"
+    shutil.copytree(lora_seed_run["out"], out)
+    base = dict(pretrained_teacher_model=str(tiny_teacher), output_dir=str(out), train_shards_path_or_url=tiny_shards, resolution=32,
+                max_train_steps=5, report_to="none", mixed_precision="no", resume_from_checkpoint="latest")
+    with pytest.raises(CheckpointError, match=r"checkpoint-3.*variant 'lora' run; this run trains variant 'full'"):
+        Trainer(TrainConfig(**base, variant="full")).maybe_resume()
+    with pytest.raises(CheckpointError, match=r"checkpoint-3.*does not match.*size mismatch") as info:
+        Trainer(TrainConfig(**base, variant="lora", lora_rank=8)).maybe_resume()
+    assert "\n" not in str(info.value)
