@@ -14,8 +14,14 @@
 #    optimised ones (speed and memory targets checked in one configuration; not yet run on a GPU: the full model's
 #    compile without checkpointing took 213 s on an H100).
 # Runs that would not fit in what is left of BUDGET_S are skipped.
+# The split (time per section) is the mean of 3 extra steps: from one step, the H100 compiled run's target read 91.5 ms
+# against the teacher's 52.9 ms for twice the rows, which one step cannot tell from a one-off stall.
+# Compile cache: inductor's cache lives in WORK/inductor-cache and is packed into OUT/compile-cache.tgz at the end
+# (when under 16 MiB, what a device call brings back); a tarball at COMPILE_CACHE_IN (default .whl/compile-cache.tgz,
+# carried with the wheels) is unpacked first, so a later machine with the same torch and GPU skips most of the compile
+# (CPU, tiny preset: 209 s from an empty cache, 17 s warm). The "warmup" row then is not the cold compile time.
 # Usage: benchmarks/gpu_profile.sh OUT_DIR [RUN ...]   (default: all runs, in this order; env: PYTHON, BUDGET_S=540,
-#        BENCH_WORKDIR, BENCH_ARGS). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
+#        BENCH_WORKDIR, BENCH_ARGS, COMPILE_CACHE_IN). E.g. only the compile runs: benchmarks/gpu_profile.sh out full_compile lora_compile
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_profile.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -25,7 +31,16 @@ BUDGET=${BUDGET_S:-540}
 cd "$(dirname "$0")/.."
 WORK=${BENCH_WORKDIR:-/tmp/tcdistill-bench-work}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-COMMON=(--preset sd15 --mixed_precision bf16 --batch_size 12 --resolution 512 --warmup 2 --steps 5 --split-steps 1
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"
+CACHE_IN=${COMPILE_CACHE_IN:-.whl/compile-cache.tgz}
+if [ -f "$CACHE_IN" ]; then
+  mkdir -p "$WORK" && tar -xzf "$CACHE_IN" -C "$WORK" && echo "compile cache: unpacked $CACHE_IN ($(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1))"
+fi
+pack_cache() {
+  [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
+  tar -czf "$OUT/compile-cache.tgz" -C "$WORK" inductor-cache && echo "compile cache: $OUT/compile-cache.tgz ($(du -h "$OUT/compile-cache.tgz" | cut -f1))"
+}
+COMMON=(--preset sd15 --mixed_precision bf16 --batch_size 12 --resolution 512 --warmup 2 --steps 5 --split-steps 3
         --workers 6 --workdir "$WORK")
 read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"  # appended to every run (later flags win), e.g. a CPU dry run with --preset tiny
 COMMON+=("${EXTRA_ARGS[@]}")
@@ -67,4 +82,5 @@ SELECTIVE_OPT=(--opt-set gradient_checkpointing=true --opt-set gradient_checkpoi
 run lora_compile_selckpt 560 --variant lora --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
 run full_compile_selckpt 560 --variant full --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
+pack_cache
 echo "done in ${SECONDS}s"
