@@ -84,6 +84,10 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
         raise ConfigError(f"the cache was made for a {meta.get('model_family')!r} teacher; this run trains {cfg.model_family!r}.")
     if int(meta["resolution"]) != cfg.resolution:
         raise ConfigError(f"--resolution {cfg.resolution} differs from the cache's {meta['resolution']} (re-run `tcdistill cache`).")
+    if cfg.model_family == "sdxl" and bool(meta.get("use_fix_crop_and_size", False)) != bool(cfg.use_fix_crop_and_size):
+        # The cached time ids were computed under the cache's setting; training cannot change them afterwards.
+        raise ConfigError(f"--use_fix_crop_and_size {cfg.use_fix_crop_and_size} differs from the cache's "
+                          f"{bool(meta.get('use_fix_crop_and_size', False))} (its time ids are fixed; re-run `tcdistill cache`).")
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
     ehs = uncond.get("encoder_hidden_states")

@@ -141,6 +141,9 @@ class Trainer:
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         self.num_ddim = cfg.num_ddim_timesteps
+        if self.num_ddim > self.schedule.num_train_timesteps:
+            raise ConfigError(f"--num_ddim_timesteps {self.num_ddim} exceeds the teacher scheduler's num_train_timesteps "
+                              f"{self.schedule.num_train_timesteps}.")
         self.k = self.schedule.num_train_timesteps // self.num_ddim
         self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
         self.loss_fn = TCDLoss(

@@ -138,6 +138,10 @@ def test_sdxl_cache_keeps_per_sample_time_ids_and_the_loss(one_shard: str, tmp_p
     losses = _loss_pixels_vs_cached(_trainer(teacher, one_shard, tmp_path / "out", model_family="sdxl"), one_shard, cached)
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
     assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
+    # The cached time ids were made without --use_fix_crop_and_size: training with it is refused, not silently ignored.
+    with pytest.raises(ConfigError, match="use_fix_crop_and_size"):
+        _trainer(teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl",
+                 use_fix_crop_and_size=True)
 
 
 def test_cache_resolution_mismatch_is_a_config_error(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:

@@ -174,3 +174,20 @@ def test_resume_refuses_another_variant_or_shape_in_one_error(lora_seed_run: dic
     with pytest.raises(CheckpointError, match=r"checkpoint-3.*does not match.*size mismatch") as info:
         Trainer(TrainConfig(**base, variant="lora", lora_rank=8)).maybe_resume()
     assert "\n" not in str(info.value)
+
+
+def test_num_ddim_timesteps_above_the_teachers_schedule_is_a_config_error(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """A teacher trained with fewer timesteps (40) than --num_ddim_timesteps (50): a ConfigError (one line from the
+    scripts), not ddim_grid's ValueError traceback."""
+    import json
+
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    sched = teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "num_train_timesteps": 40}))
+    with pytest.raises(ConfigError, match="--num_ddim_timesteps 50 exceeds the teacher scheduler's num_train_timesteps 40"):
+        Trainer(TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
+                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
