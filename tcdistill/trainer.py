@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -113,8 +114,10 @@ class Trainer:
         try:
             self.family = family = load_family(cfg)
         except (OSError, ValueError) as e:
-            hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if "safetensors" in str(e) else ""
-            raise ConfigError(f"cannot load the teacher {cfg.pretrained_teacher_model!r}: {str(e).splitlines()[0]}{hint}") from None
+            # The hint only where no safetensors file was found (a .bin-only teacher), not for a damaged one.
+            missing_st = re.search(r"no file named \S+\.safetensors", str(e)) is not None
+            hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if missing_st else ""
+            raise ConfigError(f"cannot load the teacher {cfg.pretrained_teacher_model!r}: {str(e).splitlines()[0].strip()}{hint}") from None
         if cfg.train_latents_path_or_url:
             from .data_cached import prepare_cached_training
 

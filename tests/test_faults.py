@@ -242,3 +242,23 @@ def test_finite_step_guard_reads_loss_and_gradient_in_one_transfer(tiny_teacher,
         tr._finite_step(torch.tensor(float("nan")))
     grads(1e-3)
     assert tr._finite_step(torch.tensor(1.5)) == (1.5, True) and tr.nonfinite_streak == 0
+
+
+def test_damaged_teacher_weights_are_a_config_error_without_the_pickle_hint(tiny_teacher, tiny_shards, tmp_path):
+    """A teacher whose safetensors file is damaged: ConfigError naming it (one line from the scripts); the
+    --allow_pickle_weights hint is for a teacher without safetensors files, not for this."""
+    import shutil
+
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = next((teacher / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8  # the header length: unreadable
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="cannot load the teacher") as info:
+        Trainer(TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(tmp_path / "out"), train_shards_path_or_url=tiny_shards,
+                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
+    assert "unet" in str(info.value) and "allow_pickle_weights" not in str(info.value) and "\n" not in str(info.value), info.value
