@@ -1,6 +1,6 @@
 """TCD LoRA distillation of a Stable Diffusion XL teacher (thin wrapper over tcdistill).
 
-SDXL defaults: --resolution 1024, --w_min 3, --min_image_size 700, --max_pwatermark 0.5 (each can be overridden).
+SDXL defaults: --resolution 1024, --w_min 3, --min_image_size 700, --max_pwatermark 0.5, --vae_encode_batch_size 8 (each can be overridden).
 """
 
 from tcdistill.cli import train_main

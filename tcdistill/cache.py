@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
     p.add_argument("--output_dir", required=True, help="Where the cached shards and sidecar files go.")
     p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "nearest", "lanczos"])
+    p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos"])
     p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
     p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
     p.add_argument("--use_fix_crop_and_size", action="store_true", help="SDXL: micro-condition on (resolution, resolution) and crop (0, 0).")

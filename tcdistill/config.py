@@ -29,12 +29,12 @@ class TrainConfig:
     variant: str = _f("full", "What to train: the full UNet ('full') or a LoRA ('lora'). Set by the entry script.", choices=["full", "lora"])
     model_family: str = _f("sd", "Teacher family: 'sd' (SD 1.x/2.x) or 'sdxl'. Set by the entry script.", choices=["sd", "sdxl"])
     # --- run
-    output_dir: str = _f("tcd-model", "Where outputs and checkpoints go.")
+    output_dir: str = _f("lcm-xl-distilled", "Where outputs and checkpoints go (the reference scripts' default name).")
     cache_dir: str | None = _f(None, "Download cache for hub models.")
     seed: int | None = _f(None, "Seed for reproducible training.")
     logging_dir: str = _f("logs", "Tracker log directory, relative to output_dir.")
     report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, comet_ml, all, or none.")
-    tracker_project_name: str = _f("tcd-distill", "Project name given to the trackers.")
+    tracker_project_name: str = _f("text2image-fine-tune", "Project name given to the trackers (logs go to output_dir/logging_dir/<this>).")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest pruned after a save completes).")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint path to resume from.")
@@ -46,7 +46,8 @@ class TrainConfig:
     train_shards_path_or_url: str | None = _f(None, "Webdataset shards: brace pattern, '::'-separated list, local paths or pipe: urls.")
     train_latents_path_or_url: str | None = _f(None, "Cached shards from `tcdistill cache` (VAE latents + prompt embeddings): the step runs no VAE encoder or text encoder; wins over --train_shards_path_or_url.")
     resolution: int = _f(512, "Training image resolution (square).")
-    interpolation_type: str = _f("bilinear", "Resize interpolation.", choices=["bilinear", "bicubic", "nearest", "lanczos"])
+    interpolation_type: str = _f("bilinear", "Resize interpolation (the reference's choices; nearest_exact is PIL's nearest).",
+                                 choices=["bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos"])
     center_crop: bool = _f(False, "Center crop after resize (default: random crop).")
     random_flip: bool = _f(False, "Random horizontal flip.")
     dataloader_num_workers: int = _f(0, "Data loader worker processes (0 = load in the main process).")
@@ -81,6 +82,7 @@ class TrainConfig:
     loss_type: str = _f("l2", "Distance: l2 (MSE) or huber (pseudo-Huber).", choices=["l2", "huber"])
     huber_c: float = _f(0.001, "Pseudo-Huber c.")
     vae_encode_batch_size: int = _f(32, "Images per VAE encode call (bounds memory).")
+    timestep_scaling_factor: float = _f(10.0, "LCM boundary-scaling factor (c_skip/c_out); used by --distill_mode lcm only: TCD has no boundary scalings (as in the reference TCD scripts, which accept and ignore it).")
     distill_mode: str = _f("tcd", "tcd, or lcm (s = 0 with LCM boundary scalings) for comparisons.", choices=["tcd", "lcm"])
     unet_time_cond_proj_dim: int = _f(256, "Full model: width of the guidance embedding fed through time_cond_proj_dim.")
     ema_decay: float = _f(0.95, "Full model: EMA decay of the target network.")
@@ -92,7 +94,7 @@ class TrainConfig:
     # --- precision / speed
     mixed_precision: str | None = _f(None, "no, fp16 or bf16 (default: accelerate's config).", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
-    cast_teacher_unet: bool = _f(False, "Kept for compatibility: the frozen teacher always runs in the weight dtype here.")
+    cast_teacher_unet: bool = _f(False, "Cast the frozen teacher to the --mixed_precision dtype. Already the default here (--teacher_dtype weight); it conflicts with --teacher_dtype fp32.")
     enable_xformers_memory_efficient_attention: bool = _f(False, "xformers attention where it can run; else PyTorch SDPA with a warning.")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in the student UNet.")
     gradient_checkpointing_policy: str = _f("full", "With --gradient_checkpointing: 'full' recomputes each block in the backward (least memory); 'selective' keeps the conv, matmul and attention outputs and recomputes only the norms, activations and adds between them (on the SD 1.5 architecture on CPU it saved 0.4x of what 'full' saves, for 1/6 of its extra time). On a GPU use it with --compile_unet: eager, its per-op Python policy made an H100's student forward 3.3x slower.", choices=["full", "selective"])
@@ -156,6 +158,11 @@ class TrainConfig:
         need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
              "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
         need(self.huber_c > 0, "--huber_c must be > 0.")
+        need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
+        need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,
+             "--revision picks the full student's starting UNet; a LoRA adapts the teacher's own UNet, chosen with --teacher_revision.")
+        need(not (self.cast_teacher_unet and self.teacher_dtype == "fp32"),
+             "--cast_teacher_unet casts the teacher to the weight dtype; it contradicts --teacher_dtype fp32 (pass one of them).")
         need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
         need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")
         need(0.0 <= self.max_pwatermark <= 1.0, f"--max_pwatermark must be in [0, 1], got {self.max_pwatermark}.")

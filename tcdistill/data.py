@@ -25,7 +25,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
 JSON_CAPTION_FIELDS = ("caption", "text")
-INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper()) for name in ("bilinear", "bicubic", "nearest", "lanczos")}
+INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper()) for name in ("bilinear", "bicubic", "box", "nearest", "hamming", "lanczos")}
+INTERPOLATIONS["nearest_exact"] = Image.Resampling.NEAREST  # torchvision's NEAREST_EXACT on a PIL image (diffusers' resolve_interpolation_mode)
 
 
 class DataError(RuntimeError):

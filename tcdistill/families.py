@@ -111,7 +111,8 @@ class SDFamily:
 
 # Flag defaults of the SDXL entry scripts, as in diffusers' SDXL LCM scripts: 1024 px, w from 3, and the LAION-style
 # size / watermark filters (here a sample missing those json fields passes; see data._check_filters).
-SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_image_size": 700, "max_pwatermark": 0.5}
+SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_image_size": 700, "max_pwatermark": 0.5,
+                                      "vae_encode_batch_size": 8}
 
 
 class SDXLFamily:

@@ -135,11 +135,11 @@ def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = No
     return path
 
 
-def push_to_hub(cfg: TrainConfig, outputs: list[str]) -> str:
-    """Create (or reuse) the hub repo, point the card's usage code at it, upload output_dir without checkpoints."""
-    from huggingface_hub import create_repo, upload_folder
+def push_to_hub(cfg: TrainConfig, outputs: list[str], repo_id: str) -> str:
+    """Point the card's usage code at the hub repo `repo_id` (created before training: `preflight.create_hub_repo`) and
+    upload output_dir without checkpoints."""
+    from huggingface_hub import upload_folder
 
-    repo_id = create_repo(repo_id=cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
     write_model_card(cfg, outputs, repo=repo_id)
     upload_folder(
         repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token, commit_message="End of TCD training",

@@ -27,7 +27,9 @@ def check_teacher_config(cfg: TrainConfig) -> None:
 
     vae_src, sub = (cfg.pretrained_vae_model_name_or_path, None) if cfg.pretrained_vae_model_name_or_path else (cfg.pretrained_teacher_model, "vae")
     try:
-        vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=cfg.teacher_revision, cache_dir=cfg.cache_dir)
+        # The same revision as families._load_vae: --teacher_revision is the teacher repo's, not a separate VAE's.
+        revision = None if cfg.pretrained_vae_model_name_or_path else cfg.teacher_revision
+        vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=revision, cache_dir=cfg.cache_dir)
     except Exception as e:  # noqa: BLE001 - hub/OS errors come in many types; the message is what matters
         raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     f = vae_scale_factor(vae_cfg)

@@ -145,6 +145,7 @@ class TCDLoss:
     batched_teacher: bool = True
     skip_identity_target: bool = True
     static_shapes: bool = False
+    timestep_scaling: float = 10.0  # LCM mode's boundary-scaling factor (--timestep_scaling_factor)
     _loss_fn: Callable[[Tensor, Tensor], Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,7 +162,7 @@ class TCDLoss:
         """`f(x_t, t -> s)`: the TCF for TCD; LCM's `c_skip x_t + c_out x0_hat` (target time 0) for LCM."""
         x0_hat, eps_hat = self.schedule.to_x0_eps(model_output, x_t, t)
         if self.mode == "lcm":
-            c_skip, c_out = lcm_boundary_scalings(t)
+            c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling=self.timestep_scaling)
             return _bcast(c_skip, x_t) * x_t.float() + _bcast(c_out, x_t) * x0_hat
         return tcf(x0_hat, eps_hat, self.schedule, s)
 

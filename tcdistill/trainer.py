@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_family
+from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
 from .models import check_teacher_config, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
@@ -31,40 +32,6 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def check_shards(spec: str) -> None:
-    """Fail early when every local shard is missing (pipe:/remote urls are checked by the loader)."""
-    from .data import expand_urls
-
-    urls = expand_urls(spec)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
-        shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
-        raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
-
-
-def check_output_dir(path: str) -> None:
-    """Fail before any weights load when `--output_dir` cannot be created or written (read-only, no permission)."""
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--output_dir {path!r} is not writable: {e.strerror or e}") from None
-
-
-def check_environment(cfg: TrainConfig, device: torch.device) -> None:
-    """Reject settings this machine cannot run, as one line, before any weights load."""
-    if cfg.mixed_precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision no (or bf16).")
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
 
 def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
@@ -102,6 +69,7 @@ class Trainer:
         check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
         check_output_dir(cfg.output_dir)
+        self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
             set_seed(cfg.seed, device_specific=True)  # different noise per rank, reproducible per rank
@@ -153,6 +121,7 @@ class Trainer:
             self.schedule, cfg.loss_type, cfg.huber_c, mode=cfg.distill_mode, w_cond_student=self.strategy.w_cond_student,
             batched_teacher=cfg.batched_teacher, skip_identity_target=cfg.skip_identity_target,
             static_shapes=cfg.compile_unet,  # a varying target batch would recompile the compiled UNets
+            timestep_scaling=cfg.timestep_scaling_factor,
         )
 
         self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
@@ -405,7 +374,12 @@ class Trainer:
 
             logger.info("Model card: %s", write_model_card(cfg, paths))
             if cfg.push_to_hub:
-                logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths))
+                try:
+                    logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id))
+                except Exception as e:  # noqa: BLE001 - network/auth errors: one line; the outputs are on disk
+                    detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                    raise CheckpointError(f"--push_to_hub: uploading {cfg.output_dir!r} failed ({detail}); "
+                                          f"the trained outputs are saved there") from e
             if self.skipped:
                 logger.warning("Skipped samples by kind: %s", dict(self.skipped))
         acc.end_training()

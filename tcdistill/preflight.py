@@ -1,0 +1,63 @@
+"""Checks run before any weights load, each failing with one line (a ConfigError): shards, output dir, machine,
+trackers, hub repo."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+
+def check_shards(spec: str) -> None:
+    """Fail early when every local shard is missing (pipe:/remote urls are checked by the loader)."""
+    from .data import expand_urls
+
+    urls = expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
+        shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
+        raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
+
+
+def check_output_dir(path: str) -> None:
+    """Fail before any weights load when `--output_dir` cannot be created or written (read-only, no permission)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--output_dir {path!r} is not writable: {e.strerror or e}") from None
+
+
+def check_environment(cfg: TrainConfig, device: torch.device) -> None:
+    """Reject settings this machine cannot run, as one line, before any weights load."""
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision no (or bf16).")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    # accelerate only warns about a requested tracker that is not installed and then logs nowhere.
+    for tracker, module in (("wandb", "wandb"), ("comet_ml", "comet_ml")):
+        if cfg.report_to == tracker and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--report_to {tracker} needs the {module} package: pip install {module} (or use --report_to tensorboard).")
+
+
+def create_hub_repo(cfg: TrainConfig) -> str:
+    """--push_to_hub: create (or reuse) the hub repo before any weights load, as the reference does, so a missing
+    network or token fails in one line at the start instead of after the whole run."""
+    from huggingface_hub import create_repo
+
+    name = cfg.hub_model_id or Path(cfg.output_dir).name  # the name modelcard.push_to_hub would use
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=cfg.hub_token).repo_id
+    except Exception as e:  # noqa: BLE001 - offline, DNS, auth and HTTP errors all mean "cannot push"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--push_to_hub: cannot create the hub repo {name!r} ({type(e).__name__}: {first})") from None

@@ -1,0 +1,132 @@
+"""Reference flags: names, defaults and effects that the end-to-end tests do not reach (in-process, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tcdistill.config import ConfigError, TrainConfig, build_parser
+from tcdistill.families import SDXL_FLAG_DEFAULTS
+
+BASE = dict(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1)
+
+# The reference scripts' argparse defaults (rootonchair/consistency_models_distill tcd/*, i.e. diffusers' LCM scripts).
+REFERENCE_DEFAULTS = dict(
+    output_dir="lcm-xl-distilled", cache_dir=None, seed=None, logging_dir="logs", report_to="tensorboard",
+    tracker_project_name="text2image-fine-tune", checkpointing_steps=500, checkpoints_total_limit=None, resume_from_checkpoint=None,
+    push_to_hub=False, hub_token=None, hub_model_id=None, local_rank=-1, resolution=512, interpolation_type="bilinear",
+    center_crop=False, random_flip=False, dataloader_num_workers=0, train_batch_size=16, max_train_samples=None,
+    proportion_empty_prompts=0, num_train_epochs=100, max_train_steps=None, learning_rate=1e-4, scale_lr=False,
+    lr_scheduler="constant", lr_warmup_steps=500, gradient_accumulation_steps=1, use_8bit_adam=False, adam_beta1=0.9,
+    adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0, w_min=5.0, w_max=15.0,
+    num_ddim_timesteps=50, loss_type="l2", huber_c=0.001, vae_encode_batch_size=32, unet_time_cond_proj_dim=256,
+    timestep_scaling_factor=10.0, ema_decay=0.95, lora_rank=64, lora_alpha=64, lora_dropout=0.0, lora_target_modules=None,
+    mixed_precision=None, allow_tf32=False, cast_teacher_unet=False, enable_xformers_memory_efficient_attention=False,
+    gradient_checkpointing=False, validation_steps=200, pretrained_vae_model_name_or_path=None, teacher_revision=None,
+    revision=None, use_fix_crop_and_size=False,
+)
+SDXL_REFERENCE = {"resolution": 1024, "w_min": 3.0, "vae_encode_batch_size": 8}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_reference_flag_names_and_defaults(family: str) -> None:
+    parser = build_parser(defaults=SDXL_FLAG_DEFAULTS if family == "sdxl" else None)
+    defaults = {a.dest: a.default for a in parser._actions}
+    expected = {**REFERENCE_DEFAULTS, **(SDXL_REFERENCE if family == "sdxl" else {})}
+    wrong = {k: (v, defaults.get(k, "<missing>")) for k, v in expected.items() if defaults.get(k, "<missing>") != v}
+    assert not wrong, f"(reference, ours): {wrong}"
+
+
+@pytest.mark.parametrize("interp", ["box", "hamming", "nearest_exact"])
+def test_reference_interpolation_choices(interp: str) -> None:
+    import random
+
+    from tcdistill.data import DataConfig, _crop_resize
+
+    cfg = TrainConfig(**BASE, interpolation_type=interp)  # accepted by the config ...
+    img = Image.new("RGB", (40, 24), (200, 30, 30))
+    pixels, _, _ = _crop_resize(img, DataConfig(train_shards_path_or_url="s.tar", resolution=16, interpolation_type=cfg.interpolation_type),
+                                random.Random(0))  # ... and by the data pipeline
+    assert pixels.shape == (3, 16, 16)
+
+
+def test_timestep_scaling_factor_reaches_lcm_loss() -> None:
+    from tcdistill.schedule import NoiseSchedule, scaled_linear_alphas_cumprod
+    from tcdistill.tcd import TCDLoss
+
+    sched = NoiseSchedule(scaled_linear_alphas_cumprod(), "epsilon")
+    x, out, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([19, 39])
+    maps = [TCDLoss(sched, mode="lcm", timestep_scaling=c).consistency_map(x, out, t, torch.zeros_like(t)) for c in (10.0, 1.0)]
+    assert not torch.allclose(maps[0], maps[1])
+    assert TrainConfig(**BASE, timestep_scaling_factor=2.0).timestep_scaling_factor == 2.0
+
+
+def test_cast_teacher_unet_conflicts_with_fp32_teacher() -> None:
+    TrainConfig(**BASE, cast_teacher_unet=True)
+    with pytest.raises(ConfigError, match="cast_teacher_unet"):
+        TrainConfig(**BASE, cast_teacher_unet=True, teacher_dtype="fp32")
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
+def test_report_to_missing_tracker_is_one_line(tracker: str) -> None:
+    from tcdistill.preflight import check_environment
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed")
+    with pytest.raises(ConfigError, match=f"--report_to {tracker} needs"):
+        check_environment(TrainConfig(**BASE, report_to=tracker), torch.device("cpu"))
+
+
+def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    from tcdistill.preflight import create_hub_repo
+
+    def offline(**kw):
+        raise OSError("Cannot reach https://huggingface.co/api/repos/create: offline\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    with pytest.raises(ConfigError, match=r"--push_to_hub: cannot create the hub repo 'me/x' \(OSError: Cannot reach") as info:
+        create_hub_repo(TrainConfig(**BASE, output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/x"))
+    assert "\n" not in str(info.value)
+
+
+def test_vae_config_check_uses_the_vae_load_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pretrained_vae_model_name_or_path loads with revision None: the early config check must not ask its repo for
+    --teacher_revision (which exists only in the teacher's repo)."""
+    from diffusers import AutoencoderKL
+
+    from tcdistill.models import check_teacher_config
+
+    seen = []
+    monkeypatch.setattr(AutoencoderKL, "load_config", classmethod(lambda cls, src, **kw: seen.append((src, kw["revision"])) or {}))
+    check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2", pretrained_vae_model_name_or_path="org/vae"))
+    check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2"))
+    assert seen == [("org/vae", None), ("t", "v2")]
+
+
+def test_revision_student_loads_safetensors_only(tmp_path: Path) -> None:
+    """--revision loads the full student from another revision: pickle weights only with --allow_pickle_weights."""
+    from conftest import small_unet
+
+    from tcdistill.strategy import FullStrategy
+
+    unet = small_unet()
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # .bin only
+    family = type("F", (), {"unet": small_unet()})()
+    cfg = dict(BASE, pretrained_teacher_model=str(tmp_path), revision="other", unet_time_cond_proj_dim=8)
+    with pytest.raises(ConfigError, match="--revision 'other'.*allow_pickle_weights"):
+        FullStrategy(TrainConfig(**cfg), family, torch.float32)
+    FullStrategy(TrainConfig(**cfg, allow_pickle_weights=True), family, torch.float32)
+
+
+def test_lora_revision_other_than_the_teachers_is_refused() -> None:
+    """A LoRA adapts the teacher's own UNet (--teacher_revision); --revision (the full student's start) would be ignored."""
+    TrainConfig(**BASE, variant="lora", revision="v2", teacher_revision="v2")
+    TrainConfig(**BASE, variant="full", revision="v2")
+    with pytest.raises(ConfigError, match="--revision"):
+        TrainConfig(**BASE, variant="lora", revision="v2")
