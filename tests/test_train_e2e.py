@@ -147,14 +147,17 @@ def test_argument_errors_are_one_line(variant: str, case: str, config_only_teach
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_unwritable_output_dir_is_one_line_before_loading(config_only_teacher: Path, tiny_shards: str, run_env: dict[str, str],
-                                                          tmp_path: Path) -> None:
+def test_unwritable_output_dir_is_a_config_error_before_loading(config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """An --output_dir that cannot be made: a ConfigError (one line from the scripts, like every ConfigError above)
+    before any weights load (the teacher here has none)."""
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.trainer import Trainer
+
     blocker = tmp_path / "a_file"
     blocker.write_text("x")  # an --output_dir below a regular file cannot be made, as on a read-only filesystem
-    proc = run_train("full", seed_flags("full", teacher=config_only_teacher, shards=tiny_shards, output_dir=blocker / "out"), run_env)
-    errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
-    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
-    assert "--output_dir" in errors[0] and "not writable" in errors[0], errors[0]
+    with pytest.raises(ConfigError, match="--output_dir .* is not writable"):
+        Trainer(TrainConfig(pretrained_teacher_model=str(config_only_teacher), output_dir=str(blocker / "out"),
+                            train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
 
 
 def test_resume_refuses_another_variant_or_shape_in_one_error(lora_seed_run: dict[str, Any], tiny_teacher: Path, tiny_shards: str,
