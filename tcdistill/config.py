@@ -82,7 +82,7 @@ class TrainConfig:
     loss_type: str = _f("l2", "Distance: l2 (MSE) or huber (pseudo-Huber).", choices=["l2", "huber"])
     huber_c: float = _f(0.001, "Pseudo-Huber c.")
     vae_encode_batch_size: int = _f(32, "Images per VAE encode call (bounds memory).")
-    timestep_scaling_factor: float = _f(10.0, "LCM boundary-scaling factor (c_skip/c_out); used by --distill_mode lcm only: TCD has no boundary scalings (as in the reference TCD scripts, which accept and ignore it).")
+    timestep_scaling_factor: float = _f(10.0, "LCM boundary-scaling factor (c_skip/c_out); used by --distill_mode lcm only. TCD applies none: its TCF meets the boundary condition by construction (the reference TCD scripts still apply LCM's; at 10 they move c_skip by < 1e-5 for t >= 19).")
     distill_mode: str = _f("tcd", "tcd, or lcm (s = 0 with LCM boundary scalings) for comparisons.", choices=["tcd", "lcm"])
     unet_time_cond_proj_dim: int = _f(256, "Full model: width of the guidance embedding fed through time_cond_proj_dim.")
     ema_decay: float = _f(0.95, "Full model: EMA decay of the target network.")

@@ -55,7 +55,7 @@ def create_hub_repo(cfg: TrainConfig) -> str:
     network or token fails in one line at the start instead of after the whole run."""
     from huggingface_hub import create_repo
 
-    name = cfg.hub_model_id or Path(cfg.output_dir).name  # the name modelcard.push_to_hub would use
+    name = cfg.hub_model_id or Path(cfg.output_dir).name  # as the reference: the output folder's name by default
     try:
         return create_repo(repo_id=name, exist_ok=True, token=cfg.hub_token).repo_id
     except Exception as e:  # noqa: BLE001 - offline, DNS, auth and HTTP errors all mean "cannot push"
