@@ -19,6 +19,7 @@ state (None if the checkpoint came from a run with fewer processes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import safetensors.torch
@@ -117,6 +118,28 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write `final` into; when the block succeeds, rename it into place. A failed
+    write (disk full) leaves the previous `final`, or none, never a half-written one."""
+    final = Path(final)
+    tmp, old = (final.with_name(f".{final.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            # os.rename cannot replace a non-empty dir. A kill between these two renames loses only the old copy.
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)  # put the replaced folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -285,11 +308,9 @@ class CheckpointIO:
                  meta: dict | None = None) -> Path:
         """Main process, after every rank's ``write_rank_state``: write the rest and publish atomically."""
         final, staging = self.output_dir / f"checkpoint-{step}", self._staging(step)
-        tmp = self.output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-        old = self.output_dir / f".checkpoint-{step}.old-{os.getpid()}"
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            for path in self.output_dir.iterdir():  # leftovers of killed or failed saves
+            for path in self.output_dir.iterdir():  # leftovers of killed or failed saves (the next save removes them)
                 if _STALE_RE.match(path.name) and path != staging:
                     shutil.rmtree(path, ignore_errors=True)
             for name in [*tensors, *states]:  # names become file names; rng_state_* is reserved
@@ -297,40 +318,31 @@ class CheckpointIO:
                     raise ValueError(f"invalid checkpoint entry name {name!r}")
             _check_weights_only(states, "states")
             meta_text = json.dumps(meta or {}, indent=2, sort_keys=True)
-            tmp.mkdir()
-            for name, group in tensors.items():
-                safetensors.torch.save_file(_for_safetensors(group), tmp / f"{name}.safetensors")
-            for name, state in states.items():
-                torch.save(state, tmp / f"{name}.pt")
-            (tmp / "meta.json").write_text(meta_text)
-            for rank in range(self.num_processes):
-                if not (staging / f"rng_state_{rank}.pt").is_file():
-                    raise FileNotFoundError(f"rank {rank} wrote no rng_state_{rank}.pt; "
-                                            "call save() on every rank with a barrier")
-                os.replace(staging / f"rng_state_{rank}.pt", tmp / f"rng_state_{rank}.pt")
-            files = {}
-            for path in sorted(tmp.iterdir()):
-                _fsync(path)
-                files[path.name] = path.stat().st_size
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
-            _fsync(tmp / MARKER)
-            _fsync(tmp)
-            if final.exists():
-                # os.rename cannot replace a non-empty dir. A kill between these two renames loses only
-                # this step's old copy (older checkpoints stay); the next save removes `old`.
-                os.rename(final, old)
-            os.rename(tmp, final)
+            with atomic_dir(final) as tmp:  # .checkpoint-N.tmp-PID, renamed to checkpoint-N once complete
+                for name, group in tensors.items():
+                    safetensors.torch.save_file(_for_safetensors(group), tmp / f"{name}.safetensors")
+                for name, state in states.items():
+                    torch.save(state, tmp / f"{name}.pt")
+                (tmp / "meta.json").write_text(meta_text)
+                for rank in range(self.num_processes):
+                    if not (staging / f"rng_state_{rank}.pt").is_file():
+                        raise FileNotFoundError(f"rank {rank} wrote no rng_state_{rank}.pt; "
+                                                "call save() on every rank with a barrier")
+                    os.replace(staging / f"rng_state_{rank}.pt", tmp / f"rng_state_{rank}.pt")
+                files = {}
+                for path in sorted(tmp.iterdir()):
+                    _fsync(path)
+                    files[path.name] = path.stat().st_size
+                (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+                _fsync(tmp / MARKER)
+                _fsync(tmp)
             _fsync(self.output_dir)
         except BaseException as exc:
-            for path in (tmp, staging):  # every rank is past the barrier, so nobody writes here any more
-                shutil.rmtree(path, ignore_errors=True)
-            if old.exists() and not final.exists():
-                os.rename(old, final)  # put the replaced checkpoint back
+            shutil.rmtree(staging, ignore_errors=True)  # every rank is past the barrier, so nobody writes here any more
             if isinstance(exc, Exception):
                 raise self._error(step, exc) from exc
             raise
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
         self._prune(keep=final)
         return final
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import tempfile
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_dir
 from .config import ConfigError, TrainConfig
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
@@ -135,10 +137,13 @@ class FullStrategy(_StudentCopies):
         yield unet
 
     def save_outputs(self, output_dir: str) -> list[str]:
-        """`output_dir/unet` (online) and `output_dir/unet_target` (EMA, the deliverable)."""
-        self.student.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-        self.target.save_pretrained(os.path.join(output_dir, "unet_target"), safe_serialization=True)
-        return [os.path.join(output_dir, "unet"), os.path.join(output_dir, "unet_target")]
+        """`output_dir/unet` (online) and `output_dir/unet_target` (EMA, the deliverable); each folder appears whole or
+        not at all (a full disk leaves no half-written UNet)."""
+        paths = [os.path.join(output_dir, "unet"), os.path.join(output_dir, "unet_target")]
+        for unet, path in zip((self.student, self.target), paths):
+            with atomic_dir(path) as tmp:
+                unet.save_pretrained(tmp, safe_serialization=True)
+        return paths
 
 
 class LoraStrategy(_StudentCopies):
@@ -229,8 +234,10 @@ class LoraStrategy(_StudentCopies):
         # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only the attention keys
         # (to `.lora.down`), and load_lora_weights, seeing lora_A elsewhere, then silently drops every attention LoRA.
         layers = self.lora_state_dict()
-        self.family.save_lora_weights(output_dir, layers, self.student.peft_config["default"].to_dict())
         paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all
+            self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())
+            os.replace(os.path.join(tmp, os.path.basename(paths[0])), paths[0])
         if self.cfg.export_kohya:
             from .export import export_kohya
 

@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tcdistill.checkpoint import CheckpointError, CheckpointIO, capture_rng_state, restore_rng_state
+from tcdistill.checkpoint import CheckpointError, CheckpointIO, atomic_dir, capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,21 @@ def test_load_latest_skips_an_unreadable_newest_checkpoint(tmp_path: Path) -> No
     _corrupt_same_size(tmp_path / "checkpoint-1" / "model.safetensors")
     with pytest.raises(CheckpointError, match="checkpoint-2"):  # none loads: the newest one's error, not a fresh start
         io.load_latest()
+
+
+def test_atomic_dir_replaces_whole_or_keeps_the_old_folder(tmp_path: Path) -> None:
+    final = tmp_path / "unet"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("v1")
+        assert not final.exists()  # nothing under the final name until the block succeeds
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("v2-partial")
+            raise OSError("disk full")
+    assert _entries(final) == ["a.txt"] and (final / "a.txt").read_text() == "v1"  # the old folder, untouched
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("v3")
+    assert _entries(final) == ["b.txt"] and _entries(tmp_path) == ["unet"]  # replaced whole; no hidden leftovers
 
 
 def test_total_limit_keeps_newest(tmp_path: Path) -> None:

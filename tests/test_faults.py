@@ -170,6 +170,7 @@ def test_failed_saves_keep_previous_checkpoints(tiny_teacher, tiny_shards, run_e
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
     assert last.startswith("t: error:") and "final model" in last and "checkpoint-2" in last, last
+    assert not (out / "unet").exists() and not [p for p in out.iterdir() if p.name.startswith(".unet")]  # none half-written
     done = complete_checkpoints(out)
     assert sorted(done) == [1, 2], done
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]  # no staging leftovers
