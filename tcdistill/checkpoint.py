@@ -249,6 +249,13 @@ class CheckpointIO:
             raise first
         return None
 
+    def load_resume(self, resume_from_checkpoint: str | Path | None) -> Checkpoint | None:
+        """Load what a ``--resume_from_checkpoint`` value names: None -> None; "latest" -> ``load_latest()`` (None when
+        there is no complete checkpoint); a path -> ``load(path)`` (an error when it is not a complete checkpoint)."""
+        if resume_from_checkpoint is None:
+            return None
+        return self.load_latest() if str(resume_from_checkpoint) == "latest" else self.load(resume_from_checkpoint)
+
     def _staging(self, step: int) -> Path:
         """Shared dir where every rank drops its RNG file."""
         return self.output_dir / f".checkpoint-{step}.tmp-ranks"

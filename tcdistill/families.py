@@ -5,12 +5,13 @@ The training loop sees only this interface, so SD 1.x/2.x and SDXL share one loo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .tcd import Cond
 
 
@@ -20,6 +21,14 @@ def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig
         kw.setdefault("use_safetensors", True)
     kw.setdefault("revision", cfg.teacher_revision)
     return cls.from_pretrained(src, subfolder=subfolder, cache_dir=cfg.cache_dir, **kw)
+
+
+def load_error(what: str, e: Exception) -> ConfigError:
+    """A failed weights load as one line; the --allow_pickle_weights hint only where no safetensors file was found (a
+    .bin-only model), not for a damaged one."""
+    missing_st = re.search(r"no file named \S+\.safetensors", str(e)) is not None
+    hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if missing_st else ""
+    return ConfigError(f"{what}: {str(e).splitlines()[0].strip()}{hint}")
 
 
 def _load_vae(cfg: TrainConfig) -> nn.Module:

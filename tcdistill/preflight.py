@@ -45,9 +45,9 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
         except ImportError:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
     # accelerate only warns about a requested tracker that is not installed and then logs nowhere.
-    for tracker, module in (("wandb", "wandb"), ("comet_ml", "comet_ml")):
-        if cfg.report_to == tracker and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"--report_to {tracker} needs the {module} package: pip install {module} (or use --report_to tensorboard).")
+    for tracker in ("wandb", "comet_ml"):  # each tracker's package has the tracker's name
+        if cfg.report_to == tracker and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"--report_to {tracker} needs the {tracker} package: pip install {tracker} (or use --report_to tensorboard).")
 
 
 def create_hub_repo(cfg: TrainConfig) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_dir
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
 from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, WithLayerAttr, tuner_layers
@@ -68,13 +68,12 @@ class FullStrategy(_StudentCopies):
         src = teacher_unet
         if cfg.revision and cfg.revision != cfg.teacher_revision:
             # --revision: the student starts from another revision of the teacher's UNet.
-            from .families import _from_pretrained  # safetensors only unless --allow_pickle_weights
+            from .families import _from_pretrained, load_error  # safetensors only unless --allow_pickle_weights
 
             try:
                 src = _from_pretrained(UNet2DConditionModel, cfg.pretrained_teacher_model, "unet", cfg, revision=cfg.revision)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"--revision {cfg.revision!r}: cannot load the student UNet from {cfg.pretrained_teacher_model!r}: "
-                                  f"{str(e).splitlines()[0].strip()} (only safetensors weights load unless --allow_pickle_weights)") from None
+                raise load_error(f"--revision {cfg.revision!r}: cannot load the student UNet from {cfg.pretrained_teacher_model!r}", e) from None
         student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=self.w_dim)
         missing, unexpected = student.load_state_dict(src.state_dict(), strict=False)
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)

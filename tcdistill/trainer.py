@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -17,9 +16,9 @@ from torch import nn
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
-from .families import load_family
-from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
+from .families import load_error, load_family
 from .models import check_teacher_config, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
+from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
@@ -82,10 +81,7 @@ class Trainer:
         try:
             self.family = family = load_family(cfg)
         except (OSError, ValueError) as e:
-            # The hint only where no safetensors file was found (a .bin-only teacher), not for a damaged one.
-            missing_st = re.search(r"no file named \S+\.safetensors", str(e)) is not None
-            hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if missing_st else ""
-            raise ConfigError(f"cannot load the teacher {cfg.pretrained_teacher_model!r}: {str(e).splitlines()[0].strip()}{hint}") from None
+            raise load_error(f"cannot load the teacher {cfg.pretrained_teacher_model!r}", e) from None
         if cfg.train_latents_path_or_url:
             from .data_cached import prepare_cached_training
 
@@ -189,13 +185,12 @@ class Trainer:
         Returns this rank's RNG state for the caller to restore *after* it builds the data iterator (creating a
         DataLoader iterator draws from torch's RNG, which the uninterrupted run did before its first step).
         """
-        path = self.ckpt.resolve(self.cfg.resume_from_checkpoint)
-        if path is None:
+        # "latest": the newest checkpoint that loads (one whose files are intact in size but unreadable is skipped).
+        ck = self.ckpt.load_resume(self.cfg.resume_from_checkpoint)
+        if ck is None:
             if self.cfg.resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s; starting a new run.", self.cfg.output_dir)
             return None
-        # "latest": the newest checkpoint that loads (one whose files are intact in size but unreadable is skipped).
-        ck = self.ckpt.load_latest() if str(self.cfg.resume_from_checkpoint) == "latest" else self.ckpt.load(path)
         path = ck.path
         saved = {"variant": ck.meta.get("variant"), "model_family": ck.meta.get("config", {}).get("model_family")}
         for key, value in saved.items():  # a LoRA run's checkpoints are no start for a full run, nor SD's for SDXL
@@ -324,8 +319,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        if acc.is_main_process:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+        if acc.is_main_process:  # output_dir exists: check_output_dir made it before any weights loaded
             with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
                 json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
