@@ -13,6 +13,7 @@
 # 8./9. lora_compile_selckpt, full_compile_selckpt: the same three modes with selective checkpointing in the two
 #    optimised ones (speed and memory targets checked in one configuration; not yet run on a GPU: the full model's
 #    compile without checkpointing took 213 s on an H100).
+# 10./11. lora_compile_blocks, full_compile_blocks: 5./6. with regional compilation (`--compile_scope blocks`).
 # Runs that would not fit in what is left of BUDGET_S are skipped.
 # The split (time per section) is the mean of 3 extra steps: from one step, the H100 compiled run's target read 91.5 ms
 # against the teacher's 52.9 ms for twice the rows, which one step cannot tell from a one-off stall.
@@ -82,5 +83,9 @@ SELECTIVE_OPT=(--opt-set gradient_checkpointing=true --opt-set gradient_checkpoi
 run lora_compile_selckpt 560 --variant lora --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
 run full_compile_selckpt 560 --variant full --compare --compile_unet --warmup 3 "${SELECTIVE_OPT[@]}"
 run full_compile_cudagraphs 400 --variant full --compile_unet --opt-set compile_mode=reduce-overhead --warmup 4
+# 10./11. regional compilation (`--compile_scope blocks`: transformer and ResNet blocks compiled, one graph per block
+#    shape and call site): a shorter compile than 5./6., for the step speed it keeps
+run lora_compile_blocks 500 --variant lora --compare --compile_unet --compile_scope blocks --warmup 3
+run full_compile_blocks 500 --variant full --compare --compile_unet --compile_scope blocks --warmup 3
 pack_cache
 echo "done in ${SECONDS}s"

@@ -83,7 +83,7 @@ def mode_config(args: argparse.Namespace, assets: Assets, variant: str, mode: st
         mixed_precision=args.mixed_precision, dataloader_num_workers=args.workers, validation_steps=0, lr_warmup_steps=0,
         # The seed README's LR, and no early stop: random-weight teachers may give non-finite steps (counted, not fatal).
         learning_rate=4e-6, max_nonfinite_steps=1_000_000,
-        compile_unet=mode == "compiled", channels_last=args.channels_last,
+        compile_unet=mode == "compiled", compile_scope=args.compile_scope if mode == "compiled" else "unet", channels_last=args.channels_last,
     )
     kw.update(_overrides(args.set))
     kw.update(REFERENCE_LIKE if ref else _overrides(args.opt_set))
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Data-loader workers (preset default: tiny 0, sd15 6).")
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="Optimised mode reads pixels too (no `tcdistill cache`).")
     p.add_argument("--compile_unet", action="store_true", help="Add the 'compiled' mode (optimised + torch.compile'd UNets); alone, run only it.")
+    p.add_argument("--compile_scope", choices=["unet", "blocks"], default="unet", help="The compiled mode's --compile_scope (whole UNets, or their transformer and ResNet blocks).")
     p.add_argument("--channels_last", action="store_true", help="Optimised mode: channels_last UNets.")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for every mode (repeatable).")
     p.add_argument("--opt-set", dest="opt_set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override for the optimised mode only.")

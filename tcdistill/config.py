@@ -110,6 +110,7 @@ class TrainConfig:
     compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place, static shapes (the target then runs every row).")
     compile_mode: str = _f("default", "torch.compile mode for --compile_unet ('reduce-overhead' adds CUDA graphs on GPU).",
                            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    compile_scope: str = _f("unet", "What --compile_unet compiles: 'unet', each UNet whole (one graph per call site: the fastest steps, the longest compile); 'blocks', each transformer and ResNet block (regional compilation): blocks of one shape share a compiled graph, so the compile is shorter, and the code between blocks stays eager.", choices=["unet", "blocks"])
     channels_last: bool = _f(False, "Put the UNets in channels_last memory format.")
     # --- validation
     validation_steps: int = _f(200, "Run validation every N optimizer steps (0 = never).")
@@ -157,6 +158,7 @@ class TrainConfig:
              "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
         need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
              "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
+        need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
         need(self.huber_c > 0, "--huber_c must be > 0.")
         need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
         need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,

@@ -41,7 +41,26 @@ def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
         if cfg.compile_unet:
             # Static shapes: the loss keeps every batch fixed (static_shapes), so each UNet compiles once per call
             # site (student B with grad, teacher 2B, target B) and never recompiles with symbolic sizes.
-            m.compile(mode=cfg.compile_mode, dynamic=False)
+            if cfg.compile_scope == "unet":
+                m.compile(mode=cfg.compile_mode, dynamic=False)
+            else:
+                compile_blocks(m, cfg.compile_mode)
+
+
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def compile_blocks(unet: nn.Module, mode: str) -> None:
+    """Regional compilation (diffusers' `compile_repeated_blocks`) over the transformer and ResNet blocks."""
+    import torch._dynamo
+
+    # All blocks of a class share one code object, so each (block shape, call site) is one more entry in its dynamo
+    # cache: SD 1.5's student alone compiled 15 ResNet graphs (CPU), and there are 3 call sites,, past the default limit of 8 (after which
+    # dynamo would silently run the remaining blocks eagerly).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    unet._repeated_blocks = list(REGIONAL_BLOCKS)  # diffusers lists only BasicTransformerBlock for this UNet
+    unet.compile_repeated_blocks(mode=mode, dynamic=False)
 
 
 class Trainer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,10 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
         unet.eval()
         pipe = build_pipeline(trainer.family, unet, cfg.num_ddim_timesteps)
         pipe.set_progress_bar_config(disable=True)
-        with trainer.accelerator.autocast():
+        # Eager even under --compile_unet: eval mode and the sampling batch are new guards, so a compiled UNet would
+        # compile again for a few dozen forwards.
+        eager = torch.compiler.set_stance("force_eager") if cfg.compile_unet else contextlib.nullcontext()
+        with trainer.accelerator.autocast(), eager:
             # Pipelines need sizes divisible by 8; sample at the nearest such size to the training resolution.
             size = max(8, cfg.resolution // 8 * 8)
             rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size)

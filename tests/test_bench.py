@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -219,15 +219,29 @@ def _compile_with_backend(monkeypatch: pytest.MonkeyPatch, backend: Any) -> None
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("variant,mode", [("full", "reduce-overhead"), ("lora", "default")])
-def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--compile_unet`: every graph is captured in the first step and no later step recompiles, although identity
-    target rows (s == t_n) vary per batch (the loss keeps the target at the full batch). dynamo's graph capture is
-    real; the backend is `eager` (inductor's code generation would take minutes here and is not what recompiles)."""
+@pytest.fixture
+def dynamo_limits_strict() -> Iterator[None]:
+    """A frame past dynamo's recompile limit raises instead of running eagerly; the limits that `--compile_scope
+    blocks` raises process-wide are put back after the test."""
     import torch._dynamo
 
-    from tcdistill.trainer import Trainer
+    c = torch._dynamo.config
+    with c.patch(recompile_limit=c.recompile_limit, accumulated_recompile_limit=c.accumulated_recompile_limit,
+                 fail_on_recompile_limit_hit=True):
+        yield
+
+
+@pytest.mark.parametrize("variant,mode,scope", [("full", "reduce-overhead", "unet"), ("lora", "default", "unet"), ("lora", "default", "blocks")])
+def test_compiled_unets_compile_once(variant: str, mode: str, scope: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, dynamo_limits_strict: None) -> None:
+    """`--compile_unet`: every graph is captured in the first step and no later step recompiles, although identity
+    target rows (s == t_n) vary per batch (the loss keeps the target at the full batch). dynamo's graph capture is
+    real; the backend is `eager` (inductor's code generation would take minutes here and is not what recompiles).
+    `--compile_scope blocks`: one graph per block shape and call site, none left to run eagerly by dynamo's
+    recompile limit (all ResNet blocks share one code object; the fixture makes hitting it an error)."""
+    import torch._dynamo
+
+    from tcdistill.trainer import REGIONAL_BLOCKS, Trainer
 
     captured: list[int] = []
 
@@ -238,16 +252,24 @@ def test_compiled_unets_compile_once(variant: str, mode: str, tiny_teacher: Path
     _compile_with_backend(monkeypatch, counting_backend)
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                       resolution=32, max_train_steps=8, report_to="none", seed=0, mixed_precision="no", variant=variant,
-                      train_batch_size=4, lora_rank=4, compile_unet=True, compile_mode=mode, num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
+                      train_batch_size=4, lora_rank=4, compile_unet=True, compile_mode=mode, compile_scope=scope,
+                      num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
     tr = Trainer(cfg)
     assert tr.loss_fn.static_shapes and tr.cudagraphs == (mode == "reduce-overhead")
     data = iter(tr._data_loader())
     tr.optimizer_step(data)
     first = len(captured)
     assert first >= 3  # teacher, target and student (plus any graph breaks)
+    if scope == "blocks":
+        blocks = [m for m in tr.strategy.student.modules() if type(m).__name__ in REGIONAL_BLOCKS]
+        shapes = {(type(m).__name__, tuple(p.shape for p in m.parameters())) for m in blocks}
+        assert len(blocks) > len(shapes) > 1  # some blocks share a shape (and so a graph) in this UNet
+        assert first >= 3 * len(shapes)  # >= one graph per block shape and call site (teacher 2B, target B, student B)
     losses = [tr.optimizer_step(data)[0] for _ in range(6)]
     assert len(captured) == first, f"recompiled after step 1: {first} -> {len(captured)} graphs"
     assert all(math.isfinite(x) for x in losses)
+    tr.validate()  # samples eagerly: eval mode and the sampling batch would otherwise compile again
+    assert len(captured) == first, f"validation compiled: {first} -> {len(captured)} graphs"
     torch._dynamo.reset()
 
 

@@ -71,6 +71,12 @@ def test_cast_teacher_unet_conflicts_with_fp32_teacher() -> None:
         TrainConfig(**BASE, cast_teacher_unet=True, teacher_dtype="fp32")
 
 
+def test_compile_scope_needs_compile_unet() -> None:
+    TrainConfig(**BASE, compile_unet=True, compile_scope="blocks")
+    with pytest.raises(ConfigError, match="--compile_scope blocks needs --compile_unet"):
+        TrainConfig(**BASE, compile_scope="blocks")
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
 def test_report_to_missing_tracker_is_one_line(tracker: str) -> None:
     from tcdistill.preflight import check_environment
