@@ -17,20 +17,29 @@ SUBCOMMANDS = {
 }
 
 
+SEED_SCRIPTS = {("full", "sd"): "train_tcd_distill_sd_wds.py", ("lora", "sd"): "train_tcd_distill_lora_sd_wds.py",
+                ("full", "sdxl"): "train_tcd_distill_sdxl_wds.py", ("lora", "sdxl"): "train_tcd_distill_lora_sdxl_wds.py"}
+
+
 def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd",
-               defaults: dict[str, Any] | None = None) -> None:
+               defaults: dict[str, Any] | None = None, family_flag: bool = False) -> None:
     """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line.
 
     `defaults` overrides flag defaults for an entry script (the SDXL scripts' resolution 1024, w_min 3, filters).
+    The entry point fixes the variant, and the family unless `family_flag` (`tcdistill train-*`): a `--variant` or
+    `--model_family` that contradicts it is refused instead of training, say, a LoRA from the full-model script.
     """
     from .config import ConfigError, parse_config
 
     cfg = parse_config(argv, defaults={**(defaults or {}), "variant": variant, "model_family": family}, prog=prog)
+    name = prog or "tcdistill"
+    if cfg.variant != variant or (cfg.model_family != family and not family_flag):
+        sys.exit(f"{name}: error: --variant {cfg.variant} / --model_family {cfg.model_family} contradict this entry point "
+                 f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
     from .trainer import NonFiniteError, Trainer
 
-    name = prog or "tcdistill"
     try:
         Trainer(cfg).train()
     except ConfigError as e:
@@ -47,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = {"train-full": "full", "train-lora": "lora"}
     cmd = argv[0] if argv else ""
     if cmd in train:
-        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}")
+        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family_flag=True)
     if cmd in SUBCOMMANDS:
         try:
             mod = importlib.import_module(SUBCOMMANDS[cmd])

@@ -159,6 +159,7 @@ class TrainConfig:
         need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
              "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
         need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
+        need(self.compile_unet or self.compile_mode == "default", f"--compile_mode {self.compile_mode} needs --compile_unet.")
         need(self.huber_c > 0, "--huber_c must be > 0.")
         need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
         need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,
@@ -171,7 +172,8 @@ class TrainConfig:
         need(self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1.")
         need(self.validation_steps >= 0, "--validation_steps must be >= 0.")
         need(self.vae_encode_batch_size >= 1, "--vae_encode_batch_size must be >= 1.")
-        need(self.unet_time_cond_proj_dim >= 2, "--unet_time_cond_proj_dim must be >= 2.")
+        # The sinusoidal w embedding divides by (dim // 2 - 1): below 4 it is a division by zero (diffusers: inf).
+        need(self.unet_time_cond_proj_dim >= 4, f"--unet_time_cond_proj_dim must be >= 4, got {self.unet_time_cond_proj_dim}.")
         need(self.lora_alpha > 0, "--lora_alpha must be > 0.")
         need(0.0 <= self.lora_dropout < 1.0, "--lora_dropout must be in [0, 1).")
         need(self.max_grad_norm > 0, "--max_grad_norm must be > 0.")
@@ -180,6 +182,9 @@ class TrainConfig:
         need(self.adam_epsilon > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1) and --adam_epsilon > 0.")
         need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
         need(not (self.push_to_hub and not self.hub_model_id and not self.output_dir), "--push_to_hub needs --hub_model_id.")
+        need(self.lora_target_modules is None or bool(self.lora_modules), "--lora_target_modules lists no module names.")
+        need(self.validation_steps == 0 or bool(self.inference_steps),
+             "--validation_inference_steps lists no step counts (or pass --validation_steps 0 for no validation).")
         for n in self.inference_steps:
             need(1 <= n <= self.num_ddim_timesteps, f"--validation_inference_steps: {n} not in [1, {self.num_ddim_timesteps}].")
 

@@ -35,6 +35,27 @@ def check_teacher_config(cfg: TrainConfig) -> None:
     f = vae_scale_factor(vae_cfg)
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
+    check_teacher_family(cfg)
+
+
+def check_teacher_family(cfg: TrainConfig) -> None:
+    """Reject an SDXL teacher given to the SD scripts (it failed in the first step's teacher forward) or an SD teacher
+    given to the SDXL ones (it failed loading a second tokenizer), from the UNet's config alone. A config that cannot
+    be read is left to the weights load, which reports it."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet_cfg = UNet2DConditionModel.load_config(cfg.pretrained_teacher_model, subfolder="unet", revision=cfg.teacher_revision,
+                                                    cache_dir=cfg.cache_dir)
+    except Exception:  # noqa: BLE001 - reported by the load that follows
+        return
+    family = "sdxl" if unet_cfg.get("addition_embed_type") == "text_time" else "sd"
+    if family != cfg.model_family:
+        scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
+                   "sd": "train_tcd_distill_sd_wds.py / train_tcd_distill_lora_sd_wds.py"}[family]
+        raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} is an {family.upper()} model (its UNet "
+                          f"{'takes' if family == 'sdxl' else 'lacks'} SDXL's text_time conditioning), but this run's "
+                          f"--model_family is {cfg.model_family!r}: use {scripts} (--model_family {family}).")
 
 
 class UNetDenoiser:

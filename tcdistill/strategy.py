@@ -161,10 +161,15 @@ class LoraStrategy(_StudentCopies):
         self.separate_teacher = (copy.deepcopy(family.unet).to(dtype=self.teacher_dtype).requires_grad_(False).eval()
                                  if cfg.lora_separate_teacher else None)
         unet = family.unet.to(dtype=weight_dtype).requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                       target_modules=cfg.lora_modules, init_lora_weights="gaussian")
-        )
+        try:
+            unet.add_adapter(
+                LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_modules, init_lora_weights="gaussian")
+            )
+        except ValueError as e:  # peft's NoMatchingPeftModuleError: no listed name matches a UNet module
+            from .config import ConfigError
+
+            raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {str(e).strip().splitlines()[0]}") from None
         # Trainable adapter weights stay fp32 (master weights); the frozen base runs in the weight dtype.
         for p in unet.parameters():
             if p.requires_grad:
@@ -232,7 +237,8 @@ class LoraStrategy(_StudentCopies):
         """`output_dir/pytorch_lora_weights.safetensors` in diffusers' format (no PEFT `base_model.model.` prefix)."""
         # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only the attention keys
         # (to `.lora.down`), and load_lora_weights, seeing lora_A elsewhere, then silently drops every attention LoRA.
-        layers = self.lora_state_dict()
+        # contiguous: under --channels_last the conv adapters' weights are strided views, which safetensors refuses
+        layers = {k: v.contiguous() for k, v in self.lora_state_dict().items()}
         paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all
             self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())

@@ -87,6 +87,8 @@ class Trainer:
         check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
         check_output_dir(cfg.output_dir)
+        self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
+        self.ckpt.resolve(cfg.resume_from_checkpoint)  # a path that is no complete checkpoint: one line, before any weights load
         self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -148,7 +150,6 @@ class Trainer:
         # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps).
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
         self.student, self.optimizer = acc.prepare(student, self.optimizer)
-        self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
         self.global_step = 0
         self.skipped: Counter[str] = Counter()
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
@@ -338,15 +339,18 @@ class Trainer:
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        if acc.is_main_process:  # output_dir exists: check_output_dir made it before any weights loaded
+        rng = self.maybe_resume()
+        remaining = self.max_train_steps - self.global_step
+        if remaining < 0:  # training on would overwrite the outputs with weights from past the asked-for length
+            raise CheckpointError(f"the resumed checkpoint is at step {self.global_step}, past --max_train_steps "
+                                  f"{self.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint.")
+        if acc.is_main_process:  # after the resume, so a refused one leaves the previous run's record as it was
             with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
                 json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
-        rng = self.maybe_resume()
         data = iter(self._data_loader())
         if rng is not None:
             restore_rng_state(rng)
-        remaining = self.max_train_steps - self.global_step
         logger.info("Training %s for %d more steps (global batch %d, %d process(es)).", cfg.variant, remaining, self.global_batch, acc.num_processes)
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="steps")
         t_last, samples = time.perf_counter(), 0

@@ -75,6 +75,20 @@ def test_compile_scope_needs_compile_unet() -> None:
     TrainConfig(**BASE, compile_unet=True, compile_scope="blocks")
     with pytest.raises(ConfigError, match="--compile_scope blocks needs --compile_unet"):
         TrainConfig(**BASE, compile_scope="blocks")
+    with pytest.raises(ConfigError, match="--compile_mode reduce-overhead needs --compile_unet"):  # was silently ignored
+        TrainConfig(**BASE, compile_mode="reduce-overhead")
+
+
+@pytest.mark.parametrize("script_variant,script_family,argv,use", [
+    ("full", "sd", ["--variant", "lora"], "train_tcd_distill_lora_sd_wds.py"),  # trained and saved a LoRA
+    ("lora", "sdxl", ["--model_family", "sd"], "train_tcd_distill_lora_sd_wds.py"),
+])
+def test_entry_scripts_refuse_another_variant_or_family(script_variant: str, script_family: str, argv: list, use: str) -> None:
+    from tcdistill.cli import train_main
+
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1", *argv]
+    with pytest.raises(SystemExit, match=f"contradict this entry point .*use {use}"):
+        train_main(script_variant, flags, prog="x.py", family=script_family)
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
@@ -104,11 +118,12 @@ def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, 
 def test_vae_config_check_uses_the_vae_load_revision(monkeypatch: pytest.MonkeyPatch) -> None:
     """--pretrained_vae_model_name_or_path loads with revision None: the early config check must not ask its repo for
     --teacher_revision (which exists only in the teacher's repo)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from tcdistill.models import check_teacher_config
 
     seen = []
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", classmethod(lambda cls, src, **kw: {}))  # no hub look-up for "t"
     monkeypatch.setattr(AutoencoderKL, "load_config", classmethod(lambda cls, src, **kw: seen.append((src, kw["revision"])) or {}))
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2", pretrained_vae_model_name_or_path="org/vae"))
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2"))
@@ -136,3 +151,58 @@ def test_lora_revision_other_than_the_teachers_is_refused() -> None:
     TrainConfig(**BASE, variant="full", revision="v2")
     with pytest.raises(ConfigError, match="--revision"):
         TrainConfig(**BASE, variant="lora", revision="v2")
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(unet_time_cond_proj_dim=3), "--unet_time_cond_proj_dim must be >= 4"),  # was a ZeroDivisionError in the step
+    (dict(validation_steps=1, validation_inference_steps=""), "--validation_inference_steps lists no step counts"),  # IndexError at validation
+    (dict(lora_target_modules=","), "--lora_target_modules lists no module names"),  # peft traceback after loading
+])
+def test_flag_values_that_crashed_mid_run_are_config_errors(bad: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**{**BASE, **bad})
+    TrainConfig(**BASE, unet_time_cond_proj_dim=4, validation_steps=0, validation_inference_steps="")
+
+
+def test_teacher_of_the_other_family_is_refused_before_loading(tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SD teacher in an SDXL script (a tokenizer_2 load error) or an SDXL teacher in an SD script (a TypeError
+    traceback in the first teacher forward): one ConfigError from the UNet config, before any weights load."""
+    from diffusers import UNet2DConditionModel
+
+    from tcdistill.models import check_teacher_config
+
+    base = dict(BASE, pretrained_teacher_model=str(tiny_teacher), resolution=32)
+    check_teacher_config(TrainConfig(**base))
+    with pytest.raises(ConfigError, match=r"is an SD model .* --model_family is 'sdxl'"):
+        check_teacher_config(TrainConfig(**base, model_family="sdxl"))
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", classmethod(lambda cls, src, **kw: {"addition_embed_type": "text_time"}))
+    with pytest.raises(ConfigError, match=r"is an SDXL model .* train_tcd_distill_sdxl_wds.py"):
+        check_teacher_config(TrainConfig(**base))
+
+
+def _lora_strategy(tmp_path: Path, **cfg):
+    from conftest import small_unet
+
+    from tcdistill.families import SDFamily
+    from tcdistill.strategy import LoraStrategy
+
+    family = SDFamily.__new__(SDFamily)  # only .unet and .save_lora_weights are used
+    family.unet = small_unet()
+    return LoraStrategy(TrainConfig(**BASE, variant="lora", lora_rank=2, output_dir=str(tmp_path), **cfg), family, torch.float32)
+
+
+def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
+    """--channels_last made the conv adapters' weights non-contiguous: the final LoRA save failed (safetensors)."""
+    import safetensors.torch
+
+    strategy = _lora_strategy(tmp_path)
+    strategy.student.to(memory_format=torch.channels_last)  # what speed_up_unets does
+    assert any(not p.is_contiguous() for p in strategy.trainable_parameters())
+    (path,) = strategy.save_outputs(str(tmp_path))
+    saved = safetensors.torch.load_file(path)
+    assert saved and all(torch.equal(saved[f"unet.{k}"], v) for k, v in strategy.lora_state_dict().items())
+
+
+def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--lora_target_modules 'no_such_module'"):
+        _lora_strategy(tmp_path, lora_target_modules="no_such_module")

@@ -194,3 +194,28 @@ def test_num_ddim_timesteps_above_the_teachers_schedule_is_a_config_error(tiny_t
     with pytest.raises(ConfigError, match="--num_ddim_timesteps 50 exceeds the teacher scheduler's num_train_timesteps 40"):
         Trainer(TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
+
+
+def test_resume_is_checked_before_loading_and_past_max_steps_refused(lora_seed_run: dict[str, Any], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --resume_from_checkpoint path that is no checkpoint: one CheckpointError before any weights load (it came after
+    the whole teacher had loaded). A checkpoint past --max_train_steps: refused before training, and the previous run's
+    tcdistill_config.json left as it was (the run used to log '-1 more steps' and rewrite the outputs)."""
+    import tcdistill.trainer as trainer_mod
+    from tcdistill.checkpoint import CheckpointError
+    from tcdistill.config import parse_config
+
+    out = tmp_path / "out"
+    shutil.copytree(lora_seed_run["out"], out)
+    flags = [f.replace(str(lora_seed_run["out"]), str(out)) for f in lora_seed_run["flags"]]
+    flags = [f for f in flags if not f.startswith(("--max_train_steps=", "--resume_from_checkpoint="))] + ["--max_train_steps=2"]
+    real_load = trainer_mod.load_family
+    monkeypatch.setattr(trainer_mod, "load_family", lambda *a, **k: pytest.fail("weights loaded before the resume check"))
+    with pytest.raises(CheckpointError, match=r"checkpoint-99.*does not exist"):
+        trainer_mod.Trainer(parse_config([*flags, "--resume_from_checkpoint=checkpoint-99"], defaults={"variant": "lora"}))
+    monkeypatch.setattr(trainer_mod, "load_family", real_load)
+    record = (out / "tcdistill_config.json").read_bytes()
+    tr = trainer_mod.Trainer(parse_config([*flags, "--resume_from_checkpoint=latest"], defaults={"variant": "lora"}))
+    with pytest.raises(CheckpointError, match=r"at step 3, past --max_train_steps 2"):
+        tr.train()
+    assert (out / "tcdistill_config.json").read_bytes() == record
