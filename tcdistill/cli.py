@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import Any, Sequence
@@ -22,18 +23,18 @@ SEED_SCRIPTS = {("full", "sd"): "train_tcd_distill_sd_wds.py", ("lora", "sd"): "
 
 
 def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd",
-               defaults: dict[str, Any] | None = None, family_flag: bool = False) -> None:
+               defaults: dict[str, Any] | None = None) -> None:
     """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line.
 
     `defaults` overrides flag defaults for an entry script (the SDXL scripts' resolution 1024, w_min 3, filters).
-    The entry point fixes the variant, and the family unless `family_flag` (`tcdistill train-*`): a `--variant` or
-    `--model_family` that contradicts it is refused instead of training, say, a LoRA from the full-model script.
+    The entry point fixes the variant and the family: a `--variant` or `--model_family` that contradicts it is refused
+    instead of training, say, a LoRA from the full-model script (`tcdistill train-*` take the family from its flag).
     """
     from .config import ConfigError, parse_config
 
     cfg = parse_config(argv, defaults={**(defaults or {}), "variant": variant, "model_family": family}, prog=prog)
     name = prog or "tcdistill"
-    if cfg.variant != variant or (cfg.model_family != family and not family_flag):
+    if cfg.variant != variant or cfg.model_family != family:
         sys.exit(f"{name}: error: --variant {cfg.variant} / --model_family {cfg.model_family} contradict this entry point "
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
@@ -56,7 +57,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = {"train-full": "full", "train-lora": "lora"}
     cmd = argv[0] if argv else ""
     if cmd in train:
-        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family_flag=True)
+        # The family comes from its flag, and `--model_family sdxl` gets the SDXL scripts' flag defaults too
+        # (resolution 1024, w_min 3, filters), as train_tcd_distill_*sdxl_wds.py do.
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--model_family", default="sd")
+        family = pre.parse_known_args(argv[1:])[0].model_family
+        from .families import SDXL_FLAG_DEFAULTS
+
+        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family=family,
+                          defaults=SDXL_FLAG_DEFAULTS if family == "sdxl" else None)
     if cmd in SUBCOMMANDS:
         try:
             mod = importlib.import_module(SUBCOMMANDS[cmd])

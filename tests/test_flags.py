@@ -206,3 +206,26 @@ def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
 def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--lora_target_modules 'no_such_module'"):
         _lora_strategy(tmp_path, lora_target_modules="no_such_module")
+
+
+def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tcdistill train-full --model_family sdxl` trained with SD's defaults (512 px, w_min 5, no image filters)."""
+    import tcdistill.trainer
+    from tcdistill.cli import main
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg: TrainConfig) -> None:
+            seen.append(cfg)
+
+        def train(self) -> None:
+            pass
+
+    monkeypatch.setattr(tcdistill.trainer, "Trainer", FakeTrainer)
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1"]
+    main(["train-lora", *flags, "--model_family", "sdxl"])
+    main(["train-full", *flags])
+    assert [(c.variant, c.model_family) for c in seen] == [("lora", "sdxl"), ("full", "sd")]
+    assert {k: getattr(seen[0], k) for k in SDXL_FLAG_DEFAULTS} == SDXL_FLAG_DEFAULTS
+    assert seen[1].resolution == 512
