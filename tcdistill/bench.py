@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import TrainConfig, _parse_bool
+from .config import ConfigError, TrainConfig, _parse_bool
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -64,12 +64,15 @@ def _overrides(items: list[str]) -> dict[str, Any]:
         if not sep or key not in fields:
             raise SystemExit(f"tcdistill bench: --set/--opt-set expects FIELD=VALUE with a TrainConfig field, got {item!r}")
         kind = str(fields[key].type)
-        if raw == "None":
-            out[key] = None
-        elif kind.startswith("bool"):
-            out[key] = _parse_bool(raw)
-        else:
-            out[key] = int(raw) if kind.startswith("int") else float(raw) if kind.startswith("float") else raw
+        try:
+            if raw == "None":
+                out[key] = None
+            elif kind.startswith("bool"):
+                out[key] = _parse_bool(raw)
+            else:
+                out[key] = int(raw) if kind.startswith("int") else float(raw) if kind.startswith("float") else raw
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise SystemExit(f"tcdistill bench: --set/--opt-set {item!r}: {e}") from None
     return out
 
 
@@ -340,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for name, low in (("steps", 1), ("batch_size", 1), ("resolution", 1), ("warmup", 0), ("split_steps", 0), ("data_batches", 1)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"tcdistill bench: --{name.replace('_', '-') if name in ('split_steps', 'data_batches') else name} must be >= {low}, got {getattr(args, name)}")
+    if args.json and Path(args.json).is_dir():
+        raise SystemExit(f"tcdistill bench: --json {args.json} is a directory (give the file to write)")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.data_workers = [int(x) for x in str(args.data_workers).split(",") if x.strip()]
@@ -371,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
         return result
+    except ConfigError as e:  # a --set value the trainer refuses, --mixed_precision fp16 on a CPU, an odd --resolution...
+        raise SystemExit(f"tcdistill bench: error: {e}") from None
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)

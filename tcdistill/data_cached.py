@@ -96,6 +96,19 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
     if meta.get("teacher") != cfg.pretrained_teacher_model:
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
     vae = family.vae
+    sf = float(vae.config.scaling_factor)
+    if "scaling_factor" in meta and abs(float(meta["scaling_factor"]) - sf) > 1e-6 * sf:
+        # Latents of another VAE: the student would learn in one latent space and validation decode in another.
+        raise ConfigError(f"the cache's latents come from a VAE with scaling_factor {meta['scaling_factor']} "
+                          f"(--pretrained_vae_model_name_or_path {meta.get('vae')!r}); this run's VAE has {sf} "
+                          f"({cfg.pretrained_vae_model_name_or_path!r}): use the cache's VAE or re-run `tcdistill cache`.")
+    if meta.get("vae") != cfg.pretrained_vae_model_name_or_path:
+        logger.warning("Cache was made with --pretrained_vae_model_name_or_path %r; training with %r (validation decodes with it).",
+                       meta.get("vae"), cfg.pretrained_vae_model_name_or_path)
+    for key in ("center_crop", "random_flip", "interpolation_type"):
+        if key in meta and meta[key] != getattr(cfg, key):
+            logger.warning("--%s %s has no effect: the cache fixed the crops with %s=%s (re-run `tcdistill cache` to change it).",
+                           key, getattr(cfg, key), key, meta[key])
     vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
     if getattr(vae, "quant_conv", None) is not None:
         vae.quant_conv = None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .families import tokenize
+from .families import tokenize, unet_family
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
 from .tcd import guidance_embedding
@@ -82,8 +82,11 @@ def sample_ddim(net: Net, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tenso
 # ------------------------------------------------------------------------- models
 def load_teacher(teacher: str) -> Any:
     """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    name = DiffusionPipeline.load_config(teacher).get("_class_name")
+    if name != "StableDiffusionPipeline":
+        raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
     pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -103,7 +106,10 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
             if not (path / "config.json").exists() and (path / sub / "config.json").exists():
                 path = path / sub
                 break
-        return UNet2DConditionModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        student = UNet2DConditionModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        if unet_family(student.config) == "sdxl":
+            raise ValueError(f"--unet {unet} is an SDXL UNet; the teacher is an SD pipeline")
+        return student
     # The LoRA goes onto a copy, so the teacher's own UNet stays clean for the reference samples.
     student = copy.deepcopy(pipe.unet)
     view = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=student,
@@ -346,16 +352,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "(at most --original_steps and --reference_steps)")
     if any(not 0.0 <= g <= 1.0 for g in args.gamma):
         sys.exit("tcdistill eval: error: --gamma values must be in [0, 1]")
-    prompts = read_prompts(args.prompts)
-    pipe = load_teacher(args.teacher)
-    student = load_student(pipe, args.unet, args.lora)
-    settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
-                            reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size)
-    ev = Evaluator(pipe, prompts, settings)
-    if args.classifier:
-        ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)
+    if args.batch_size < 1:
+        sys.exit("tcdistill eval: error: --batch_size must be >= 1")
+    if args.output and Path(args.output).is_dir():
+        sys.exit(f"tcdistill eval: error: --output {args.output} is a directory (give the JSON file to write)")
+    try:
+        prompts = read_prompts(args.prompts)
+        pipe = load_teacher(args.teacher)
+        n_train = int(pipe.scheduler.config.num_train_timesteps)
+        for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):
+            if n > n_train:  # the grid's skip num_train_timesteps // n would be 0: every timestep -1
+                raise ValueError(f"{flag} {n} exceeds the teacher's {n_train} training timesteps")
+        student = load_student(pipe, args.unet, args.lora)
+        settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
+                                reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size)
+        ev = Evaluator(pipe, prompts, settings)
+        if args.classifier:
+            ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)
+    except (ValueError, OSError) as e:  # missing/empty prompt file, teacher, student, classifier; a wrong family
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        sys.exit(f"tcdistill eval: error: {lines[0] if lines else type(e).__name__}")
     ev.scorers.update(torchmetrics_scorers(prompts, ev.reference_images, args.clip_model, args.fid))
     rows = ev.teacher_rows() + ev.student_rows("lora" if args.lora else "unet", student, args.sampler)
     print(format_table(rows))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": json_rows(rows)}, indent=1))

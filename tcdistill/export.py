@@ -83,15 +83,25 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -
     from safetensors.torch import save_file
 
     f = lora_file(src)
-    with safe_open(str(f), framework="pt") as fh:
-        metadata = fh.metadata()
-        state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
-    out = to_kohya(state_dict, metadata)
     dst = Path(dst) if dst else f.with_name(KOHYA_WEIGHT_NAME)
+    if dst.is_dir():
+        raise ValueError(f"--output {dst} is a directory (give the file to write)")
+    if dst.exists() and dst.resolve() == f.resolve():
+        raise ValueError(f"--output {dst} is the input file: exporting would overwrite the diffusers LoRA")
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            metadata = fh.metadata()
+            state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
+        raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
+    out = to_kohya(state_dict, metadata)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
-    os.replace(tmp, dst)  # never leave a half-written file under the final name
+    try:
+        save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+        os.replace(tmp, dst)  # never leave a half-written file under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(dst)
 
 
@@ -103,5 +113,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         print(export_kohya(args.lora, args.output))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: an unwritable --output
         p.exit(2, f"{p.prog}: error: {e}\n")

@@ -118,6 +118,11 @@ class SDFamily:
         )
 
 
+def unet_family(unet_config: Any) -> str:
+    """'sdxl' for a UNet with SDXL's text_time added conditioning (pooled prompt + size/crop ids), else 'sd'."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+
+
 # Flag defaults of the SDXL entry scripts, as in diffusers' SDXL LCM scripts: 1024 px, w from 3, and the LAION-style
 # size / watermark filters (here a sample missing those json fields passes; see data._check_filters).
 SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_image_size": 700, "max_pwatermark": 0.5,

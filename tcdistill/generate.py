@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .export import LORA_WEIGHT_NAME
+from .export import LORA_WEIGHT_NAME, lora_file
 
 FULL_MODEL_GUIDANCE = 8.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -71,19 +72,43 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     from diffusers import AutoencoderKL, TCDScheduler, UNet2DConditionModel
 
     kw: dict[str, Any] = _dtype_kwargs(dtype)
+    cls = pipeline_class(base)
     if unet:
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
+        _check_unet_family(kw["unet"].config, cls, base)
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
-    pipe = pipeline_class(base).from_pretrained(base, **kw)
+    pipe = cls.from_pretrained(base, **kw)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps)
     if lora:
         p = Path(lora)
         folder, name = (p, LORA_WEIGHT_NAME) if p.is_dir() else (p.parent, p.name)
-        pipe.load_lora_weights(str(folder), weight_name=name)
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no LoRA weights at {folder / name} (expected a LoRA output folder or a .safetensors file)")
+        try:
+            pipe.load_lora_weights(str(folder), weight_name=name)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
+            hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
+            raise ValueError(f"cannot load the LoRA {lora} onto {base}: {_first_line(e)}{hint}") from None
         pipe.fuse_lora(lora_scale=lora_scale)  # fused: sampling runs at the base model's speed
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
+    """An SDXL UNet (text_time added conditioning) needs an SDXL base and an SD UNet an SD base: refuse a mix in one line."""
+    from .families import unet_family
+
+    xl_unet = unet_family(unet_config) == "sdxl"
+    xl_base = pipe_cls.__name__ == "StableDiffusionXLPipeline"
+    if xl_unet != xl_base:
+        raise ValueError(f"the UNet is an {'SDXL' if xl_unet else 'SD'} model but --base {base} is an {'SDXL' if xl_base else 'SD'} "
+                         "pipeline (pass the teacher the UNet was distilled from)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -104,6 +129,8 @@ def _slug(text: str, n: int = 40) -> str:
 def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt (image i uses seed + i, so outputs do not depend on --batch_size); return the PNG paths."""
     prompts = read_prompts(args.prompt, args.prompt_file)
+    if args.lora:
+        lora_file(args.lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
     run = _run_config(args.unet or args.lora)
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
@@ -111,7 +138,17 @@ def generate(args: argparse.Namespace) -> list[str]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
-    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, int(run.get("num_ddim_timesteps", 50)), args.lora_scale, vae)
+    grid = int(run.get("num_ddim_timesteps", 50))
+    if args.steps > grid:
+        raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} exists and is not a directory")
+    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, grid, args.lora_scale, vae)
+    # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
+    # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
+    size = pipe.unet.config.sample_size
+    default = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+    height, width = args.height or default, args.width or default
     gs = args.guidance_scale
     if gs is None:
         gs = FULL_MODEL_GUIDANCE if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
@@ -121,7 +158,7 @@ def generate(args: argparse.Namespace) -> list[str]:
         batch = prompts[start:start + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(args.seed + start + j) for j in range(len(batch))]
         images = pipe(batch, num_inference_steps=args.steps, guidance_scale=gs, eta=args.gamma, generator=gens,
-                      height=args.height, width=args.width).images
+                      height=height, width=width).images
         for j, (prompt, image) in enumerate(zip(batch, images)):
             name = f"{start + j:05d}_{_slug(prompt)}.png"
             image.save(os.path.join(args.output_dir, name))
@@ -163,8 +200,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or not 0.0 <= args.gamma <= 1.0:
         p.error("need --steps >= 1, --batch_size >= 1 and --gamma in [0, 1]")
+    if any(v is not None and v < 1 for v in (args.height, args.width)):
+        p.error("--height and --width must be >= 1")
+    if not all(math.isfinite(v) for v in (args.lora_scale, 0.0 if args.guidance_scale is None else args.guidance_scale)):
+        p.error("--guidance_scale and --lora_scale must be finite")
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device!r}: {_first_line(e)}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device is available here")
     try:
         paths = generate(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+    except (ValueError, OSError) as e:  # FileNotFoundError, a missing --base/--vae, an unreadable --prompt_file
+        p.exit(2, f"{p.prog}: error: {_first_line(e)}\n")
     print("\n".join(paths))

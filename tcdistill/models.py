@@ -44,12 +44,14 @@ def check_teacher_family(cfg: TrainConfig) -> None:
     be read is left to the weights load, which reports it."""
     from diffusers import UNet2DConditionModel
 
+    from .families import unet_family
+
     try:
         unet_cfg = UNet2DConditionModel.load_config(cfg.pretrained_teacher_model, subfolder="unet", revision=cfg.teacher_revision,
                                                     cache_dir=cfg.cache_dir)
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
-    family = "sdxl" if unet_cfg.get("addition_embed_type") == "text_time" else "sd"
+    family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
                    "sd": "train_tcd_distill_sd_wds.py / train_tcd_distill_lora_sd_wds.py"}[family]

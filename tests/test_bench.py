@@ -302,3 +302,11 @@ def test_op_counter_counts_forward_and_backward_ops_but_not_views() -> None:
     assert ops.by_op["mul"] >= 2  # x * 2 in the forward, grad * 2 in the backward
     assert ops.by_op["sum"] == 1 and not {"view", "t", "expand", "transpose"} & set(ops.by_op)
     assert ops.count == sum(ops.by_op.values())
+
+
+def test_bench_flag_errors_are_one_line(tmp_path: Path) -> None:
+    """QA: --steps 0 (ZeroDivisionError), an unparsable --set value and a config the trainer refuses gave tracebacks."""
+    for argv, needle in ((["--steps", "0"], "--steps must be >= 1"), (["--set", "learning_rate=abc"], "could not convert"),
+                         (["--set", "lora_rank=0", "--variant", "lora", "--no-cache", "--steps", "1", "--warmup", "0"], "--lora_rank must be >= 1")):
+        with pytest.raises(SystemExit, match=needle):
+            bench_main([*argv, "--workdir", str(tmp_path / "w")])

@@ -223,3 +223,16 @@ def test_fp16_cache_batches_are_fp32_and_run_under_cpu_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         both = cat_cond(batch["cond"], batch["uncond"])
     assert both["encoder_hidden_states"].shape == (4, 3, 8)
+
+
+def test_cache_with_another_vae_is_a_config_error(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
+    """QA: training from a cache with a --pretrained_vae_model_name_or_path whose scaling factor is not the cache's
+    was silently accepted (latents of one VAE, validation decoding with another)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
+    vae.register_to_config(scaling_factor=0.13025)
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ConfigError, match="scaling_factor"):
+        _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache,
+                 pretrained_vae_model_name_or_path=str(tmp_path / "vae"))

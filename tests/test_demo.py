@@ -158,3 +158,19 @@ def test_quick_demo_end_to_end_then_eval_cli(tmp_path: Path, capsys: pytest.Capt
     demo_ddim2 = next(r["rmse"] for r in rows if r["model"] == "teacher" and r["steps"] == 2)
     assert ev["rows"][2]["rmse"] == pytest.approx(demo_ddim2, rel=1e-5)
     print(f"quick demo: first run {first:.1f} s")
+
+
+def test_nan_distribution_metric_is_not_met(capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: with --n_eval 1 every Fréchet distance was NaN and "no worse than LCM" was ticked as met; NaN now fails the
+    check, and the demo refuses --n_eval < 2 (and --distill_steps 0) in one line before any work."""
+    from tcdistill.demo import main as demo_main
+    from tcdistill.demo.report import target_checks
+
+    nan = float("nan")
+    rows = [{"model": m, "steps": k, "gamma": g, "rmse": 1.0, "world_fd": nan} for m, g in (("lcm-full", None), ("tcd-full", 0.3)) for k in (4, 8)]
+    got = {c["target"]: c["met"] for c in target_checks(rows, [0.3])}
+    assert got == {"tcd-full gamma 0.3 no worse than lcm-full at every k (world_fd)": False,
+                   "tcd-full gamma 0.3: 8 steps no worse than 4 (world_fd)": False}
+    for flag in (["--n_eval", "1"], ["--distill_steps", "0"]):
+        with pytest.raises(SystemExit, match=f"{flag[0]} must be >="):
+            demo_main(["--quick", "--output_dir", "unused-never-created", *flag])

@@ -95,3 +95,19 @@ def test_missing_torchmetrics_is_one_line(monkeypatch, capsys) -> None:
     assert torchmetrics_scorers(["a"], torch.zeros(1, 8, 8, 3, dtype=torch.uint8).numpy(), None, fid=True) == {}
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "torchmetrics" in out[0] and "pip install" in out[0]
+
+
+def test_eval_cli_refusals_are_one_line(tiny_teacher, tmp_path) -> None:
+    """QA: an empty prompt file, --batch_size 0 and a grid finer than the teacher's 1000 timesteps (skip 0: every
+    timestep -1, silently sampled) gave tracebacks or garbage rows; each is one error line now."""
+    from tcdistill.evaluate import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    base = ["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--steps", "1"]
+    for extra, needle in ((["--prompts", str(tmp_path / "empty.txt")], "no prompts"),
+                          (["--prompts", str(prompts), "--batch_size", "0"], "--batch_size must be >= 1"),
+                          (["--prompts", str(prompts), "--reference_steps", "1001"], "exceeds the teacher's 1000")):
+        with pytest.raises(SystemExit, match=needle):
+            main(base + extra)

@@ -109,3 +109,20 @@ def test_export_rejects_bad_input(sd_teacher: Path, tmp_path: Path) -> None:
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="not a diffusers UNet LoRA"):
         export_kohya(sd_teacher / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "x.safetensors")
+
+
+def test_export_refuses_to_overwrite_its_input_or_a_folder(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: --output equal to the input would replace the diffusers LoRA by the kohya copy; --output a folder and a
+    file that is not safetensors gave tracebacks (and a left-over .tmp file). All three are one-line errors now."""
+    from tcdistill.export import main
+
+    out = make_lora(sd_teacher, tmp_path / "lora")
+    src = out / LORA_WEIGHT_NAME
+    before = src.read_bytes()
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+    for argv, needle in (([str(out), "--output", str(src)], "is the input file"), ([str(out), "--output", str(tmp_path)], "is a directory"),
+                         ([str(tmp_path / "junk.safetensors")], "cannot read")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--lora", *argv])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert src.read_bytes() == before and not list(tmp_path.glob(".*tmp-*"))

@@ -107,3 +107,30 @@ def test_generate_errors(sd_teacher: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--lora", str(tmp_path), "--base", str(other), "--prompt", "x"])
     assert exc.value.code == 2
+
+
+def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: --height without --width is honoured on an SD base (diffusers' SD pipeline reset both sides to its default);
+    --steps past the run's grid, an --output_dir that is a file, a missing --lora and an SDXL UNet on an SD base are
+    one-line refusals (exit 2), not tracebacks or diffusers' "strength" message."""
+    lora = make_lora(sd_teacher, tmp_path / "lora")
+    main(["generate", "--lora", str(lora), "--base", str(sd_teacher), "--prompt", "x", "--steps", "1", "--height", "64",
+          "--output_dir", str(tmp_path / "h")])
+    assert next(iter(pngs(tmp_path / "h").values())).shape == (64, 32, 3)
+    (tmp_path / "afile").write_text("")
+    xl = full_output(sdxl_teacher, tmp_path / "xl")
+    cases = {
+        "exceeds the 50 points": ["--lora", str(lora), "--base", str(sd_teacher), "--steps", "51"],
+        "is not a directory": ["--lora", str(lora), "--base", str(sd_teacher), "--output_dir", str(tmp_path / "afile")],
+        "no LoRA weights at": ["--lora", str(tmp_path / "missing"), "--base", str(sd_teacher)],
+        "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(sd_teacher)],
+        "SDXL model but --base": ["--unet", str(xl), "--base", str(sd_teacher)],
+        "must be >= 1": ["--lora", str(lora), "--height", "0"],
+    }
+    capsys.readouterr()
+    for needle, argv in cases.items():
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--prompt", "x", *argv])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # (diffusers' loading progress bars come before it)
+        assert exc.value.code == 2 and "Traceback" not in err and last.startswith("tcdistill generate: error:") and needle in last, (needle, err)

@@ -93,7 +93,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("teacher_steps", "vae_steps", "distill_steps", "n_eval"):
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
+    for name, low in (("teacher_steps", 0), ("vae_steps", 0), ("distill_steps", 1), ("n_eval", 2)):
+        if getattr(budget, name) < low:  # n_eval: a Fréchet distance needs two samples
+            sys.exit(f"tcdistill demo: error: --{name} must be >= {low}, got {getattr(budget, name)}")
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"tcdistill demo: error: --output_dir {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -44,7 +44,8 @@ def target_checks(rows: list[dict[str, Any]], gammas: list[float], lcm: str = "l
                                    "value": f"{ratio:.2f}x", "met": ratio >= 3.0})
         ks = sorted({r["steps"] for r in rows if r["model"] == lcm})
         pairs = [(k, _find(rows, tcd, k, g), _find(rows, lcm, k)) for k in ks]
-        worse = [k for k, t, lc in pairs if t and lc and t[metric] > lc[metric]]
+        # `not <=`: a NaN metric (a Fréchet distance over < 2 samples) counts as worse, never as met.
+        worse = [k for k, t, lc in pairs if t and lc and not t[metric] <= lc[metric]]
         checks.append({"target": f"{tcd} gamma {g:g} no worse than {lcm} at every k ({metric})",
                        "value": "worse at k=" + ",".join(map(str, worse)) if worse else "all k", "met": not worse})
         t4, t8 = _find(rows, tcd, 4, g), _find(rows, tcd, 8, g)
