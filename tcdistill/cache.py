@@ -143,6 +143,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 
     from .families import load_family
     from .models import check_teacher_config
+    from .preflight import resolve_device
 
     cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
@@ -151,7 +152,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
     family = load_family(cfg)
     family.unet = None  # only the encoders are needed here

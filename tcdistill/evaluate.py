@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG scale; full students get w = scale - 1.")
     p.add_argument("--reference_steps", type=int, default=50, help="Steps of the teacher's reference guided DDIM.")
-    p.add_argument("--original_steps", type=int, default=50, help="N of the training grid (TCDScheduler original_inference_steps).")
+    p.add_argument("--original_steps", type=int, default=None,
+                   help="N of the training grid (TCDScheduler original_inference_steps; default: the run's --num_ddim_timesteps "
+                        "from the tcdistill_config.json next to --unet/--lora, else 50).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (and of re-noising).")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--classifier", help="Demo world classifier dir (from `tcdistill demo`): Fréchet distance and prompt fidelity.")
@@ -346,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
+    if args.original_steps is None:  # a run trained on another grid is sampled on its own (as `tcdistill generate` does)
+        from .generate import run_config
+
+        args.original_steps = int(run_config(args.unet or args.lora).get("num_ddim_timesteps", EvalSettings.original_steps))
     for k in args.steps:
         if not 1 <= k <= min(args.original_steps, args.reference_steps):
             sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {min(args.original_steps, args.reference_steps)}] "

@@ -18,13 +18,14 @@ from typing import Any, Sequence
 import torch
 
 from .export import LORA_WEIGHT_NAME, lora_file
+from .preflight import resolve_device
 
 FULL_MODEL_GUIDANCE = 8.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _RUN_CONFIG = "tcdistill_config.json"
 
 
-def _run_config(path: str | None) -> dict[str, Any]:
+def run_config(path: str | None) -> dict[str, Any]:
     """The training run's saved flags next to an output (its folder or the folder above), or {}."""
     if not path:
         return {}
@@ -131,11 +132,11 @@ def generate(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.lora:
         lora_file(args.lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
-    run = _run_config(args.unet or args.lora)
+    run = run_config(args.unet or args.lora)
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
     grid = int(run.get("num_ddim_timesteps", 50))
@@ -204,13 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("--height and --width must be >= 1")
     if not all(math.isfinite(v) for v in (args.lora_scale, 0.0 if args.guidance_scale is None else args.guidance_scale)):
         p.error("--guidance_scale and --lora_scale must be finite")
-    if args.device:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError as e:
-            p.error(f"--device {args.device!r}: {_first_line(e)}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: no CUDA device is available here")
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     try:
         paths = generate(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, a missing --base/--vae, an unreadable --prompt_file

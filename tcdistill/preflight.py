@@ -1,5 +1,5 @@
 """Checks run before any weights load, each failing with one line (a ConfigError): shards, output dir, machine,
-trackers, hub repo."""
+trackers, hub repo, and the --device of the cache and inference commands."""
 
 from __future__ import annotations
 
@@ -61,3 +61,16 @@ def create_hub_repo(cfg: TrainConfig) -> str:
     except Exception as e:  # noqa: BLE001 - offline, DNS, auth and HTTP errors all mean "cannot push"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"--push_to_hub: cannot create the hub repo {name!r} ({type(e).__name__}: {first})") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """A `--device` value: cuda when there is one, else cpu, by default; a malformed or absent device is one line."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r}: {str(e).strip().splitlines()[0]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return dev

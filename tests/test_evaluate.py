@@ -106,8 +106,13 @@ def test_eval_cli_refusals_are_one_line(tiny_teacher, tmp_path) -> None:
     prompts.write_text("a red circle\n")
     (tmp_path / "empty.txt").write_text("\n")
     base = ["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--steps", "1"]
+    run = tmp_path / "run"  # a training output trained on a 20-point grid
+    run.mkdir()
+    (run / "tcdistill_config.json").write_text('{"num_ddim_timesteps": 20}')
     for extra, needle in ((["--prompts", str(tmp_path / "empty.txt")], "no prompts"),
                           (["--prompts", str(prompts), "--batch_size", "0"], "--batch_size must be >= 1"),
-                          (["--prompts", str(prompts), "--reference_steps", "1001"], "exceeds the teacher's 1000")):
+                          (["--prompts", str(prompts), "--reference_steps", "1001"], "exceeds the teacher's 1000"),
+                          # the grid defaults to the run's own --num_ddim_timesteps (it was always 50)
+                          (["--prompts", str(prompts), "--unet", str(run), "--steps", "30"], r"--steps 30 not in \[1, 20\]")):
         with pytest.raises(SystemExit, match=needle):
             main(base + extra)

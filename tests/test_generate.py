@@ -126,6 +126,7 @@ def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path
         "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(sd_teacher)],
         "SDXL model but --base": ["--unet", str(xl), "--base", str(sd_teacher)],
         "must be >= 1": ["--lora", str(lora), "--height", "0"],
+        "--device 'bogus'": ["--lora", str(lora), "--device", "bogus"],
     }
     capsys.readouterr()
     for needle, argv in cases.items():
@@ -134,3 +135,17 @@ def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # (diffusers' loading progress bars come before it)
         assert exc.value.code == 2 and "Traceback" not in err and last.startswith("tcdistill generate: error:") and needle in last, (needle, err)
+
+
+def test_device_values_are_one_line_errors() -> None:
+    """`--device` of generate and cache: a malformed name, or cuda where there is none, was a traceback."""
+    from tcdistill.config import ConfigError
+    from tcdistill.preflight import resolve_device
+
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device 'bogus'"):
+        resolve_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
