@@ -13,6 +13,11 @@ class ConfigError(ValueError):
     """An invalid flag or flag combination, reported as one line before any model is loaded."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (the type's name if it has none), for one-line errors."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 

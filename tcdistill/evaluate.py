@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import first_line
 from .families import tokenize, unet_family
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
@@ -276,7 +277,7 @@ def torchmetrics_scorers(prompts: list[str], reference_images: np.ndarray, clip_
                 return {"fid": float(m.compute())}
             scorers["tm"] = fid_score
         except Exception as e:  # noqa: BLE001 - missing weights surface as OSError, URLError, RuntimeError...
-            print(f"tcdistill eval: FID unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); skipping it.")
+            print(f"tcdistill eval: FID unavailable ({type(e).__name__}: {first_line(e)[:120]}); skipping it.")
     if clip_model:
         try:
             from torchmetrics.multimodal.clip_score import CLIPScore
@@ -288,7 +289,7 @@ def torchmetrics_scorers(prompts: list[str], reference_images: np.ndarray, clip_
                 return {"clip_score": float(metric(torch.from_numpy(images).permute(0, 3, 1, 2), list(prompts)))}
             scorers["clip"] = clip_score
         except Exception as e:  # noqa: BLE001
-            print(f"tcdistill eval: CLIP score unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); skipping it.")
+            print(f"tcdistill eval: CLIP score unavailable ({type(e).__name__}: {first_line(e)[:120]}); skipping it.")
     return scorers
 
 
@@ -376,8 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.classifier:
             ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)
     except (ValueError, OSError) as e:  # missing/empty prompt file, teacher, student, classifier; a wrong family
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        sys.exit(f"tcdistill eval: error: {lines[0] if lines else type(e).__name__}")
+        sys.exit(f"tcdistill eval: error: {first_line(e)}")
     ev.scorers.update(torchmetrics_scorers(prompts, ev.reference_images, args.clip_model, args.fid))
     rows = ev.teacher_rows() + ev.student_rows("lora" if args.lora else "unet", student, args.sampler)
     print(format_table(rows))

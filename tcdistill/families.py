@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 from .tcd import Cond
 
 
@@ -28,7 +28,7 @@ def load_error(what: str, e: Exception) -> ConfigError:
     .bin-only model), not for a damaged one."""
     missing_st = re.search(r"no file named \S+\.safetensors", str(e)) is not None
     hint = " (only safetensors weights load by default; pass --allow_pickle_weights to allow .bin)" if missing_st else ""
-    return ConfigError(f"{what}: {str(e).splitlines()[0].strip()}{hint}")
+    return ConfigError(f"{what}: {first_line(e)}{hint}")
 
 
 def _load_vae(cfg: TrainConfig) -> nn.Module:

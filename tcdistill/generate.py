@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import first_line
 from .export import LORA_WEIGHT_NAME, lora_file
 from .preflight import resolve_device
 
@@ -90,7 +91,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
             pipe.load_lora_weights(str(folder), weight_name=name)
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
             hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
-            raise ValueError(f"cannot load the LoRA {lora} onto {base}: {_first_line(e)}{hint}") from None
+            raise ValueError(f"cannot load the LoRA {lora} onto {base}: {first_line(e)}{hint}") from None
         pipe.fuse_lora(lora_scale=lora_scale)  # fused: sampling runs at the base model's speed
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -105,11 +106,6 @@ def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
     if xl_unet != xl_base:
         raise ValueError(f"the UNet is an {'SDXL' if xl_unet else 'SD'} model but --base {base} is an {'SDXL' if xl_base else 'SD'} "
                          "pipeline (pass the teacher the UNet was distilled from)")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -129,6 +125,7 @@ def _slug(text: str, n: int = 40) -> str:
 @torch.no_grad()
 def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt (image i uses seed + i, so outputs do not depend on --batch_size); return the PNG paths."""
+    device = str(resolve_device(args.device))  # a bad --device is the first thing reported
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.lora:
         lora_file(args.lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
@@ -136,7 +133,6 @@ def generate(args: argparse.Namespace) -> list[str]:
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
-    device = str(resolve_device(args.device))
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
     grid = int(run.get("num_ddim_timesteps", 50))
@@ -206,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not all(math.isfinite(v) for v in (args.lora_scale, 0.0 if args.guidance_scale is None else args.guidance_scale)):
         p.error("--guidance_scale and --lora_scale must be finite")
     try:
-        resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
-    try:
         paths = generate(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, a missing --base/--vae, an unreadable --prompt_file
-        p.exit(2, f"{p.prog}: error: {_first_line(e)}\n")
+        p.exit(2, f"{p.prog}: error: {first_line(e)}\n")
     print("\n".join(paths))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 from .tcd import Cond, guidance_embedding
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def check_teacher_config(cfg: TrainConfig) -> None:
         revision = None if cfg.pretrained_vae_model_name_or_path else cfg.teacher_revision
         vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=revision, cache_dir=cfg.cache_dir)
     except Exception as e:  # noqa: BLE001 - hub/OS errors come in many types; the message is what matters
-        raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {first_line(e)}") from None
     f = vae_scale_factor(vae_cfg)
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 
 
 def check_shards(spec: str) -> None:
@@ -59,8 +59,7 @@ def create_hub_repo(cfg: TrainConfig) -> str:
     try:
         return create_repo(repo_id=name, exist_ok=True, token=cfg.hub_token).repo_id
     except Exception as e:  # noqa: BLE001 - offline, DNS, auth and HTTP errors all mean "cannot push"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"--push_to_hub: cannot create the hub repo {name!r} ({type(e).__name__}: {first})") from None
+        raise ConfigError(f"--push_to_hub: cannot create the hub repo {name!r} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -70,7 +69,7 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"--device {name!r}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"--device {name!r}: {first_line(e)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available here")
     return dev

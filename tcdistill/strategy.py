@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_dir
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
 from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, WithLayerAttr, tuner_layers
@@ -167,9 +167,7 @@ class LoraStrategy(_StudentCopies):
                            target_modules=cfg.lora_modules, init_lora_weights="gaussian")
             )
         except ValueError as e:  # peft's NoMatchingPeftModuleError: no listed name matches a UNet module
-            from .config import ConfigError
-
-            raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {first_line(e)}") from None
         # Trainable adapter weights stay fp32 (master weights); the frozen base runs in the weight dtype.
         for p in unet.parameters():
             if p.requires_grad:
