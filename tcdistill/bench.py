@@ -55,6 +55,12 @@ def device_peak_tflops(name: str, override: float | None = None) -> tuple[float 
     return None, f"no table entry for {name!r} (pass --peak_tflops)"
 
 
+# TrainConfig fields that the bench sets from its own flags
+_BENCH_FLAGS = dict(train_batch_size="--batch_size", resolution="--resolution", mixed_precision="--mixed_precision",
+                    dataloader_num_workers="--workers", seed="--seed", compile_unet="--compile_unet", compile_scope="--compile_scope",
+                    channels_last="--channels_last")
+
+
 def _overrides(items: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings -> TrainConfig field values, typed by the field."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -63,6 +69,8 @@ def _overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"tcdistill bench: --set/--opt-set expects FIELD=VALUE with a TrainConfig field, got {item!r}")
+        if key in _BENCH_FLAGS:  # the header, the presets and the assets (shards, cache) read the bench's own flag
+            raise SystemExit(f"tcdistill bench: --set/--opt-set {key}: use {_BENCH_FLAGS[key]}")
         kind = str(fields[key].type)
         try:
             if raw == "None":
@@ -168,6 +176,7 @@ def _throughput(res: dict[str, Any], acc: dict[str, Any]) -> None:
                samples_per_s=acc["samples"] / max(acc["wall_s"], 1e-12), step_time_ms=1000.0 * step_s,
                # The median resists the odd slow step (a shared machine's hiccup, a late recompile) that moves the mean.
                step_time_median_ms=1000.0 * statistics.median(acc["walls"] or [0.0]),
+               step_walls_ms=[1000.0 * w for w in acc["walls"]],
                cpu_time_ms=1000.0 * acc["cpu_s"] / steps, achieved_tflops=res["flops_per_step"] / step_s / 1e12,
                split_other_ms=max(0.0, 1000.0 * step_s - sum(res["split_ms"].values())) if res["split_ms"] else None)
 
@@ -284,6 +293,8 @@ def format_run(run: dict[str, Any], header: str) -> str:
     row("samples/s", [f"{m['samples_per_s']:.3f}" for m in modes], "samples_per_s")
     row("step time (ms)", [f"{m['step_time_ms']:.1f}" for m in modes], "step_time")
     row("step time, median (ms)", [f"{m['step_time_median_ms']:.1f}" for m in modes], "step_time_median")
+    if all("step_time_paired" in r for r in ratios.values()) and ratios:
+        row("step time, paired (median)", ["" for _ in modes], "step_time_paired")
     row("step CPU time (ms)", [f"{m['cpu_time_ms']:.1f}" for m in modes], "cpu_time")
     row(f"peak memory ({modes[0]['peak_memory_kind']})", [_fmt_bytes(m["peak_memory_bytes"]) for m in modes], "peak_memory")
     row("GFLOP/sample (counted)", [f"{m['flops_per_sample'] / 1e9:.2f}" for m in modes])
@@ -350,7 +361,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"tcdistill bench: --json {args.json} is a directory (give the file to write)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.data_workers = [int(x) for x in str(args.data_workers).split(",") if x.strip()]
+    raw = args.data_workers
+    try:
+        args.data_workers = [int(x) for x in str(raw).split(",") if x.strip()]
+    except ValueError:
+        args.data_workers = []
+    if args.data_only and (not args.data_workers or min(args.data_workers) < 0):
+        raise SystemExit(f"tcdistill bench: --data-workers needs a comma list of worker counts >= 0, got {raw!r}")
     variants = [v.strip() for v in args.variant.split(",") if v.strip()]
     if not variants or any(v not in ("full", "lora") for v in variants):
         raise SystemExit(f"tcdistill bench: --variant must be full, lora or a comma list of them, got {args.variant!r}")
@@ -387,11 +404,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def ratios(res: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
-    """A mode's figures over the reference-like's (throughput, mean and median step time, CPU time, peak memory)."""
-    return dict(samples_per_s=res["samples_per_s"] / ref["samples_per_s"], step_time=res["step_time_ms"] / ref["step_time_ms"],
+    """A mode's figures over the reference-like's (throughput, mean and median step time, CPU time, peak memory); for
+    interleaved timing also the median of the per-step ratios, each step over the reference-like step timed just before
+    it: a shared CPU's speed drifts by tens of percent within seconds, and adjacent pairs see nearly the same speed."""
+    out = dict(samples_per_s=res["samples_per_s"] / ref["samples_per_s"], step_time=res["step_time_ms"] / ref["step_time_ms"],
                 step_time_median=res["step_time_median_ms"] / max(ref["step_time_median_ms"], 1e-12),
                 cpu_time=res["cpu_time_ms"] / ref["cpu_time_ms"], peak_memory=res["peak_memory_bytes"] / ref["peak_memory_bytes"],
                 ops=res["ops_per_step"] / max(ref["ops_per_step"], 1))
+    if res.get("timing") == ref.get("timing") == "interleaved":
+        out["step_time_paired"] = statistics.median(a / b for a, b in zip(res["step_walls_ms"], ref["step_walls_ms"]))
+    return out
 
 
 def mode_line(res: dict[str, Any]) -> str:

@@ -120,6 +120,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing threads that create files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain open()/mkdir() would: safetensors 0.8
+    writes its files 0600 and tempfile makes 0700 folders, so a ComfyUI/A1111 service run as another user could not
+    read the outputs."""
+    mask, p = _umask(), Path(path)
+    for q in [p, *p.rglob("*")] if p.is_dir() else [p]:
+        os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a hidden sibling folder to write `final` into; when the block succeeds, rename it into place. A failed
@@ -130,6 +153,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        share_modes(tmp)
         if final.exists():
             # os.rename cannot replace a non-empty dir. A kill between these two renames loses only the old copy.
             os.rename(final, old)

@@ -129,7 +129,7 @@ class Scorer(Protocol):
 
 @dataclass
 class EvalSettings:
-    """What to sample: the noise seed, guidance, step counts, gammas, reference length and training grid N."""
+    """What to sample: the noise seed, guidance, step counts, gammas, reference length, training grid N, LCM scaling."""
 
     seed: int = 0
     guidance_scale: float = 3.0
@@ -138,6 +138,7 @@ class EvalSettings:
     reference_steps: int = 50
     original_steps: int = 50
     batch_size: int = 128
+    timestep_scaling: float = 10.0  # the LCM sampler's boundary scaling: the run's --timestep_scaling_factor
     device: str = "cpu"
 
 
@@ -186,7 +187,7 @@ class Evaluator:
             elif sampler == "tcd":
                 out.append(sample_tcd(net, x_T, self.schedule, ts, gamma=gamma, generator=gen))
             elif sampler == "lcm":
-                out.append(sample_lcm(net, x_T, self.schedule, ts, generator=gen))
+                out.append(sample_lcm(net, x_T, self.schedule, ts, generator=gen, timestep_scaling=self.settings.timestep_scaling))
             else:
                 raise ValueError(f"unknown sampler {sampler!r}")
         return torch.cat(out)
@@ -329,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unet", help="Full distilled UNet folder (or a training output dir holding unet_target/).")
     g.add_argument("--lora", help="Folder holding pytorch_lora_weights.safetensors.")
     p.add_argument("--prompts", required=True, help="Text file, one prompt per line.")
-    p.add_argument("--sampler", default="tcd", choices=["tcd", "lcm"], help="Student sampler (lcm for --distill_mode lcm students).")
+    p.add_argument("--sampler", default=None, choices=["tcd", "lcm"],
+                   help="Student sampler (default: the run's --distill_mode from its tcdistill_config.json, else tcd).")
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="NFE k to evaluate.")
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG scale; full students get w = scale - 1.")
@@ -349,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
-    if args.original_steps is None:  # a run trained on another grid is sampled on its own (as `tcdistill generate` does)
-        from .generate import run_config
+    from .generate import run_config, run_sampling
 
-        args.original_steps = int(run_config(args.unet or args.lora).get("num_ddim_timesteps", EvalSettings.original_steps))
+    # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling.
+    run = run_sampling(run_config(args.unet or args.lora))
+    if args.original_steps is None:
+        args.original_steps = run["original_steps"]
+    args.sampler = args.sampler or run["distill_mode"]
     for k in args.steps:
         if not 1 <= k <= min(args.original_steps, args.reference_steps):
             sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {min(args.original_steps, args.reference_steps)}] "
@@ -372,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise ValueError(f"{flag} {n} exceeds the teacher's {n_train} training timesteps")
         student = load_student(pipe, args.unet, args.lora)
         settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
-                                reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size)
+                                reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size,
+                                timestep_scaling=run["timestep_scaling"])
         ev = Evaluator(pipe, prompts, settings)
         if args.classifier:
             ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)

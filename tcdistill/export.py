@@ -82,6 +82,8 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from .checkpoint import share_modes
+
     f = lora_file(src)
     dst = Path(dst) if dst else f.with_name(KOHYA_WEIGHT_NAME)
     if dst.is_dir():
@@ -99,6 +101,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+        share_modes(tmp)
         os.replace(tmp, dst)  # never leave a half-written file under the final name
     finally:
         tmp.unlink(missing_ok=True)

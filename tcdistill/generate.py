@@ -37,6 +37,12 @@ def run_config(path: str | None) -> dict[str, Any]:
     return {}
 
 
+def run_sampling(run: dict[str, Any]) -> dict[str, Any]:
+    """How a run's student samples, from its saved flags: training grid N, mode (tcd/lcm) and LCM's boundary scaling."""
+    return dict(original_steps=int(run.get("num_ddim_timesteps", 50)), distill_mode=run.get("distill_mode", "tcd"),
+                timestep_scaling=float(run.get("timestep_scaling_factor", 10.0)))
+
+
 def resolve_unet_dir(path: str) -> str:
     """A UNet folder: the path itself, or a full-model training output's `unet_target` (the EMA deliverable)."""
     p = Path(path)
@@ -68,10 +74,13 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
-def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype,
-                  original_inference_steps: int = 50, lora_scale: float = 1.0, vae: str | None = None) -> Any:
-    """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on TCDScheduler over the training grid."""
-    from diffusers import AutoencoderKL, TCDScheduler, UNet2DConditionModel
+def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,
+                  vae: str | None = None, sampling: dict[str, Any] | None = None) -> Any:
+    """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on the run's scheduler (TCDScheduler,
+    or LCMScheduler for an LCM-mode run; `run_sampling`) over its training grid."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .validation import sampling_scheduler
 
     kw: dict[str, Any] = _dtype_kwargs(dtype)
     cls = pipeline_class(base)
@@ -81,7 +90,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
     pipe = cls.from_pretrained(base, **kw)
-    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps)
+    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
         p = Path(lora)
         folder, name = (p, LORA_WEIGHT_NAME) if p.is_dir() else (p.parent, p.name)
@@ -135,12 +144,16 @@ def generate(args: argparse.Namespace) -> list[str]:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
-    grid = int(run.get("num_ddim_timesteps", 50))
+    sampling = run_sampling(run)
+    if args.scheduler:
+        sampling["distill_mode"] = args.scheduler
+    grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output_dir {args.output_dir} exists and is not a directory")
-    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, grid, args.lora_scale, vae)
+    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, args.lora_scale, vae, sampling)
+    lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
     size = pipe.unet.config.sample_size
@@ -161,10 +174,24 @@ def generate(args: argparse.Namespace) -> list[str]:
             image.save(os.path.join(args.output_dir, name))
             paths.append(os.path.join(args.output_dir, name))
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
-                            "gamma": args.gamma, "guidance_scale": gs, "base": base, "unet": args.unet, "lora": args.lora})
-    with open(os.path.join(args.output_dir, "metadata.jsonl"), "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+                            "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs, "base": base, "unet": args.unet, "lora": args.lora})
+    write_metadata(Path(args.output_dir) / "metadata.jsonl", records)
     return paths
+
+
+def write_metadata(path: Path, records: list[dict[str, Any]]) -> None:
+    """Add `records` to a metadata.jsonl (the imagefolder layout); a re-run's image replaces its file's old line."""
+    names = {r["file_name"] for r in records}
+    old = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+    kept = [ln for ln in old if _file_name(ln) not in names]
+    path.write_text("".join(ln + "\n" for ln in kept) + "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def _file_name(line: str) -> Any:
+    try:
+        return json.loads(line).get("file_name")
+    except (ValueError, AttributeError):  # a line that is not a JSON object is kept as it is
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")
     p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")
     p.add_argument("--gamma", type=float, default=0.3, help="TCD gamma, the scheduler's eta (0 = deterministic; default: 0.3).")
+    p.add_argument("--scheduler", choices=["tcd", "lcm"], default=None,
+                   help="Sampler: tcd (TCDScheduler) or lcm (LCMScheduler; --gamma unused). Default: the run's --distill_mode, else tcd.")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help=f"Default: 0 for a LoRA (no CFG); {FULL_MODEL_GUIDANCE} for a full UNet with time_cond_proj_dim (embeds w = scale - 1).")
     p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the fused LoRA (default: 1).")

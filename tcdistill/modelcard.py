@@ -47,11 +47,15 @@ def changed_flags(cfg: TrainConfig) -> dict[str, object]:
 
 
 def _usage(cfg: TrainConfig, repo: str) -> str:
-    """diffusers code that samples the trained output with TCDScheduler."""
+    """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm)."""
     pipe_cls = _PIPELINES[cfg.model_family]
-    sched = "TCDScheduler.from_config(pipe.scheduler.config"
-    sched += f", original_inference_steps={cfg.num_ddim_timesteps})" if cfg.num_ddim_timesteps != 50 else ")"
-    head = f"import torch\nfrom diffusers import {pipe_cls}, TCDScheduler"
+    name = "LCMScheduler" if cfg.distill_mode == "lcm" else "TCDScheduler"  # as validation.sampling_scheduler
+    extra = [f"original_inference_steps={cfg.num_ddim_timesteps}"] if cfg.num_ddim_timesteps != 50 else []
+    if cfg.distill_mode == "lcm" and cfg.timestep_scaling_factor != 10.0:
+        extra.append(f"timestep_scaling={cfg.timestep_scaling_factor}")
+    sched = f"{name}.from_config(pipe.scheduler.config{''.join(', ' + e for e in extra)})"
+    eta = "" if cfg.distill_mode == "lcm" else f", eta={RECOMMENDED_GAMMA}"
+    head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"
     vae = ""
     if cfg.pretrained_vae_model_name_or_path:  # trained with another VAE (e.g. SDXL's fp16-safe one): sample with it too
         head = head.replace("from diffusers import ", "from diffusers import AutoencoderKL, ")
@@ -59,15 +63,14 @@ def _usage(cfg: TrainConfig, repo: str) -> str:
     if cfg.variant == "lora":
         return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\")\npipe.fuse_lora()\n"
-                f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0, "
-                f"eta={RECOMMENDED_GAMMA}).images[0]\n")
+                f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
             f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
-            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={cfg.validation_guidance_scale}, "
-            f"eta={RECOMMENDED_GAMMA}).images[0]\n")
+            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={cfg.validation_guidance_scale}"
+            f"{eta}).images[0]\n")
 
 
 def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None) -> str:
@@ -85,6 +88,12 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
     gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{cfg.validation_guidance_scale} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
     cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
+    if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
+        advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""
+    else:
+        advice = (f"Use `TCDScheduler` with {RECOMMENDED_STEPS} steps (2-8 work) and gamma (`eta`) {RECOMMENDED_GAMMA}: higher gamma "
+                  "for\nmore steps, lower for fewer; gamma 0 is deterministic.")
+        cli_sampling = f" --gamma {RECOMMENDED_GAMMA}"
     return f"""{front}
 
 # TCD ({cfg.distill_mode}) distillation of `{base}`
@@ -103,13 +112,12 @@ Files:
 
 ## Sampling
 
-Use `TCDScheduler` with {RECOMMENDED_STEPS} steps (2-8 work) and gamma (`eta`) {RECOMMENDED_GAMMA}: higher gamma for
-more steps, lower for fewer; gamma 0 is deterministic. Guidance scale: {gs}.
+{advice} Guidance scale: {gs}.
 
 ```python
 {_usage(cfg, repo)}```
 
-Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS} --gamma {RECOMMENDED_GAMMA}`.
+Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
 
 ## Training flags
 

@@ -70,15 +70,17 @@ def sample_lcm(
     timesteps: Tensor,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    timestep_scaling: float = 10.0,
 ) -> Tensor:
-    """LCM multistep sampling (LCM paper Alg. 3): boundary-scaled `x0` then full re-noise to the next timestep."""
+    """LCM multistep sampling (LCM paper Alg. 3): boundary-scaled `x0` then full re-noise to the next timestep.
+    `timestep_scaling`: the run's --timestep_scaling_factor (diffusers' LCMScheduler `timestep_scaling`)."""
     x = x_T
     ts = [int(t) for t in timesteps]
     denoised = x
     for i, t_cur in enumerate(ts):
         t = torch.full((x.shape[0],), t_cur, dtype=torch.long, device=x.device)
         x0_hat, _ = schedule.to_x0_eps(net(x, t), x, t)
-        c_skip, c_out = lcm_boundary_scalings(t)
+        c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling=timestep_scaling)
         denoised = c_skip.view(-1, *[1] * (x.ndim - 1)) * x.float() + c_out.view(-1, *[1] * (x.ndim - 1)) * x0_hat
         if i + 1 < len(ts):
             prev = torch.full_like(t, ts[i + 1])

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import atomic_dir
+from .checkpoint import atomic_dir, share_modes
 from .config import ConfigError, TrainConfig, first_line
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
@@ -240,6 +240,7 @@ class LoraStrategy(_StudentCopies):
         paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all
             self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())
+            share_modes(os.path.join(tmp, os.path.basename(paths[0])))
             os.replace(os.path.join(tmp, os.path.basename(paths[0])), paths[0])
         if self.cfg.export_kohya:
             from .export import export_kohya

@@ -35,11 +35,20 @@ def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def build_pipeline(family: Any, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
-    """The family's pipeline over `unet`, with TCDScheduler on the training grid."""
-    from diffusers import TCDScheduler
+def sampling_scheduler(scheduler_config: Any, distill_mode: str = "tcd", original_steps: int = 50,
+                       timestep_scaling: float = 10.0) -> Any:
+    """The scheduler a student samples with: TCDScheduler on its training grid; for --distill_mode lcm, LCMScheduler
+    with the run's boundary scalings (the student was trained to output through them, so TCD's sampler would not fit)."""
+    from diffusers import LCMScheduler, TCDScheduler
 
-    scheduler = TCDScheduler.from_config(family.scheduler_config, original_inference_steps=num_ddim_timesteps)
+    if distill_mode == "lcm":
+        return LCMScheduler.from_config(scheduler_config, original_inference_steps=original_steps, timestep_scaling=timestep_scaling)
+    return TCDScheduler.from_config(scheduler_config, original_inference_steps=original_steps)
+
+
+def build_pipeline(family: Any, unet: torch.nn.Module, cfg: Any) -> Any:
+    """The family's pipeline over `unet`, with the run's sampling scheduler on its training grid."""
+    scheduler = sampling_scheduler(family.scheduler_config, cfg.distill_mode, cfg.num_ddim_timesteps, cfg.timestep_scaling_factor)
     return family.pipeline(unet, scheduler)
 
 
@@ -82,7 +91,7 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
     for tag, unet, gs in trainer.strategy.validation_unets():
         was_training = unet.training
         unet.eval()
-        pipe = build_pipeline(trainer.family, unet, cfg.num_ddim_timesteps)
+        pipe = build_pipeline(trainer.family, unet, cfg)
         pipe.set_progress_bar_config(disable=True)
         # Eager even under --compile_unet: eval mode and the sampling batch are new guards, so a compiled UNet would
         # compile again for a few dozen forwards.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections import defaultdict
@@ -117,6 +118,17 @@ def read_scalars(files: set[Path] | list[Path]) -> dict[str, list[tuple[int, flo
         for tag in acc.Tags()["scalars"]:
             out[tag] += [(e.step, e.value) for e in acc.Scalars(tag)]
     return dict(out)
+
+
+def assert_plain_modes(*paths: Path) -> None:
+    """Outputs have the modes a plain open() gives under this umask (safetensors 0.8 wrote 0600: unreadable to a
+    ComfyUI/A1111 service run as another user)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in paths:
+        for f in [p, *p.rglob("*")] if p.is_dir() else [p]:
+            want = (0o777 if f.is_dir() else 0o666) & ~mask
+            assert stat.S_IMODE(f.stat().st_mode) == want, (f, oct(f.stat().st_mode), oct(want))
 
 
 def complete_checkpoints(output_dir: Path) -> dict[int, Path]:

@@ -305,8 +305,12 @@ def test_op_counter_counts_forward_and_backward_ops_but_not_views() -> None:
 
 
 def test_bench_flag_errors_are_one_line(tmp_path: Path) -> None:
-    """QA: --steps 0 (ZeroDivisionError), an unparsable --set value and a config the trainer refuses gave tracebacks."""
+    """QA: --steps 0 (ZeroDivisionError), an unparsable --set value and a config the trainer refuses gave tracebacks;
+    --set train_batch_size ran batch 2 under a header that said 4; --data-only --data-workers "" printed nothing."""
     for argv, needle in ((["--steps", "0"], "--steps must be >= 1"), (["--set", "learning_rate=abc"], "could not convert"),
+                         (["--set", "train_batch_size=2"], "use --batch_size"), (["--opt-set", "resolution=64"], "use --resolution"),
+                         (["--data-only", "--data-workers", ""], "--data-workers needs"),
+                         (["--data-only", "--data-workers", "x"], "--data-workers needs"),
                          (["--set", "lora_rank=0", "--variant", "lora", "--no-cache", "--steps", "1", "--warmup", "0"], "--lora_rank must be >= 1")):
         with pytest.raises(SystemExit, match=needle):
             bench_main([*argv, "--workdir", str(tmp_path / "w")])

@@ -116,3 +116,20 @@ def test_eval_cli_refusals_are_one_line(tiny_teacher, tmp_path) -> None:
                           (["--prompts", str(prompts), "--unet", str(run), "--steps", "30"], r"--steps 30 not in \[1, 20\]")):
         with pytest.raises(SystemExit, match=needle):
             main(base + extra)
+
+
+def test_eval_samples_an_lcm_run_with_lcm(tiny_teacher, tmp_path) -> None:
+    """An LCM-mode run is evaluated with the LCM sampler by default (it was always TCD unless --sampler lcm was given)."""
+    import json
+
+    from tcdistill.evaluate import main
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "unet_target").symlink_to(tiny_teacher / "unet")
+    (run / "tcdistill_config.json").write_text('{"num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05}')
+    main(["--teacher", str(tiny_teacher), "--unet", str(run), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
+          "--reference_steps", "2", "--output", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["sampler"], r["gamma"]) for r in rows if r["model"] == "unet"] == [("lcm", None)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -66,6 +68,13 @@ def test_kohya_keys_and_alpha(sd_teacher: Path, tmp_path: Path) -> None:
     prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert torch.equal(dst[f"{name}.lora_down.weight"], src[f"{prefix}.lora_A.weight"])
     assert torch.equal(dst[f"{name}.lora_up.weight"], src[f"{prefix}.lora_B.weight"])
+    # Readable by others under the usual umask (safetensors 0.8 alone writes 0600).
+    old_mask = os.umask(0o022)
+    try:
+        os.chmod(export_kohya(tmp_path), 0o600)  # (a re-export replaces the file and its mode)
+        assert stat.S_IMODE(os.stat(export_kohya(tmp_path)).st_mode) == 0o644
+    finally:
+        os.umask(old_mask)
     # Outputs saved in the older mixed-key layout export to the same kohya file.
     mixed = load_file(export_kohya(make_lora(sd_teacher, tmp_path / "mixed", mixed_keys=True)))
     assert mixed.keys() == dst.keys() and all(torch.equal(mixed[k], dst[k]) for k in dst)

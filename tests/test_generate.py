@@ -149,3 +149,27 @@ def test_device_values_are_one_line_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(sd_teacher: Path, tmp_path: Path) -> None:
+    """QA: an LCM-mode run was sampled with TCDScheduler (gamma 0.3). It now samples as it was trained: LCMScheduler on the
+    run's grid with its --timestep_scaling_factor, as diffusers' own pipeline does. A re-run into the same folder
+    replaces its images' metadata lines instead of appending duplicates."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = full_output(sd_teacher, tmp_path / "run")
+    cfg = {"pretrained_teacher_model": str(sd_teacher), "num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05}
+    (out / "tcdistill_config.json").write_text(json.dumps(cfg))
+    argv = ["generate", "--unet", str(out), "--prompt", "a red circle", "--steps", "2", "--guidance_scale", "6",
+            "--output_dir", str(tmp_path / "imgs")]
+    main(argv)
+    main(argv)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=20, timestep_scaling=0.05)
+    ref = pipe("a red circle", num_inference_steps=2, guidance_scale=6.0, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(np.asarray(ref, dtype=np.int16) - pngs(tmp_path / "imgs")["00000_a_red_circle.png"]).max() <= 1
+    lines = (tmp_path / "imgs" / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["scheduler"] == "lcm" and json.loads(lines[0])["gamma"] is None
+    # --scheduler tcd overrides the run's mode: a different sample (TCD keeps part of x_t's noise at gamma 0.3)
+    main([*argv, "--scheduler", "tcd", "--output_dir", str(tmp_path / "tcd")])
+    assert np.abs(pngs(tmp_path / "tcd")["00000_a_red_circle.png"] - np.asarray(ref, dtype=np.int16)).max() > 1

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, TCDScheduler
+from diffusers import DDPMScheduler, LCMScheduler, TCDScheduler
 
-from tcdistill.sampler import sample_tcd, tcd_timesteps
+from tcdistill.sampler import sample_lcm, sample_tcd, tcd_timesteps
 from tcdistill.schedule import NoiseSchedule, ddim_grid, draw_timesteps, scaled_linear_alphas_cumprod
 from tcdistill.tcd import (
     TCDDraw,
@@ -216,4 +216,23 @@ def test_sampler_matches_tcd_scheduler(pred, gamma):
     x, gen = x_T.clone(), torch.Generator().manual_seed(9)
     for t in ref_s.timesteps:
         x = ref_s.step(net(x, t.repeat(2)), t, x, eta=gamma, generator=gen).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scaling", [10.0, 0.05])
+def test_lcm_sampler_matches_lcm_scheduler(pred, scaling):
+    """sample_lcm (eval, demo) and diffusers' LCMScheduler (generate, validation of --distill_mode lcm) agree, the run's
+    --timestep_scaling_factor included (at 0.05 c_skip is far from 0 at every step, so dropping it would show)."""
+    sc = sched(pred)
+    net = lambda x, t: torch.tanh(x) * 0.5 + 0.01 * t.float().view(-1, 1, 1, 1) / 1000
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ours = sample_lcm(net, x_T, sc, tcd_timesteps(4, original_steps=20), generator=torch.Generator().manual_seed(9),
+                      timestep_scaling=scaling)
+    ref_s = LCMScheduler(**SD_KW, prediction_type=pred, timestep_scaling=scaling, original_inference_steps=20)
+    ref_s.set_timesteps(4)
+    assert ref_s.timesteps.tolist() == tcd_timesteps(4, original_steps=20).tolist()
+    x, gen = x_T.clone(), torch.Generator().manual_seed(9)
+    for t in ref_s.timesteps:
+        x = ref_s.step(net(x, t.repeat(2)), t, x, generator=gen).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)

@@ -89,3 +89,13 @@ def test_card_for_full_sdxl_with_vae(tmp_path: Path) -> None:
     assert "original_inference_steps=25" in card and "train_tcd_distill_sdxl_wds.py" in card
     flags = re.search(r"defaults of `train_tcd_distill_sdxl_wds.py`:\n\n```\n(.*?)```", card, re.S).group(1)
     assert "--num_ddim_timesteps=25" in flags and "--w_min" not in flags and "--resolution" not in flags
+
+
+def test_card_for_lcm_mode_names_lcm_scheduler(tmp_path: Path) -> None:
+    """An LCM-mode run's card samples with LCMScheduler (with its boundary scaling), without TCD's gamma."""
+    cfg = TrainConfig(pretrained_teacher_model="runwayml/stable-diffusion-v1-5", train_shards_path_or_url="s/{0..9}.tar",
+                      output_dir=str(tmp_path), max_train_steps=10, variant="lora", distill_mode="lcm", timestep_scaling_factor=1.0)
+    card = render_model_card(cfg, [str(tmp_path / "pytorch_lora_weights.safetensors")])
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1.0)" in code
+    assert "TCDScheduler" not in card and "eta=" not in code and "--gamma" not in card

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import SCRIPTS, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
+from conftest import SCRIPTS, assert_plain_modes, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
 from PIL import Image
 
 
@@ -62,6 +62,7 @@ def test_full_seed_command(full_seed_run: dict[str, Any], tiny_teacher: Path) ->
     assert torch.uint8 in {t.dtype for t in _tensors(opt["state"])}
     for tag in ("online", "ema"):
         _assert_png(out / "validation" / f"{tag}-step000003.png")
+    assert_plain_modes(out / "unet", out / "unet_target", ckpts[3])
     _assert_logged_every_step(out, [1, 2, 3])
 
 
@@ -78,6 +79,7 @@ def test_lora_seed_command(lora_seed_run: dict[str, Any]) -> None:
     ckpts = complete_checkpoints(out)
     assert sorted(ckpts) == [2, 3]
     assert (ckpts[3] / "lora.safetensors").is_file()
+    assert_plain_modes(out / "pytorch_lora_weights.safetensors", ckpts[3])
     _assert_png(out / "validation" / "lora-step000003.png")
     _assert_logged_every_step(out, [1, 2, 3])
 

@@ -43,7 +43,7 @@ def test_trainer_reads_v_prediction(vpred_teacher: Path, shards: str, tmp_path: 
                       resolution=32, max_train_steps=1, variant="lora", lora_rank=4, report_to="none", mixed_precision="no")
     trainer = Trainer(cfg)
     assert trainer.schedule.prediction_type == "v_prediction"
-    pipe = build_pipeline(trainer.family, trainer.strategy.student, cfg.num_ddim_timesteps)
+    pipe = build_pipeline(trainer.family, trainer.strategy.student, cfg)
     assert type(pipe.scheduler).__name__ == "TCDScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"
 
 
