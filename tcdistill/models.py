@@ -118,6 +118,9 @@ def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None
     unet.enable_gradient_checkpointing(functools.partial(_checkpoint, saved_ops=_saved_ops() if policy == "selective" else None))
 
 
+_XFORMERS_WARNED: set[str] = set()
+
+
 def enable_memory_efficient_attention(unet: nn.Module) -> bool:
     """xformers where it can run; otherwise warn once and keep PyTorch's SDPA (never crash)."""
     try:
@@ -128,7 +131,9 @@ def enable_memory_efficient_attention(unet: nn.Module) -> bool:
         unet.enable_xformers_memory_efficient_attention()
         return True
     except Exception as e:  # noqa: BLE001 - ImportError, CUDA and build mismatches all mean "not here"
-        logger.warning("xformers is unavailable (%s); using PyTorch scaled_dot_product_attention instead.", e)
+        if str(e) not in _XFORMERS_WARNED:  # once per reason, not once per UNet (student, teacher, target)
+            _XFORMERS_WARNED.add(str(e))
+            logger.warning("xformers is unavailable (%s); using PyTorch scaled_dot_product_attention instead.", e)
         return False
 
 

@@ -45,7 +45,7 @@ def test_full_seed_command(full_seed_run: dict[str, Any], tiny_teacher: Path) ->
     from diffusers import UNet2DConditionModel
 
     out, log = full_seed_run["out"], full_seed_run["log"]
-    assert "xformers is unavailable" in log  # warned and fell back to SDPA instead of crashing
+    assert log.count("xformers is unavailable") == 1  # warned once (not per UNet) and fell back to SDPA instead of crashing
     unets = {name: UNet2DConditionModel.from_pretrained(out / name) for name in ("unet", "unet_target")}
     for unet in unets.values():
         assert unet.config.time_cond_proj_dim == 256
