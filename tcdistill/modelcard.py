@@ -88,6 +88,7 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
     gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{cfg.validation_guidance_scale} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
     cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
+    grid_sampler = ", LCMScheduler" if cfg.distill_mode == "lcm" else f", gamma {cfg.validation_gamma}"
     if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
         advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""
     else:
@@ -129,7 +130,7 @@ Flags that differ from the defaults of `{entry_script(cfg)}`:
 
 ## Latest validation grids
 
-Rows are prompts, columns are step counts ({cfg.validation_inference_steps}), gamma {cfg.validation_gamma}.
+Rows are prompts, columns are step counts ({cfg.validation_inference_steps}){grid_sampler}.
 
 {grid_md}
 """

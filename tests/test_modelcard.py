@@ -98,4 +98,4 @@ def test_card_for_lcm_mode_names_lcm_scheduler(tmp_path: Path) -> None:
     card = render_model_card(cfg, [str(tmp_path / "pytorch_lora_weights.safetensors")])
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert "LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1.0)" in code
-    assert "TCDScheduler" not in card and "eta=" not in code and "--gamma" not in card
+    assert "TCDScheduler" not in card and "eta=" not in code and "gamma" not in card
