@@ -118,7 +118,8 @@ def _uncond_layout(family: Any, batch: dict[str, Any], device: torch.device) -> 
     """The sidecar's tensors and the keys whose unconditional value is the sample's own conditioning (SDXL's time ids).
 
     Stored once: the unconditional conditioning of every other key, and `empty.<key>`, the encoding of "" that
-    --proportion_empty_prompts puts in (for SD the same as the unconditional; SDXL's unconditional is zeros).
+    --proportion_empty_prompts puts in (for SD the same as the unconditional; SDXL's unconditional is zeros unless
+    the teacher sets `force_zeros_for_empty_prompt` false).
     Probed with the caption "a", so empty captions in the data cannot make an embedding look sample-specific.
     """
     n = len(batch["captions"])

@@ -129,19 +129,48 @@ SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_ima
                                       "vae_encode_batch_size": 8}
 
 
+def check_sdxl_tokenizers(tokenizer: Any, tokenizer_2: Any) -> None:
+    """SDXL concatenates both encoders' hidden states per token, so both tokenizers must pad to one length (diffusers'
+    pipeline fails on the concat otherwise): refuse such a teacher in one line instead of a traceback in the first step."""
+    lengths = (tokenizer.model_max_length, tokenizer_2.model_max_length)
+    if lengths[0] != lengths[1]:
+        raise ConfigError(f"the teacher's tokenizer and tokenizer_2 pad to different lengths {lengths} (model_max_length); "
+                          "SDXL concatenates their hidden states per token, so they must be equal.")
+
+
+def teacher_index(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The teacher pipeline's model_index.json (its components and pipeline flags), or None where it cannot be read
+    (then the load that follows reports the problem, or the defaults apply)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(cfg.pretrained_teacher_model, revision=cfg.teacher_revision, cache_dir=cfg.cache_dir))
+    except Exception:  # noqa: BLE001 - missing, unreadable or not a pipeline folder
+        return None
+
+
+def sdxl_force_zeros(cfg: TrainConfig) -> bool:
+    """The teacher pipeline's `force_zeros_for_empty_prompt` (model_index.json; diffusers' default True when absent)."""
+    return bool((teacher_index(cfg) or {}).get("force_zeros_for_empty_prompt", True))
+
+
 class SDXLFamily:
-    """SDXL: two CLIP text encoders, pooled `text_embeds`, micro-conditioning `time_ids`, zeros as the unconditional prompt."""
+    """SDXL: two CLIP text encoders, pooled `text_embeds`, micro-conditioning `time_ids`, and the unconditional prompt of
+    the teacher pipeline (zeros under its `force_zeros_for_empty_prompt`, as SDXL base)."""
 
     name = "sdxl"
 
     def __init__(self, tokenizers: tuple[Any, Any], text_encoders: tuple[nn.Module, nn.Module], vae: nn.Module, unet: nn.Module,
-                 noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False, vae_fp16_safe: bool = False):
+                 noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False, vae_fp16_safe: bool = False,
+                 force_zeros_for_empty_prompt: bool = True):
         self.tokenizer, self.tokenizer_2 = tokenizers
         self.text_encoder, self.text_encoder_2 = text_encoders
         self.vae, self.unet = vae, unet
         self.noise_scheduler = noise_scheduler
         self.scheduler_config = dict(noise_scheduler.config)
         self.resolution, self.fix_crop_and_size, self.vae_fp16_safe = resolution, fix_crop_and_size, vae_fp16_safe
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self._uncond: tuple[Tensor, Tensor] | None = None
         _freeze(*text_encoders, vae, unet)
 
     @classmethod
@@ -151,9 +180,11 @@ class SDXLFamily:
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         src = cfg.pretrained_teacher_model
+        tokenizers = (_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
+                      _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False))
+        check_sdxl_tokenizers(*tokenizers)  # before any weights load
         return cls(
-            tokenizers=(_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
-                        _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False)),
+            tokenizers=tokenizers,
             text_encoders=(_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
                            _from_pretrained(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
             vae=_load_vae(cfg),
@@ -163,6 +194,7 @@ class SDXLFamily:
             resolution=cfg.resolution,
             fix_crop_and_size=cfg.use_fix_crop_and_size,
             vae_fp16_safe=bool(cfg.pretrained_vae_model_name_or_path),
+            force_zeros_for_empty_prompt=sdxl_force_zeros(cfg),
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -198,22 +230,29 @@ class SDXLFamily:
         return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": self.time_ids(batch, device)}
 
     def uncond(self, batch: dict[str, Any], device: torch.device) -> Cond:
-        """Zero prompt and pooled embeddings with the batch's own time ids (LCM-SDXL scripts; `force_zeros_for_empty_prompt`)."""
+        """The teacher pipeline's unconditional prompt with the batch's own time ids: zero prompt and pooled embeddings
+        under `force_zeros_for_empty_prompt` (SDXL base; the LCM-SDXL scripts), else the encoding of "" (what its
+        pipeline's CFG then uses as the negative prompt)."""
         n = len(batch["captions"])
-        width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
-        return {
-            "encoder_hidden_states": torch.zeros(1, self.tokenizer.model_max_length, width, device=device).expand(n, -1, -1),
-            "text_embeds": torch.zeros(1, self.text_encoder_2.config.projection_dim, device=device).expand(n, -1),
-            "time_ids": self.time_ids(batch, device),
-        }
+        if self.force_zeros_for_empty_prompt:
+            width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+            hidden = torch.zeros(1, self.tokenizer.model_max_length, width, device=device)
+            pooled = torch.zeros(1, self.text_encoder_2.config.projection_dim, device=device)
+        else:
+            if self._uncond is None or self._uncond[0].device != device:
+                self._uncond = self._encode_text([""], device)  # computed once
+            hidden, pooled = self._uncond
+        return {"encoder_hidden_states": hidden.expand(n, -1, -1), "text_embeds": pooled.expand(n, -1),
+                "time_ids": self.time_ids(batch, device)}
 
     def pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
-        """A StableDiffusionXLPipeline over the teacher's parts with `unet` and `scheduler` (zeros for the empty prompt)."""
+        """A StableDiffusionXLPipeline over the teacher's parts with `unet` and `scheduler` (the teacher's empty-prompt rule)."""
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
         )
 
     def save_lora_weights(self, output_dir: str, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:

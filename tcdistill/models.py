@@ -22,7 +22,8 @@ def vae_scale_factor(vae_config: dict) -> int:
 
 
 def check_teacher_config(cfg: TrainConfig) -> None:
-    """Read only the configs (no weights) and reject a resolution the VAE cannot take, before anything loads."""
+    """Read only the configs (no weights) and reject a resolution the VAE cannot take (or latents the UNet cannot take,
+    or a teacher of another family), before anything loads."""
     from diffusers import AutoencoderKL
 
     vae_src, sub = (cfg.pretrained_vae_model_name_or_path, None) if cfg.pretrained_vae_model_name_or_path else (cfg.pretrained_teacher_model, "vae")
@@ -35,10 +36,10 @@ def check_teacher_config(cfg: TrainConfig) -> None:
     f = vae_scale_factor(vae_cfg)
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
-    check_teacher_family(cfg)
+    check_teacher_family(cfg, vae_cfg)
 
 
-def check_teacher_family(cfg: TrainConfig) -> None:
+def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     """Reject an SDXL teacher given to the SD scripts (it failed in the first step's teacher forward) or an SD teacher
     given to the SDXL ones (it failed loading a second tokenizer), from the UNet's config alone. A config that cannot
     be read is left to the weights load, which reports it."""
@@ -51,6 +52,13 @@ def check_teacher_family(cfg: TrainConfig) -> None:
                                                     cache_dir=cfg.cache_dir)
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
+    # The UNet denoises the VAE's latents: another VAE (--pretrained_vae_model_name_or_path, e.g. a 16-channel one) or
+    # a UNet taking extra input channels (an inpainting UNet) failed in the first step's forward with a conv traceback.
+    latent, unet_in = (vae_cfg or {}).get("latent_channels"), unet_cfg.get("in_channels")
+    if latent is not None and unet_in is not None and latent != unet_in:
+        vae_name = cfg.pretrained_vae_model_name_or_path or f"{cfg.pretrained_teacher_model}/vae"
+        raise ConfigError(f"the VAE {vae_name!r} has {latent} latent channels but the teacher's UNet takes {unet_in} "
+                          "input channels; they must match (inpainting-style UNets are not supported).")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
@@ -58,6 +66,26 @@ def check_teacher_family(cfg: TrainConfig) -> None:
         raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} is an {family.upper()} model (its UNet "
                           f"{'takes' if family == 'sdxl' else 'lacks'} SDXL's text_time conditioning), but this run's "
                           f"--model_family is {cfg.model_family!r}: use {scripts} (--model_family {family}).")
+    if family == "sdxl":
+        check_sdxl_components(cfg)
+
+
+def check_sdxl_components(cfg: TrainConfig) -> None:
+    """Refuse, from model_index.json alone, an SDXL-type teacher that lacks one of SDXL's two text encoders or tokenizers
+    (an SDXL refiner ships only text_encoder_2); loading it failed on the missing folder with a tokenizer backend error.
+    A teacher without a readable model_index.json is left to the load."""
+    from .families import teacher_index
+
+    index = teacher_index(cfg)
+    if index is None:
+        return
+    # A component entry is [library, class]; a pipeline saved without that component has [null, null] (or no entry).
+    missing = [c for c in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+               if not isinstance(index.get(c), (list, tuple)) or None in index[c][:2]]
+    if missing:
+        raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} ({index.get('_class_name')}) has no "
+                          f"{', '.join(missing)}: SDXL distillation needs both SDXL text encoders and tokenizers "
+                          "(a refiner-style teacher with only text_encoder_2 is not supported).")
 
 
 class UNetDenoiser:

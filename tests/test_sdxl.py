@@ -3,6 +3,7 @@ entry scripts training, resuming and producing outputs that load and sample in d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import runpy
@@ -132,6 +133,85 @@ def test_family_matches_sdxl_pipeline(sdxl_teacher: Path) -> None:
     # Under fp16 SDXL's own VAE stays fp32 (it overflows in fp16); text encoders take the weight dtype.
     fam.to(torch.device("cpu"), torch.float16)
     assert fam.vae.dtype == torch.float32 and fam.text_encoder_2.dtype == torch.float16
+
+
+def _teacher_copy(src: Path, dst: Path, edit: dict[str, dict]) -> Path:
+    """A copy of a teacher folder with json fields changed: {relative json path: {field: value}}."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for rel, fields in edit.items():
+        f = dst / rel
+        f.write_text(json.dumps({**json.loads(f.read_text()), **fields}))
+    return dst
+
+
+def test_uncond_follows_force_zeros_for_empty_prompt(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """A teacher with force_zeros_for_empty_prompt false guides with the encoding of "" (its pipeline's negative
+    prompt), not zeros; the validation pipeline keeps the teacher's setting."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.families import SDXLFamily
+
+    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"model_index.json": {"force_zeros_for_empty_prompt": False}})
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl")
+    fam = SDXLFamily.load(cfg)
+    batch = {"captions": [PROMPT, PROMPT], "original_sizes": torch.tensor([[40, 50], [32, 32]]),
+             "crop_top_lefts": torch.tensor([[3, 7], [0, 0]])}
+    unc = fam.uncond(batch, torch.device("cpu"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(teacher)
+    _, neg, _, neg_pooled = pipe.encode_prompt([PROMPT, PROMPT], device="cpu", num_images_per_prompt=1,
+                                               do_classifier_free_guidance=True)
+    assert neg.abs().sum() > 0  # the teacher's negative prompt is not zeros
+    torch.testing.assert_close(unc["encoder_hidden_states"], neg)
+    torch.testing.assert_close(unc["text_embeds"], neg_pooled)
+    assert unc["time_ids"].tolist() == [[40, 50, 3, 7, 32, 32], [32, 32, 0, 0, 32, 32]]
+    assert fam.pipeline(fam.unet, fam.noise_scheduler).config.force_zeros_for_empty_prompt is False
+
+
+def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """Tokenizers padding to different lengths cannot be concatenated per token: one ConfigError before any weights load."""
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.families import SDXLFamily
+
+    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"tokenizer_2/tokenizer_config.json": {"model_max_length": 32}})
+    for f in teacher.glob("*/*.safetensors"):
+        f.unlink()  # a weights load would fail with another message
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl")
+    with pytest.raises(ConfigError, match=r"tokenizer_2 pad to different lengths \(16, 32\)"):
+        SDXLFamily.load(cfg)
+
+
+def test_refiner_layout_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """A refiner-style teacher (only text_encoder_2) is refused from model_index.json in one line, before any load."""
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.models import check_teacher_config
+
+    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"model_index.json": {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None]}})
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl")
+    with pytest.raises(ConfigError, match="has no tokenizer, text_encoder: SDXL distillation needs both"):
+        check_teacher_config(cfg)
+    check_teacher_config(dataclasses.replace(cfg, pretrained_teacher_model=str(sdxl_teacher)))  # the full layout passes
+
+
+def test_vae_latent_channels_must_match_unet(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """--pretrained_vae_model_name_or_path with another latent width than the UNet takes: one line before any load
+    (it was a conv traceback in the first step)."""
+    from diffusers import AutoencoderKL
+
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.models import check_teacher_config
+
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=8).save_pretrained(tmp_path / "vae")
+    cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl", pretrained_vae_model_name_or_path=str(tmp_path / "vae"))
+    with pytest.raises(ConfigError, match="has 8 latent channels but the teacher's UNet takes 4 input channels"):
+        check_teacher_config(cfg)
 
 
 def test_sdxl_script_defaults(capsys: pytest.CaptureFixture) -> None:
