@@ -76,3 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mod.main(argv[1:])  # not returned: the console-script wrapper would sys.exit() a returned dict (status 1)
         return None
     sys.exit(f"usage: tcdistill {{{','.join([*train, *SUBCOMMANDS])}}} [flags]   (each takes --help)")
+
+
+if __name__ == "__main__":  # `python -m tcdistill.cli ...`, as the console script
+    main()

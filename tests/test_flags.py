@@ -229,3 +229,13 @@ def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypa
     assert [(c.variant, c.model_family) for c in seen] == [("lora", "sdxl"), ("full", "sd")]
     assert {k: getattr(seen[0], k) for k in SDXL_FLAG_DEFAULTS} == SDXL_FLAG_DEFAULTS
     assert seen[1].resolution == 512
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """`python -m tcdistill` and `python -m tcdistill.cli` are the console script (QA: the second silently did nothing)."""
+    import subprocess
+    import sys
+
+    for mod in ("tcdistill", "tcdistill.cli"):
+        proc = subprocess.run([sys.executable, "-m", mod, "nonsense"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "usage: tcdistill {train-full" in proc.stderr, (mod, proc.stderr[-500:])
