@@ -91,8 +91,10 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
     ehs = uncond.get("encoder_hidden_states")
-    if ehs is not None and ehs.shape[-1] != unet_cfg.cross_attention_dim:
-        raise ConfigError(f"cached prompt embeddings are {ehs.shape[-1]}-dim; the teacher UNet wants {unet_cfg.cross_attention_dim}.")
+    # cross_attention_dim may be one width per block (a list); every block attends to the same prompt states.
+    cad = unet_cfg.cross_attention_dim
+    if ehs is not None and any(int(d) != ehs.shape[-1] for d in (cad if isinstance(cad, (list, tuple)) else [cad])):
+        raise ConfigError(f"cached prompt embeddings are {ehs.shape[-1]}-dim; the teacher UNet wants {cad}.")
     if meta.get("teacher") != cfg.pretrained_teacher_model:
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
     vae = family.vae

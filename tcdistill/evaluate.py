@@ -161,8 +161,10 @@ class Evaluator:
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]
             self.uncond = pipe.text_encoder(tokenize(tok, [""]).to(self.device))[0].expand_as(self.cond)
         size = pipe.unet.config.sample_size
+        # A UNet config may give sample_size as [height, width] (diffusers' UNet takes either form).
+        height, width = (size, size) if isinstance(size, int) else size
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
-        shape = (len(self.prompts), pipe.unet.config.in_channels, size, size)
+        shape = (len(self.prompts), pipe.unet.config.in_channels, height, width)
         self.x_T = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         self.reference = self._sample(lambda c, u: guided_net(pipe.unet, c, u, s.guidance_scale), "ddim", s.reference_steps, 0.0,
                                       grid=s.reference_steps)

@@ -129,15 +129,6 @@ SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_ima
                                       "vae_encode_batch_size": 8}
 
 
-def check_sdxl_tokenizers(tokenizer: Any, tokenizer_2: Any) -> None:
-    """SDXL concatenates both encoders' hidden states per token, so both tokenizers must pad to one length (diffusers'
-    pipeline fails on the concat otherwise): refuse such a teacher in one line instead of a traceback in the first step."""
-    lengths = (tokenizer.model_max_length, tokenizer_2.model_max_length)
-    if lengths[0] != lengths[1]:
-        raise ConfigError(f"the teacher's tokenizer and tokenizer_2 pad to different lengths {lengths} (model_max_length); "
-                          "SDXL concatenates their hidden states per token, so they must be equal.")
-
-
 def teacher_index(cfg: TrainConfig) -> dict[str, Any] | None:
     """The teacher pipeline's model_index.json (its components and pipeline flags), or None where it cannot be read
     (then the load that follows reports the problem, or the defaults apply)."""
@@ -180,11 +171,9 @@ class SDXLFamily:
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         src = cfg.pretrained_teacher_model
-        tokenizers = (_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
-                      _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False))
-        check_sdxl_tokenizers(*tokenizers)  # before any weights load
         return cls(
-            tokenizers=tokenizers,
+            tokenizers=(_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
+                        _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False)),
             text_encoders=(_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
                            _from_pretrained(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
             vae=_load_vae(cfg),

@@ -156,9 +156,10 @@ def generate(args: argparse.Namespace) -> list[str]:
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
+    # A non-square UNet config gives sample_size as [height, width]: each side defaults to its own entry.
     size = pipe.unet.config.sample_size
-    default = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
-    height, width = args.height or default, args.width or default
+    size_h, size_w = (size, size) if isinstance(size, int) else size
+    height, width = args.height or size_h * pipe.vae_scale_factor, args.width or size_w * pipe.vae_scale_factor
     gs = args.guidance_scale
     if gs is None:
         gs = FULL_MODEL_GUIDANCE if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0

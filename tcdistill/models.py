@@ -37,6 +37,71 @@ def check_teacher_config(cfg: TrainConfig) -> None:
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
     check_teacher_family(cfg, vae_cfg)
+    check_teacher_tokenizers(cfg)
+
+
+def check_teacher_tokenizers(cfg: TrainConfig) -> None:
+    """Prompts are padded to the tokenizer's own model_max_length (as SD pipelines do): a tokenizer without a pad token,
+    or without a model_max_length (transformers then reports ~1e30), failed inside the first training step with a
+    transformers traceback (diffusers' pipelines fail on it too). Refuse it in one line before any weights load.
+    A tokenizer that cannot be read is left to the load that follows, which reports it."""
+    from transformers import AutoTokenizer
+
+    from .families import _from_pretrained
+
+    lengths = []
+    for sub in ("tokenizer", "tokenizer_2") if cfg.model_family == "sdxl" else ("tokenizer",):
+        try:
+            tok = _from_pretrained(AutoTokenizer, cfg.pretrained_teacher_model, sub, cfg, use_fast=False)
+        except Exception:  # noqa: BLE001 - reported by the load that follows
+            return
+        where = f"the teacher's {sub} ({cfg.pretrained_teacher_model}/{sub}/tokenizer_config.json)"
+        if tok.pad_token is None:
+            raise ConfigError(f"{where} has no pad_token; prompts are padded to its model_max_length: set one "
+                              f"(CLIP's SD tokenizers pad with {tok.eos_token or '<|endoftext|>'!r}).")
+        if not 0 < int(tok.model_max_length) <= 1_000_000:
+            raise ConfigError(f"{where} sets no model_max_length (got {tok.model_max_length}); prompts are padded to it: set "
+                              f"the text encoder's max_position_embeddings (77 for SD).")
+        lengths.append(int(tok.model_max_length))
+    if len(set(lengths)) > 1:  # SDXL concatenates both encoders' hidden states per token (its own pipeline fails too)
+        raise ConfigError(f"the teacher's tokenizer and tokenizer_2 pad to different lengths {tuple(lengths)} (model_max_length); "
+                          "SDXL concatenates their hidden states per token, so they must be equal.")
+
+
+def check_teacher_schedule(cfg: TrainConfig) -> None:
+    """Read the teacher's scheduler config (no weights) and reject, before anything loads, a scheduler that is not DDPM-type or
+    that TCDScheduler cannot take, and a training grid it cannot give:
+    one finer than its timesteps, or one whose top step has zero SNR (`rescale_betas_zero_snr`) under epsilon
+    prediction, where `x0 = (x_t - sigma_t eps) / alpha_t` divides by zero: NaN losses (skipped steps) in training and
+    NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
+    from diffusers import DDPMScheduler, TCDScheduler
+
+    from .families import _from_pretrained
+    from .schedule import ddim_grid
+
+    try:
+        raw = DDPMScheduler.load_config(cfg.pretrained_teacher_model, subfolder="scheduler", revision=cfg.teacher_revision,
+                                        cache_dir=cfg.cache_dir)
+        sched = _from_pretrained(DDPMScheduler, cfg.pretrained_teacher_model, "scheduler", cfg)
+    except Exception:  # noqa: BLE001 - reported by the load that follows
+        return
+    # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,
+    # and DDPMScheduler would silently fill in its default linear ones: a schedule the teacher was never trained on.
+    if "beta_schedule" not in raw and raw.get("trained_betas") is None:
+        raise ConfigError(f"the teacher's scheduler ({raw.get('_class_name')}) defines no beta schedule: TCD distils variance-preserving "
+                          "(DDPM-type) teachers such as SD 1.x/2.x and SDXL, not EDM or flow-matching ones.")
+    try:  # the outputs sample with TCDScheduler, which takes fewer beta schedules than DDPMScheduler (no sigmoid)
+        TCDScheduler.from_config(sched.config)
+    except NotImplementedError as e:
+        raise ConfigError(f"the teacher's scheduler config is not usable by TCDScheduler, which samples the outputs: {first_line(e)}") from None
+    n_train = int(sched.config.num_train_timesteps)
+    if cfg.num_ddim_timesteps > n_train:
+        raise ConfigError(f"--num_ddim_timesteps {cfg.num_ddim_timesteps} exceeds the teacher scheduler's num_train_timesteps {n_train}.")
+    top = int(ddim_grid(n_train, cfg.num_ddim_timesteps)[-1])
+    if sched.config.prediction_type == "epsilon" and float(sched.alphas_cumprod[top]) <= 0.0:
+        raise ConfigError(f"the teacher's scheduler has zero SNR at t={top} (rescale_betas_zero_snr) but predicts epsilon, which "
+                          f"cannot give x0 there: distill a v_prediction teacher (zero-SNR schedules need one), or choose a "
+                          f"--num_ddim_timesteps that does not divide {n_train} so the grid stops short of t={n_train - 1}.")
 
 
 def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:

@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_error, load_family
-from .models import check_teacher_config, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
+from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
@@ -86,6 +86,7 @@ class Trainer:
         check_environment(cfg, acc.device)
         check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
         check_teacher_config(cfg)
+        check_teacher_schedule(cfg)
         check_output_dir(cfg.output_dir)
         self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
         self.ckpt.resolve(cfg.resume_from_checkpoint)  # a path that is no complete checkpoint: one line, before any weights load

@@ -236,3 +236,19 @@ def test_cache_with_another_vae_is_a_config_error(tiny_teacher: Path, fp32_cache
     with pytest.raises(ConfigError, match="scaling_factor"):
         _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache,
                  pretrained_vae_model_name_or_path=str(tmp_path / "vae"))
+
+
+def test_cache_accepts_a_per_block_cross_attention_dim(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
+    """QA: a teacher UNet config giving cross_attention_dim per block ([32, 32], as diffusers allows) trained from pixels
+    but its cache was refused ("cached prompt embeddings are 32-dim; the teacher UNet wants [32, 32]")."""
+    import json
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    cfg_path = teacher / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["cross_attention_dim"] = [cfg["cross_attention_dim"]] * len(cfg["down_block_types"])
+    cfg_path.write_text(json.dumps(cfg))
+    trainer = _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
+    assert trainer.family.vae.encoder is None  # the cache was accepted: its VAE encoder was dropped

@@ -133,3 +133,15 @@ def test_eval_samples_an_lcm_run_with_lcm(tiny_teacher, tmp_path) -> None:
           "--reference_steps", "2", "--output", str(tmp_path / "rows.json")])
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [(r["sampler"], r["gamma"]) for r in rows if r["model"] == "unet"] == [("lcm", None)]
+
+
+def test_evaluator_takes_a_non_square_sample_size() -> None:
+    """QA: a UNet config with sample_size [h, w] (diffusers' UNet takes it) crashed `tcdistill eval` building x_T
+    (torch.randn with a list inside the shape): the noise, samples and images now take the UNet's own h x w."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(block_out_channels=(16, 32), vae_block_out_channels=(8, 16), sample_size=8)
+    pipe.unet.register_to_config(sample_size=[8, 12])
+    ev = Evaluator(pipe, ["a red circle"], EvalSettings(guidance_scale=1.0, steps=(1,), gammas=(0.0,), reference_steps=2, batch_size=1))
+    assert ev.x_T.shape == (1, 4, 8, 12)
+    assert ev.student_rows("same", pipe.unet)[0]["_images"].shape == (1, 16, 24, 3)

@@ -137,6 +137,22 @@ def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path
         assert exc.value.code == 2 and "Traceback" not in err and last.startswith("tcdistill generate: error:") and needle in last, (needle, err)
 
 
+def test_generate_default_size_of_a_non_square_unet(sd_teacher: Path, tmp_path: Path) -> None:
+    """QA: a base whose UNet config has sample_size [h, w] got square images (size[0] for both sides) by default;
+    each side now defaults to its own entry times the VAE factor."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(sd_teacher, base)
+    cfg_path = base / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sample_size"] = [16, 8]
+    cfg_path.write_text(json.dumps(cfg))
+    lora = make_lora(sd_teacher, tmp_path / "lora")
+    main(["generate", "--lora", str(lora), "--base", str(base), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "o")])
+    assert next(iter(pngs(tmp_path / "o").values())).shape == (32, 16, 3)
+
+
 def test_device_values_are_one_line_errors() -> None:
     """`--device` of generate and cache: a malformed name, or cuda where there is none, was a traceback."""
     from tcdistill.config import ConfigError

@@ -162,6 +162,52 @@ def test_unwritable_output_dir_is_a_config_error_before_loading(config_only_teac
                             train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
 
 
+def _as_edm(conf: dict[str, Any]) -> None:
+    for k in ("beta_schedule", "beta_start", "beta_end"):
+        conf.pop(k, None)
+    conf.update(_class_name="EDMEulerScheduler", sigma_min=0.002, sigma_max=80.0)
+
+
+# case -> (the json file changed, how, the flags, the one-line error expected)
+_TEACHER_REFUSALS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
+    # an epsilon teacher with rescale_betas_zero_snr on a grid reaching t=999 (alpha 0: x0 undefined) gave NaN losses
+    # (silently skipped steps) and NaN validation/TCDScheduler samples
+    "zero_snr_epsilon": ("scheduler/scheduler_config.json", lambda c: c.update(rescale_betas_zero_snr=True, prediction_type="epsilon"),
+                         {}, "zero SNR at t=999"),
+    # refused only after every weight had loaded
+    "grid_finer_than_teacher": ("scheduler/scheduler_config.json", lambda c: c.update(num_train_timesteps=500),
+                                {"num_ddim_timesteps": 600}, "exceeds the teacher scheduler's num_train_timesteps 500"),
+    # an EDM scheduler has no betas: DDPMScheduler silently filled in its default linear ones
+    "edm_scheduler": ("scheduler/scheduler_config.json", lambda c: _as_edm(c), {}, "defines no beta schedule"),
+    # trained, then TCDScheduler (validation, the outputs' sampler) raised NotImplementedError
+    "sigmoid_betas": ("scheduler/scheduler_config.json", lambda c: c.update(beta_schedule="sigmoid"), {}, "not usable by TCDScheduler"),
+    # "Asking to pad but the tokenizer does not have a padding token", a traceback in the first step
+    "no_pad_token": ("tokenizer/tokenizer_config.json", lambda c: c.update(pad_token=None), {}, "no pad_token"),
+    # "OverflowError: int too big to convert", a traceback in the first step
+    "no_model_max_length": ("tokenizer/tokenizer_config.json", lambda c: c.pop("model_max_length"), {}, "sets no model_max_length"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TEACHER_REFUSALS))
+def test_teacher_config_refusals_come_before_loading(case: str, config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """QA: teacher scheduler and tokenizer configs that training cannot use are one-line ConfigErrors from the configs
+    alone (this teacher has no weights), not NaN steps, silent wrong betas or tracebacks after every weight loaded."""
+    import json
+
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.trainer import Trainer
+
+    rel, edit, flags, needle = _TEACHER_REFUSALS[case]
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    conf = json.loads((teacher / rel).read_text())
+    edit(conf)
+    (teacher / rel).write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=needle):
+        Trainer(TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(tmp_path / "out"), train_shards_path_or_url=tiny_shards,
+                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", **flags))
+
+
 def test_resume_refuses_another_variant_or_shape_in_one_error(lora_seed_run: dict[str, Any], tiny_teacher: Path, tiny_shards: str,
                                                               tmp_path: Path) -> None:
     """A LoRA run's checkpoints resumed by a full run, or by a LoRA run of another rank: a CheckpointError naming the
