@@ -155,7 +155,11 @@ class Evaluator:
         s, pipe = self.settings, self.pipe
         self.device = torch.device(s.device)
         pipe.to(self.device)
-        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler).to(self.device)
+        # Training's schedule (DDPMScheduler over the teacher's scheduler config, as the families load it): the
+        # pipeline's own class may differ at the ends (Euler puts 2**-24 where zero-SNR DDPM and TCDScheduler put 0).
+        from diffusers import DDPMScheduler
+
+        self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(pipe.scheduler.config)).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]

@@ -145,3 +145,18 @@ def test_evaluator_takes_a_non_square_sample_size() -> None:
     ev = Evaluator(pipe, ["a red circle"], EvalSettings(guidance_scale=1.0, steps=(1,), gammas=(0.0,), reference_steps=2, batch_size=1))
     assert ev.x_T.shape == (1, 4, 8, 12)
     assert ev.student_rows("same", pipe.unet)[0]["_images"].shape == (1, 16, 24, 3)
+
+
+def test_evaluator_uses_the_training_schedule() -> None:
+    """eval's schedule is training's (DDPMScheduler from the teacher's config), not the pipeline class's: zero-SNR
+    Euler puts 2**-24 at t=999 where DDPM (training) and TCDScheduler put 0."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(block_out_channels=(16, 32), vae_block_out_channels=(8, 16), sample_size=8)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ev = Evaluator(pipe, ["a red circle"], EvalSettings(guidance_scale=1.0, steps=(1,), gammas=(0.0,), reference_steps=2, batch_size=1))
+    train = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    assert float(pipe.scheduler.alphas_cumprod[-1]) > 0 and float(ev.schedule.alphas_cumprod[-1]) == 0.0
+    torch.testing.assert_close(ev.schedule.alphas_cumprod, train.float())
