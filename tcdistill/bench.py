@@ -106,15 +106,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _eager(trainer: Any) -> contextlib.AbstractContextManager:
-    return torch.compiler.set_stance("force_eager") if trainer.cfg.compile_unet else contextlib.nullcontext()
-
-
 def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
     """FLOPs (matmul/conv/attention, forward+backward) of one optimizer step, run eagerly; returns (flops, samples)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with _eager(trainer), FlopCounterMode(display=False) as counter:
+    from .trainer import eager_unets
+
+    with eager_unets(trainer.cfg), FlopCounterMode(display=False) as counter:
         _, n, _ = trainer.optimizer_step(data)
     return int(counter.get_total_flops()), n
 
@@ -122,7 +120,9 @@ def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
 def _count_ops(trainer: Any, data: Any) -> OpCounter:
     """The ops one optimizer step dispatches, run eagerly. Not the first step: that one also creates the optimizer
     state (a few ops per parameter, once), and FlopCounterMode decomposes ops it has no formula for."""
-    with _eager(trainer), OpCounter() as ops:
+    from .trainer import eager_unets
+
+    with eager_unets(trainer.cfg), OpCounter() as ops:
         trainer.optimizer_step(data)
     return ops
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import first_line
-from .families import tokenize, unet_family
+from .families import tokenize, unet_family, unet_sample_hw
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
 from .tcd import guidance_embedding
@@ -164,9 +164,7 @@ class Evaluator:
         with torch.no_grad():
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]
             self.uncond = pipe.text_encoder(tokenize(tok, [""]).to(self.device))[0].expand_as(self.cond)
-        size = pipe.unet.config.sample_size
-        # A UNet config may give sample_size as [height, width] (diffusers' UNet takes either form).
-        height, width = (size, size) if isinstance(size, int) else size
+        height, width = unet_sample_hw(pipe.unet.config)
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
         shape = (len(self.prompts), pipe.unet.config.in_channels, height, width)
         self.x_T = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)

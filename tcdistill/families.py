@@ -123,6 +123,12 @@ def unet_family(unet_config: Any) -> str:
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
+def unet_sample_hw(unet_config: Any) -> tuple[int, int]:
+    """The UNet's latent (height, width): its `sample_size`, an int or [height, width] (diffusers takes either)."""
+    size = unet_config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 # Flag defaults of the SDXL entry scripts, as in diffusers' SDXL LCM scripts: 1024 px, w from 3, and the LAION-style
 # size / watermark filters (here a sample missing those json fields passes; see data._check_filters).
 SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_image_size": 700, "max_pwatermark": 0.5,

@@ -19,6 +19,7 @@ import torch
 
 from .config import first_line
 from .export import LORA_WEIGHT_NAME, lora_file
+from .families import unet_sample_hw
 from .preflight import resolve_device
 
 FULL_MODEL_GUIDANCE = 8.0
@@ -157,8 +158,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
     # A non-square UNet config gives sample_size as [height, width]: each side defaults to its own entry.
-    size = pipe.unet.config.sample_size
-    size_h, size_w = (size, size) if isinstance(size, int) else size
+    size_h, size_w = unet_sample_hw(pipe.unet.config)
     height, width = args.height or size_h * pipe.vae_scale_factor, args.width or size_w * pipe.vae_scale_factor
     gs = args.guidance_scale
     if gs is None:

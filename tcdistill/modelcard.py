@@ -88,13 +88,14 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
     gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{cfg.validation_guidance_scale} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
     cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
-    grid_sampler = ", LCMScheduler" if cfg.distill_mode == "lcm" else f", gamma {cfg.validation_gamma}"
     if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
         advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""
+        grid_sampler = ", LCMScheduler"
     else:
         advice = (f"Use `TCDScheduler` with {RECOMMENDED_STEPS} steps (2-8 work) and gamma (`eta`) {RECOMMENDED_GAMMA}: higher gamma "
                   "for\nmore steps, lower for fewer; gamma 0 is deterministic.")
         cli_sampling = f" --gamma {RECOMMENDED_GAMMA}"
+        grid_sampler = f", gamma {cfg.validation_gamma}"
     return f"""{front}
 
 # TCD ({cfg.distill_mode}) distillation of `{base}`

@@ -76,13 +76,12 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
     from diffusers import DDPMScheduler, TCDScheduler
 
-    from .families import _from_pretrained
     from .schedule import ddim_grid
 
     try:
         raw = DDPMScheduler.load_config(cfg.pretrained_teacher_model, subfolder="scheduler", revision=cfg.teacher_revision,
                                         cache_dir=cfg.cache_dir)
-        sched = _from_pretrained(DDPMScheduler, cfg.pretrained_teacher_model, "scheduler", cfg)
+        sched = DDPMScheduler.from_config(raw)  # what the family load builds from the same config
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
     # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
@@ -47,6 +48,12 @@ def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
                 compile_blocks(m, cfg.compile_mode)
 
 
+def eager_unets(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """Run compiled UNets eagerly in this block (validation sampling, the bench's FLOP and op counts): their eval mode
+    and batch sizes are new guards, so they would compile again for a few calls."""
+    return torch.compiler.set_stance("force_eager") if cfg.compile_unet else contextlib.nullcontext()
+
+
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
@@ -55,7 +62,7 @@ def compile_blocks(unet: nn.Module, mode: str) -> None:
     import torch._dynamo
 
     # All blocks of a class share one code object, so each (block shape, call site) is one more entry in its dynamo
-    # cache: SD 1.5's student alone compiled 15 ResNet graphs (CPU), and there are 3 call sites,, past the default limit of 8 (after which
+    # cache: SD 1.5's student alone compiled 15 ResNet graphs (CPU), and there are 3 call sites, past the default limit of 8 (after which
     # dynamo would silently run the remaining blocks eagerly).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
@@ -130,9 +137,6 @@ class Trainer:
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         self.num_ddim = cfg.num_ddim_timesteps
-        if self.num_ddim > self.schedule.num_train_timesteps:
-            raise ConfigError(f"--num_ddim_timesteps {self.num_ddim} exceeds the teacher scheduler's num_train_timesteps "
-                              f"{self.schedule.num_train_timesteps}.")
         self.k = self.schedule.num_train_timesteps // self.num_ddim
         self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
         self.loss_fn = TCDLoss(

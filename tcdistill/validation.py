@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -82,6 +81,8 @@ def log_images(accelerator: Any, tag: str, images: list[np.ndarray], captions: l
 
 def run_validation(trainer: "Trainer", step: int) -> list[str]:
     """Sample each student view at the configured step counts; write `validation/<tag>-step<N>.png`."""
+    from .trainer import eager_unets
+
     cfg = trainer.cfg
     prompts = [p for p in (cfg.validation_prompts or "").split("|") if p.strip()] or DEFAULT_PROMPTS
     steps = cfg.inference_steps
@@ -93,10 +94,7 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
         unet.eval()
         pipe = build_pipeline(trainer.family, unet, cfg)
         pipe.set_progress_bar_config(disable=True)
-        # Eager even under --compile_unet: eval mode and the sampling batch are new guards, so a compiled UNet would
-        # compile again for a few dozen forwards.
-        eager = torch.compiler.set_stance("force_eager") if cfg.compile_unet else contextlib.nullcontext()
-        with trainer.accelerator.autocast(), eager:
+        with trainer.accelerator.autocast(), eager_unets(cfg):  # eager even under --compile_unet
             # Pipelines need sizes divisible by 8; sample at the nearest such size to the training resolution.
             size = max(8, cfg.resolution // 8 * 8)
             rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size)
