@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Reference-like: the reference scripts' choices (fp32 teacher under autocast, two teacher passes, a target forward
 # for every sample, a second frozen UNet for LoRA) and pixels re-encoded every step; compile/channels_last off.
 REFERENCE_LIKE: dict[str, Any] = dict(batched_teacher=False, skip_identity_target=False, teacher_dtype="fp32", lora_separate_teacher=True,
-                                      target_dtype="fp32", lora_skip_input_cast=False, student_weight_copy=False, lora_merged_target=False, fused_adam=False, compile_unet=False, channels_last=False)
+                                      target_dtype="fp32", lora_skip_input_cast=False, student_weight_copy=False, lora_merged_target=False, lora_merged_student=False, fused_adam=False, compile_unet=False, channels_last=False)
 SECTIONS = ("data", "vae", "text_encoder", "teacher", "student_forward", "target", "student_backward", "optimizer", "ema")
 # "compiled" is the optimised mode with `--compile_unet` (static shapes); `--compare --compile_unet` times all three.
 MODES = ("reference-like", "optimised", "compiled")
@@ -198,6 +198,10 @@ def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, 
     """Build a Trainer for `mode` alone and measure it (FLOPs, peak memory, split; throughput if `timed`)."""
     trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
     device = trainer.device
+    from .trainer import eager_unets
+
+    with eager_unets(cfg):  # the first step: the optimizer's state is created and the LoRA student makes its merge choice
+        trainer.optimizer_step(data)
     flops, flop_samples = _count_flops(trainer, data)
     ops = _count_ops(trainer, data)
     reset_peak_memory(device)

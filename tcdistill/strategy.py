@@ -15,7 +15,7 @@ from .checkpoint import atomic_dir, share_modes
 from .config import ConfigError, TrainConfig, first_line
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
-from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, WeightCopies, WithLayerAttr, tuner_layers
+from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, MergedStudent, WeightCopies, WithLayerAttr, tuner_layers
 
 
 class _StudentCopies:
@@ -177,6 +177,7 @@ class LoraStrategy(_StudentCopies):
         self.teacher_unet = self.separate_teacher if self.separate_teacher is not None else unet
         self._teacher_view: Denoiser | None = None
         self._target_view: Denoiser | None = None
+        self._merged_student: MergedStudent | None = None
         self._copies = []
 
     def to(self, device: torch.device) -> None:
@@ -200,7 +201,12 @@ class LoraStrategy(_StudentCopies):
             cfg = self.cfg
             skip_cast = cfg.lora_skip_input_cast and self.weight_dtype != torch.float32 and cfg.gradient_checkpointing_policy != "selective"
             self._student_layers = tuner_layers(unet) if skip_cast else []
-        student = UNetDenoiser(self._student_net(student_module))
+        net = self._student_net(student_module)
+        if self.cfg.lora_merged_student:  # built once per net: it keeps the per-layer choice it made at its first call
+            if self._merged_student is None or self._merged_student.net is not net:
+                self._merged_student = MergedStudent(net, unet)
+            net = self._merged_student
+        student = UNetDenoiser(net)
         if self._student_layers:
             return WithLayerAttr(student, self._student_layers, "cast_input_dtype_enabled", False), self._target_view, self._teacher_view
         return student, self._target_view, self._teacher_view

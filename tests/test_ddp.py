@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -42,10 +43,10 @@ def _free_port() -> int:
 
 
 def _launch(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, str], recorder: Path | None = None,
-            extra_env: dict[str, str] | None = None) -> str:
+            extra_env: dict[str, str] | None = None, **overrides: object) -> str:
     """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 <script> <README flags>` for 2 steps."""
     flags = seed_flags(variant, teacher=teacher, shards=shards, output_dir=out, max_train_steps=2, checkpointing_steps=2,
-                       validation_steps=2, **QUICK_VALIDATION)
+                       validation_steps=2, **QUICK_VALIDATION, **overrides)
     launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     if recorder is not None:  # `<recorder> <script> <flags>`: the recorder runs the script as __main__
@@ -68,9 +69,12 @@ def _check_ddp_checkpoint_and_logs(out: Path) -> None:
 
 
 def test_ddp_lora(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path) -> None:
-    """LoRA seed script on 2 CPU processes: LoRA file, validation, a checkpoint with both ranks' RNG states."""
+    """LoRA seed script on 2 CPU processes: LoRA file, validation, a checkpoint with both ranks' RNG states. At the
+    README's rank 64 the student runs most layers merged (W + s B A in the graph) through the DDP wrapper."""
     out = tmp_path / "out"
-    _launch("lora", out, tiny_teacher, tiny_shards, run_env)
+    log = _launch("lora", out, tiny_teacher, tiny_shards, run_env, lora_rank=64)
+    merged = re.search(r"LoRA student: (\d+) of (\d+) adapted layers", log)
+    assert merged and 0 < int(merged[1]) < int(merged[2]), log[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "validation" / "lora-step000002.png").is_file()
     _check_ddp_checkpoint_and_logs(out)
