@@ -250,7 +250,8 @@ def lora_layer_macs(out_features: int, in_k: int, rank: int, rows: int, input_gr
     gradient (N O IK, if needed). branch: base forward (N O IK), A and B forward (N r IK + N O r), B's weight and
     input gradients (2 N O r), A's weight gradient (N r IK), and if needed the input gradient through A and the base
     (N r IK + N O IK). Merged wins when the rank is large next to the channels (rank 64 on SD 1.5's 320-channel
-    attention projections; on the tiny test UNets everywhere) and loses on wide layers, where W's gradient dominates.
+    attention projections; on the tiny UNets all but the time-embedding projections, which see one row per sample)
+    and loses on wide layers, where W's gradient dominates.
     """
     O, IK, r, N, g = out_features, in_k, rank, rows, int(input_grad)
     merged = 3 * O * r * IK + (2 + g) * N * O * IK
@@ -293,7 +294,8 @@ def _merged_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
 class MergedStudent:
     """The LoRA student with `W + scaling B A` formed in the graph in place of the adapter branch, in each layer where
     that costs fewer multiply-adds forward + backward (`lora_layer_macs`): the same function and gradients to float
-    rounding. On the tiny preset (rank 64 on 32-64 channels) the student's forward + backward went from 153 to 101 ms.
+    rounding. On the tiny preset (rank 64 on 32-64 channels; 71 of 79 layers merge) the student's forward + backward
+    went from 140.5 to 89.0 ms (CPU, one thread).
 
     The choice needs each layer's output rows and whether its input needs a gradient, so the first call first runs
     the bare module once more, eagerly, with the adapter branch everywhere, records them and drops that forward's
