@@ -315,7 +315,8 @@ class MergedStudent:
         seen: dict[nn.Module, tuple[int, bool]] = {}
 
         def record(m: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            seen.setdefault(m, (output.numel() // m.out_features, bool(inputs[0].requires_grad)))
+            x = inputs[0] if inputs else None  # (an input passed by keyword: assume it needs a gradient)
+            seen.setdefault(m, (output.numel() // m.out_features, not isinstance(x, torch.Tensor) or x.requires_grad))
 
         for m in self.candidates:
             m.__dict__.pop("forward", None)  # an earlier choice (another net over this UNet): the branch to record
