@@ -275,8 +275,9 @@ def _in_graph_mergeable(m: nn.Module) -> bool:
 def _merged_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A plain LoRA layer as its base op with `W + scaling B A` formed in the graph (gradients reach A and B through
     the addmm): one op where the branch runs base, A, B, scale and add. Adapters off (the teacher and target views),
-    peft-merged weights or extra arguments: peft's own forward."""
-    if self.disable_adapters or self.merged or args or kwargs:
+    peft-merged weights, extra arguments or a layer not chosen (`in_graph_merge` false): peft's own forward.
+    The adapters-off test comes first, so a compiled teacher or target graph never reads (or guards on) the choice."""
+    if self.disable_adapters or self.merged or args or kwargs or not self.in_graph_merge:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     w = base.weight
@@ -297,19 +298,26 @@ class MergedStudent:
     rounding. On the tiny preset (rank 64 on 32-64 channels; 71 of 79 layers merge) the student's forward + backward
     went from 140.5 to 89.0 ms (CPU, one thread).
 
-    The choice needs each layer's output rows and whether its input needs a gradient, so the first call first runs
-    the bare module once more, eagerly, with the adapter branch everywhere, records them and drops that forward's
-    graph (a compiled UNet then compiles its merged form in that first call, like every other graph). The chosen
-    layers then keep `_merged_forward` as their forward for the run: a per-call swap would be undone before a
-    gradient-checkpointing recompute runs, and with the adapters off (teacher, merged target) it is peft's forward.
-    `net` is what the student call runs (the module, its DDP wrapper, or its weight-dtype copies); the merged layers
-    read A and B through the module, so they see whatever that call swapped in.
+    The choice needs each layer's output rows and whether its input needs a gradient. So the first call first runs
+    the bare module once more, eagerly, with the adapter branch everywhere, records them, and drops that forward's
+    graph (not through `net`: a DDP wrapper would expect its backward). That forward runs inside a forked RNG, so a
+    dropout in it draws nothing from the run's streams (resumed runs replay them); without candidates it is skipped.
+    Every candidate gets `_merged_forward` as its own forward when this view is built, before the step's teacher and
+    target first run: a compiled UNet guards on a module's `forward`, and setting it later recompiled both at the
+    second step. The choice itself is each layer's `in_graph_merge`, read only with the adapters on. The forward stays
+    for the run, since a per-call swap would be undone before a gradient-checkpointing recompute runs. `net` is what
+    the student call runs (the module, its DDP wrapper, or its weight-dtype copies); the merged layers read A and B
+    through the module, so they see whatever that call swapped in.
     """
 
     def __init__(self, net: Any, unet: nn.Module):
         self.net, self.unet = net, unet
         self.candidates = [m for m in tuner_layers(unet) if _in_graph_mergeable(m)]
         self.merged_layers: list[nn.Module] | None = None
+        for m in self.candidates:  # an earlier choice (another net over this UNet) is undone: the branch to record
+            m.in_graph_merge = False
+            if not isinstance(m.__dict__.get("forward"), types.MethodType) or m.forward.__func__ is not _merged_forward:
+                m.forward = types.MethodType(_merged_forward, m)
 
     def _choose(self, *args: Any, **kwargs: Any) -> None:
         seen: dict[nn.Module, tuple[int, bool]] = {}
@@ -318,24 +326,23 @@ class MergedStudent:
             x = inputs[0] if inputs else None  # (an input passed by keyword: assume it needs a gradient)
             seen.setdefault(m, (output.numel() // m.out_features, not isinstance(x, torch.Tensor) or x.requires_grad))
 
-        for m in self.candidates:
-            m.__dict__.pop("forward", None)  # an earlier choice (another net over this UNet): the branch to record
-        hooks = [m.register_forward_hook(record) for m in self.candidates]
-        try:
-            with torch.compiler.set_stance("force_eager"):
-                # the module itself, not `net`: a DDP wrapper would expect this forward's backward; its graph (and
-                # the activations it holds) is dropped on return
-                self.unet(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
         self.merged_layers = []
+        if self.candidates:  # none (dropout, DoRA, other layer types): no extra forward
+            hooks = [m.register_forward_hook(record) for m in self.candidates]
+            dev = next(self.unet.parameters()).device
+            try:
+                with torch.compiler.set_stance("force_eager"), \
+                        torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
+                    self.unet(*args, **kwargs)  # its graph, and the activations it holds, are dropped on return
+            finally:
+                for h in hooks:
+                    h.remove()
         for m in self.candidates:
             if m in seen:
                 rank = sum(m.r[a] for a in m.active_adapters if a in m.lora_A)
                 merged, branch = lora_layer_macs(m.out_features, m.get_base_layer().weight[0].numel(), rank, *seen[m])
                 if merged < branch:
-                    m.forward = types.MethodType(_merged_forward, m)
+                    m.in_graph_merge = True
                     self.merged_layers.append(m)
         logger.info("LoRA student: %d of %d adapted layers run as one op with W + scaling B A (fewer multiply-adds at this "
                     "rank and batch); the rest run the adapter branch.", len(self.merged_layers), len(tuner_layers(self.unet)))

@@ -58,7 +58,7 @@ def test_merged_student_gives_the_adapted_unets_output_and_gradients() -> None:
     kept = [n for n, m in unet.named_modules() if m in merged.candidates and id(m) not in chosen]
     assert any("time_emb_proj" in n for n in kept)
     # The chosen layers keep the merged forward; with the adapters off (the teacher view) it is peft's base forward.
-    assert all(("forward" in m.__dict__) == (id(m) in chosen) for m in merged.candidates)
+    assert all(m.in_graph_merge == (id(m) in chosen) for m in merged.candidates)
     plain = _lora_unet()
     with torch.no_grad():
         teacher = AdaptersOff(UNetDenoiser(unet), unet)(x, t, cond)
@@ -104,6 +104,7 @@ def test_cost_model_counts_what_torch_counts(kind: str, out_f: int, in_f: int, r
     x = torch.randn(batch, in_f, 6, 5) if kind == "conv" else torch.randn(batch, 7, in_f)
     x.requires_grad_(input_grad)
     counted = []
+    m.in_graph_merge = True
     for call in (WithLayerAttr(m, [m], "forward", _merged_forward.__get__(m)), m):
         with FlopCounterMode(display=False) as fc:
             call(x).square().sum().backward()
@@ -164,3 +165,69 @@ def test_bf16_trainer_student_matches_the_branch(checkpointing: str, tiny_teache
         assert ok and loss == loss
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_choice_draws_no_random_numbers_and_is_skipped_without_candidates() -> None:
+    """The first call's extra recording forward leaves the run's random streams as they were (a UNet dropout draws
+    the same masks as the adapter-branch run: resumed runs replay them), and without candidates (LoRA dropout) there is
+    no extra forward at all (it drew a dropout mask: the run diverged from --no_lora_merged_student and from its own
+    resume)."""
+    from tcdistill.models import UNetDenoiser
+
+    unet = _lora_unet().double()
+    unet.down_blocks[0].resnets[0].dropout.p = 0.5  # a UNet dropout: the forward draws from the global stream
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)}
+    merged = MergedStudent(unet, unet)
+    torch.manual_seed(5)
+    out = UNetDenoiser(merged)(x, t, cond)
+    after = torch.randn(4)
+    assert merged.merged_layers
+    torch.manual_seed(5)
+    ref = UNetDenoiser(unet)(x, t, cond).detach()
+    assert torch.equal(torch.randn(4), after)
+    assert ((out.detach() - ref).norm() / ref.norm()).item() < 1e-10
+
+    unet = _lora_unet(rank=8, lora_dropout=0.1)
+    calls = []
+    unet.register_forward_hook(lambda *a: calls.append(1))
+    merged = MergedStudent(unet, unet)
+    torch.manual_seed(5)
+    UNetDenoiser(merged)(x.float(), t, {k: v.float() for k, v in cond.items()})
+    assert merged.merged_layers == [] and len(calls) == 1
+
+
+def test_compiled_teacher_is_not_recompiled_by_the_choice() -> None:
+    """A compiled UNet guards on its modules' own `forward`: the merged forwards go in when the view is built (before
+    the step's teacher and target run), so their graphs, compiled before the student's first call, still hold after
+    it (setting them at the choice recompiled the teacher and the target at the second step)."""
+    import torch._dynamo
+
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.unet_views import AdaptersOff
+
+    captured: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        captured.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        unet = _lora_unet()
+        unet.compile(backend=counting, dynamic=False)
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+        cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
+        teacher = AdaptersOff(UNetDenoiser(unet), unet)
+        student = UNetDenoiser(MergedStudent(unet, unet))  # built first, as the strategy's denoisers() does
+        for step in range(2):
+            with torch.no_grad():
+                teacher(x, t, cond)
+            student(x, t, cond).square().mean().backward()
+            if step == 0:
+                first = len(captured)
+        assert first >= 2 and len(captured) == first, f"recompiled at the second step: {first} -> {len(captured)} graphs"
+    finally:
+        torch._dynamo.reset()
