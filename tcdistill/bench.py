@@ -196,10 +196,10 @@ def _build(args: argparse.Namespace, assets: Assets, variant: str, mode: str, wo
 
 def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path, timed: bool = True) -> dict[str, Any]:
     """Build a Trainer for `mode` alone and measure it (FLOPs, peak memory, split; throughput if `timed`)."""
-    trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
-    device = trainer.device
     from .trainer import eager_unets
 
+    trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
+    device = trainer.device
     with eager_unets(cfg):  # the first step: the optimizer's state is created and the LoRA student makes its merge choice
         trainer.optimizer_step(data)
     flops, flop_samples = _count_flops(trainer, data)

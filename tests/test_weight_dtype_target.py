@@ -29,8 +29,8 @@ def bf16_accelerator_state():
 def _trainer(variant: str, teacher: Path, shards: str, out: Path, **kw: object):  # -> Trainer
     from tcdistill.trainer import Trainer
 
-    # The merged LoRA student (tested in test_lora_merge.py) computes the same function with other roundings; these
-    # tests hold the cast-saving views to autocast's numbers bitwise, so they run the adapter branch.
+    # The merged LoRA student (tested in test_lora_merge.py) wraps the student view and, where it merges, rounds
+    # differently; these tests inspect the cast-saving views and hold them to autocast's numbers bitwise, so without it.
     kw.setdefault("lora_merged_student", False)
 
     cfg = TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(out), train_shards_path_or_url=shards, resolution=32,
