@@ -106,6 +106,15 @@ def _delta_is_ba(m: nn.Module, a: str) -> bool:
     return not getattr(m, "fan_in_fan_out", False) and B.shape[2:].numel() == 1 and A.flatten(1).shape[1] == w.flatten(1).shape[1]
 
 
+def merged_weight(w: torch.Tensor, deltas: list[Any]) -> torch.Tensor:
+    """`W + sum of deltas` in W's own layout, on its (out, in x kernel) view. A delta is `(scaling, B, A)`, added as one
+    addmm of the flattened factors (in W's dtype), or a tensor of W's shape (peft's delta for other layouts)."""
+    merged = w.flatten(1)
+    for d in deltas:
+        merged = merged + d.flatten(1) if isinstance(d, torch.Tensor) else torch.addmm(merged, d[1].flatten(1), d[2].flatten(1), alpha=d[0])
+    return merged.view_as(w)
+
+
 class MergedAdapters:
     """The LoRA target view: the base UNet run with `W + scaling B A` in place of each adapted weight, adapters off.
 
@@ -162,11 +171,7 @@ class MergedAdapters:
         out = {}
         for name, m, terms in self.layers:
             w = m.get_base_layer().weight
-            merged = w.flatten(1)
-            for a, B, A in terms:
-                merged = (merged + m.get_delta_weight(a).to(w.dtype).flatten(1) if B is None
-                          else torch.addmm(merged, B, A, alpha=m.scaling[a]))
-            out[name] = merged.view_as(w)
+            out[name] = merged_weight(w, [m.get_delta_weight(a).to(w.dtype) if B is None else (m.scaling[a], B, A) for a, B, A in terms])
         return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -281,12 +286,8 @@ def _merged_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     w = base.weight
-    merged = w.flatten(1)
-    for a in self.active_adapters:
-        if a in self.lora_A:
-            A, B = self.lora_A[a].weight, self.lora_B[a].weight
-            merged = torch.addmm(merged, B.flatten(1).to(w.dtype), A.flatten(1).to(w.dtype), alpha=self.scaling[a])
-    merged = merged.view_as(w)
+    merged = merged_weight(w, [(self.scaling[a], self.lora_B[a].weight.to(w.dtype), self.lora_A[a].weight.to(w.dtype))
+                               for a in self.active_adapters if a in self.lora_A])
     if isinstance(base, nn.Conv2d):
         return base._conv_forward(x, merged, base.bias)
     return torch.nn.functional.linear(x, merged, base.bias)
