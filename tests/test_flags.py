@@ -120,11 +120,14 @@ def test_vae_config_check_uses_the_vae_load_revision(monkeypatch: pytest.MonkeyP
     --teacher_revision (which exists only in the teacher's repo)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from tcdistill import models
     from tcdistill.models import check_teacher_config
 
     seen = []
     monkeypatch.setattr(UNet2DConditionModel, "load_config", classmethod(lambda cls, src, **kw: {}))  # no hub look-up for "t"
     monkeypatch.setattr(AutoencoderKL, "load_config", classmethod(lambda cls, src, **kw: seen.append((src, kw["revision"])) or {}))
+    # Not the tokenizer check: it would ask the hub for "t" (~45 s of retries per call offline); tested on its own.
+    monkeypatch.setattr(models, "check_teacher_tokenizers", lambda cfg: None)
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2", pretrained_vae_model_name_or_path="org/vae"))
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2"))
     assert seen == [("org/vae", None), ("t", "v2")]
