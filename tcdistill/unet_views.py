@@ -149,7 +149,9 @@ class MergedAdapters:
                     if low[-1].dtype != t.dtype:
                         src.append(t)
                         dst.append(low[-1])
-                terms.append((a, low[0].flatten(1), low[1].flatten(1)))  # views: refreshed in place
+                # Unflattened: views of the adapter weights (or of their refreshed copies). Under --channels_last a
+                # k x k conv's A is not contiguous, so a flattened A would be a copy, stale after the first step.
+                terms.append((a, low[0], low[1]))
             self.layers.append((f"{names[id(m)]}.base_layer.weight", m, terms))
         self.factors = DtypeCopies(src, dst)
 
@@ -280,9 +282,12 @@ def _in_graph_mergeable(m: nn.Module) -> bool:
 def _merged_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A plain LoRA layer as its base op with `W + scaling B A` formed in the graph (gradients reach A and B through
     the addmm): one op where the branch runs base, A, B, scale and add. Adapters off (the teacher and target views),
+    grad off (the adapters-on target of --no_lora_merged_target, validation: the choice weighs forward + backward),
     peft-merged weights, extra arguments or a layer not chosen (`in_graph_merge` false): peft's own forward.
-    The adapters-off test comes first, so a compiled teacher or target graph never reads (or guards on) the choice."""
-    if self.disable_adapters or self.merged or args or kwargs or not self.in_graph_merge:
+    The adapters-off and grad-mode tests come first, so a compiled teacher or target graph never reads (or guards on)
+    the choice: an adapters-on target compiled at the first step, before the student's first call made the choice,
+    was recompiled at the second."""
+    if self.disable_adapters or not torch.is_grad_enabled() or self.merged or args or kwargs or not self.in_graph_merge:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     w = base.weight
@@ -305,7 +310,7 @@ class MergedStudent:
     dropout in it draws nothing from the run's streams (resumed runs replay them); without candidates it is skipped.
     Every candidate gets `_merged_forward` as its own forward when this view is built, before the step's teacher and
     target first run: a compiled UNet guards on a module's `forward`, and setting it later recompiled both at the
-    second step. The choice itself is each layer's `in_graph_merge`, read only with the adapters on. The forward stays
+    second step. The choice itself is each layer's `in_graph_merge`, read only with the adapters and grad on. The forward stays
     for the run, since a per-call swap would be undone before a gradient-checkpointing recompute runs. `net` is what
     the student call runs (the module, its DDP wrapper, or its weight-dtype copies); the merged layers read A and B
     through the module, so they see whatever that call swapped in.

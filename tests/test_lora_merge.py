@@ -201,7 +201,8 @@ def test_choice_draws_no_random_numbers_and_is_skipped_without_candidates() -> N
 def test_compiled_teacher_is_not_recompiled_by_the_choice() -> None:
     """A compiled UNet guards on its modules' own `forward`: the merged forwards go in when the view is built (before
     the step's teacher and target run), so their graphs, compiled before the student's first call, still hold after
-    it (setting them at the choice recompiled the teacher and the target at the second step)."""
+    it (setting them at the choice recompiled the teacher and the target at the second step). The adapters-on target
+    (--no_lora_merged_target, no_grad) never reads the choice either (it did: recompiled at the second step)."""
     import torch._dynamo
 
     from tcdistill.models import UNetDenoiser
@@ -221,13 +222,40 @@ def test_compiled_teacher_is_not_recompiled_by_the_choice() -> None:
         x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
         cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
         teacher = AdaptersOff(UNetDenoiser(unet), unet)
+        target = UNetDenoiser(unet)  # --no_lora_merged_target: the adapters-on UNet under no_grad
         student = UNetDenoiser(MergedStudent(unet, unet))  # built first, as the strategy's denoisers() does
         for step in range(2):
-            with torch.no_grad():
+            with torch.no_grad():  # the loss runs the teacher and the target before the student
                 teacher(x, t, cond)
+                target(x, t, cond)
             student(x, t, cond).square().mean().backward()
             if step == 0:
                 first = len(captured)
         assert first >= 2 and len(captured) == first, f"recompiled at the second step: {first} -> {len(captured)} graphs"
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_merged_target_follows_the_adapters_under_channels_last(dtype: torch.dtype) -> None:
+    """--channels_last: a 3x3 conv adapter's A is not contiguous, so the merged target's flattened A was a copy made
+    when the view was built; after an optimizer step (in place) the target still merged the first step's A."""
+    from tcdistill.unet_views import MergedAdapters
+
+    unet = _lora_unet(rank=4)
+    unet.to(dtype).to(memory_format=torch.channels_last)  # what speed_up_unets does
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters, as the LoRA strategy keeps them
+    assert any(not p.is_contiguous() for n, p in unet.named_parameters() if "lora_A" in n)
+    target = MergedAdapters(unet, dtype, native=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
+    with torch.no_grad():
+        target(x, t, cond)
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.05)  # in place, as the optimizer steps
+        target.factors.refresh()  # what the strategy does after each optimizer step
+        assert torch.equal(target(x, t, cond), MergedAdapters(unet, dtype, native=True)(x, t, cond))
