@@ -100,10 +100,12 @@ def _npy_bytes(a: Tensor, dtype: Any) -> bytes:
 @torch.no_grad()
 def _encode(family: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Posterior (mean, std) x scaling_factor, and the prompt conditioning of a batch."""
+    from .models import latent_normalization, scale_latents
+
     vae = family.vae
     dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
-    sf = vae.config.scaling_factor
-    return dist.mean.float() * sf, dist.std.float() * sf, family.encode(batch, device)
+    norm = latent_normalization(vae.config, family.name)  # as training encodes (SDXL VAEs with latents_mean/std)
+    return scale_latents(dist.mean, vae.config, norm), scale_latents(dist.std, vae.config, norm, std_only=True), family.encode(batch, device)
 
 
 def _batch(samples: list[dict[str, Any]]) -> dict[str, Any]:

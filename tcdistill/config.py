@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -146,6 +147,8 @@ class TrainConfig:
         need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
         need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+        # inf passed the order check and made every loss non-finite: 10 skipped steps, then "lower --learning_rate"
+        need(math.isfinite(self.w_min) and math.isfinite(self.w_max), f"--w_min/--w_max must be finite, got {self.w_min}, {self.w_max}.")
         need(self.w_min <= self.w_max, f"--w_min ({self.w_min}) must be <= --w_max ({self.w_max}).")
         need(self.w_min >= 0, f"--w_min must be >= 0 (LCM form: w = CFG scale - 1), got {self.w_min}.")
         need(self.learning_rate > 0, "--learning_rate must be > 0.")

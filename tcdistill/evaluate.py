@@ -88,7 +88,14 @@ def load_teacher(teacher: str) -> Any:
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
     if name != "StableDiffusionPipeline":
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+    from .families import pipeline_variant
+    from .generate import _dtype_kwargs
+
+    variant = pipeline_variant(teacher)  # a teacher saved with fp16 variant files loads only when asked for them
+    # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
+    # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False,
+                                                   **_dtype_kwargs(torch.float32), **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
@@ -159,7 +166,10 @@ class Evaluator:
         # pipeline's own class may differ at the ends (Euler puts 2**-24 where zero-SNR DDPM and TCDScheduler put 0).
         from diffusers import DDPMScheduler
 
-        self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(pipe.scheduler.config)).to(self.device)
+        from .families import schedule_fields
+
+        config = pipe.scheduler.config
+        self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(config, **schedule_fields(config))).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]

@@ -6,6 +6,7 @@ The training loop sees only this interface, so SD 1.x/2.x and SDXL share one loo
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +16,48 @@ from .config import ConfigError, TrainConfig, first_line
 from .tcd import Cond
 
 
+# A weights file of diffusers / transformers: `<name>[.<variant>][-0000i-of-0000n].<safetensors|bin>`.
+_WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+                          r"(?:-\d{5}-of-\d{5})?\.(?P<ext>safetensors|bin)$")
+
+
+def weights_variant(src: str, subfolder: str | None = None, allow_bin: bool = False) -> str | None:
+    """The variant (e.g. 'fp16') of a local model folder whose loadable weights are only variant files (a pipeline saved
+    with `save_pretrained(..., variant="fp16")`: `diffusion_pytorch_model.fp16.safetensors`). diffusers and transformers
+    load those only when asked for that variant and otherwise fail on the folder. None where plain weights load (`.bin`
+    counts only with `allow_bin`), for no or several variants, and for a hub id."""
+    folder = Path(src) / subfolder if subfolder else Path(src)
+    if not folder.is_dir():
+        return None
+    variants = set()
+    for f in folder.iterdir():
+        m = _WEIGHT_FILE.match(f.name)
+        if m is None or (m["ext"] == "bin" and not allow_bin):
+            continue
+        if m["variant"] is None:
+            return None
+        variants.add(m["variant"])
+    return variants.pop() if len(variants) == 1 else None
+
+
+def pipeline_variant(src: str) -> str | None:
+    """`weights_variant` over a local pipeline folder's components: the variant to pass to `DiffusionPipeline.from_pretrained`
+    (it then takes plain files for the components that have no variant files)."""
+    folder = Path(src)
+    found = {weights_variant(src, d.name, allow_bin=True) for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else set()
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
 def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig, **kw: Any) -> Any:
-    """`cls.from_pretrained` with the run's revision/cache; model weights from safetensors only unless opted in."""
-    if hasattr(cls, "save_pretrained") and not cls.__name__.endswith(("Tokenizer", "Scheduler")) and not cfg.allow_pickle_weights:
-        kw.setdefault("use_safetensors", True)
+    """`cls.from_pretrained` with the run's revision/cache; model weights from safetensors only unless opted in, and from
+    a local folder's variant files where it holds only those (`weights_variant`)."""
+    if hasattr(cls, "save_pretrained") and not cls.__name__.endswith(("Tokenizer", "Scheduler")):
+        if not cfg.allow_pickle_weights:
+            kw.setdefault("use_safetensors", True)
+        variant = weights_variant(src, subfolder, allow_bin=cfg.allow_pickle_weights)
+        if variant is not None:
+            kw.setdefault("variant", variant)
     kw.setdefault("revision", cfg.teacher_revision)
     return cls.from_pretrained(src, subfolder=subfolder, cache_dir=cfg.cache_dir, **kw)
 
@@ -38,6 +77,47 @@ def _load_vae(cfg: TrainConfig) -> nn.Module:
     if cfg.pretrained_vae_model_name_or_path:
         return _from_pretrained(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
     return _from_pretrained(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
+
+
+# The scheduler-config fields that define the noise schedule and what the network predicts.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+
+
+def schedule_fields(config: Any) -> dict[str, Any]:
+    """The schedule-defining fields of a scheduler config, those its file leaves out filled in from the defaults of its own
+    class (`_class_name`), to pass as explicit keyword arguments whenever another scheduler class is built from it.
+    diffusers' `from_config` drops every field the file left out (`_use_default_values`) and the new class uses its own
+    defaults instead: TCDScheduler's betas (scaled_linear 0.00085..0.012) are not DDIM's, PNDM's or Euler's (linear
+    0.0001..0.02), so a student would sample on another noise schedule than the one it was trained on."""
+    import inspect
+
+    import diffusers
+
+    out = {k: config[k] for k in SCHEDULE_KEYS if k in config}
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if isinstance(cls, type):
+        params = inspect.signature(cls.__init__).parameters
+        out.update({k: params[k].default for k in SCHEDULE_KEYS
+                    if k not in out and k in params and params[k].default is not inspect.Parameter.empty})
+    return out
+
+
+def teacher_scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The teacher's scheduler_config.json as saved (its `_class_name` names the class whose defaults fill the rest)."""
+    from diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler.load_config(cfg.pretrained_teacher_model, subfolder="scheduler", revision=cfg.teacher_revision,
+                                          cache_dir=cfg.cache_dir))
+
+
+def load_noise_scheduler(cfg: TrainConfig) -> Any:
+    """The teacher's noise schedule as a DDPMScheduler: its scheduler config (any DDPM-type class: PNDM, DDIM, Euler,
+    DPM-Solver...) with the schedule fields it leaves out taken from that class's defaults, not DDPMScheduler's."""
+    from diffusers import DDPMScheduler
+
+    raw = teacher_scheduler_config(cfg)
+    return DDPMScheduler.from_config(raw, **schedule_fields(raw))
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
@@ -67,7 +147,7 @@ class SDFamily:
     @classmethod
     def load(cls, cfg: TrainConfig) -> "SDFamily":
         """Load tokenizer, text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         src = cfg.pretrained_teacher_model
@@ -76,7 +156,7 @@ class SDFamily:
             text_encoder=_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
             vae=_load_vae(cfg),
             unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
-            noise_scheduler=_from_pretrained(DDPMScheduler, src, "scheduler", cfg),
+            noise_scheduler=load_noise_scheduler(cfg),
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -173,7 +253,7 @@ class SDXLFamily:
     @classmethod
     def load(cls, cfg: TrainConfig) -> "SDXLFamily":
         """Load both tokenizers and text encoders, VAE, UNet and noise schedule of an SDXL teacher."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         src = cfg.pretrained_teacher_model
@@ -185,7 +265,7 @@ class SDXLFamily:
             vae=_load_vae(cfg),
             unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
             # Any scheduler config (SDXL ships EulerDiscreteScheduler's) gives the same DDPM betas / prediction_type.
-            noise_scheduler=_from_pretrained(DDPMScheduler, src, "scheduler", cfg),
+            noise_scheduler=load_noise_scheduler(cfg),
             resolution=cfg.resolution,
             fix_crop_and_size=cfg.use_fix_crop_and_size,
             vae_fp16_safe=bool(cfg.pretrained_vae_model_name_or_path),

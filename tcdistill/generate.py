@@ -90,7 +90,10 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         _check_unet_family(kw["unet"].config, cls, base)
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
-    pipe = cls.from_pretrained(base, **kw)
+    from .families import pipeline_variant
+
+    variant = pipeline_variant(base)  # a base saved with fp16 variant files loads only when asked for them
+    pipe = cls.from_pretrained(base, **kw, **({"variant": variant} if variant else {}))
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
         p = Path(lora)

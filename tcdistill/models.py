@@ -76,21 +76,22 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
     from diffusers import DDPMScheduler, TCDScheduler
 
+    from .families import schedule_fields, teacher_scheduler_config
     from .schedule import ddim_grid
 
     try:
-        raw = DDPMScheduler.load_config(cfg.pretrained_teacher_model, subfolder="scheduler", revision=cfg.teacher_revision,
-                                        cache_dir=cfg.cache_dir)
-        sched = DDPMScheduler.from_config(raw)  # what the family load builds from the same config
+        raw = teacher_scheduler_config(cfg)
+        sched = DDPMScheduler.from_config(raw, **schedule_fields(raw))  # what the family load builds from the same config
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
     # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,
     # and DDPMScheduler would silently fill in its default linear ones: a schedule the teacher was never trained on.
-    if "beta_schedule" not in raw and raw.get("trained_betas") is None:
+    # (A DDPM-type class's config may leave beta_schedule to the class default, as the teacher's pipeline then does.)
+    if "beta_schedule" not in schedule_fields(raw) and raw.get("trained_betas") is None:
         raise ConfigError(f"the teacher's scheduler ({raw.get('_class_name')}) defines no beta schedule: TCD distils variance-preserving "
                           "(DDPM-type) teachers such as SD 1.x/2.x and SDXL, not EDM or flow-matching ones.")
     try:  # the outputs sample with TCDScheduler, which takes fewer beta schedules than DDPMScheduler (no sigmoid)
-        TCDScheduler.from_config(sched.config)
+        TCDScheduler.from_config(sched.config, **schedule_fields(sched.config))
     except NotImplementedError as e:
         raise ConfigError(f"the teacher's scheduler config is not usable by TCDScheduler, which samples the outputs: {first_line(e)}") from None
     n_train = int(sched.config.num_train_timesteps)
@@ -123,6 +124,14 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
         vae_name = cfg.pretrained_vae_model_name_or_path or f"{cfg.pretrained_teacher_model}/vae"
         raise ConfigError(f"the VAE {vae_name!r} has {latent} latent channels but the teacher's UNet takes {unet_in} "
                           "input channels; they must match (inpainting-style UNets are not supported).")
+    # A UNet that already takes a guidance embedding (time_cond_proj_dim) is a guidance-distilled student (LCM/TCD), not
+    # a diffusion teacher: training runs it without that input (no w to give it), while its pipeline feeds it
+    # guidance_scale - 1, so a LoRA on it sampled another function than it was trained as, and the full student with
+    # another --unet_time_cond_proj_dim failed with a load_state_dict size-mismatch traceback.
+    if unet_cfg.get("time_cond_proj_dim") is not None:
+        raise ConfigError(f"the teacher's UNet already takes a guidance embedding (time_cond_proj_dim="
+                          f"{unet_cfg['time_cond_proj_dim']}): it is a guidance-distilled (LCM/TCD) student, not a diffusion "
+                          "teacher; distill from the model it was distilled from.")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
@@ -229,11 +238,33 @@ def enable_memory_efficient_attention(unet: nn.Module) -> bool:
         return False
 
 
+def latent_normalization(vae_config: Any, family: str) -> tuple[Tensor, Tensor] | None:
+    """Per-channel `(latents_mean, latents_std)` [1, C, 1, 1] where the family's pipeline decodes with them:
+    StableDiffusionXLPipeline decodes `latents * latents_std / scaling_factor + latents_mean` when the VAE config sets
+    both, so its latents must be encoded as `(z - latents_mean) * scaling_factor / latents_std`; SD pipelines ignore
+    them (None)."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if family != "sdxl" or mean is None or std is None:
+        return None
+    return (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
+def scale_latents(z: Tensor, vae_config: Any, norm: tuple[Tensor, Tensor] | None = None, std_only: bool = False) -> Tensor:
+    """VAE latents -> the diffusion model's space: `z * scaling_factor`, or `(z - mean) * scaling_factor / std` under `norm`
+    (`std_only`: a posterior standard deviation, which the mean does not shift)."""
+    z = z.float() * vae_config.scaling_factor
+    if norm is None:
+        return z
+    mean, std = (t.to(z.device) for t in norm)
+    return (z if std_only else z - mean * vae_config.scaling_factor) / std
+
+
 @torch.no_grad()
-def encode_latents(vae: nn.Module, pixels: Tensor, batch_size: int) -> Tensor:
-    """`x0 = vae.encode(image).latent_dist.sample() * scaling_factor`, in chunks of `batch_size` images."""
+def encode_latents(vae: nn.Module, pixels: Tensor, batch_size: int, norm: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """`x0 = vae.encode(image).latent_dist.sample() * scaling_factor`, in chunks of `batch_size` images (normalised per
+    channel under `norm`, `latent_normalization`)."""
     dtype = next(vae.parameters()).dtype
     out = []
     for chunk in pixels.split(max(1, batch_size)):
         out.append(vae.encode(chunk.to(dtype)).latent_dist.sample())
-    return torch.cat(out).float() * vae.config.scaling_factor
+    return scale_latents(torch.cat(out), vae.config, norm)

@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import TrainConfig
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_error, load_family
-from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents
+from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
@@ -116,6 +116,7 @@ class Trainer:
 
             prepare_cached_training(cfg, family)  # checks the cache against the teacher; drops the VAE encoder
         self.schedule = NoiseSchedule.from_scheduler(family.noise_scheduler).to(self.device)
+        self.latent_norm = latent_normalization(family.vae.config, family.name)  # SDXL VAEs with latents_mean/std
         # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
         # fp16-safe VAE with --pretrained_vae_model_name_or_path for SDXL-style VAEs).
         family.to(self.device, self.weight_dtype)
@@ -292,7 +293,7 @@ class Trainer:
         else:
             with timer.section("vae"):
                 pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-                x0 = encode_latents(self.family.vae, pixels, self.cfg.vae_encode_batch_size)
+                x0 = encode_latents(self.family.vae, pixels, self.cfg.vae_encode_batch_size, self.latent_norm)
             with timer.section("text_encoder"):
                 cond = self.family.encode(batch, self.device)
                 uncond = self.family.uncond(batch, self.device)

@@ -40,9 +40,14 @@ def sampling_scheduler(scheduler_config: Any, distill_mode: str = "tcd", origina
     with the run's boundary scalings (the student was trained to output through them, so TCD's sampler would not fit)."""
     from diffusers import LCMScheduler, TCDScheduler
 
+    from .families import schedule_fields
+
+    # The schedule fields explicitly: from_config alone would replace those the config took from its class's defaults
+    # (e.g. DDIM's linear 0.0001..0.02 betas) with TCDScheduler's own, not the schedule the student was trained on.
+    fields = schedule_fields(scheduler_config)
     if distill_mode == "lcm":
-        return LCMScheduler.from_config(scheduler_config, original_inference_steps=original_steps, timestep_scaling=timestep_scaling)
-    return TCDScheduler.from_config(scheduler_config, original_inference_steps=original_steps)
+        return LCMScheduler.from_config(scheduler_config, original_inference_steps=original_steps, timestep_scaling=timestep_scaling, **fields)
+    return TCDScheduler.from_config(scheduler_config, original_inference_steps=original_steps, **fields)
 
 
 def build_pipeline(family: Any, unet: torch.nn.Module, cfg: Any) -> Any:

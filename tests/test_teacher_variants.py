@@ -1,0 +1,169 @@
+"""QA: what a real teacher folder may hold beyond the tiny default. A scheduler config that leaves its betas to its class's
+defaults, a UNet that already takes a guidance embedding, fp16 variant / fp16 weight files, an SDXL VAE with
+latents_mean/std: training and sampling agree on them, or the run refuses in one line before loading weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(teacher: Path, shards: str, out: Path, **kw):
+    from tcdistill.config import TrainConfig
+
+    base = dict(pretrained_teacher_model=str(teacher), train_shards_path_or_url=shards, output_dir=str(out), resolution=32,
+                train_batch_size=2, max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _set_scheduler(teacher: Path, config: dict) -> None:
+    """A scheduler config as saved by hand: only the given fields; model_index.json names the same class."""
+    (teacher / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((teacher / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    (teacher / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("config, cls_name", [
+    # DDIM's own betas are linear 0.0001..0.02; TCDScheduler.from_config replaced the omitted ones with its 0.00085..0.012
+    ({"_class_name": "DDIMScheduler", "beta_schedule": "linear", "num_train_timesteps": 500}, "DDIMScheduler"),
+    # no beta_schedule either: DDIM's default (linear), as the teacher's pipeline samples (was refused as "EDM")
+    ({"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000}, "EulerDiscreteScheduler"),
+    # an LCMScheduler-class config: its class defaults are SD's scaled_linear 0.00085..0.012, not DDPMScheduler's linear ones
+    ({"_class_name": "LCMScheduler", "beta_schedule": "scaled_linear"}, "LCMScheduler"),
+])
+def test_schedule_defaults_of_the_teachers_class(config: dict, cls_name: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """Training's schedule, the validation scheduler and `tcdistill generate`'s scheduler are all the teacher's own schedule
+    (its scheduler class with the config's fields), also for fields the config leaves to the class defaults."""
+    import diffusers
+
+    from tcdistill.generate import load_pipeline
+    from tcdistill.trainer import Trainer
+    from tcdistill.validation import build_pipeline
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    _set_scheduler(teacher, config)
+    want = getattr(diffusers, cls_name).from_pretrained(teacher, subfolder="scheduler").alphas_cumprod.float()
+
+    trainer = Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4))
+    torch.testing.assert_close(trainer.schedule.alphas_cumprod.cpu(), want)
+    val = build_pipeline(trainer.family, trainer.strategy.student, trainer.cfg).scheduler
+    assert type(val).__name__ == "TCDScheduler"
+    torch.testing.assert_close(val.alphas_cumprod.float(), want)
+    gen = load_pipeline(str(teacher), None, None, "cpu", torch.float32).scheduler
+    assert type(gen).__name__ == "TCDScheduler"
+    torch.testing.assert_close(gen.alphas_cumprod.float(), want)
+
+
+@pytest.mark.parametrize("dim", [256, 512])
+def test_teacher_with_guidance_embedding_is_refused(dim: int, config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """A UNet with time_cond_proj_dim (an LCM/TCD student as teacher): a LoRA on it trained without the embedding but
+    sampled with it (its pipeline embeds guidance_scale - 1), and the full script crashed with a size-mismatch traceback
+    for a width other than --unet_time_cond_proj_dim. Refused from the config, before any weights load."""
+    from tcdistill.config import ConfigError
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    unet_cfg = json.loads((teacher / "unet" / "config.json").read_text())
+    unet_cfg["time_cond_proj_dim"] = dim
+    (teacher / "unet" / "config.json").write_text(json.dumps(unet_cfg))
+    for variant in ("full", "lora"):
+        with pytest.raises(ConfigError, match=f"already takes a guidance embedding \\(time_cond_proj_dim={dim}\\)"):
+            Trainer(_cfg(teacher, tiny_shards, tmp_path / variant, variant=variant, lora_rank=4))
+
+
+@pytest.fixture(scope="module")
+def fp16_variant_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny teacher saved as `save_pretrained(..., variant="fp16")` in fp16: only `*.fp16.safetensors` weight files."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("fp16_variant") / "teacher"
+    pipe = build_tiny_sd_pipeline(None)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(path), safe_serialization=True, variant="fp16")
+    assert not list(path.glob("*/diffusion_pytorch_model.safetensors"))
+    return path
+
+
+def test_fp16_variant_teacher_trains_generates_and_evaluates(fp16_variant_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """An fp16-variant teacher folder loaded nowhere: training said "pass --allow_pickle_weights to allow .bin" (which
+    fails too), generate and eval could not load the base; eval of fp16 weights then crashed on a half text encoder."""
+    from tcdistill.evaluate import EvalSettings, Evaluator, load_teacher
+    from tcdistill.generate import load_pipeline
+    from tcdistill.trainer import Trainer
+
+    trainer = Trainer(_cfg(fp16_variant_teacher, tiny_shards, tmp_path / "out", variant="full"))
+    loss, _ = trainer.train_step(next(iter(trainer._data_loader())))
+    assert torch.isfinite(loss)
+    pipe = load_pipeline(str(fp16_variant_teacher), None, None, "cpu", torch.float32)
+    assert pipe.unet.dtype == torch.float32
+    teacher = load_teacher(str(fp16_variant_teacher))
+    assert {m.dtype for m in (teacher.unet, teacher.vae, teacher.text_encoder)} == {torch.float32}
+    ev = Evaluator(teacher, ["a red circle"], EvalSettings(steps=(1,), gammas=(0.0,), reference_steps=2, original_steps=2))
+    assert torch.isfinite(ev.reference).all()
+
+
+def test_sdxl_vae_latents_mean_std(tmp_path: Path) -> None:
+    """StableDiffusionXLPipeline decodes `x * latents_std / scaling_factor + latents_mean` when the VAE config sets both:
+    training (and `tcdistill cache`) must encode `x0 = (z - latents_mean) * scaling_factor / latents_std`, not `z *
+    scaling_factor`, or every sample decodes in another latent space than the student learned."""
+    from diffusers import AutoencoderKL
+
+    from tcdistill.cache import _encode
+    from tcdistill.tiny import build_tiny_sdxl_pipeline, shard_pattern, write_tiny_shards
+    from tcdistill.trainer import Trainer
+
+    pipe = build_tiny_sdxl_pipeline(None)
+    mean, std = [0.5, -0.5, 1.0, 0.0], [2.0, 0.5, 1.0, 3.0]
+    vae = AutoencoderKL.from_config(dict(pipe.vae.config), latents_mean=mean, latents_std=std)
+    vae.load_state_dict(pipe.vae.state_dict())
+    pipe.register_modules(vae=vae)
+    pipe.save_pretrained(str(tmp_path / "teacher"), safe_serialization=True)
+    write_tiny_shards(tmp_path / "shards", n_shards=1, per_shard=2, image_size=32)
+    cfg = _cfg(tmp_path / "teacher", shard_pattern(tmp_path / "shards", 1), tmp_path / "out", variant="lora", lora_rank=4,
+               model_family="sdxl", min_image_size=0, w_min=3.0)
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer._data_loader()))
+    seen = {}
+    def record(student, target, teacher, x0, *args):
+        seen["x0"] = x0
+        return x0.sum(), {}
+
+    trainer.loss_fn = record
+    torch.manual_seed(0)
+    trainer.train_step(batch)
+    fvae = trainer.family.vae
+    torch.manual_seed(0)
+    z = fvae.encode(batch["pixel_values"]).latent_dist.sample()
+    sf, m, s = fvae.config.scaling_factor, torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    decoded_as = seen["x0"] * s / sf + m  # what the SDXL pipeline hands to vae.decode for these latents
+    torch.testing.assert_close(decoded_as, z, rtol=1e-4, atol=1e-4)
+    # the cache stores the posterior in the same space
+    dist = fvae.encode(batch["pixel_values"]).latent_dist
+    cached_mean, cached_std, _ = _encode(trainer.family, batch, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(cached_mean * s / sf + m, dist.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_std * s / sf, dist.std, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("w", [dict(w_max=float("inf")), dict(w_min=float("inf"), w_max=float("inf"))])
+def test_infinite_guidance_range_is_refused(w: dict) -> None:
+    """--w_max inf passed the checks, then every step's loss was non-finite and the run stopped after 10 skipped steps
+    advising a lower --learning_rate."""
+    from tcdistill.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--w_min/--w_max must be finite"):
+        TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1, **w)
