@@ -103,6 +103,19 @@ def schedule_fields(config: Any) -> dict[str, Any]:
     return out
 
 
+def sampler_overrides(schedule_config: Any, sampler: str) -> dict[str, Any]:
+    """The schedule fields of a trained schedule's config (SCHEDULE_KEYS but trained_betas) that differ from the defaults of
+    the diffusers class `sampler`: what `sampler.from_config(pipe.scheduler.config, ...)` in a user's code must pass
+    explicitly, since from_config replaces fields the teacher's file left to its own class's defaults with `sampler`'s."""
+    import inspect
+
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, sampler).__init__).parameters
+    return {k: schedule_config[k] for k in SCHEDULE_KEYS
+            if k != "trained_betas" and k in schedule_config and k in params and schedule_config[k] != params[k].default}
+
+
 def teacher_scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
     """The teacher's scheduler_config.json as saved (its `_class_name` names the class whose defaults fill the rest)."""
     from diffusers import DDPMScheduler

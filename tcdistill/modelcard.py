@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from .config import TrainConfig
 
@@ -46,11 +47,15 @@ def changed_flags(cfg: TrainConfig) -> dict[str, object]:
     return out
 
 
-def _usage(cfg: TrainConfig, repo: str) -> str:
-    """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm)."""
+def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
+    """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm); `schedule`:
+    the trained noise schedule's scheduler config, whose fields the sampler's own defaults would replace are spelled out."""
+    from .families import sampler_overrides
+
     pipe_cls = _PIPELINES[cfg.model_family]
     name = "LCMScheduler" if cfg.distill_mode == "lcm" else "TCDScheduler"  # as validation.sampling_scheduler
     extra = [f"original_inference_steps={cfg.num_ddim_timesteps}"] if cfg.num_ddim_timesteps != 50 else []
+    extra += [f"{k}={v!r}" for k, v in sampler_overrides(schedule, name).items()] if schedule is not None else []
     if cfg.distill_mode == "lcm" and cfg.timestep_scaling_factor != 10.0:
         extra.append(f"timestep_scaling={cfg.timestep_scaling_factor}")
     sched = f"{name}.from_config(pipe.scheduler.config{''.join(', ' + e for e in extra)})"
@@ -73,8 +78,9 @@ def _usage(cfg: TrainConfig, repo: str) -> str:
             f"{eta}).images[0]\n")
 
 
-def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None) -> str:
-    """Markdown with YAML front matter: base model, method, data, flags, sampling advice, usage, validation grids."""
+def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None, schedule: Any = None) -> str:
+    """Markdown with YAML front matter: base model, method, data, flags, sampling advice, usage (`schedule`: the trained
+    noise schedule's config, `_usage`), validation grids."""
     repo = repo or cfg.hub_model_id or cfg.output_dir
     base = cfg.pretrained_teacher_model
     family = "stable-diffusion-xl" if cfg.model_family == "sdxl" else "stable-diffusion"
@@ -117,7 +123,7 @@ Files:
 {advice} Guidance scale: {gs}.
 
 ```python
-{_usage(cfg, repo)}```
+{_usage(cfg, repo, schedule)}```
 
 Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
 
@@ -137,20 +143,20 @@ Rows are prompts, columns are step counts ({cfg.validation_inference_steps}){gri
 """
 
 
-def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None) -> str:
+def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None, schedule: Any = None) -> str:
     """Write `output_dir/README.md` and return its path."""
     path = os.path.join(cfg.output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(render_model_card(cfg, outputs, repo))
+        f.write(render_model_card(cfg, outputs, repo, schedule))
     return path
 
 
-def push_to_hub(cfg: TrainConfig, outputs: list[str], repo_id: str) -> str:
+def push_to_hub(cfg: TrainConfig, outputs: list[str], repo_id: str, schedule: Any = None) -> str:
     """Point the card's usage code at the hub repo `repo_id` (created before training: `preflight.create_hub_repo`) and
     upload output_dir without checkpoints."""
     from huggingface_hub import upload_folder
 
-    write_model_card(cfg, outputs, repo=repo_id)
+    write_model_card(cfg, outputs, repo=repo_id, schedule=schedule)
     upload_folder(
         repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token, commit_message="End of TCD training",
         # Resumable checkpoints (optimizer state) and their staging folders stay local.

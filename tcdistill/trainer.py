@@ -395,10 +395,11 @@ class Trainer:
             logger.info("Saved %s", ", ".join(paths))
             from .modelcard import push_to_hub, write_model_card
 
-            logger.info("Model card: %s", write_model_card(cfg, paths))
+            schedule = self.family.noise_scheduler.config  # the card's usage code samples on the trained schedule
+            logger.info("Model card: %s", write_model_card(cfg, paths, schedule=schedule))
             if cfg.push_to_hub:
                 try:
-                    logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id))
+                    logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id, schedule))
                 except Exception as e:  # noqa: BLE001 - network/auth errors: one line; the outputs are on disk
                     detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
                     raise CheckpointError(f"--push_to_hub: uploading {cfg.output_dir!r} failed ({detail}); "

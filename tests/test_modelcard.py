@@ -99,3 +99,27 @@ def test_card_for_lcm_mode_names_lcm_scheduler(tmp_path: Path) -> None:
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert "LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1.0)" in code
     assert "TCDScheduler" not in card and "eta=" not in code and "gamma" not in card
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_card_samples_on_the_trained_schedule(variant: str, tmp_path: Path) -> None:
+    """The card's `TCDScheduler.from_config(pipe.scheduler.config, ...)` runs on the schedule the student was trained on:
+    from_config keeps only the fields a teacher's scheduler file set, so betas it left to its own class's defaults (DDIM:
+    linear 0.0001..0.02) must be spelled out, or TCDScheduler's (scaled_linear 0.00085..0.012) would replace them. SD 1.5's
+    file sets them all, and its card's call stays bare."""
+    import torch
+    from diffusers import DDIMScheduler, PNDMScheduler, TCDScheduler
+
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                      max_train_steps=10, variant=variant)
+    for teacher in (DDIMScheduler.from_config({"num_train_timesteps": 1000}),  # a file leaving the betas to DDIM's defaults
+                    PNDMScheduler.from_config({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                               "num_train_timesteps": 1000, "prediction_type": "v_prediction"})):
+        trained = teacher.config  # what training ran on (families.load_noise_scheduler fills the same fields)
+        code = re.search(r"```python\n(.*?)```", render_model_card(cfg, [], schedule=trained), re.S).group(1)
+        call = re.search(r"pipe\.scheduler = (TCDScheduler\.from_config\(.*\))\n", code).group(1)
+        # the user's pipe.scheduler: the teacher's scheduler as loaded from its file (defaults dropped by from_config)
+        sampler = eval(call, {"TCDScheduler": TCDScheduler, "pipe": type("P", (), {"scheduler": teacher})})
+        torch.testing.assert_close(sampler.alphas_cumprod, teacher.alphas_cumprod)
+        assert sampler.config.prediction_type == teacher.config.prediction_type
+    assert call == "TCDScheduler.from_config(pipe.scheduler.config, prediction_type='v_prediction')"
