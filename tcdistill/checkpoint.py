@@ -149,6 +149,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     write (disk full) leaves the previous `final`, or none, never a half-written one."""
     final = Path(final)
     tmp, old = (final.with_name(f".{final.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    # Leftovers of a killed earlier save (a whole UNet each): nothing else removes them, and a hub push would upload
+    # the `.old` ones. Stale copies of the old folder go only once the new one is in place.
+    stale = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-\d+$")
+    leftovers = [p for p in final.parent.iterdir() if stale.match(p.name)] if final.parent.is_dir() else []
+    for path in leftovers:
+        if ".tmp-" in path.name:
+            shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -164,6 +171,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             os.rename(old, final)  # put the replaced folder back
         raise
     shutil.rmtree(old, ignore_errors=True)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -61,6 +61,7 @@ class TrainConfig:
     max_train_samples: int | None = _f(None, "Samples per epoch (with --num_train_epochs, sets the run length when --max_train_steps is unset).")
     proportion_empty_prompts: float = _f(0.0, "Fraction of captions replaced by the empty prompt.")
     data_failure_patience: int = _f(1000, "Consecutive unusable samples/shards (per worker) before the run stops with a data error.")
+    data_timeout: float = _f(60.0, "Seconds a pipe: shard (curl, ...) may send no data before it is given up (its command killed) and counted as a `stalled` failure, like a bad shard (0 = wait forever).")
     min_image_size: int = _f(0, "Skip images whose original width or height is below this (json original_width/height, else the decoded size; SDXL scripts: 700).")
     max_pwatermark: float = _f(1.0, "Skip samples whose json pwatermark exceeds this (a missing field passes; SDXL scripts: 0.5; 1.0 = off).")
     use_fix_crop_and_size: bool = _f(False, "SDXL: micro-condition on original size (resolution, resolution) and crop (0, 0) instead of each sample's own.")
@@ -176,6 +177,7 @@ class TrainConfig:
         need(not (self.cast_teacher_unet and self.teacher_dtype == "fp32"),
              "--cast_teacher_unet casts the teacher to the weight dtype; it contradicts --teacher_dtype fp32 (pass one of them).")
         need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
+        need(self.data_timeout >= 0, f"--data_timeout must be >= 0 (0 = wait forever), got {self.data_timeout}.")
         need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")
         need(0.0 <= self.max_pwatermark <= 1.0, f"--max_pwatermark must be in [0, 1], got {self.max_pwatermark}.")
         need(self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1.")

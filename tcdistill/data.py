@@ -8,6 +8,8 @@ import os
 import random
 import re
 import secrets
+import select
+import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
+from webdataset.gopen import Pipe, gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -53,6 +55,7 @@ class DataConfig:
     resume_state: dict | None = None  # StreamTracker.state() of this rank from a checkpoint: continue exactly there
     min_image_size: int = 0  # skip images whose original short side is below this (0 = off; SDXL scripts: 700)
     max_pwatermark: float = 1.0  # skip samples whose json pwatermark is above this (1.0 = off; SDXL scripts: 0.5)
+    stall_timeout: float = 60.0  # seconds a pipe: shard (curl, ...) may send nothing before it counts as `stalled` (0 = wait)
 
 
 def expand_urls(spec: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
@@ -84,6 +87,8 @@ class _Skip(Exception):
 
 def _describe(exn: BaseException) -> str:
     """Short `Type: message` text for failure reports."""
+    if isinstance(exn, OSError) and exn.strerror:  # its args[0] is the errno: "FileNotFoundError: 2" said nothing
+        return f"{type(exn).__name__}: {exn.strerror}" + (f": {exn.filename}" if exn.filename else "")
     return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
 
 
@@ -206,6 +211,56 @@ def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple
     return pixels.div_(127.5).sub_(1.0), (h, w), (top, left)
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and its descendants: a `pipe:` command runs under `sh -c`, which may fork it, and a survivor would
+    keep running (and hold the trainer's stdout/stderr open) after its shell is gone."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        entries = []
+    for d in entries:
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class _StallGuard:
+    """A `pipe:` shard stream whose read() gives up after `timeout` seconds without data: a hung download or command
+    is then one failed shard (its command killed), not a run that waits forever."""
+
+    def __init__(self, pipe: Pipe, timeout: float) -> None:
+        self.pipe, self.timeout, self.stalled = pipe, timeout, False
+        self.fd = pipe.stream.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            self.stalled = True
+            _kill_tree(self.pipe.proc.pid)
+            raise TimeoutError(f"no data for {self.timeout:g} s (--data_timeout)")
+        data = os.read(self.fd, size)  # unbuffered, so select() sees every byte not yet read; tarfile takes short reads
+        self.pipe.check_status()  # a command that exited non-zero raises, as Pipe.read does
+        return data
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
 class _FailureTracker:
     """Counts skipped samples per kind and raises DataError once patience runs out."""
 
@@ -270,14 +325,18 @@ class ImageTextShards(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader takes batches from workers round-robin; on resume, physical worker 0 plays the logical
         # worker whose batch is due next, so the batch sequence continues exactly where the checkpoint left it.
-        start, positions = 0, {}
+        start, positions, fresh = 0, {}, ""
         rs = self.cfg.resume_state
         if rs and rs.get("num_workers") == num_workers:
             start, positions = int(rs["next_worker"]), rs.get("positions", {})
+        elif rs:
+            # Another worker count: the saved positions do not apply. Logical worker 0's key would be the one the
+            # checkpoint's run started from, replaying its first samples; salt it with the saved state instead.
+            fresh = ":resumed:" + json.dumps(rs, sort_keys=True)
         logical = (worker + start) % num_workers
         shard_skip, raw_skip = positions.get(str(logical), (0, 0))
         # String seeding hashes with sha512, so it is stable across processes (unlike hash()).
-        key = f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{logical}"
+        key = f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{logical}{fresh}"
         where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
         tracker = _FailureTracker(self.cfg.failure_patience, where)
         seed = random.Random(key).getrandbits(62)
@@ -300,7 +359,7 @@ class ImageTextShards(IterableDataset):
             # A tar stream that raised has lost its position: count the shard once and stop reading it.
             nonlocal shard_failed
             shard_failed = True
-            tracker.fail("shard_error", url, _describe(exn))
+            tracker.fail("stalled" if getattr(stream, "stalled", False) else "shard_error", url, _describe(exn))
             return False
 
         def group_handler(exn: Exception) -> bool:
@@ -308,12 +367,15 @@ class ImageTextShards(IterableDataset):
             tracker.fail("member_error", url, _describe(exn))
             return not tracker.exhausted
 
+        stream: Any = None
         try:
             stream = gopen(url)
         except Exception as exn:
             tar_handler(exn)
             tracker.check()
             return
+        if isinstance(stream, Pipe) and self.cfg.stall_timeout > 0:
+            stream = _StallGuard(stream, self.cfg.stall_timeout)
         n_raw = 0
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
@@ -406,6 +468,7 @@ def _validate(cfg: DataConfig) -> None:
         (cfg.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}"),
         (0.0 <= cfg.proportion_empty_prompts <= 1.0, f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}"),
         (cfg.failure_patience >= 1, f"failure_patience must be >= 1, got {cfg.failure_patience}"),
+        (cfg.stall_timeout >= 0, f"stall_timeout must be >= 0, got {cfg.stall_timeout}"),
         (cfg.min_image_size >= 0, f"min_image_size must be >= 0, got {cfg.min_image_size}"),
         (0.0 <= cfg.max_pwatermark <= 1.0, f"max_pwatermark must be in [0, 1], got {cfg.max_pwatermark}"),
         (0 <= cfg.rank < cfg.world_size, f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}"),

@@ -90,6 +90,15 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
                           f"{bool(meta.get('use_fix_crop_and_size', False))} (its time ids are fixed; re-run `tcdistill cache`).")
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
+    from .models import vae_scale_factor
+
+    # Same resolution, another VAE depth (a cache made with another teacher): latents of another size would train the
+    # student at a scale that validation and sampling (resolution // the VAE's factor) never use.
+    side = cfg.resolution // vae_scale_factor(family.vae.config)
+    if [int(x) for x in meta["latent_shape"][1:]] != [side, side]:
+        raise ConfigError(f"cached latents are {'x'.join(str(x) for x in meta['latent_shape'][1:])}; this teacher's VAE makes "
+                          f"{side}x{side} latents at --resolution {cfg.resolution} (the cache was made with another VAE: "
+                          f"{meta.get('teacher')!r}; re-run `tcdistill cache`).")
     ehs = uncond.get("encoder_hidden_states")
     # cross_attention_dim may be one width per block (a list); every block attends to the same prompt states.
     cad = unet_cfg.cross_attention_dim

@@ -16,9 +16,14 @@ def check_shards(spec: str) -> None:
     """Fail early when every local shard is missing (pipe:/remote urls are checked by the loader)."""
     from .data import expand_urls
 
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
     urls = expand_urls(spec)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
+    # gopen opens `file:/x.tar` (as `file:///x.tar`) as the local file /x.tar: check that path, not the url text.
+    paths = [url2pathname(urlparse(u).path) if u.startswith("file:") else u for u in local]
+    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in paths):
         shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
         raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -244,6 +246,8 @@ class LoraStrategy(_StudentCopies):
         # contiguous: under --channels_last the conv adapters' weights are strided views, which safetensors refuses
         layers = {k: v.contiguous() for k, v in self.lora_state_dict().items()}
         paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+        for stale in Path(output_dir).glob(".lora-*"):  # a killed earlier save's half-written file
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all
             self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())
             share_modes(os.path.join(tmp, os.path.basename(paths[0])))

@@ -183,7 +183,7 @@ class Trainer:
             center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
             dataloader_num_workers=c.dataloader_num_workers, proportion_empty_prompts=c.proportion_empty_prompts,
             seed=c.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-            failure_patience=c.data_failure_patience,
+            failure_patience=c.data_failure_patience, stall_timeout=c.data_timeout,
             min_image_size=c.min_image_size, max_pwatermark=c.max_pwatermark,
             # A resumed run continues the shard stream exactly where its checkpoint left it.
             resume_state=self.stream.state() if self.global_step else None,
@@ -374,8 +374,11 @@ class Trainer:
                 acc.log(logs, step=self.global_step)
                 if acc.is_main_process:
                     # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
-                    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+                    try:
+                        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+                    except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
+                        logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
                 if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
@@ -409,7 +412,12 @@ class Trainer:
         acc.end_training()
 
     def validate(self) -> None:
-        """TCD samples at the configured step counts for each student view, to disk and every tracker."""
+        """TCD samples at the configured step counts for each student view, to disk and every tracker; images that
+        cannot be written (disk full, read-only output dir) are logged and training goes on, as for a checkpoint."""
         from .validation import run_validation
 
-        run_validation(self, self.global_step)
+        try:
+            run_validation(self, self.global_step)
+        except OSError as e:
+            logger.error("step %d: validation could not write its images (%s: %s); training goes on.",
+                         self.global_step, type(e).__name__, " ".join(str(e).split()))

@@ -252,3 +252,14 @@ def test_cache_accepts_a_per_block_cross_attention_dim(tiny_teacher: Path, fp32_
     cfg_path.write_text(json.dumps(cfg))
     trainer = _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
     assert trainer.family.vae.encoder is None  # the cache was accepted: its VAE encoder was dropped
+
+
+def test_cache_from_a_teacher_with_another_vae_depth_is_a_config_error(fp32_cache: str, tmp_path: Path) -> None:
+    """QA: a cache made with a VAE of another downscale factor (same channels, text width, scaling factor and
+    resolution) trained silently on latents of another size (16x16 where this teacher's VAE makes 8x8 at 32 px)."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    teacher = tmp_path / "teacher_f4"
+    build_tiny_sd_pipeline(teacher, vae_block_out_channels=(16, 32, 32))  # factor 4 where the cache's VAE has 2
+    with pytest.raises(ConfigError, match="8x8 latents"):
+        _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)

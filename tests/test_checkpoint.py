@@ -150,6 +150,21 @@ def test_atomic_dir_replaces_whole_or_keeps_the_old_folder(tmp_path: Path) -> No
     assert _entries(final) == ["b.txt"] and _entries(tmp_path) == ["unet"]  # replaced whole; no hidden leftovers
 
 
+def test_atomic_dir_removes_a_killed_saves_leftovers(tmp_path: Path) -> None:
+    """QA: a SIGKILL during the final save left `.unet_target.tmp-<pid>` (a whole UNet) in the output dir for good,
+    and a kill between the two renames a `.unet.old-<pid>` (uploaded by --push_to_hub); the next save removes them."""
+    final = tmp_path / "unet"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    for name in (".unet.tmp-999999", ".unet.old-999998"):  # as a killed process with another pid leaves them
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_text("partial")
+    (tmp_path / ".unet_target.tmp-999999").mkdir()  # another folder's leftover: that folder's own save removes it
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert _entries(tmp_path) == [".unet_target.tmp-999999", "unet"] and _entries(final) == ["b.txt"]
+
+
 def test_total_limit_keeps_newest(tmp_path: Path) -> None:
     io = CheckpointIO(tmp_path, total_limit=2)
     for step in (100, 200, 300, 400):

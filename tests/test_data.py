@@ -320,3 +320,56 @@ def test_resume_continues_the_stream_exactly(tmp_path: Path, workers: int) -> No
         assert torch.equal(a["crop_top_lefts"], b["crop_top_lefts"])
     # Without the state the stream starts over (the check above is not vacuous).
     assert batches(cfg, 1)[0]["captions"] == full[0]["captions"] != full[5]["captions"]
+
+
+def test_a_stalled_pipe_shard_is_given_up_and_counted(tmp_path: Path) -> None:
+    """QA: a `pipe:` shard whose command sends nothing (a hung curl) blocked the loader forever, whatever
+    --data_failure_patience said. Now it is abandoned after stall_timeout, counted as `stalled`, its command killed;
+    good shards still train, and only stalled shards stop the run with a DataError naming them."""
+    good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", "good") for j in range(2)])
+    stall = f"pipe:sleep 60 && cat {good}"
+    start = time.monotonic()
+    bs = batches(cfg_for([stall, good], train_batch_size=2, stall_timeout=0.5, seed=3), 4)
+    assert {c for b in bs for c in b["captions"]} == {"good"}
+    assert total_skipped(bs)["stalled"] >= 1, total_skipped(bs)  # seed 3 draws the stalled shard first
+    with pytest.raises(DataError, match="stalled=2") as info:
+        next(iter(build_train_dataloader(cfg_for(stall, stall_timeout=0.5, failure_patience=2))))
+    traceback.clear_frames(info.tb)
+    assert time.monotonic() - start < 10 and "pipe:sleep 60" in str(info.value)
+
+
+def test_file_urls_pass_the_shard_check(tmp_path: Path) -> None:
+    """QA: `file:/path/x.tar` (which gopen opens) was refused as 'none of the shard file(s) exists'."""
+    from tcdistill.config import ConfigError
+    from tcdistill.preflight import check_shards
+
+    write_shard(tmp_path / "s-0.tar", [good_sample("k", "file url")])
+    check_shards(f"file:{tmp_path}/s-{{0..0}}.tar")
+    with pytest.raises(ConfigError, match="none of the 1 shard"):
+        check_shards(f"file:{tmp_path}/missing.tar")
+    (b,) = batches(cfg_for(f"file:{tmp_path}/s-0.tar", train_batch_size=1), 1)
+    assert b["captions"] == ["file url"]
+
+
+def test_missing_shard_error_says_what_went_wrong(tmp_path: Path) -> None:
+    """QA: an OSError was reported by its errno ('last error: FileNotFoundError: 2')."""
+    with pytest.raises(DataError, match="No such file or directory") as info:
+        next(iter(build_train_dataloader(cfg_for(str(tmp_path / "nope.tar"), failure_patience=1))))
+    traceback.clear_frames(info.tb)
+
+
+def test_resume_with_another_worker_count_does_not_replay_the_first_batches(tmp_path: Path) -> None:
+    """QA: a checkpoint's stream read by 1 worker, resumed with 2 ("starts fresh", says the warning): worker 0's
+    stream was the checkpoint run's own from its first sample, so the resumed run trained on those batches again."""
+    from tcdistill.data import StreamTracker
+
+    urls = [write_shard(tmp_path / f"s{i}.tar", [good_sample(f"k{i}_{j}", f"cap {i} {j}") for j in range(3)]) for i in range(8)]
+    first = batches(cfg_for(urls, train_batch_size=3), 4)
+    tracker = StreamTracker()
+    for b in first:
+        tracker.consumed(b)
+    resumed = batches(cfg_for(urls, train_batch_size=3, dataloader_num_workers=2, resume_state=tracker.state()), 4)
+    def key(bs: list[dict]) -> list:
+        return [(b["captions"], b["crop_top_lefts"].tolist()) for b in bs]
+
+    assert key(resumed[::2]) != key(first[:2])  # worker 0's batches are not the run's first ones again

@@ -263,3 +263,15 @@ def test_damaged_teacher_weights_are_a_config_error_without_the_pickle_hint(tiny
         Trainer(TrainConfig(pretrained_teacher_model=str(teacher), output_dir=str(tmp_path / "out"), train_shards_path_or_url=tiny_shards,
                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
     assert "unet" in str(info.value) and "allow_pickle_weights" not in str(info.value) and "\n" not in str(info.value), info.value
+
+
+def test_validation_that_cannot_write_its_images_does_not_end_the_run(tiny_teacher, tiny_shards, tmp_path):
+    """QA: an --output_dir that turned read-only (or full) mid-run ended the run at the next validation with a raw
+    PermissionError traceback from os.makedirs, though failed checkpoint saves are logged and training goes on."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", **QUICK_VALIDATION))
+    (tmp_path / "validation").write_text("")  # os.makedirs fails here as on a read-only dir (root ignores chmod)
+    tr.validate()  # logged, not raised
