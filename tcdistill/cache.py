@@ -36,8 +36,9 @@ class _OnePass(ImageTextShards):
 
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
-        from webdataset.gopen import gopen
         from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        from .data import open_shard
 
         errors_before = skipped["shard_error"]
 
@@ -46,7 +47,7 @@ class _OnePass(ImageTextShards):
             return False  # a broken tar stream has lost its position: move on to the next shard
 
         try:
-            stream = gopen(url)
+            stream = open_shard(url, self.cfg.stall_timeout)  # a hung pipe: command is killed after --data_timeout
         except Exception:  # noqa: BLE001 - a missing or unreadable shard is counted like the loader counts it
             skipped["shard_error"] += 1
             return
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the crops/flips.")
+    p.add_argument("--data_timeout", type=float, default=60.0, help="Seconds a pipe: shard may send no data before it is "
+                   "given up (its command killed) and counted as a shard error (0 = wait forever).")
     return p
 
 
@@ -155,6 +158,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
+    if args.data_timeout < 0:
+        raise ConfigError(f"--data_timeout must be >= 0 (0 = wait forever), got {args.data_timeout}.")
     device = resolve_device(args.device)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
     family = load_family(cfg)
@@ -163,7 +168,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     ds = _OnePass(DataConfig(train_shards_path_or_url=args.train_shards_path_or_url, resolution=args.resolution,
                              interpolation_type=args.interpolation_type, center_crop=args.center_crop,
                              random_flip=args.random_flip, seed=args.seed, min_image_size=args.min_image_size,
-                             max_pwatermark=args.max_pwatermark))
+                             max_pwatermark=args.max_pwatermark, stall_timeout=args.data_timeout))
     os.makedirs(args.output_dir, exist_ok=True)
     skipped: Counter[str] = Counter()
     n_samples, shards, latent_shape, cond_keys, uncond, from_cond = 0, [], None, None, None, None

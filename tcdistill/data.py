@@ -261,6 +261,12 @@ class _StallGuard:
         self.pipe.close()
 
 
+def open_shard(url: str, stall_timeout: float) -> Any:
+    """`gopen(url)`; a `pipe:` stream is guarded against stalls (`_StallGuard`) when `stall_timeout` > 0."""
+    stream = gopen(url)
+    return _StallGuard(stream, stall_timeout) if isinstance(stream, Pipe) and stall_timeout > 0 else stream
+
+
 class _FailureTracker:
     """Counts skipped samples per kind and raises DataError once patience runs out."""
 
@@ -369,13 +375,11 @@ class ImageTextShards(IterableDataset):
 
         stream: Any = None
         try:
-            stream = gopen(url)
+            stream = open_shard(url, self.cfg.stall_timeout)
         except Exception as exn:
             tar_handler(exn)
             tracker.check()
             return
-        if isinstance(stream, Pipe) and self.cfg.stall_timeout > 0:
-            stream = _StallGuard(stream, self.cfg.stall_timeout)
         n_raw = 0
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
@@ -443,9 +447,13 @@ class StreamTracker:
 
     def __init__(self, state: dict | None = None):
         self.num_workers, self.next_worker, self.positions = 1, 0, {}
+        # The stream's seed when the run has no --seed (drawn once by the trainer): a resume must read the same
+        # resampled stream, or the saved positions would point into another one.
+        self.base_seed: int | None = None
         if state:
             self.num_workers, self.next_worker = int(state["num_workers"]), int(state["next_worker"])
             self.positions = {str(k): list(v) for k, v in state["positions"].items()}
+            self.base_seed = int(state["base_seed"]) if state.get("base_seed") is not None else None
 
     def consumed(self, batch: dict[str, Any]) -> None:
         """Record that `batch` was used for training."""
@@ -456,7 +464,8 @@ class StreamTracker:
 
     def state(self) -> dict:
         """A weights_only-safe dict for DataConfig.resume_state."""
-        return {"num_workers": self.num_workers, "next_worker": self.next_worker, "positions": dict(self.positions)}
+        state = {"num_workers": self.num_workers, "next_worker": self.next_worker, "positions": dict(self.positions)}
+        return state if self.base_seed is None else {**state, "base_seed": self.base_seed}
 
 
 def _validate(cfg: DataConfig) -> None:

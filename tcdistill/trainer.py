@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -173,6 +174,15 @@ class Trainer:
         return torch.optim.AdamW(params, fused=c.fused_adam and self.device.type in ("cuda", "cpu"), **kw)
 
     # ------------------------------------------------------------------ state
+    def _data_seed(self) -> int | None:
+        """--seed; without one, this rank's stream seed is drawn once and kept in its checkpoints (a resume then reads
+        the same stream from the saved position instead of a new stream at an unrelated one)."""
+        if self.cfg.seed is not None:
+            return self.cfg.seed
+        if self.stream.base_seed is None:
+            self.stream.base_seed = secrets.randbits(62)
+        return self.stream.base_seed
+
     def _data_loader(self) -> Any:
         c = self.cfg
         if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers):
@@ -182,7 +192,7 @@ class Trainer:
             train_shards_path_or_url=c.train_latents_path_or_url or c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
             center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
             dataloader_num_workers=c.dataloader_num_workers, proportion_empty_prompts=c.proportion_empty_prompts,
-            seed=c.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            seed=self._data_seed(), rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             failure_patience=c.data_failure_patience, stall_timeout=c.data_timeout,
             min_image_size=c.min_image_size, max_pwatermark=c.max_pwatermark,
             # A resumed run continues the shard stream exactly where its checkpoint left it.

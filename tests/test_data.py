@@ -373,3 +373,17 @@ def test_resume_with_another_worker_count_does_not_replay_the_first_batches(tmp_
         return [(b["captions"], b["crop_top_lefts"].tolist()) for b in bs]
 
     assert key(resumed[::2]) != key(first[:2])  # worker 0's batches are not the run's first ones again
+
+
+def test_cache_gives_up_a_stalled_pipe_shard(tmp_path: Path) -> None:
+    """`tcdistill cache` reads each shard once through the same guard: a hung pipe: command is killed after
+    --data_timeout and counted as a shard error, instead of hanging the cache run."""
+    from tcdistill.cache import _OnePass
+
+    good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", "good") for j in range(2)])
+    ds = _OnePass(cfg_for(good, stall_timeout=0.5))
+    skipped: Counter[str] = Counter()
+    start = time.monotonic()
+    assert list(ds.read_once(f"pipe:sleep 60 && cat {good}", skipped)) == [] and skipped["shard_error"] == 1
+    assert time.monotonic() - start < 10
+    assert [k for k, _ in ds.read_once(good, skipped)] == ["k0", "k1"]

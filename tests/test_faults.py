@@ -275,3 +275,19 @@ def test_validation_that_cannot_write_its_images_does_not_end_the_run(tiny_teach
                              resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", **QUICK_VALIDATION))
     (tmp_path / "validation").write_text("")  # os.makedirs fails here as on a read-only dir (root ignores chmod)
     tr.validate()  # logged, not raised
+
+
+def test_resume_without_seed_reads_the_same_data_stream(tiny_teacher, tiny_shards, tmp_path):
+    """QA: without --seed every run drew a new data-stream seed, so a resumed run's saved stream position pointed into
+    another stream. The drawn seed is kept in the rank's checkpoint state and reused; a new run still draws its own."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    kw = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, resolution=32,
+              report_to="none", mixed_precision="no", checkpointing_steps=1, validation_steps=0, train_batch_size=2)
+    first = Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "a"), max_train_steps=1))
+    first.train()
+    resumed = Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "a"), max_train_steps=2, resume_from_checkpoint="latest"))
+    resumed.maybe_resume()
+    assert resumed.global_step == 1 and resumed._data_seed() == first._data_seed()
+    assert Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "b"), max_train_steps=1))._data_seed() != first._data_seed()
