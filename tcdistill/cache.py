@@ -223,6 +223,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
         "cond_keys": cond_keys, "uncond_from_cond": from_cond, "model_family": args.model_family,
         "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
+        "min_image_size": args.min_image_size, "max_pwatermark": args.max_pwatermark,
         "seed": args.seed, "num_samples": n_samples, "skipped": dict(skipped), "shards": shards,
         "seconds": round(elapsed, 3), "samples_per_s": round(n_samples / max(elapsed, 1e-9), 3),
     }

@@ -91,13 +91,13 @@ class TrainConfig:
     vae_encode_batch_size: int = _f(32, "Images per VAE encode call (bounds memory).")
     timestep_scaling_factor: float = _f(10.0, "LCM boundary-scaling factor (c_skip/c_out); used by --distill_mode lcm only. TCD applies none: its TCF meets the boundary condition by construction (the reference TCD scripts still apply LCM's; at 10 they move c_skip by < 1e-5 for t >= 19).")
     distill_mode: str = _f("tcd", "tcd, or lcm (s = 0 with LCM boundary scalings) for comparisons.", choices=["tcd", "lcm"])
-    unet_time_cond_proj_dim: int = _f(256, "Full model: width of the guidance embedding fed through time_cond_proj_dim.")
-    ema_decay: float = _f(0.95, "Full model: EMA decay of the target network.")
-    lora_rank: int = _f(64, "LoRA rank.")
-    lora_alpha: int = _f(64, "LoRA alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_target_modules: str | None = _f(None, "Comma-separated module names for LoRA (default: attention, resnet, up/down-sampler and time-embedding layers).")
-    export_kohya: bool = _f(False, "LoRA: also write pytorch_lora_weights_kohya.safetensors (kohya keys for ComfyUI / A1111).")
+    unet_time_cond_proj_dim: int = _f(256, "Full model: width of the guidance embedding fed through time_cond_proj_dim.", only="full")
+    ema_decay: float = _f(0.95, "Full model: EMA decay of the target network.", only="full")
+    lora_rank: int = _f(64, "LoRA rank.", only="lora")
+    lora_alpha: int = _f(64, "LoRA alpha.", only="lora")
+    lora_dropout: float = _f(0.0, "LoRA dropout.", only="lora")
+    lora_target_modules: str | None = _f(None, "Comma-separated module names for LoRA (default: attention, resnet, up/down-sampler and time-embedding layers).", only="lora")
+    export_kohya: bool = _f(False, "LoRA: also write pytorch_lora_weights_kohya.safetensors (kohya keys for ComfyUI / A1111).", only="lora")
     # --- precision / speed
     mixed_precision: str | None = _f(None, "no, fp16 or bf16 (default: accelerate's config).", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
@@ -108,7 +108,7 @@ class TrainConfig:
     batched_teacher: bool = _f(True, "Run the teacher's cond and uncond passes as one batched forward.", negatable=True)
     skip_identity_target: bool = _f(True, "Skip the target forward for samples with s == t_n (the target is x_prev).", negatable=True)
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
-    lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.")
+    lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.", only="lora")
     target_dtype: str = _f("weight", "Target forward dtype under mixed precision: 'weight' (full: a weight-dtype copy of the EMA target, refreshed after each EMA update, +1 UNet in the weight dtype (when memory matters more, pass fp32); LoRA: the merged-weights target; both run outside autocast, like the teacher) or 'fp32' (the EMA/adapter weights under autocast, as the reference).", choices=["weight", "fp32"])
     lora_skip_input_cast: bool = _f(True, "LoRA under mixed precision: skip peft's cast of each adapter's input to the fp32 adapter dtype (autocast casts it back; same result, two fewer copies per layer).", negatable=True)
     student_weight_copy: bool = _f(True, "Eager, one process, mixed precision: the student's trainable conv/linear weights run from weight-dtype copies refreshed after each optimizer step, and their gradients come back to the fp32 weights in one multi-tensor copy, instead of autocast casting each weight every forward and each gradient every backward (same numbers; costs a weight-dtype copy of the trainable weights held across steps: when memory matters more, e.g. with --gradient_checkpointing, pass --no_student_weight_copy).", negatable=True)
@@ -125,7 +125,7 @@ class TrainConfig:
     validation_prompts: str | None = _f(None, "'|'-separated validation prompts (default: four built-in prompts).")
     validation_gamma: float = _f(0.3, "TCD gamma (scheduler eta) for validation sampling.")
     validation_inference_steps: str = _f("2,4,8", "Comma-separated step counts for validation.")
-    validation_guidance_scale: float = _f(8.0, "Full model: guidance scale embedded at validation (w = scale - 1).")
+    validation_guidance_scale: float = _f(8.0, "Full model: guidance scale embedded at validation (w = scale - 1).", only="full")
     validation_seed: int = _f(0, "Seed of the validation noise.")
 
     def __post_init__(self) -> None:
@@ -258,6 +258,25 @@ def parse_config(argv: Sequence[str] | None = None, defaults: dict[str, Any] | N
     if env_rank != -1:
         ns.local_rank = env_rank
     try:
-        return TrainConfig(**vars(ns))
+        cfg = TrainConfig(**vars(ns))
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    # A flag of the other variant (--lora_rank to a full-model script, --ema_decay to a LoRA one) changes nothing:
+    # refuse it, as the reference scripts do (their parsers lack the other variant's flags), instead of ignoring it.
+    only = {f.name: f.metadata.get("only") for f in dataclasses.fields(TrainConfig)}
+    wrong = sorted(n for n in _given_flags(parser, argv) if only.get(n) not in (None, cfg.variant))
+    if wrong:
+        other = "LoRA" if cfg.variant == "full" else "full-model"
+        this = "the full model" if cfg.variant == "full" else "a LoRA"
+        parser.exit(2, f"{parser.prog}: error: {', '.join('--' + n for n in wrong)} appl{'y' if len(wrong) > 1 else 'ies'} "
+                       f"only to {other} training; this run trains {this} and would ignore {'them' if len(wrong) > 1 else 'it'}.\n")
+    return cfg
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests of the flags given on the command line (abbreviations included), not those left at their defaults:
+    argparse fills in a default only where the namespace has no value yet."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not unset}

@@ -120,6 +120,13 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
         if key in meta and meta[key] != getattr(cfg, key):
             logger.warning("--%s %s has no effect: the cache fixed the crops with %s=%s (re-run `tcdistill cache` to change it).",
                            key, getattr(cfg, key), key, meta[key])
+    # The cached samples keep no image size or watermark score: the filters were applied (or not) when the cache was made.
+    for key, off in (("min_image_size", 0), ("max_pwatermark", 1.0)):
+        made, asked = meta.get(key), getattr(cfg, key)
+        if asked != (off if made is None else made):
+            logger.warning("--%s %s has no effect: the cache's samples were filtered when it was made (%s=%s); re-run "
+                           "`tcdistill cache --%s %s` to filter them so.", key, asked, key,
+                           "not recorded" if made is None else made, key, asked)
     vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
     if getattr(vae, "quant_conv", None) is not None:
         vae.quant_conv = None

@@ -4,6 +4,11 @@ Keys go `unet.<module>.lora_A.weight` -> `lora_unet_<module_with_underscores>.lo
 lora_up) through diffusers' own `convert_state_dict_to_kohya`; each module gets an `.alpha` so that kohya's scale
 `alpha / rank` equals the scale PEFT trained with (diffusers' converter writes alpha = rank, i.e. scale 1, which is
 wrong whenever --lora_alpha != --lora_rank).
+
+SDXL modules are named as kohya's own SDXL LoRAs name them, after the original (sgm) UNet: `lora_unet_input_blocks_4_1_...`,
+`lora_unet_output_blocks_2_2_conv`. A1111 maps diffusers-style names to its UNet with SD 1.x's block layout, and so
+silently dropped SDXL's first up-block upsampler (its `output_blocks.2.2.conv`, not SD 1.x's `.2.1.conv`); sgm names it
+matches directly, as ComfyUI and diffusers' kohya loader do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,8 +56,49 @@ def _peft_scale(module: str, rank: int, conf: dict[str, Any]) -> float:
     return alpha / (rank**0.5 if conf.get("use_rslora") else rank)
 
 
-def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Diffusers/PEFT UNet LoRA state dict -> kohya keys with per-module `alpha` = PEFT scale x rank."""
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_SGM_BASIC = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sgm_module_name(module: str, unet_config: Any) -> str:
+    """A diffusers UNet module path -> its name in the original (sgm/ldm) UNet: `down_blocks.1.attentions.0.x` ->
+    `input_blocks.4.1.x` for SDXL's layout (input/output block numbers from `layers_per_block`; an up block's upsampler
+    follows its attention, if it has one)."""
+    if module in _SGM_BASIC:
+        return _SGM_BASIC[module]
+    n_blocks = len(unet_config["down_block_types"])
+    per = unet_config["layers_per_block"]
+    per = list(per) if isinstance(per, (list, tuple)) else [per] * n_blocks
+    parts = module.split(".")
+
+    def inner(kind: str, rest: list[str]) -> str:
+        rest = [*_SGM_RESNET.get(rest[0], rest[0]).split("."), *rest[1:]] if kind == "resnets" else rest
+        return ".".join(rest)
+
+    if parts[0] == "down_blocks":
+        i, kind = int(parts[1]), parts[2]
+        first = 1 + sum(p + 1 for p in per[:i])
+        if kind == "downsamplers":
+            return f"input_blocks.{first + per[i]}.0.op"
+        return f"input_blocks.{first + int(parts[3])}.{1 if kind == 'attentions' else 0}.{inner(kind, parts[4:])}"
+    if parts[0] == "mid_block":
+        j = int(parts[2])
+        return f"middle_block.1.{inner('attentions', parts[3:])}" if parts[1] == "attentions" else f"middle_block.{2 * j}.{inner('resnets', parts[3:])}"
+    if parts[0] == "up_blocks":
+        i, kind = int(parts[1]), parts[2]
+        rev = per[::-1]
+        first = sum(p + 1 for p in rev[:i])  # an up block has one layer more than its down block
+        if kind == "upsamplers":
+            return f"output_blocks.{first + rev[i]}.{2 if 'CrossAttn' in unet_config['up_block_types'][i] else 1}.conv"
+        return f"output_blocks.{first + int(parts[3])}.{1 if kind == 'attentions' else 0}.{inner(kind, parts[4:])}"
+    raise ValueError(f"no original-UNet name for the LoRA module {module!r}")
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+             unet_config: Any = None) -> dict[str, torch.Tensor]:
+    """Diffusers/PEFT UNet LoRA state dict -> kohya keys with per-module `alpha` = PEFT scale x rank. With an SDXL
+    `unet_config` (text_time added conditioning) the modules get their original-UNet names, as kohya's SDXL LoRAs."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     conf = _unet_adapter_config(metadata)
@@ -63,6 +110,9 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     bad = [k for k in state_dict if not k.startswith("unet.") or not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad:
         raise ValueError(f"not a diffusers UNet LoRA file (unexpected keys such as {bad[:3]})")
+    from .families import unet_family
+
+    sgm = unet_config is not None and unet_family(unet_config) == "sdxl"
     out: dict[str, torch.Tensor] = {}
     for key, down in state_dict.items():
         if not key.endswith(".lora_A.weight"):
@@ -71,14 +121,39 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
         pair = convert_state_dict_to_kohya({key: down, up_key: state_dict[up_key]})
         rank = down.shape[0]
         module = key[len("unet."):-len(".lora_A.weight")]
+        if sgm:
+            name = "lora_unet_" + sgm_module_name(module, unet_config).replace(".", "_")
+            pair = {name + k[k.index("."):]: v for k, v in pair.items()}
         for k, v in pair.items():
             # kohya scales by alpha / rank: pick alpha so that equals the scale the adapter was trained with.
             out[k] = torch.tensor(_peft_scale(module, rank, conf) * rank, dtype=torch.float32) if k.endswith(".alpha") else v.contiguous()
     return out
 
 
-def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -> str:
-    """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it)."""
+def run_unet_config(lora: Path) -> dict[str, Any] | None:
+    """The UNet config of the teacher an SDXL training output was distilled from (its tcdistill_config.json beside or
+    above the LoRA file names it); None for an SD run or a file without a run config."""
+    from .generate import run_config
+
+    run = run_config(str(lora))
+    if run.get("model_family") != "sdxl":
+        return None
+    from diffusers import UNet2DConditionModel
+
+    teacher = run.get("pretrained_teacher_model")
+    try:
+        return dict(UNet2DConditionModel.load_config(teacher, subfolder="unet", revision=run.get("teacher_revision"),
+                                                     cache_dir=run.get("cache_dir")))
+    except Exception as e:  # noqa: BLE001 - a missing folder, an uncached hub id offline...
+        # diffusers-style names still load in ComfyUI and diffusers (A1111 misses SDXL's first up-block upsampler)
+        print(f"warning: cannot read the UNet config of the SDXL teacher {teacher!r} ({type(e).__name__}); the kohya file "
+              "keeps diffusers-style module names, which A1111 maps only in part for SDXL", file=sys.stderr)
+        return None
+
+
+def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, unet_config: Any = None) -> str:
+    """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it).
+    `unet_config`: the LoRA's UNet config (default: an SDXL run's teacher's, `run_unet_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -96,7 +171,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None) -
             state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
-    out = to_kohya(state_dict, metadata)
+    out = to_kohya(state_dict, metadata, unet_config if unet_config is not None else run_unet_config(f))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:

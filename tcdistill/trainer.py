@@ -233,6 +233,8 @@ class Trainer:
             if value is not None and value != getattr(self.cfg, key):
                 raise CheckpointError(f"cannot resume from {str(path)!r}: it was saved by a {key} {value!r} run; "
                                       f"this run trains {key} {getattr(self.cfg, key)!r} (use another --output_dir).")
+        hyper = ("initial_lr", "betas", "eps", "weight_decay")  # what this run's flags set (initial_lr: after --scale_lr)
+        asked = [{k: g.get(k) for k in hyper} for g in self.optimizer.param_groups]
         try:
             self.strategy.load_state_tensors(ck.tensors)
             self.optimizer.load_state_dict(ck.states["optimizer"])
@@ -242,6 +244,14 @@ class Trainer:
             first = next((ln for ln in lines if "mismatch" in ln or ln.startswith(("Missing", "Unexpected"))), lines[0])[:300]
             raise CheckpointError(f"cannot resume from {str(path)!r}: it does not match this run's model or flags "
                                   f"({type(e).__name__}: {first})") from e
+        # The optimizer state brings its hyper-parameters (and the LR schedule its base LR): flags that set them to
+        # other values are not applied to a resumed run; say so instead of dropping them silently.
+        norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        kept = {k: (g.get(k), a[k]) for g, a in zip(self.optimizer.param_groups, asked) for k in hyper if norm(g.get(k)) != norm(a[k])}
+        if kept and self.accelerator.is_main_process:
+            logger.warning("Resumed with the optimizer settings of %s, not this run's --learning_rate/--scale_lr/--adam_* flags: %s "
+                           "(use another --output_dir to train with new ones).", path,
+                           ", ".join(f"{k} {old} (flags: {new})" for k, (old, new) in kept.items()))
         self.global_step = int(ck.states["progress"]["global_step"])
         self.skipped.update(ck.states["progress"].get("skipped", {}))
         if ck.rng is not None:

@@ -263,3 +263,25 @@ def test_cache_from_a_teacher_with_another_vae_depth_is_a_config_error(fp32_cach
     build_tiny_sd_pipeline(teacher, vae_block_out_channels=(16, 32, 32))  # factor 4 where the cache's VAE has 2
     with pytest.raises(ConfigError, match="8x8 latents"):
         _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
+
+
+def test_image_filters_of_a_cached_run_warn_where_the_cache_did_not_apply_them(tiny_teacher: Path, fp32_cache: str,
+                                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """QA: cached samples keep no image size or watermark score, so --min_image_size/--max_pwatermark (the SDXL scripts'
+    700/0.5) could not filter them and were silently ignored. The cache records its own filters; training warns where
+    the run's differ, as it does for --center_crop."""
+    import logging
+
+    from tcdistill.data_cached import prepare_cached_training
+    from tcdistill.families import load_family
+
+    meta, _ = read_sidecar(fp32_cache)
+    assert (meta["min_image_size"], meta["max_pwatermark"]) == (0, 1.0)
+    for filters, warned in ((dict(), []), (dict(min_image_size=700, max_pwatermark=0.5), ["min_image_size", "max_pwatermark"])):
+        cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=fp32_cache, resolution=RES,
+                          center_crop=True, max_train_steps=1, report_to="none", **filters)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tcdistill"):
+            prepare_cached_training(cfg, load_family(cfg))
+        said = [r.getMessage() for r in caplog.records]
+        assert [k for k in ("min_image_size", "max_pwatermark") if any(m.startswith(f"--{k} ") and "has no effect" in m for m in said)] == warned, said

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_sdxl import one_thread, sample  # noqa: E402,F401 - one_thread is an autouse fixture
+from test_sdxl import one_thread, sample, sdxl_teacher  # noqa: E402,F401 - one_thread is an autouse fixture
 
 from tcdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, _peft_scale, export_kohya  # noqa: E402
 
@@ -28,8 +28,8 @@ def sd_teacher(tiny_teacher: Path) -> Path:
     return tiny_teacher
 
 
-def make_lora(teacher: Path, out: Path, rank: int = RANK, alpha: int = ALPHA, mixed_keys: bool = False) -> Path:
-    """A LoRA with random (non-zero) up weights, saved the way LoraStrategy.save_outputs saves one."""
+def make_lora(teacher: Path, out: Path, rank: int = RANK, alpha: int = ALPHA, mixed_keys: bool = False, extra: tuple = ()) -> Path:
+    """A LoRA with random (non-zero) up weights, saved the way LoraStrategy.save_outputs saves one (`extra`: more targets)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -37,7 +37,7 @@ def make_lora(teacher: Path, out: Path, rank: int = RANK, alpha: int = ALPHA, mi
 
     from tcdistill.config import TrainConfig
 
-    modules = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1).lora_modules
+    modules = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1).lora_modules + list(extra)
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     with torch.random.fork_rng(devices=[]):  # the same adapter on every call, caller's RNG untouched
         torch.manual_seed(0)
@@ -135,3 +135,59 @@ def test_export_refuses_to_overwrite_its_input_or_a_folder(sd_teacher: Path, tmp
             main(["--lora", *argv])
         assert exc.value.code == 2 and needle in capsys.readouterr().err
     assert src.read_bytes() == before and not list(tmp_path.glob(".*tmp-*"))
+
+
+# SDXL base 1.0's UNet layout (no weights needed for names).
+SDXL_BASE_UNET = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "layers_per_block": 2,
+                  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "addition_embed_type": "text_time"}
+
+
+def test_sgm_names_of_sdxl_modules() -> None:
+    """The original-UNet names kohya's SDXL LoRAs use (and that A1111 and ComfyUI look up directly)."""
+    from tcdistill.export import sgm_module_name
+
+    for diffusers_name, sgm in (("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+                                ("down_blocks.0.resnets.1.conv1", "input_blocks.2.0.in_layers.2"),
+                                ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+                                ("down_blocks.2.resnets.0.conv_shortcut", "input_blocks.7.0.skip_connection"),
+                                ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
+                                ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+                                ("up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2", "output_blocks.2.1.transformer_blocks.9.ff.net.2"),
+                                ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),  # A1111 maps the diffusers name to .2.1.conv
+                                ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+                                ("up_blocks.2.resnets.2.conv2", "output_blocks.8.0.out_layers.3"),
+                                ("conv_in", "input_blocks.0.0"), ("add_embedding.linear_2", "label_emb.0.2"), ("time_embedding.linear_1", "time_embed.0")):
+        assert sgm_module_name(diffusers_name, SDXL_BASE_UNET) == sgm, diffusers_name
+
+
+def test_sdxl_kohya_file_uses_sgm_names_and_samples_like_diffusers_file(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """QA: an SDXL run's kohya file named its modules diffusers-style (`lora_unet_up_blocks_0_upsamplers_0_conv`), which A1111
+    maps with SD 1.x's block layout, silently dropping SDXL's first upsampler. `tcdistill export` of an SDXL run (the teacher
+    named in its tcdistill_config.json) now writes kohya's SDXL (sgm) names, and diffusers reads them back to the same UNet."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    extra = ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2")
+    make_lora(sdxl_teacher, tmp_path, extra=extra)
+    (tmp_path / "tcdistill_config.json").write_text(json.dumps({"model_family": "sdxl", "pretrained_teacher_model": str(sdxl_teacher)}))
+    dst = load_file(export_kohya(tmp_path))
+    modules = {k.split(".")[0] for k in dst}
+    assert not [m for m in modules if re.search(r"down_blocks|mid_block|up_blocks|conv_in|conv_out|embedding", m)], sorted(modules)[:5]
+    # The tiny UNet: one layer per block; its first up block has cross-attention, so its upsampler is output_blocks.1.2.
+    assert {"lora_unet_output_blocks_1_2_conv", "lora_unet_input_blocks_2_0_op", "lora_unet_input_blocks_0_0", "lora_unet_out_2",
+            "lora_unet_time_embed_0", "lora_unet_label_emb_0_2", "lora_unet_middle_block_1_proj_in"} <= modules
+    assert {float(dst[f"{m}.alpha"]) for m in modules} == {float(ALPHA)} and len(modules) == len(load_file(tmp_path / LORA_WEIGHT_NAME)) // 2
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    weights = {}
+    for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        pipe.load_lora_weights(tmp_path, weight_name=name, adapter_name=name.split(".")[0])
+        pipe.fuse_lora(adapter_names=[name.split(".")[0]])
+        weights[name] = {k.replace(".base_layer", ""): v.clone() for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    a, b = weights.values()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    changed = {k.rsplit(".", 1)[0] for k in a if not torch.allclose(a[k], base[k], atol=1e-4)}
+    assert "up_blocks.0.upsamplers.0.conv" in changed and len(changed) == len(modules)  # every LoRA module was applied

@@ -91,6 +91,25 @@ def test_entry_scripts_refuse_another_variant_or_family(script_variant: str, scr
         train_main(script_variant, flags, prog="x.py", family=script_family)
 
 
+@pytest.mark.parametrize("variant,argv,refused", [
+    ("full", ["--lora_rank=8"], "--lora_rank applies only to LoRA training"),  # trained a full model, silently
+    ("full", ["--lora_r", "8", "--export_kohya"], "--export_kohya, --lora_rank apply only to LoRA training"),  # abbreviated too
+    ("lora", ["--ema_decay=0.5", "--unet_time_cond_proj_dim=64"], "--ema_decay, --unet_time_cond_proj_dim apply only to full-model"),
+    ("lora", ["--validation_guidance_scale=3"], "--validation_guidance_scale applies only to full-model"),
+])
+def test_flags_of_the_other_variant_are_refused(variant: str, argv: list, refused: str, capsys: pytest.CaptureFixture) -> None:
+    """QA: the full-model scripts accepted and ignored the LoRA flags, the LoRA scripts the full model's (the reference
+    scripts' parsers lack the other variant's flags); each variant's own flags, and both at their defaults, still pass."""
+    from tcdistill.config import parse_config
+
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1"]
+    with pytest.raises(SystemExit):
+        parse_config([*flags, *argv], defaults={"variant": variant}, prog="x.py")
+    assert f"x.py: error: {refused}" in capsys.readouterr().err
+    assert parse_config([*flags, "--lora_rank=8", "--lora_alpha=4", "--export_kohya"], defaults={"variant": "lora"}).lora_rank == 8
+    assert parse_config([*flags, "--ema_decay=0.5", "--unet_time_cond_proj_dim=64"], defaults={"variant": "full"}).ema_decay == 0.5
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
 def test_report_to_missing_tracker_is_one_line(tracker: str) -> None:
     from tcdistill.preflight import check_environment
@@ -242,3 +261,26 @@ def test_python_dash_m_runs_the_cli() -> None:
     for mod in ("tcdistill", "tcdistill.cli"):
         proc = subprocess.run([sys.executable, "-m", mod, "nonsense"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "usage: tcdistill {train-full" in proc.stderr, (mod, proc.stderr[-500:])
+
+
+def test_resume_says_when_it_keeps_the_checkpoints_optimizer_settings(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """QA: a resumed run takes lr, betas, eps and weight decay from the checkpoint's optimizer state (the LR schedule its base
+    LR): --learning_rate/--scale_lr/--adam_* of the resuming command were dropped silently. The same flags say nothing."""
+    import logging
+
+    from tcdistill.trainer import Trainer
+
+    base = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path), resolution=32,
+                train_batch_size=2, report_to="none", mixed_precision="no", validation_steps=0, variant="lora", lora_rank=2, seed=0)
+    Trainer(TrainConfig(**base, max_train_steps=1, learning_rate=1e-3)).train()
+    for flags, warned in ((dict(learning_rate=1e-3), False), (dict(learning_rate=1e-5, adam_weight_decay=0.5), True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tcdistill"):
+            trainer = Trainer(TrainConfig(**base, max_train_steps=2, resume_from_checkpoint="latest", **flags))
+            trainer.maybe_resume()
+        said = [r.getMessage() for r in caplog.records if "optimizer settings" in r.getMessage()]
+        assert trainer.global_step == 1 and trainer.optimizer.param_groups[0]["initial_lr"] == 1e-3
+        assert bool(said) == warned, said
+        if warned:
+            assert "initial_lr 0.001 (flags: 1e-05)" in said[0] and "weight_decay 0.01 (flags: 0.5)" in said[0], said
