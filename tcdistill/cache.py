@@ -77,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default=None, help="Download cache for hub models.")
     p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
     p.add_argument("--output_dir", required=True, help="Where the cached shards and sidecar files go.")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="Default: 512 (SDXL: 1024), as the training scripts.")
     p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos"])
     p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
     p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
     p.add_argument("--use_fix_crop_and_size", action="store_true", help="SDXL: micro-condition on (resolution, resolution) and crop (0, 0).")
-    p.add_argument("--min_image_size", type=int, default=0, help="Skip images smaller than this (SDXL scripts: 700).")
-    p.add_argument("--max_pwatermark", type=float, default=1.0, help="Skip samples whose json pwatermark exceeds this (SDXL scripts: 0.5).")
+    p.add_argument("--min_image_size", type=int, default=None, help="Skip images smaller than this (default 0; SDXL: 700, as its scripts).")
+    p.add_argument("--max_pwatermark", type=float, default=None, help="Skip samples whose json pwatermark exceeds this (default 1.0 = off; SDXL: 0.5, as its scripts).")
     p.add_argument("--batch_size", type=int, default=32, help="Images per VAE/text-encoder call.")
     p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching.")
     p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
@@ -142,6 +142,19 @@ def _uncond_layout(family: Any, batch: dict[str, Any], device: torch.device) -> 
     return shared, sorted(from_cond)
 
 
+def fill_family_defaults(args: argparse.Namespace) -> None:
+    """--resolution, --min_image_size, --max_pwatermark left unset: the defaults of the family's training scripts (SDXL:
+    1024 px, 700, 0.5), so a cache made with the defaults holds what a run with the defaults would train on."""
+    from .families import SDXL_FLAG_DEFAULTS
+
+    defaults = {"resolution": 512, "min_image_size": 0, "max_pwatermark": 1.0}
+    if args.model_family == "sdxl":
+        defaults.update({k: v for k, v in SDXL_FLAG_DEFAULTS.items() if k in defaults})
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Encode every usable sample of every source shard once; returns the summary also written to the sidecar."""
     import webdataset as wds
@@ -150,6 +163,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     from .families import load_family
     from .models import check_teacher_config
     from .preflight import resolve_device
+
+    fill_family_defaults(args)
 
     cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,

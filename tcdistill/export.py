@@ -110,6 +110,10 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     bad = [k for k in state_dict if not k.startswith("unet.") or not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad:
         raise ValueError(f"not a diffusers UNet LoRA file (unexpected keys such as {bad[:3]})")
+    unpaired = sorted({k.rsplit(".lora_", 1)[0] for k in state_dict} - {k[:-len(".lora_A.weight")] for k in state_dict
+                       if k.endswith(".lora_A.weight") and k[:-len("A.weight")] + "B.weight" in state_dict})
+    if unpaired:
+        raise ValueError(f"not a complete LoRA file: {len(unpaired)} module(s) lack their lora_A or lora_B weight, such as {unpaired[:3]}")
     from .families import unet_family
 
     sgm = unet_config is not None and unet_family(unet_config) == "sdxl"

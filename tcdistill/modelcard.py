@@ -62,17 +62,18 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     eta = "" if cfg.distill_mode == "lcm" else f", eta={RECOMMENDED_GAMMA}"
     head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"
     vae = ""
+    rev = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
     if cfg.pretrained_vae_model_name_or_path:  # trained with another VAE (e.g. SDXL's fp16-safe one): sample with it too
         head = head.replace("from diffusers import ", "from diffusers import AutoencoderKL, ")
         vae = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", torch_dtype=torch.float16), "
     if cfg.variant == "lora":
-        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\")\npipe.fuse_lora()\n"
                 f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
-            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
             f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={cfg.validation_guidance_scale}"
             f"{eta}).images[0]\n")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, first_line
 from .data import DataConfig, StreamTracker, build_train_dataloader
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
@@ -155,7 +155,10 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps).
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
+        try:
+            self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
+        except ValueError as e:  # e.g. polynomial: the learning rate must exceed its end value (1e-7)
+            raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler} with learning rate {lr:g}: {first_line(e)}") from None
         self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.global_step = 0
         self.skipped: Counter[str] = Counter()

@@ -130,7 +130,9 @@ def test_sdxl_cache_keeps_per_sample_time_ids_and_the_loss(one_shard: str, tmp_p
 
     teacher = tmp_path / "sdxl"
     build_tiny_sdxl_pipeline(teacher)
-    cached = _cache(teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl")
+    # the filters of the trainer below (TrainConfig's own defaults; the SDXL scripts' 700 px would drop these 32 px images)
+    cached = _cache(teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+                    "--min_image_size", "0", "--max_pwatermark", "1")
     meta, uncond = read_sidecar(cached)
     assert meta["uncond_from_cond"] == ["time_ids"] and "time_ids" not in uncond
     assert not uncond["encoder_hidden_states"].any() and not uncond["text_embeds"].any()
@@ -285,3 +287,18 @@ def test_image_filters_of_a_cached_run_warn_where_the_cache_did_not_apply_them(t
             prepare_cached_training(cfg, load_family(cfg))
         said = [r.getMessage() for r in caplog.records]
         assert [k for k in ("min_image_size", "max_pwatermark") if any(m.startswith(f"--{k} ") and "has no effect" in m for m in said)] == warned, said
+
+
+def test_cache_defaults_follow_the_family_scripts() -> None:
+    """Unset --resolution/--min_image_size/--max_pwatermark take the family's training-script defaults (SDXL: 1024 px,
+    700, 0.5), so a cache made with the defaults holds what the SDXL scripts' defaults would train on."""
+    from tcdistill.cache import build_parser, fill_family_defaults
+
+    base = ["--pretrained_teacher_model", "t", "--train_shards_path_or_url", "s", "--output_dir", "o"]
+    for family, want in (("sd", (512, 0, 1.0)), ("sdxl", (1024, 700, 0.5))):
+        args = build_parser().parse_args([*base, "--model_family", family])
+        fill_family_defaults(args)
+        assert (args.resolution, args.min_image_size, args.max_pwatermark) == want
+    args = build_parser().parse_args([*base, "--model_family", "sdxl", "--min_image_size", "0", "--resolution", "512"])
+    fill_family_defaults(args)
+    assert (args.resolution, args.min_image_size, args.max_pwatermark) == (512, 0, 0.5)

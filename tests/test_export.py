@@ -191,3 +191,14 @@ def test_sdxl_kohya_file_uses_sgm_names_and_samples_like_diffusers_file(sdxl_tea
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     changed = {k.rsplit(".", 1)[0] for k in a if not torch.allclose(a[k], base[k], atol=1e-4)}
     assert "up_blocks.0.upsamplers.0.conv" in changed and len(changed) == len(modules)  # every LoRA module was applied
+
+
+def test_a_lora_file_missing_half_of_a_pair_is_refused() -> None:
+    """A lora_A without its lora_B (a damaged or hand-edited file) was a raw KeyError; now one ValueError naming it."""
+    from tcdistill.export import to_kohya
+
+    sd = {"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(8, 4, 1, 1),
+          "unet.conv_out.lora_A.weight": torch.zeros(4, 8, 3, 3)}
+    with pytest.raises(ValueError, match=r"1 module\(s\) lack their lora_A or lora_B weight, such as \['unet.conv_out'\]"):
+        to_kohya(sd)
+    assert len(to_kohya({k: v for k, v in sd.items() if "conv_out" not in k})) == 3  # down, up, alpha

@@ -284,3 +284,13 @@ def test_resume_says_when_it_keeps_the_checkpoints_optimizer_settings(tiny_teach
         assert bool(said) == warned, said
         if warned:
             assert "initial_lr 0.001 (flags: 1e-05)" in said[0] and "weight_decay 0.01 (flags: 0.5)" in said[0], said
+
+
+def test_a_scheduler_that_refuses_the_learning_rate_is_a_config_error(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """--lr_scheduler polynomial decays to 1e-7: a learning rate at or below it raised diffusers' ValueError traceback."""
+    from tcdistill.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="--lr_scheduler polynomial with learning rate 1e-08: lr_end"):
+        Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
+                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", lr_scheduler="polynomial",
+                            learning_rate=1e-8))

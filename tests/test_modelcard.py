@@ -123,3 +123,15 @@ def test_card_samples_on_the_trained_schedule(variant: str, tmp_path: Path) -> N
         torch.testing.assert_close(sampler.alphas_cumprod, teacher.alphas_cumprod)
         assert sampler.config.prediction_type == teacher.config.prediction_type
     assert call == "TCDScheduler.from_config(pipe.scheduler.config, prediction_type='v_prediction')"
+
+
+def test_card_loads_the_teacher_revision_it_was_trained_on(tmp_path: Path) -> None:
+    """--teacher_revision: the usage code loads that revision of the base, not its main branch."""
+    for variant in ("full", "lora"):
+        cfg = TrainConfig(pretrained_teacher_model="org/sd", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                          max_train_steps=10, variant=variant, teacher_revision="fp16")
+        code = re.search(r"```python\n(.*?)```", render_model_card(cfg, []), re.S).group(1)
+        assert 'from_pretrained("org/sd", revision="fp16", ' in code
+        cfg = TrainConfig(pretrained_teacher_model="org/sd", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                          max_train_steps=10, variant=variant)
+        assert "revision=" not in render_model_card(cfg, [])
