@@ -38,7 +38,7 @@ class _OnePass(ImageTextShards):
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        from .data import open_shard
+        from .shard_stream import open_shard
 
         errors_before = skipped["shard_error"]
 

@@ -8,8 +8,6 @@ import os
 import random
 import re
 import secrets
-import select
-import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -21,8 +19,9 @@ import torch
 import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import Pipe, gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .shard_stream import open_shard
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
@@ -209,62 +208,6 @@ def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple
         left = rw - r - left
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
     return pixels.div_(127.5).sub_(1.0), (h, w), (top, left)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and its descendants: a `pipe:` command runs under `sh -c`, which may fork it, and a survivor would
-    keep running (and hold the trainer's stdout/stderr open) after its shell is gone."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [d for d in os.listdir("/proc") if d.isdigit()]
-    except OSError:
-        entries = []
-    for d in entries:
-        try:
-            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    todo, tree = [pid], []
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-class _StallGuard:
-    """A `pipe:` shard stream whose read() gives up after `timeout` seconds without data: a hung download or command
-    is then one failed shard (its command killed), not a run that waits forever."""
-
-    def __init__(self, pipe: Pipe, timeout: float) -> None:
-        self.pipe, self.timeout, self.stalled = pipe, timeout, False
-        self.fd = pipe.stream.fileno()
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return b"".join(iter(lambda: self.read(1 << 20), b""))
-        ready, _, _ = select.select([self.fd], [], [], self.timeout)
-        if not ready:
-            self.stalled = True
-            _kill_tree(self.pipe.proc.pid)
-            raise TimeoutError(f"no data for {self.timeout:g} s (--data_timeout)")
-        data = os.read(self.fd, size)  # unbuffered, so select() sees every byte not yet read; tarfile takes short reads
-        self.pipe.check_status()  # a command that exited non-zero raises, as Pipe.read does
-        return data
-
-    def close(self) -> None:
-        self.pipe.close()
-
-
-def open_shard(url: str, stall_timeout: float) -> Any:
-    """`gopen(url)`; a `pipe:` stream is guarded against stalls (`_StallGuard`) when `stall_timeout` > 0."""
-    stream = gopen(url)
-    return _StallGuard(stream, stall_timeout) if isinstance(stream, Pipe) and stall_timeout > 0 else stream
 
 
 class _FailureTracker:
