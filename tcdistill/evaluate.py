@@ -114,6 +114,9 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
             if not (path / "config.json").exists() and (path / sub / "config.json").exists():
                 path = path / sub
                 break
+        from .generate import check_unet_config
+
+        check_unet_config(path)
         student = UNet2DConditionModel.from_pretrained(str(path)).eval().requires_grad_(False)
         if unet_family(student.config) == "sdxl":
             raise ValueError(f"--unet {unet} is an SDXL UNet; the teacher is an SD pipeline")
@@ -122,7 +125,14 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
     student = copy.deepcopy(pipe.unet)
     view = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=student,
                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    view.load_lora_weights(lora)
+    from .export import lora_file
+
+    f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
+    try:
+        view.load_lora_weights(str(f.parent), weight_name=f.name)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
+        hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
+        raise ValueError(f"cannot load the LoRA {lora} onto the teacher: {first_line(e)}{hint}") from None
     view.fuse_lora()
     return student.eval().requires_grad_(False)
 
@@ -331,7 +341,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per non-empty line."""
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
@@ -348,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Student sampler (default: the run's --distill_mode from its tcdistill_config.json, else tcd).")
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="NFE k to evaluate.")
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
-    p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG scale; full students get w = scale - 1.")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Teacher CFG scale; full students get w = scale - 1 (default: 3, moved into the run's [--w_min, --w_max] range of w).")
     p.add_argument("--reference_steps", type=int, default=50, help="Steps of the teacher's reference guided DDIM.")
     p.add_argument("--original_steps", type=int, default=None,
                    help="N of the training grid (TCDScheduler original_inference_steps; default: the run's --num_ddim_timesteps "
@@ -365,10 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
-    from .generate import run_config, run_sampling
+    from .generate import run_config, run_guidance, run_sampling
 
-    # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling.
-    run = run_sampling(run_config(args.unet or args.lora))
+    # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
+    saved = run_config(args.unet or args.lora)
+    if args.guidance_scale is None:
+        args.guidance_scale = run_guidance(saved, EvalSettings.guidance_scale)
+    run = run_sampling(saved)
     if args.original_steps is None:
         args.original_steps = run["original_steps"]
     args.sampler = args.sampler or run["distill_mode"]
@@ -380,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("tcdistill eval: error: --gamma values must be in [0, 1]")
     if args.batch_size < 1:
         sys.exit("tcdistill eval: error: --batch_size must be >= 1")
+    if not np.isfinite(args.guidance_scale):  # nan/inf gave a table of NaN rows and exit 0
+        sys.exit("tcdistill eval: error: --guidance_scale must be finite")
     if args.output and Path(args.output).is_dir():
         sys.exit(f"tcdistill eval: error: --output {args.output} is a directory (give the JSON file to write)")
     try:

@@ -2,7 +2,8 @@
 
 Guidance: a LoRA student learned a guidance-distilled ODE and samples with guidance_scale 0 (no CFG). A full
 student has `time_cond_proj_dim`: the pipeline embeds w = guidance_scale - 1 and runs no CFG, so the default 8.0
-gives w = 7, inside the training range of w for SD (5..15) and SDXL (3..15) and the same as validation's default.
+gives w = 7, inside the training range of w for SD (5..15) and SDXL (3..15) and the same as validation's default; a run
+trained on another --w_min/--w_max range (the demo's 1..3) gets the nearest w inside it.
 """
 
 from __future__ import annotations
@@ -44,11 +45,34 @@ def run_sampling(run: dict[str, Any]) -> dict[str, Any]:
                 timestep_scaling=float(run.get("timestep_scaling_factor", 10.0)))
 
 
+def run_guidance(run: dict[str, Any], default: float) -> float:
+    """A default CFG scale (w + 1) moved into the run's training range [--w_min, --w_max] of w, when its config names one:
+    a student conditioned on w (or distilled from a teacher guided at w) was never trained outside it."""
+    if "w_min" not in run or "w_max" not in run:
+        return default
+    return min(max(default - 1.0, float(run["w_min"])), float(run["w_max"])) + 1.0
+
+
+def check_unet_config(folder: str | Path) -> None:
+    """Refuse, in one line, a folder whose config.json is another diffusers model's (a VAE, a text encoder...): diffusers
+    builds a UNet2DConditionModel from it with no weights loaded, and the first `.to()` is a meta-tensor traceback."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        return
+    try:
+        name = json.loads(f.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{f} is not a diffusers UNet config") from None
+    if name not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"{folder} holds a {name!r} config, not a UNet2DConditionModel (pass the distilled UNet folder)")
+
+
 def resolve_unet_dir(path: str) -> str:
     """A UNet folder: the path itself, or a full-model training output's `unet_target` (the EMA deliverable)."""
     p = Path(path)
     for cand in (p, p / "unet_target"):
         if (cand / "config.json").is_file():
+            check_unet_config(cand)
             return str(cand)
     if p.exists():
         raise FileNotFoundError(f"no UNet config.json in {p} or {p / 'unet_target'}")
@@ -125,7 +149,8 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     """`--prompt` values, then the non-empty lines of `--prompt_file`."""
     out = list(prompts or [])
     if prompt_file:
-        out += [ln.strip() for ln in Path(prompt_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+        out += [ln.strip() for ln in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     if not out:
         raise ValueError("no prompts: pass --prompt (repeatable) or --prompt_file")
     return out
@@ -165,7 +190,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     height, width = args.height or size_h * pipe.vae_scale_factor, args.width or size_w * pipe.vae_scale_factor
     gs = args.guidance_scale
     if gs is None:
-        gs = FULL_MODEL_GUIDANCE if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
+        gs = run_guidance(run, FULL_MODEL_GUIDANCE) if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
     os.makedirs(args.output_dir, exist_ok=True)
     paths, records = [], []
     for start in range(0, len(prompts), args.batch_size):
@@ -212,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["tcd", "lcm"], default=None,
                    help="Sampler: tcd (TCDScheduler) or lcm (LCMScheduler; --gamma unused). Default: the run's --distill_mode, else tcd.")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help=f"Default: 0 for a LoRA (no CFG); {FULL_MODEL_GUIDANCE} for a full UNet with time_cond_proj_dim (embeds w = scale - 1).")
+                   help=f"Default: 0 for a LoRA (no CFG); {FULL_MODEL_GUIDANCE} for a full UNet with time_cond_proj_dim (embeds w = scale - 1), "
+                        "moved into the run's [--w_min, --w_max] range of w.")
     p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the fused LoRA (default: 1).")
     p.add_argument("--seed", type=int, default=0, help="Image i uses seed + i (default: 0).")
     p.add_argument("--batch_size", type=int, default=1, help="Prompts per pipeline call (default: 1).")
@@ -234,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("--height and --width must be >= 1")
     if not all(math.isfinite(v) for v in (args.lora_scale, 0.0 if args.guidance_scale is None else args.guidance_scale)):
         p.error("--guidance_scale and --lora_scale must be finite")
+    if args.unet and args.lora_scale != 1.0:  # it scales the fused LoRA: a full UNet has none, so it was silently ignored
+        p.error("--lora_scale applies to --lora only (a full --unet has no LoRA to scale)")
     try:
         paths = generate(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, a missing --base/--vae, an unreadable --prompt_file

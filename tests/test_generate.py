@@ -189,3 +189,69 @@ def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(sd_teac
     # --scheduler tcd overrides the run's mode: a different sample (TCD keeps part of x_t's noise at gamma 0.3)
     main([*argv, "--scheduler", "tcd", "--output_dir", str(tmp_path / "tcd")])
     assert np.abs(pngs(tmp_path / "tcd")["00000_a_red_circle.png"] - np.asarray(ref, dtype=np.int16)).max() > 1
+
+
+def test_prompt_file_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    """QA: a prompt file saved with a UTF-8 BOM (Windows editors) kept U+FEFF in its first prompt, which the CLIP
+    tokenizer turns into extra tokens (a different image, and the BOM in metadata.jsonl); eval's --prompts too."""
+    from tcdistill.evaluate import read_prompts as eval_prompts
+    from tcdistill.generate import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red circle\r\n\r\n  un chat été 猫 \r\n".encode("utf-8"))
+    assert read_prompts(None, str(f)) == eval_prompts(str(f)) == ["a red circle", "un chat été 猫"]
+
+
+def test_full_default_guidance_stays_in_the_runs_w_range(sd_teacher: Path, tmp_path: Path) -> None:
+    """QA: a full student trained with --w_min 1 --w_max 3 (the demo's) was sampled at the default scale 8 (w = 7, never
+    trained); the default w now moves into the run's range (w 3, scale 4). A run in the default range keeps 8."""
+    from tcdistill.generate import run_guidance
+
+    assert run_guidance({}, 8.0) == run_guidance({"w_min": 5.0, "w_max": 15.0}, 8.0) == 8.0
+    assert run_guidance({"w_min": 1.0, "w_max": 3.0}, 8.0) == 4.0 and run_guidance({"w_min": 1.0, "w_max": 3.0}, 3.0) == 3.0
+    out = full_output(sd_teacher, tmp_path / "run")
+    cfg = json.loads((out / "tcdistill_config.json").read_text())
+    (out / "tcdistill_config.json").write_text(json.dumps({**cfg, "w_min": 1.0, "w_max": 3.0}))
+    main(["generate", "--unet", str(out), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "o")])
+    assert json.loads((tmp_path / "o" / "metadata.jsonl").read_text())["guidance_scale"] == 4.0
+
+
+def test_a_folder_of_another_model_as_unet_is_one_line(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: `--unet BASE/vae` (a diffusers folder of another model) built a weightless UNet and died in a meta-tensor
+    traceback, in generate and in eval; each now refuses it in one line."""
+    from tcdistill.evaluate import load_student
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--unet", str(sd_teacher / "vae"), "--base", str(sd_teacher), "--prompt", "x", "--output_dir", str(tmp_path)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "AutoencoderKL" in last and last.startswith("tcdistill generate: error:")
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        load_student(None, unet=str(sd_teacher / "vae"))
+
+
+def test_eval_lora_missing_or_of_another_base_is_one_line(sd_teacher: Path, sdxl_teacher: Path, tmp_path: Path) -> None:
+    """QA: eval's --lora went straight to diffusers: a missing path said "When using the offline mode, you must specify
+    a `weight_name`" and an SDXL LoRA on an SD teacher was a RuntimeError traceback; both are errors eval's main prints
+    in one line now (OSError, ValueError)."""
+    from tcdistill.evaluate import load_student, load_teacher
+
+    pipe = load_teacher(str(sd_teacher))
+    with pytest.raises(FileNotFoundError, match="no LoRA weights at"):
+        load_student(pipe, lora=str(tmp_path / "missing"))
+    xl = make_lora(sdxl_teacher, tmp_path / "xl")
+    with pytest.raises(ValueError, match="size mismatch"):
+        load_student(pipe, lora=str(xl))
+
+
+def test_ignored_flags_are_refused(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: generate's --lora_scale with a full --unet was accepted and ignored; eval's --guidance_scale nan gave a table of
+    NaN rows with exit 0. Both are one-line refusals before any model loads."""
+    from tcdistill.evaluate import main as eval_main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--unet", str(tmp_path), "--prompt", "x", "--lora_scale", "0.5"])
+    assert exc.value.code == 2
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="--guidance_scale must be finite"):
+        eval_main(["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"),
+                   "--steps", "1", "--guidance_scale", "nan"])
