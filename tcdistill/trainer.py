@@ -123,6 +123,11 @@ class Trainer:
         family.to(self.device, self.weight_dtype)
         self.strategy = make_strategy(cfg, family, self.weight_dtype)
         self.strategy.to(self.device)
+        w_val = cfg.validation_guidance_scale - 1.0
+        if cfg.variant == "full" and cfg.validation_steps and acc.is_main_process and not cfg.w_min <= w_val <= cfg.w_max:
+            logger.warning("--validation_guidance_scale %g embeds w = %g, outside the trained range [--w_min %g, --w_max %g]: "
+                           "the validation images show a w the student never trained on.", cfg.validation_guidance_scale, w_val,
+                           cfg.w_min, cfg.w_max)
         student = self.strategy.student
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student, cfg.gradient_checkpointing_policy)

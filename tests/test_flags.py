@@ -294,3 +294,18 @@ def test_a_scheduler_that_refuses_the_learning_rate_is_a_config_error(tiny_teach
         Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", lr_scheduler="polynomial",
                             learning_rate=1e-8))
+
+
+def test_validation_guidance_outside_the_trained_w_range_is_warned(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A full run trained on w in [1, 3] validated at the default scale 8 (w = 7, never trained on) without a word."""
+    from tcdistill.trainer import Trainer
+
+    kw = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1,
+              report_to="none", mixed_precision="no", validation_steps=1, w_min=1.0, w_max=3.0)
+    with caplog.at_level("WARNING", logger="tcdistill"):
+        Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "a")))
+        assert "embeds w = 7, outside the trained range" in caplog.text
+        caplog.clear()
+        Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "b"), validation_guidance_scale=3.0))
+        assert "outside the trained range" not in caplog.text
