@@ -276,11 +276,12 @@ class ImageTextShards(IterableDataset):
         # worker whose batch is due next, so the batch sequence continues exactly where the checkpoint left it.
         start, positions, fresh = 0, {}, ""
         rs = self.cfg.resume_state
-        if rs and rs.get("num_workers") == num_workers:
+        if rs and rs.get("num_workers") == num_workers and rs.get("world_size", self.cfg.world_size) == self.cfg.world_size:
             start, positions = int(rs["next_worker"]), rs.get("positions", {})
         elif rs:
-            # Another worker count: the saved positions do not apply. Logical worker 0's key would be the one the
-            # checkpoint's run started from, replaying its first samples; salt it with the saved state instead.
+            # Another worker count, or process count (each rank reads its own share of the shards): the saved positions
+            # do not apply. Logical worker 0's key would be the one the checkpoint's run started from, replaying its
+            # first samples; salt it with the saved state instead.
             fresh = ":resumed:" + json.dumps(rs, sort_keys=True)
         logical = (worker + start) % num_workers
         shard_skip, raw_skip = positions.get(str(logical), (0, 0))
@@ -289,7 +290,13 @@ class ImageTextShards(IterableDataset):
         where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
         tracker = _FailureTracker(self.cfg.failure_patience, where)
         seed = random.Random(key).getrandbits(62)
-        shards = wds.ResampledShards(self.urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
+        # Each rank, then each of its loader workers, resamples from its own share of the shards: two streams drawing
+        # the same shard at once would read its samples in the same order and yield identical batches (half the
+        # steps with 2 shards and 2 ranks or 2 workers). With fewer shards than streams, the streams share them.
+        ws, urls = self.cfg.world_size, self.urls
+        urls = urls[self.cfg.rank::ws] if ws > 1 and len(urls) >= ws else urls
+        urls = urls[logical::num_workers] if num_workers > 1 and len(urls) >= num_workers else urls
+        shards = wds.ResampledShards(urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
         for shard_idx, shard in enumerate(shards):
             if shard_idx < shard_skip:
                 continue  # replaying the shard draws is cheap: RNG only, nothing is opened
@@ -393,10 +400,12 @@ class StreamTracker:
         # The stream's seed when the run has no --seed (drawn once by the trainer): a resume must read the same
         # resampled stream, or the saved positions would point into another one.
         self.base_seed: int | None = None
+        self.world_size: int | None = None  # processes of the run that read the stream (the shards' split across ranks)
         if state:
             self.num_workers, self.next_worker = int(state["num_workers"]), int(state["next_worker"])
             self.positions = {str(k): list(v) for k, v in state["positions"].items()}
             self.base_seed = int(state["base_seed"]) if state.get("base_seed") is not None else None
+            self.world_size = int(state["world_size"]) if state.get("world_size") is not None else None
 
     def consumed(self, batch: dict[str, Any]) -> None:
         """Record that `batch` was used for training."""
@@ -408,6 +417,8 @@ class StreamTracker:
     def state(self) -> dict:
         """A weights_only-safe dict for DataConfig.resume_state."""
         state = {"num_workers": self.num_workers, "next_worker": self.next_worker, "positions": dict(self.positions)}
+        if self.world_size is not None:
+            state["world_size"] = self.world_size
         return state if self.base_seed is None else {**state, "base_seed": self.base_seed}
 
 

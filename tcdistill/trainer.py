@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import ConfigError, TrainConfig, first_line
-from .data import DataConfig, StreamTracker, build_train_dataloader
+from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
@@ -196,6 +196,10 @@ class Trainer:
         if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers):
             logger.warning("The checkpoint's data stream was read by %d loader worker(s), this run uses %d: "
                            "the shard stream starts fresh instead of continuing exactly.", self.stream.num_workers, c.dataloader_num_workers)
+        ws = self.accelerator.num_processes
+        if self.global_step and self.stream.world_size not in (None, ws) and self.accelerator.is_main_process:
+            logger.warning("The checkpoint's data streams were read by %d process(es), this run has %d: each rank's shard "
+                           "stream starts fresh instead of continuing exactly.", self.stream.world_size, ws)
         dcfg = DataConfig(
             train_shards_path_or_url=c.train_latents_path_or_url or c.train_shards_path_or_url, resolution=c.resolution, interpolation_type=c.interpolation_type,
             center_crop=c.center_crop, random_flip=c.random_flip, train_batch_size=c.train_batch_size,
@@ -206,6 +210,12 @@ class Trainer:
             # A resumed run continues the shard stream exactly where its checkpoint left it.
             resume_state=self.stream.state() if self.global_step else None,
         )
+        self.stream.world_size = self.accelerator.num_processes
+        n_shards, streams = len(expand_urls(dcfg.train_shards_path_or_url)), ws * max(1, c.dataloader_num_workers)
+        if n_shards < streams and self.accelerator.is_main_process:
+            logger.warning("%d shard(s) for %d process(es) x %d loader worker(s): streams that share a shard read it in the "
+                           "same order and repeat each other's batches; use at least %d shards.", n_shards, ws,
+                           max(1, c.dataloader_num_workers), streams)
         if c.train_latents_path_or_url:
             from .data_cached import build_cached_dataloader
 
@@ -275,7 +285,7 @@ class Trainer:
         """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
 
         `loss` is this rank's step loss on the device. Gradients are already all-reduced here, so their norm is the
-        same on every rank; the non-finite-loss flag is summed over ranks. The loss, the flag and the norm's
+        same on every rank; the loss and the non-finite-loss flag are averaged over ranks. The loss, the flag and the norm's
         finiteness come to the host in one transfer, not four syncs (each sync stalls the host until the GPU
         drains, and the GPU step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
         (it skips and lowers the scale). Returns (loss value, apply the step).
@@ -283,8 +293,9 @@ class Trainer:
         acc = self.accelerator
         grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
         loss = loss.reshape(()).float()
-        bad = (~torch.isfinite(loss)).float().reshape(1)
-        bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad
+        bad = (~torch.isfinite(loss)).float()
+        if acc.num_processes > 1:  # one collective: the loss of the global batch (not rank 0's share), and any bad rank
+            loss, bad = acc.reduce(torch.stack([loss, bad]), reduction="mean").unbind()
         norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
         loss_value, n_bad, grad_ok = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float()]).tolist()
         if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):

@@ -200,6 +200,29 @@ def test_deterministic_and_distinct_streams(tmp_path: Path) -> None:
     assert stream(seed=1)[0] != caps
 
 
+def test_ranks_never_train_on_identical_batches(tmp_path: Path) -> None:
+    """Two ranks with the same --seed: no step where both get the same batch (they used to whenever their
+    resampled streams drew the same shard at once; seed 2 gave identical batches at 12 of 16 steps; with 2 loader
+    workers and seed 0 every batch came twice)."""
+    for i in range(2):
+        write_shard(tmp_path / f"r-{i}.tar", [good_sample(f"k{j}", f"s{i}-{j}") for j in range(8)])
+    spec = str(tmp_path / "r-{0..1}.tar")
+    for seed in (0, 2):
+        b0, b1 = (batches(cfg_for(spec, seed=seed, rank=r, world_size=2, train_batch_size=2), 16) for r in (0, 1))
+        same = [i for i, (x, y) in enumerate(zip(b0, b1)) if x["captions"] == y["captions"]]
+        assert same == [], (seed, same)
+        # Nor do two loader workers of one rank (the loader takes their batches in turn).
+        bs = batches(cfg_for(spec, seed=seed, dataloader_num_workers=2, train_batch_size=2), 16)
+        same = [i for i in range(0, 16, 2) if bs[i]["captions"] == bs[i + 1]["captions"]]
+        assert same == [], (seed, same)
+    # Each rank reads its share of the shards, so a stream's saved position holds only for the same process count.
+    from tcdistill.data import StreamTracker
+
+    tracker = StreamTracker()
+    tracker.world_size = 2
+    assert StreamTracker(tracker.state()).world_size == 2
+
+
 def test_center_vs_random_crop(tmp_path: Path) -> None:
     # 64x16 image with a black / white / black band layout: the centre band is white.
     arr = np.zeros((16, 64, 3), dtype=np.uint8)

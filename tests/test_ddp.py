@@ -7,6 +7,7 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
 
@@ -22,10 +23,11 @@ _train_step = trainer_mod.Trainer.train_step
 
 def train_step(self, batch):
     path = os.path.join(os.environ["TCD_BATCH_LOG_DIR"], f"rank{self.accelerator.process_index}.jsonl")
+    loss, stats = _train_step(self, batch)
     with open(path, "a") as f:
         f.write(json.dumps({"step": self.global_step, "captions": list(batch["captions"]),
-                            "pixel_sum": float(batch["pixel_values"].double().sum())}) + "\\n")
-    return _train_step(self, batch)
+                            "pixel_sum": float(batch["pixel_values"].double().sum()), "loss": loss.item()}) + "\\n")
+    return loss, stats
 
 
 trainer_mod.Trainer.train_step = train_step
@@ -97,3 +99,6 @@ def test_ddp_full_ranks_see_different_data(tiny_teacher: Path, tiny_shards: str,
     # Each rank reads its own resampled shard stream: at every step the two ranks' batches differ.
     for b0, b1 in zip(seen[0], seen[1]):
         assert (b0["captions"], b0["pixel_sum"]) != (b1["captions"], b1["pixel_sum"]), (b0, b1)
+    # The logged loss is the global batch's (the mean over ranks), not rank 0's share.
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([(b0["loss"] + b1["loss"]) / 2 for b0, b1 in zip(seen[0], seen[1])], rel=1e-5)
