@@ -199,6 +199,21 @@ def test_refiner_layout_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     check_teacher_config(dataclasses.replace(cfg, pretrained_teacher_model=str(sdxl_teacher)))  # the full layout passes
 
 
+def test_aesthetic_score_unet_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """A UNet whose added conditioning takes five time ids (a refiner's aesthetic score) or another pooled width than
+    text_encoder_2 projects to: one line before any load (it was a matmul shape traceback in the first step)."""
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.models import check_teacher_config
+
+    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"unet/config.json": {"projection_class_embeddings_input_dim": 16 + 5 * 8}})
+    for f in teacher.glob("*/*.safetensors"):
+        f.unlink()  # a weights load would fail with another message
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl")
+    with pytest.raises(ConfigError, match=r"projection_class_embeddings_input_dim=56.* = 64; it expects 5 time ids \(a refiner"):
+        check_teacher_config(cfg)
+
+
 def test_vae_latent_channels_must_match_unet(sdxl_teacher: Path, tmp_path: Path) -> None:
     """--pretrained_vae_model_name_or_path with another latent width than the UNet takes: one line before any load
     (it was a conv traceback in the first step)."""
