@@ -23,6 +23,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Flags that name a local file or folder (a hub id never starts with `~`).
+_PATH_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "output_dir", "cache_dir", "logging_dir",
+               "resume_from_checkpoint")
+
+
 @dataclass
 class TrainConfig:
     """Every flag of the reference TCD/LCM scripts (same names and defaults) plus tcdistill's own."""
@@ -129,6 +134,12 @@ class TrainConfig:
     validation_seed: int = _f(0, "Seed of the validation noise.")
 
     def __post_init__(self) -> None:
+        # A shell leaves `~` unexpanded after `--flag=` (the README's form): expand it here, as the shard urls are, instead
+        # of writing to (or loading from) a folder literally named `~` under the working directory.
+        for name in _PATH_FLAGS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         self.validate()
 
     # ---------------------------------------------------------------- checks

@@ -133,6 +133,9 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
         hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
         raise ValueError(f"cannot load the LoRA {lora} onto the teacher: {first_line(e)}{hint}") from None
+    from .export import check_unet_lora_loaded
+
+    check_unet_lora_loaded(student, f)
     view.fuse_lora()
     return student.eval().requires_grad_(False)
 

@@ -36,6 +36,14 @@ def lora_file(path: str | os.PathLike) -> Path:
     return f
 
 
+def check_unet_lora_loaded(unet: Any, f: str | os.PathLike) -> None:
+    """Refuse a file that `load_lora_weights` accepted without giving the UNet any adapter: diffusers only warns ("No
+    LoRA keys associated to UNet2DConditionModel found") and the base model would sample as if it were the student."""
+    if not getattr(unet, "peft_config", None):
+        raise ValueError(f"{f} has no UNet LoRA weights in diffusers or kohya form (a training checkpoint's "
+                         f"lora.safetensors is resume state, not a LoRA to load; use an output's {LORA_WEIGHT_NAME})")
+
+
 def _unet_adapter_config(metadata: dict[str, str] | None) -> dict[str, Any]:
     """The UNet adapter's PEFT config from the file's `lora_adapter_metadata` ({} when the file has none)."""
     if not metadata or _METADATA_KEY not in metadata:

@@ -129,6 +129,9 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
             hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
             raise ValueError(f"cannot load the LoRA {lora} onto {base}: {first_line(e)}{hint}") from None
+        from .export import check_unet_lora_loaded
+
+        check_unet_lora_loaded(pipe.unet, folder / name)
         pipe.fuse_lora(lora_scale=lora_scale)  # fused: sampling runs at the base model's speed
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

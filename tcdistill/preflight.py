@@ -32,6 +32,8 @@ def check_output_dir(path: str) -> None:
     """Fail before any weights load when `--output_dir` cannot be created or written (read-only, no permission)."""
     import tempfile
 
+    if os.path.exists(path) and not os.path.isdir(path):  # makedirs says "File exists", read as "not writable: File exists"
+        raise ConfigError(f"--output_dir {path!r} is a file, not a folder.")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

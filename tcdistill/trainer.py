@@ -244,6 +244,13 @@ class Trainer:
         if ck is None:
             if self.cfg.resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s; starting a new run.", self.cfg.output_dir)
+            elif (old := self.ckpt.latest()) is not None and self.accelerator.is_main_process:
+                # An earlier run's checkpoints stay until this run overwrites each step: `latest` would pick the
+                # earlier run's newest one (and its outputs and metrics.jsonl would mix with this run's) without a word.
+                logger.warning("%s already holds checkpoints of an earlier run (newest: %s); without --resume_from_checkpoint "
+                               "this run starts over and replaces them step by step, and until then "
+                               "--resume_from_checkpoint latest picks the earlier run's. Pass --resume_from_checkpoint "
+                               "latest to continue it, or use another --output_dir.", self.cfg.output_dir, old)
             return None
         path = ck.path
         saved = {"variant": ck.meta.get("variant"), "model_family": ck.meta.get("config", {}).get("model_family")}

@@ -309,3 +309,25 @@ def test_validation_guidance_outside_the_trained_w_range_is_warned(tiny_teacher:
         caplog.clear()
         Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "b"), validation_guidance_scale=3.0))
         assert "outside the trained range" not in caplog.text
+
+
+def test_tilde_in_path_flags_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--output_dir=~/run` reaches the script unexpanded (bash expands `~` only at a word's start): it wrote to a
+    folder literally named `~` in the working directory, while `~` in the shard urls was already expanded."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = build_parser().parse_args(["--pretrained_teacher_model=~/teacher", "--train_shards_path_or_url=s.tar",
+                                     "--output_dir=~/run", "--resume_from_checkpoint=~/run/checkpoint-2", "--max_train_steps=1"])
+    cfg = TrainConfig(**vars(cfg))
+    assert cfg.output_dir == str(tmp_path / "run") and cfg.pretrained_teacher_model == str(tmp_path / "teacher")
+    assert cfg.resume_from_checkpoint == str(tmp_path / "run" / "checkpoint-2")
+    assert TrainConfig(**BASE, output_dir="out~", resume_from_checkpoint="latest").output_dir == "out~"
+
+
+def test_output_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
+    """QA: an existing file as --output_dir was refused as "is not writable: File exists"."""
+    from tcdistill.preflight import check_output_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_output_dir(str(tmp_path / "f"))
+    check_output_dir(str(tmp_path / "new" / "dir"))

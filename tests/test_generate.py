@@ -255,3 +255,24 @@ def test_ignored_flags_are_refused(tiny_teacher: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--guidance_scale must be finite"):
         eval_main(["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"),
                    "--steps", "1", "--guidance_scale", "nan"])
+
+
+def test_a_lora_file_without_unet_keys_is_refused(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: a training checkpoint's `checkpoint-N/lora.safetensors` (bare PEFT keys, no `unet.` prefix) passed as --lora
+    loaded nothing (diffusers only warns) and generate/eval sampled the bare base model as the student, exit 0."""
+    import safetensors.torch
+
+    from tcdistill.evaluate import load_student, load_teacher
+
+    lora = make_lora(sd_teacher, tmp_path / "lora")
+    bare = {k[len("unet."):]: v for k, v in safetensors.torch.load_file(lora / "pytorch_lora_weights.safetensors").items()}
+    ckpt = tmp_path / "checkpoint-2" / "lora.safetensors"
+    ckpt.parent.mkdir()
+    safetensors.torch.save_file(bare, ckpt)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--lora", str(ckpt), "--base", str(sd_teacher), "--prompt", "x", "--steps", "1", "--device", "cpu",
+              "--output_dir", str(tmp_path / "gen")])
+    assert exc.value.code not in (0, None) and "no UNet LoRA weights" in capsys.readouterr().err
+    assert not (tmp_path / "gen").exists() or not list((tmp_path / "gen").glob("*.png"))
+    with pytest.raises(ValueError, match="no UNet LoRA weights"):
+        load_student(load_teacher(str(sd_teacher)), lora=str(ckpt))

@@ -267,3 +267,28 @@ def test_resume_is_checked_before_loading_and_past_max_steps_refused(lora_seed_r
     with pytest.raises(CheckpointError, match=r"at step 3, past --max_train_steps 2"):
         tr.train()
     assert (out / "tcdistill_config.json").read_bytes() == record
+
+
+def test_fresh_run_over_an_earlier_runs_checkpoints_warns(lora_seed_run: dict[str, Any], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The same command without --resume_from_checkpoint in an output dir that holds another run's checkpoints: it
+    starts over (as the reference), but says so; it used to say nothing while `latest` kept pointing at the old run."""
+    import logging
+
+    import tcdistill.trainer as trainer_mod
+    from tcdistill.config import parse_config
+
+    out = tmp_path / "out"
+    shutil.copytree(lora_seed_run["out"], out)
+    flags = [f.replace(str(lora_seed_run["out"]), str(out)) for f in lora_seed_run["flags"]]
+    flags = [f for f in flags if not f.startswith("--resume_from_checkpoint=")]
+    tr = trainer_mod.Trainer(parse_config(flags, defaults={"variant": "lora"}))
+    with caplog.at_level(logging.WARNING, logger="tcdistill"):
+        assert tr.maybe_resume() is None
+    assert "checkpoints of an earlier run" in caplog.text and "checkpoint-3" in caplog.text
+    caplog.clear()
+    empty = tmp_path / "empty"
+    tr = trainer_mod.Trainer(parse_config([f.replace(str(out), str(empty)) for f in flags], defaults={"variant": "lora"}))
+    with caplog.at_level(logging.WARNING, logger="tcdistill"):
+        assert tr.maybe_resume() is None
+    assert "earlier run" not in caplog.text
