@@ -125,17 +125,9 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
     student = copy.deepcopy(pipe.unet)
     view = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=student,
                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from .export import lora_file
+    from .export import load_unet_lora
 
-    f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
-    try:
-        view.load_lora_weights(str(f.parent), weight_name=f.name)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
-        hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
-        raise ValueError(f"cannot load the LoRA {lora} onto the teacher: {first_line(e)}{hint}") from None
-    from .export import check_unet_lora_loaded
-
-    check_unet_lora_loaded(student, f)
+    load_unet_lora(view, lora, "the teacher")
     view.fuse_lora()
     return student.eval().requires_grad_(False)
 
@@ -177,12 +169,9 @@ class Evaluator:
         pipe.to(self.device)
         # Training's schedule (DDPMScheduler over the teacher's scheduler config, as the families load it): the
         # pipeline's own class may differ at the ends (Euler puts 2**-24 where zero-SNR DDPM and TCDScheduler put 0).
-        from diffusers import DDPMScheduler
+        from .families import ddpm_schedule
 
-        from .families import schedule_fields
-
-        config = pipe.scheduler.config
-        self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(config, **schedule_fields(config))).to(self.device)
+        self.schedule = NoiseSchedule.from_scheduler(ddpm_schedule(pipe.scheduler.config)).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]

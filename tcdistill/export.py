@@ -36,12 +36,22 @@ def lora_file(path: str | os.PathLike) -> Path:
     return f
 
 
-def check_unet_lora_loaded(unet: Any, f: str | os.PathLike) -> None:
-    """Refuse a file that `load_lora_weights` accepted without giving the UNet any adapter: diffusers only warns ("No
-    LoRA keys associated to UNet2DConditionModel found") and the base model would sample as if it were the student."""
-    if not getattr(unet, "peft_config", None):
+def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str) -> Path:
+    """`pipe.load_lora_weights` of `lora_file(lora)`, with its failures as one ValueError (a size mismatch: a LoRA of
+    another base model) and a file that gave the UNet no adapter refused: diffusers only warns ("No LoRA keys associated
+    to UNet2DConditionModel found") and the base model would sample as if it were the student. Returns the file."""
+    from .config import first_line
+
+    f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
+    try:
+        pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
+        hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
+        raise ValueError(f"cannot load the LoRA {lora} onto {onto}: {first_line(e)}{hint}") from None
+    if not getattr(pipe.unet, "peft_config", None):
         raise ValueError(f"{f} has no UNet LoRA weights in diffusers or kohya form (a training checkpoint's "
                          f"lora.safetensors is resume state, not a LoRA to load; use an output's {LORA_WEIGHT_NAME})")
+    return f
 
 
 def _unet_adapter_config(metadata: dict[str, str] | None) -> dict[str, Any]:

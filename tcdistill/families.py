@@ -84,22 +84,27 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "rescale_betas_zero_snr")
 
 
+def _init_defaults(cls: Any) -> dict[str, Any]:
+    """The keyword defaults of a diffusers class's `__init__` (what `from_config` uses for fields a config leaves out)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
 def schedule_fields(config: Any) -> dict[str, Any]:
     """The schedule-defining fields of a scheduler config, those its file leaves out filled in from the defaults of its own
     class (`_class_name`), to pass as explicit keyword arguments whenever another scheduler class is built from it.
     diffusers' `from_config` drops every field the file left out (`_use_default_values`) and the new class uses its own
     defaults instead: TCDScheduler's betas (scaled_linear 0.00085..0.012) are not DDIM's, PNDM's or Euler's (linear
     0.0001..0.02), so a student would sample on another noise schedule than the one it was trained on."""
-    import inspect
-
     import diffusers
 
     out = {k: config[k] for k in SCHEDULE_KEYS if k in config}
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if isinstance(cls, type):
-        params = inspect.signature(cls.__init__).parameters
-        out.update({k: params[k].default for k in SCHEDULE_KEYS
-                    if k not in out and k in params and params[k].default is not inspect.Parameter.empty})
+        defaults = _init_defaults(cls)
+        out.update({k: defaults[k] for k in SCHEDULE_KEYS if k not in out and k in defaults})
     return out
 
 
@@ -107,13 +112,11 @@ def sampler_overrides(schedule_config: Any, sampler: str) -> dict[str, Any]:
     """The schedule fields of a trained schedule's config (SCHEDULE_KEYS but trained_betas) that differ from the defaults of
     the diffusers class `sampler`: what `sampler.from_config(pipe.scheduler.config, ...)` in a user's code must pass
     explicitly, since from_config replaces fields the teacher's file left to its own class's defaults with `sampler`'s."""
-    import inspect
-
     import diffusers
 
-    params = inspect.signature(getattr(diffusers, sampler).__init__).parameters
+    defaults = _init_defaults(getattr(diffusers, sampler))
     return {k: schedule_config[k] for k in SCHEDULE_KEYS
-            if k != "trained_betas" and k in schedule_config and k in params and schedule_config[k] != params[k].default}
+            if k != "trained_betas" and k in schedule_config and k in defaults and schedule_config[k] != defaults[k]}
 
 
 def teacher_scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -124,13 +127,17 @@ def teacher_scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
                                           cache_dir=cfg.cache_dir))
 
 
-def load_noise_scheduler(cfg: TrainConfig) -> Any:
-    """The teacher's noise schedule as a DDPMScheduler: its scheduler config (any DDPM-type class: PNDM, DDIM, Euler,
-    DPM-Solver...) with the schedule fields it leaves out taken from that class's defaults, not DDPMScheduler's."""
+def ddpm_schedule(config: Any) -> Any:
+    """A scheduler config (any DDPM-type class: PNDM, DDIM, Euler, DPM-Solver...) as a DDPMScheduler, with the schedule
+    fields it leaves out taken from its own class's defaults, not DDPMScheduler's (`schedule_fields`)."""
     from diffusers import DDPMScheduler
 
-    raw = teacher_scheduler_config(cfg)
-    return DDPMScheduler.from_config(raw, **schedule_fields(raw))
+    return DDPMScheduler.from_config(config, **schedule_fields(config))
+
+
+def load_noise_scheduler(cfg: TrainConfig) -> Any:
+    """The teacher's noise schedule as a DDPMScheduler (`ddpm_schedule` of its scheduler config)."""
+    return ddpm_schedule(teacher_scheduler_config(cfg))
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:

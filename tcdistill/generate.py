@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import first_line
-from .export import LORA_WEIGHT_NAME, lora_file
+from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import unet_sample_hw
 from .preflight import resolve_device
 
@@ -120,18 +120,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     pipe = cls.from_pretrained(base, **kw, **({"variant": variant} if variant else {}))
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
-        p = Path(lora)
-        folder, name = (p, LORA_WEIGHT_NAME) if p.is_dir() else (p.parent, p.name)
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"no LoRA weights at {folder / name} (expected a LoRA output folder or a .safetensors file)")
-        try:
-            pipe.load_lora_weights(str(folder), weight_name=name)
-        except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
-            hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
-            raise ValueError(f"cannot load the LoRA {lora} onto {base}: {first_line(e)}{hint}") from None
-        from .export import check_unet_lora_loaded
-
-        check_unet_lora_loaded(pipe.unet, folder / name)
+        load_unet_lora(pipe, lora, base)
         pipe.fuse_lora(lora_scale=lora_scale)  # fused: sampling runs at the base model's speed
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -74,14 +74,14 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     one finer than its timesteps, or one whose top step has zero SNR (`rescale_betas_zero_snr`) under epsilon
     prediction, where `x0 = (x_t - sigma_t eps) / alpha_t` divides by zero: NaN losses (skipped steps) in training and
     NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
-    from diffusers import DDPMScheduler, TCDScheduler
+    from diffusers import TCDScheduler
 
-    from .families import schedule_fields, teacher_scheduler_config
+    from .families import ddpm_schedule, schedule_fields, teacher_scheduler_config
     from .schedule import ddim_grid
 
     try:
         raw = teacher_scheduler_config(cfg)
-        sched = DDPMScheduler.from_config(raw, **schedule_fields(raw))  # what the family load builds from the same config
+        sched = ddpm_schedule(raw)  # what the family load builds from the same config
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
     # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,

@@ -146,6 +146,17 @@ def _teacher_copy(src: Path, dst: Path, edit: dict[str, dict]) -> Path:
     return dst
 
 
+def _config_only_cfg(sdxl_teacher: Path, dst: Path, edit: dict[str, dict]):  # -> TrainConfig
+    """The SDXL config of a `_teacher_copy` without weight files (a weights load would fail with another message)."""
+    from tcdistill.config import TrainConfig
+
+    teacher = _teacher_copy(sdxl_teacher, dst, edit)
+    for f in teacher.glob("*/*.safetensors"):
+        f.unlink()
+    return TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                       max_train_steps=1, model_family="sdxl")
+
+
 def test_uncond_follows_force_zeros_for_empty_prompt(sdxl_teacher: Path, tmp_path: Path) -> None:
     """A teacher with force_zeros_for_empty_prompt false guides with the encoding of "" (its pipeline's negative
     prompt), not zeros; the validation pipeline keeps the teacher's setting."""
@@ -173,14 +184,10 @@ def test_uncond_follows_force_zeros_for_empty_prompt(sdxl_teacher: Path, tmp_pat
 
 def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """Tokenizers padding to different lengths cannot be concatenated per token: one ConfigError before any weights load."""
-    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.config import ConfigError
     from tcdistill.models import check_teacher_config
 
-    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"tokenizer_2/tokenizer_config.json": {"model_max_length": 32}})
-    for f in teacher.glob("*/*.safetensors"):
-        f.unlink()  # a weights load would fail with another message
-    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
-                      max_train_steps=1, model_family="sdxl")
+    cfg = _config_only_cfg(sdxl_teacher, tmp_path / "t", {"tokenizer_2/tokenizer_config.json": {"model_max_length": 32}})
     with pytest.raises(ConfigError, match=r"tokenizer_2 pad to different lengths \(16, 32\)"):
         check_teacher_config(cfg)
 
@@ -202,14 +209,10 @@ def test_refiner_layout_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
 def test_aesthetic_score_unet_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """A UNet whose added conditioning takes five time ids (a refiner's aesthetic score) or another pooled width than
     text_encoder_2 projects to: one line before any load (it was a matmul shape traceback in the first step)."""
-    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.config import ConfigError
     from tcdistill.models import check_teacher_config
 
-    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"unet/config.json": {"projection_class_embeddings_input_dim": 16 + 5 * 8}})
-    for f in teacher.glob("*/*.safetensors"):
-        f.unlink()  # a weights load would fail with another message
-    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
-                      max_train_steps=1, model_family="sdxl")
+    cfg = _config_only_cfg(sdxl_teacher, tmp_path / "t", {"unet/config.json": {"projection_class_embeddings_input_dim": 16 + 5 * 8}})
     with pytest.raises(ConfigError, match=r"projection_class_embeddings_input_dim=56.* = 64; it expects 5 time ids \(a refiner"):
         check_teacher_config(cfg)
 

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_sdxl import one_thread  # noqa: E402,F401 - an autouse fixture
 
 
 def _cfg(teacher: Path, shards: str, out: Path, **kw):
