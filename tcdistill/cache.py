@@ -170,14 +170,14 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
                       cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
                       model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size)
-    check_teacher_config(cfg)
+    tokenizers = check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
     if args.data_timeout < 0:
         raise ConfigError(f"--data_timeout must be >= 0 (0 = wait forever), got {args.data_timeout}.")
     device = resolve_device(args.device)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
-    family = load_family(cfg)
+    family = load_family(cfg, tokenizers)
     family.unet = None  # only the encoders are needed here
     family.to(device, dtype)
     ds = _OnePass(DataConfig(train_shards_path_or_url=args.train_shards_path_or_url, resolution=args.resolution,

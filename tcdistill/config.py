@@ -19,6 +19,20 @@ def first_line(e: BaseException) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
+# The seeds each consumer takes: numpy's legacy generator, which accelerate's set_seed seeds (with random and torch)
+# from --seed, takes [0, 2**32 - 1]; torch generators take [-2**63, 2**64 - 1] (a negative seed is mapped to 2**64 + seed).
+NUMPY_SEEDS = (0, 2**32 - 1)
+TORCH_SEEDS = (-2**63, 2**64 - 1)
+
+
+def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, uses: str = "") -> None:
+    """Refuse, as one ConfigError line, a seed whose `count` consecutive seeds (seed .. seed + count - 1, `uses` says why
+    several) leave `bounds`: numpy and torch fail on them deep inside seeding with a cryptic message."""
+    low, high = bounds
+    if not low <= seed <= high - (count - 1):
+        raise ConfigError(f"{flag} must be in [{low}, {high - (count - 1)}]{' ' + uses if uses else ''}, got {seed}.")
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -152,6 +166,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):  # the parser checks choices; configs built in code are checked here
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             need(not choices or value in choices or (value is None and f.default is None), f"--{f.name} must be one of {', '.join(map(str, choices or []))}; got {value!r}.")
+        if self.seed is not None:
+            check_seed("--seed", self.seed, NUMPY_SEEDS)
         need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
         need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
              "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")

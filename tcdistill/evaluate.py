@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import first_line
+from .config import TORCH_SEEDS, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
+from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
 from .tcd import guidance_embedding
@@ -391,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.output and Path(args.output).is_dir():
         sys.exit(f"tcdistill eval: error: --output {args.output} is a directory (give the JSON file to write)")
     try:
+        # x_T from --seed, re-noising from --seed + 1 (torch generators); an --output that cannot be written: both
+        # found here, not after all the sampling.
+        check_seed("--seed", args.seed, TORCH_SEEDS, count=2, uses="(the noise uses --seed, the re-noising --seed + 1)")
+        if args.output:
+            check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(args.prompts)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)
@@ -410,5 +416,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = ev.teacher_rows() + ev.student_rows("lora" if args.lora else "unet", student, args.sampler)
     print(format_table(rows))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": json_rows(rows)}, indent=1))

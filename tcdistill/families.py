@@ -62,6 +62,15 @@ def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig
     return cls.from_pretrained(src, subfolder=subfolder, cache_dir=cfg.cache_dir, **kw)
 
 
+def load_tokenizer(cfg: TrainConfig, subfolder: str, loaded: dict[str, Any] | None = None) -> Any:
+    """The teacher's tokenizer in `subfolder`: the one in `loaded` (what the pre-load check read) or a fresh load."""
+    if loaded and subfolder in loaded:
+        return loaded[subfolder]
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, cfg.pretrained_teacher_model, subfolder, cfg, use_fast=False)
+
+
 def load_error(what: str, e: Exception) -> ConfigError:
     """A failed weights load as one line; the --allow_pickle_weights hint only where no safetensors file was found (a
     .bin-only model), not for a damaged one."""
@@ -165,14 +174,14 @@ class SDFamily:
         _freeze(text_encoder, vae, unet)
 
     @classmethod
-    def load(cls, cfg: TrainConfig) -> "SDFamily":
-        """Load tokenizer, text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
+    def load(cls, cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> "SDFamily":
+        """Load tokenizer (unless in `tokenizers`), text encoder, VAE, UNet and noise schedule of the teacher (hub id or local folder)."""
         from diffusers import UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
         src = cfg.pretrained_teacher_model
         return cls(
-            tokenizer=_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
+            tokenizer=load_tokenizer(cfg, "tokenizer", tokenizers),
             text_encoder=_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
             vae=_load_vae(cfg),
             unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
@@ -271,15 +280,14 @@ class SDXLFamily:
         _freeze(*text_encoders, vae, unet)
 
     @classmethod
-    def load(cls, cfg: TrainConfig) -> "SDXLFamily":
-        """Load both tokenizers and text encoders, VAE, UNet and noise schedule of an SDXL teacher."""
+    def load(cls, cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> "SDXLFamily":
+        """Load both tokenizers (unless in `tokenizers`) and text encoders, VAE, UNet and noise schedule of an SDXL teacher."""
         from diffusers import UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         src = cfg.pretrained_teacher_model
         return cls(
-            tokenizers=(_from_pretrained(AutoTokenizer, src, "tokenizer", cfg, use_fast=False),
-                        _from_pretrained(AutoTokenizer, src, "tokenizer_2", cfg, use_fast=False)),
+            tokenizers=(load_tokenizer(cfg, "tokenizer", tokenizers), load_tokenizer(cfg, "tokenizer_2", tokenizers)),
             text_encoders=(_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
                            _from_pretrained(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
             vae=_load_vae(cfg),
@@ -362,6 +370,7 @@ class SDXLFamily:
 FAMILIES: dict[str, type] = {"sd": SDFamily, "sdxl": SDXLFamily}
 
 
-def load_family(cfg: TrainConfig) -> SDFamily | SDXLFamily:
-    """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL)."""
-    return FAMILIES[cfg.model_family].load(cfg)
+def load_family(cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> SDFamily | SDXLFamily:
+    """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL); `tokenizers`: those
+    `models.check_teacher_config` already read, by subfolder (the rest load here)."""
+    return FAMILIES[cfg.model_family].load(cfg, tokenizers)

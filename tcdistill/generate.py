@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import first_line
+from .config import TORCH_SEEDS, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import unet_sample_hw
-from .preflight import resolve_device
+from .preflight import check_output_dir, resolve_device
 
 FULL_MODEL_GUIDANCE = 8.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,13 +157,15 @@ def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt (image i uses seed + i, so outputs do not depend on --batch_size); return the PNG paths."""
     device = str(resolve_device(args.device))  # a bad --device is the first thing reported
     prompts = read_prompts(args.prompt, args.prompt_file)
+    check_seed("--seed", args.seed, TORCH_SEEDS, count=len(prompts), uses=f"for {len(prompts)} prompts (image i uses --seed + i)")
     if args.lora:
         lora_file(args.lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
     run = run_config(args.unet or args.lora)
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dtype = DTYPES[dtype_name]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
     sampling = run_sampling(run)
     if args.scheduler:
@@ -171,8 +173,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} exists and is not a directory")
+    check_output_dir(args.output_dir)  # the last check: it makes the folder
     pipe = load_pipeline(base, args.unet, args.lora, device, dtype, args.lora_scale, vae, sampling)
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
@@ -183,7 +184,6 @@ def generate(args: argparse.Namespace) -> list[str]:
     gs = args.guidance_scale
     if gs is None:
         gs = run_guidance(run, FULL_MODEL_GUIDANCE) if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
-    os.makedirs(args.output_dir, exist_ok=True)
     paths, records = [], []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
@@ -194,8 +194,11 @@ def generate(args: argparse.Namespace) -> list[str]:
             name = f"{start + j:05d}_{_slug(prompt)}.png"
             image.save(os.path.join(args.output_dir, name))
             paths.append(os.path.join(args.output_dir, name))
+            # What sets the image (with the run's saved flags next to --unet/--lora): a line says how to make it again.
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
-                            "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs, "base": base, "unet": args.unet, "lora": args.lora})
+                            "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
+                            "height": height, "width": width, "dtype": dtype_name, "base": base, "unet": args.unet, "lora": args.lora,
+                            "lora_scale": args.lora_scale if args.lora else None, "vae": vae})
     write_metadata(Path(args.output_dir) / "metadata.jsonl", records)
     return paths
 

@@ -157,10 +157,12 @@ def push_to_hub(cfg: TrainConfig, outputs: list[str], repo_id: str, schedule: An
     upload output_dir without checkpoints."""
     from huggingface_hub import upload_folder
 
+    from .preflight import LOCK_NAME
+
     write_model_card(cfg, outputs, repo=repo_id, schedule=schedule)
     upload_folder(
         repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token, commit_message="End of TCD training",
-        # Resumable checkpoints (optimizer state) and their staging folders stay local.
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.tmp*"],
+        # Resumable checkpoints (optimizer state), their staging folders and the run's lock file stay local.
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.tmp*", LOCK_NAME],
     )
     return repo_id

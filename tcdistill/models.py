@@ -21,9 +21,9 @@ def vae_scale_factor(vae_config: dict) -> int:
     return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
-def check_teacher_config(cfg: TrainConfig) -> None:
+def check_teacher_config(cfg: TrainConfig) -> dict[str, Any]:
     """Read only the configs (no weights) and reject a resolution the VAE cannot take (or latents the UNet cannot take,
-    or a teacher of another family), before anything loads."""
+    or a teacher of another family), before anything loads. Returns the tokenizers read on the way (for `load_family`)."""
     from diffusers import AutoencoderKL
 
     vae_src, sub = (cfg.pretrained_vae_model_name_or_path, None) if cfg.pretrained_vae_model_name_or_path else (cfg.pretrained_teacher_model, "vae")
@@ -37,24 +37,23 @@ def check_teacher_config(cfg: TrainConfig) -> None:
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
     check_teacher_family(cfg, vae_cfg)
-    check_teacher_tokenizers(cfg)
+    return check_teacher_tokenizers(cfg)
 
 
-def check_teacher_tokenizers(cfg: TrainConfig) -> None:
+def check_teacher_tokenizers(cfg: TrainConfig) -> dict[str, Any]:
     """Prompts are padded to the tokenizer's own model_max_length (as SD pipelines do): a tokenizer without a pad token,
     or without a model_max_length (transformers then reports ~1e30), failed inside the first training step with a
     transformers traceback (diffusers' pipelines fail on it too). Refuse it in one line before any weights load.
-    A tokenizer that cannot be read is left to the load that follows, which reports it."""
-    from transformers import AutoTokenizer
+    A tokenizer that cannot be read is left to the load that follows, which reports it. Returns the tokenizers that
+    passed, by subfolder, so that the family load does not read them again."""
+    from .families import load_tokenizer
 
-    from .families import _from_pretrained
-
-    lengths = []
+    lengths, checked = [], {}
     for sub in ("tokenizer", "tokenizer_2") if cfg.model_family == "sdxl" else ("tokenizer",):
         try:
-            tok = _from_pretrained(AutoTokenizer, cfg.pretrained_teacher_model, sub, cfg, use_fast=False)
+            tok = load_tokenizer(cfg, sub)
         except Exception:  # noqa: BLE001 - reported by the load that follows
-            return
+            return checked
         where = f"the teacher's {sub} ({cfg.pretrained_teacher_model}/{sub}/tokenizer_config.json)"
         if tok.pad_token is None:
             raise ConfigError(f"{where} has no pad_token; prompts are padded to its model_max_length: set one "
@@ -63,9 +62,11 @@ def check_teacher_tokenizers(cfg: TrainConfig) -> None:
             raise ConfigError(f"{where} sets no model_max_length (got {tok.model_max_length}); prompts are padded to it: set "
                               f"the text encoder's max_position_embeddings (77 for SD).")
         lengths.append(int(tok.model_max_length))
+        checked[sub] = tok
     if len(set(lengths)) > 1:  # SDXL concatenates both encoders' hidden states per token (its own pipeline fails too)
         raise ConfigError(f"the teacher's tokenizer and tokenizer_2 pad to different lengths {tuple(lengths)} (model_max_length); "
                           "SDXL concatenates their hidden states per token, so they must be equal.")
+    return checked
 
 
 def check_teacher_schedule(cfg: TrainConfig) -> None:

@@ -4,6 +4,7 @@ trackers, hub repo, and the --device of the cache and inference commands."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -28,18 +29,56 @@ def check_shards(spec: str) -> None:
         raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
 
 
-def check_output_dir(path: str) -> None:
-    """Fail before any weights load when `--output_dir` cannot be created or written (read-only, no permission)."""
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+    """Fail before any weights load when the folder `path` (named `flag` in the message) cannot be created or written
+    (read-only, no permission), instead of after the work whose results it was to hold."""
     import tempfile
 
     if os.path.exists(path) and not os.path.isdir(path):  # makedirs says "File exists", read as "not writable: File exists"
-        raise ConfigError(f"--output_dir {path!r} is a file, not a folder.")
+        raise ConfigError(f"{flag} {path!r} is a file, not a folder.")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ConfigError(f"--output_dir {path!r} is not writable: {e.strerror or e}") from None
+        raise ConfigError(f"{flag} {path!r} is not writable: {e.strerror or e}") from None
+
+
+LOCK_NAME = ".tcdistill.lock"
+_held_locks: dict[str, int] = {}  # real path of an output dir -> the open lock file's descriptor, kept for the process's life
+
+
+def lock_output_dir(path: str) -> None:
+    """Hold an exclusive lock on the output dir (`LOCK_NAME` in it) for the rest of this process, or raise a one-line
+    ConfigError naming the process that holds it. Two runs on one --output_dir interleaved their checkpoints and
+    metrics.jsonl, and each save deletes the staging folders it finds as a killed save's leftovers, the other run's
+    in-flight one included ("save failed"). The kernel drops an flock
+    when its process ends, SIGKILL included, so a killed run leaves no stale lock and its resume takes the lock again.
+    Held per process: trainers built one after another in one process (tests, the demo, the bench) share it. Where the
+    filesystem has no flock (some network mounts) the run goes on unguarded, with a warning."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return
+    key = os.path.realpath(path)
+    if key in _held_locks:
+        return
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"--output_dir {path!r} is in use by another training run (pid {holder}, holding {LOCK_NAME}); "
+                          "wait for it to end, or pick another --output_dir.") from None
+    except OSError as e:
+        os.close(fd)
+        logging.getLogger("tcdistill").warning("--output_dir %s cannot be locked (%s): nothing stops a second run on it "
+                                               "from mixing its checkpoints with this one's.", path, e.strerror or e)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the refusal message of a second run
+    _held_locks[key] = fd
 
 
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:

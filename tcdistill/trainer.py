@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
-from .config import ConfigError, TrainConfig, first_line
+from .config import NUMPY_SEEDS, ConfigError, TrainConfig, check_seed, first_line
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
-from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo
+from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
@@ -92,12 +92,19 @@ class Trainer:
         acc = self.accelerator
         cfg.mixed_precision = acc.mixed_precision
         check_environment(cfg, acc.device)
+        if cfg.seed is not None:  # set_seed(device_specific=True) seeds numpy on rank r with --seed + r
+            check_seed("--seed", cfg.seed, NUMPY_SEEDS, count=acc.num_processes,
+                       uses=f"with {acc.num_processes} processes (rank r seeds with --seed + r)")
         check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
-        check_teacher_config(cfg)
+        tokenizers = check_teacher_config(cfg)  # read once: the family load below keeps them
         check_teacher_schedule(cfg)
-        check_output_dir(cfg.output_dir)
         self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
-        self.ckpt.resolve(cfg.resume_from_checkpoint)  # a path that is no complete checkpoint: one line, before any weights load
+        # A path that is no complete checkpoint: one line, before any weights load and before the output dir is made
+        # (a mistyped path used to leave an empty --output_dir behind).
+        self.ckpt.resolve(cfg.resume_from_checkpoint)
+        check_output_dir(cfg.output_dir)
+        if acc.is_main_process:  # one lock per run: the main process saves, the other ranks only write into its staging
+            lock_output_dir(cfg.output_dir)
         self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -109,7 +116,7 @@ class Trainer:
         self.device = acc.device
 
         try:
-            self.family = family = load_family(cfg)
+            self.family = family = load_family(cfg, tokenizers)
         except (OSError, ValueError) as e:
             raise load_error(f"cannot load the teacher {cfg.pretrained_teacher_model!r}", e) from None
         if cfg.train_latents_path_or_url:

@@ -291,3 +291,29 @@ def test_resume_without_seed_reads_the_same_data_stream(tiny_teacher, tiny_shard
     resumed.maybe_resume()
     assert resumed.global_step == 1 and resumed._data_seed() == first._data_seed()
     assert Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "b"), max_train_steps=1))._data_seed() != first._data_seed()
+
+
+def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_is_gone(config_only_teacher, tiny_shards, run_env, tmp_path):
+    """QA: two runs started on one --output_dir at once interleaved their checkpoints, and each run's save removed the
+    other's staging folder as a stale leftover ("save failed"). The second run now stops in one line before loading
+    anything; the lock dies with its holder (SIGKILL here), so a resume after a kill is not blocked."""
+    from tcdistill import preflight
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_train("full", flags_for("full", config_only_teacher, tiny_shards, out), run_env)
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and "in use by another training run" in errors[0] and f"pid {holder.pid}" in errors[0], proc.stdout[-2000:]
+        assert "Traceback" not in proc.stdout
+        with pytest.raises(preflight.ConfigError, match="in use by another training run"):
+            preflight.lock_output_dir(str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    preflight.lock_output_dir(str(out))  # taken at once: no stale lock survives a SIGKILL
+    os.close(preflight._held_locks.pop(os.path.realpath(out)))

@@ -331,3 +331,55 @@ def test_output_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         check_output_dir(str(tmp_path / "f"))
     check_output_dir(str(tmp_path / "new" / "dir"))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64 - 1])
+def test_out_of_range_seed_is_one_line_at_parse_time(seed: int, capsys: pytest.CaptureFixture) -> None:
+    """QA: --seed -1 or 2**64-1 passed the parser and failed at set_seed with numpy's traceback ("Seed must be between
+    0 and 2**32 - 1"): accelerate seeds numpy's generator with it. Refused at parse time now; the ends of the range pass."""
+    from tcdistill.config import parse_config
+
+    argv = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1"]
+    with pytest.raises(SystemExit):
+        parse_config([*argv, f"--seed={seed}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed must be in [0, 4294967295]" in err[0], err
+    for ok in (0, 2**32 - 1):
+        assert parse_config([*argv, f"--seed={ok}"]).seed == ok
+
+
+def test_seed_range_counts_every_rank(tiny_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank seeds with --seed + its rank (accelerate's device_specific seeding): on 2 processes the top seed is
+    2**32 - 2, refused in one line before any weights load instead of failing on rank 1 only."""
+    import accelerate
+
+    import tcdistill.trainer as trainer_mod
+
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer_mod, "load_family", lambda *a, **k: pytest.fail("weights loaded before the seed check"))
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "o"),
+                      resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", seed=2**32 - 1)
+    with pytest.raises(ConfigError, match=r"--seed must be in \[0, 4294967294\] with 2 processes"):
+        trainer_mod.Trainer(cfg)
+
+
+def test_start_up_reads_the_teachers_tokenizer_once(tiny_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: the pre-load tokenizer check loaded the teacher's tokenizer(s), then the family load loaded them again
+    (~0.6 s each for SD's 49k-token BPE on this VM, and hub requests for a hub id): the load now keeps the checked ones."""
+    from transformers import AutoTokenizer
+
+    import tcdistill.trainer as trainer_mod
+
+    loads: list[str] = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def counting(cls, *args, **kw):
+        loads.append(kw.get("subfolder"))
+        return real(cls, *args, **kw)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counting))
+    tr = trainer_mod.Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards,
+                                         output_dir=str(tmp_path / "o"), resolution=32, max_train_steps=1, report_to="none",
+                                         mixed_precision="no", validation_steps=0))
+    assert loads == ["tokenizer"]
+    assert tr.family.tokenizer.pad_token is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def test_generate_lora_sd(sd_teacher: Path, tmp_path: Path, capsys: pytest.Captu
     meta = [json.loads(line) for line in (tmp_path / "b2" / "metadata.jsonl").read_text().splitlines()]
     assert [(m["prompt"], m["seed"], m["guidance_scale"]) for m in meta] == [
         ("a red square", 5, 0.0), ("a green triangle", 6, 0.0), ("a white circle", 7, 0.0)]
+    # QA: the LoRA scale, image size and dtype were missing, so a line did not say how to make its image again
+    assert {(m["lora_scale"], m["height"], m["width"], m["dtype"], m["vae"]) for m in meta} == {(1.0, 32, 32, "fp32", None)}
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
@@ -121,7 +124,7 @@ def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path
     xl = full_output(sdxl_teacher, tmp_path / "xl")
     cases = {
         "exceeds the 50 points": ["--lora", str(lora), "--base", str(sd_teacher), "--steps", "51"],
-        "is not a directory": ["--lora", str(lora), "--base", str(sd_teacher), "--output_dir", str(tmp_path / "afile")],
+        "is a file, not a folder": ["--lora", str(lora), "--base", str(sd_teacher), "--output_dir", str(tmp_path / "afile")],
         "no LoRA weights at": ["--lora", str(tmp_path / "missing"), "--base", str(sd_teacher)],
         "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(sd_teacher)],
         "SDXL model but --base": ["--unet", str(xl), "--base", str(sd_teacher)],
@@ -276,3 +279,34 @@ def test_a_lora_file_without_unet_keys_is_refused(sd_teacher: Path, tmp_path: Pa
     assert not (tmp_path / "gen").exists() or not list((tmp_path / "gen").glob("*.png"))
     with pytest.raises(ValueError, match="no UNet LoRA weights"):
         load_student(load_teacher(str(sd_teacher)), lora=str(ckpt))
+
+
+def test_out_of_range_seed_and_unwritable_outputs_are_refused_before_loading(tiny_teacher: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """QA: generate's image i uses --seed + i and eval draws its noise from --seed and its re-noising from --seed + 1, all
+    torch generators: a seed past [-2**63, 2**64 - 1] failed after the models had loaded (and some images were written)
+    with "Overflow when unpacking long long". And eval found an --output it could not write only after all the sampling,
+    generate an --output_dir it could not make only after loading the pipeline. Each is one line before any model loads."""
+    import tcdistill.evaluate as evaluate
+    import tcdistill.generate as generate
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded before the check"))
+    monkeypatch.setattr(evaluate, "load_teacher", lambda *a, **k: pytest.fail("teacher loaded before the check"))
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # nothing can be made below a regular file, as on a read-only filesystem
+    gen = ["generate", "--unet", str(tiny_teacher / "unet"), "--base", str(tiny_teacher), "--prompt_file", str(tmp_path / "p.txt")]
+    ev = ["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"), "--steps", "1"]
+    cases = [(lambda a: main([*gen, *a, "--output_dir", str(tmp_path / "g")]), ["--seed", str(2**64 - 1)], r"--seed must be in \[-9223372036854775808, 18446744073709551614\]"),
+             (lambda a: main([*gen, *a, "--output_dir", str(tmp_path / "g")]), ["--seed", str(-2**63 - 1)], "--seed must be in"),
+             (lambda a: main([*gen, *a]), ["--output_dir", str(blocker / "g")], "--output_dir .* is not writable"),
+             (lambda a: evaluate.main([*ev, *a]), ["--seed", str(2**64 - 1)], r"--seed must be in \[-9223372036854775808, 18446744073709551614\]"),
+             (lambda a: evaluate.main([*ev, *a]), ["--output", str(blocker / "d" / "e.json")], "--output.* is not writable")]
+    for run, argv, needle in cases:
+        with pytest.raises(SystemExit) as exc:
+            run(argv)
+        # generate prints its error (argparse's exit); eval's sys.exit(message) leaves the printing to the interpreter
+        printed = capsys.readouterr().err if exc.value.code == 2 else str(exc.value.code)
+        err = [ln for ln in printed.splitlines() if ln.strip()]
+        assert len(err) == 1 and re.search(needle, err[0]), (argv, err)
+    assert not (tmp_path / "g").exists()

@@ -58,6 +58,7 @@ def test_training_writes_card_and_pushes(sd_teacher: Path, tmp_path: Path, monke
     up = hub.calls[1][1]
     assert up["repo_id"] == "me/tcd-lora" and Path(up["folder_path"]) == out
     assert {"README.md", "pytorch_lora_weights.safetensors", "tcdistill_config.json", "validation/lora-step000002.png"} <= set(hub.uploaded)
+    assert (out / ".tcdistill.lock").is_file() and ".tcdistill.lock" not in hub.uploaded  # the run's lock stays local
     assert not [f for f in hub.uploaded if f.startswith("checkpoint-")] and (out / "checkpoint-2").is_dir()
     for f in hub.uploaded:  # the hub token is in no uploaded file
         assert b"hf_SECRET" not in (out / f).read_bytes(), f

@@ -162,6 +162,21 @@ def test_unwritable_output_dir_is_a_config_error_before_loading(config_only_teac
                             train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1, report_to="none", mixed_precision="no"))
 
 
+def test_missing_resume_path_is_refused_before_the_output_dir_is_made(config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """QA: a --resume_from_checkpoint path that does not exist was refused in one line, but only after an empty
+    --output_dir had been created: a typo in the path left a stray folder behind."""
+    from tcdistill.checkpoint import CheckpointError
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    out = tmp_path / "new_out"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(TrainConfig(pretrained_teacher_model=str(config_only_teacher), output_dir=str(out), train_shards_path_or_url=tiny_shards,
+                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no",
+                            resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-5")))
+    assert not out.exists()
+
+
 def _as_edm(conf: dict[str, Any]) -> None:
     for k in ("beta_schedule", "beta_start", "beta_end"):
         conf.pop(k, None)
