@@ -33,6 +33,14 @@ def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, us
         raise ConfigError(f"{flag} must be in [{low}, {high - (count - 1)}]{' ' + uses if uses else ''}, got {seed}.")
 
 
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of a red fox sitting in the snow",
+    "a watercolor painting of a lighthouse at sunset",
+    "a close-up portrait of an old man with a beard",
+    "a bowl of fruit on a wooden table, studio lighting",
+]
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -225,6 +233,10 @@ class TrainConfig:
              "--validation_inference_steps lists no step counts (or pass --validation_steps 0 for no validation).")
         for n in self.inference_steps:
             need(1 <= n <= self.num_ddim_timesteps, f"--validation_inference_steps: {n} not in [1, {self.num_ddim_timesteps}].")
+        if self.validation_steps:
+            n = len(self.validation_prompt_list)
+            check_seed("--validation_seed", self.validation_seed, TORCH_SEEDS, count=n,
+                       uses=f"for {n} validation prompts (prompt i samples with --validation_seed + i)")
 
     @property
     def inference_steps(self) -> list[int]:
@@ -232,6 +244,11 @@ class TrainConfig:
             return [int(x) for x in self.validation_inference_steps.split(",") if x.strip()]
         except ValueError as e:
             raise ConfigError(f"--validation_inference_steps must be comma-separated integers: {e}") from None
+
+    @property
+    def validation_prompt_list(self) -> list[str]:
+        """--validation_prompts split at '|', or the built-in prompts."""
+        return [p for p in (self.validation_prompts or "").split("|") if p.strip()] or list(DEFAULT_VALIDATION_PROMPTS)
 
     @property
     def lora_modules(self) -> list[str]:

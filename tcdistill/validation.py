@@ -15,13 +15,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = [
-    "a photo of a red fox sitting in the snow",
-    "a watercolor painting of a lighthouse at sunset",
-    "a close-up portrait of an old man with a beard",
-    "a bowl of fruit on a wooden table, studio lighting",
-]
-
 
 def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     """Tile HWC uint8 images row by row into one PIL image."""
@@ -89,7 +82,7 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
     from .trainer import eager_unets
 
     cfg = trainer.cfg
-    prompts = [p for p in (cfg.validation_prompts or "").split("|") if p.strip()] or DEFAULT_PROMPTS
+    prompts = cfg.validation_prompt_list
     steps = cfg.inference_steps
     out_dir = os.path.join(cfg.output_dir, "validation")
     os.makedirs(out_dir, exist_ok=True)

@@ -383,3 +383,14 @@ def test_start_up_reads_the_teachers_tokenizer_once(tiny_teacher: Path, tiny_sha
                                          mixed_precision="no", validation_steps=0))
     assert loads == ["tokenizer"]
     assert tr.family.tokenizer.pad_token is not None
+
+
+def test_out_of_range_validation_seed_is_a_config_error() -> None:
+    """QA: validation prompt i samples with --validation_seed + i (a torch generator): --validation_seed 2**64-1 trained
+    a step, then ended the run at the first validation with "Overflow when unpacking long long" (a traceback)."""
+    with pytest.raises(ConfigError, match=r"--validation_seed must be in \[-9223372036854775808, 18446744073709551612\] for 4 validation prompts"):
+        TrainConfig(**BASE, validation_seed=2**64 - 1)
+    with pytest.raises(ConfigError, match=r"18446744073709551614\] for 2 validation prompts"):
+        TrainConfig(**BASE, validation_seed=2**64 - 1, validation_prompts="a|b")
+    TrainConfig(**BASE, validation_seed=2**64 - 2, validation_prompts="a|b")
+    TrainConfig(**BASE, validation_seed=2**64 - 1, validation_steps=0)  # no validation, no seed used
