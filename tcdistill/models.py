@@ -40,6 +40,17 @@ def check_teacher_config(cfg: TrainConfig) -> dict[str, Any]:
     return check_teacher_tokenizers(cfg)
 
 
+def text_encoder_config(cfg: TrainConfig, subfolder: str) -> Any:
+    """The teacher's `subfolder` text encoder config (a CLIPTextConfig), or None where it cannot be read (left to the load)."""
+    from transformers import CLIPTextConfig
+
+    try:
+        return CLIPTextConfig.from_pretrained(cfg.pretrained_teacher_model, subfolder=subfolder, revision=cfg.teacher_revision,
+                                              cache_dir=cfg.cache_dir)
+    except Exception:  # noqa: BLE001 - reported by the load that follows
+        return None
+
+
 def check_teacher_tokenizers(cfg: TrainConfig) -> dict[str, Any]:
     """Prompts are padded to the tokenizer's own model_max_length (as SD pipelines do): a tokenizer without a pad token,
     or without a model_max_length (transformers then reports ~1e30), failed inside the first training step with a
@@ -61,6 +72,12 @@ def check_teacher_tokenizers(cfg: TrainConfig) -> dict[str, Any]:
         if not 0 < int(tok.model_max_length) <= 1_000_000:
             raise ConfigError(f"{where} sets no model_max_length (got {tok.model_max_length}); prompts are padded to it: set "
                               f"the text encoder's max_position_embeddings (77 for SD).")
+        # CLIP's position embeddings bound the prompt length: a longer padding failed in the text encoder's forward.
+        te = text_encoder_config(cfg, sub.replace("tokenizer", "text_encoder"))
+        if te is not None and int(tok.model_max_length) > int(te.max_position_embeddings):
+            raise ConfigError(f"{where} pads prompts to model_max_length {tok.model_max_length}, but the teacher's "
+                              f"{sub.replace('tokenizer', 'text_encoder')} has only max_position_embeddings "
+                              f"{te.max_position_embeddings}; set model_max_length to at most that.")
         lengths.append(int(tok.model_max_length))
         checked[sub] = tok
     if len(set(lengths)) > 1:  # SDXL concatenates both encoders' hidden states per token (its own pipeline fails too)
@@ -105,6 +122,19 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
                           f"--num_ddim_timesteps that does not divide {n_train} so the grid stops short of t={n_train - 1}.")
 
 
+def unet_extra_inputs(unet_cfg: Any) -> str | None:
+    """What a UNet config needs beyond the prompt states (and SDXL's text_time ids), or None. Training, validation and
+    the SD/SDXL pipelines call the UNet with `encoder_hidden_states` (+ SDXL's `text_embeds`/`time_ids`) only, so a
+    class embedding (`class_labels`) or an image-conditioned embedding (`image_embeds`) failed inside the first step."""
+    if unet_cfg.get("class_embed_type") is not None or unet_cfg.get("num_class_embeds") is not None:
+        return f"class labels (class_embed_type={unet_cfg.get('class_embed_type')}, num_class_embeds={unet_cfg.get('num_class_embeds')})"
+    if unet_cfg.get("addition_embed_type") not in (None, "text", "text_time"):
+        return f"image embeddings (addition_embed_type={unet_cfg['addition_embed_type']!r})"
+    if unet_cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
+        return f"image embeddings (encoder_hid_dim_type={unet_cfg['encoder_hid_dim_type']!r})"
+    return None
+
+
 def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     """Reject an SDXL teacher given to the SD scripts (it failed in the first step's teacher forward) or an SD teacher
     given to the SDXL ones (it failed loading a second tokenizer), from the UNet's config alone. A config that cannot
@@ -133,6 +163,10 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
         raise ConfigError(f"the teacher's UNet already takes a guidance embedding (time_cond_proj_dim="
                           f"{unet_cfg['time_cond_proj_dim']}): it is a guidance-distilled (LCM/TCD) student, not a diffusion "
                           "teacher; distill from the model it was distilled from.")
+    extra = unet_extra_inputs(unet_cfg)
+    if extra:
+        raise ConfigError(f"the teacher's UNet needs {extra}, which SD/SDXL text-to-image pipelines do not give it (an upscaler-, "
+                          "Kandinsky- or unCLIP-style UNet): not supported.")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
@@ -143,6 +177,27 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     if family == "sdxl":
         check_sdxl_components(cfg)
         check_sdxl_added_cond(cfg, unet_cfg)
+    check_text_width(cfg, unet_cfg)
+
+
+def check_text_width(cfg: TrainConfig, unet_cfg: Any) -> None:
+    """The UNet attends to the text encoders' hidden states (SDXL: both side by side), through its `encoder_hid_dim`
+    projection where it has one, else directly at its `cross_attention_dim` (one width per block where a list). Another
+    width failed in the first step's teacher forward with a matmul shape traceback: refuse it in one line before any
+    weights load. Configs that cannot be read are left to the load that follows."""
+    want = unet_cfg.get("encoder_hid_dim") or unet_cfg.get("cross_attention_dim")
+    if want is None:
+        return
+    subs = ("text_encoder", "text_encoder_2") if cfg.model_family == "sdxl" else ("text_encoder",)
+    configs = [text_encoder_config(cfg, sub) for sub in subs]
+    if any(c is None for c in configs):
+        return
+    width = sum(int(c.hidden_size) for c in configs)
+    if any(int(d) != width for d in (want if isinstance(want, (list, tuple)) else [want])):
+        sizes = " + ".join(f"{sub} {c.hidden_size}" for sub, c in zip(subs, configs))
+        field = "encoder_hid_dim" if unet_cfg.get("encoder_hid_dim") else "cross_attention_dim"
+        raise ConfigError(f"the teacher's UNet takes prompt states of width {want} ({field}), but its text encoder hidden size is "
+                          f"{sizes}{f' = {width}' if len(subs) > 1 else ''}: they must match.")
 
 
 def check_sdxl_added_cond(cfg: TrainConfig, unet_cfg: Any) -> None:

@@ -164,3 +164,32 @@ def test_infinite_guidance_range_is_refused(w: dict) -> None:
 
     with pytest.raises(ConfigError, match="--w_min/--w_max must be finite"):
         TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1, **w)
+
+
+def _edit_json(path: Path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("component, fields, message", [
+    # an upscaler-style class embedding: "class_labels should be provided" traceback in the first step
+    ("unet/config.json", dict(class_embed_type="timestep"), "needs class labels \\(class_embed_type=timestep"),
+    ("unet/config.json", dict(addition_embed_type="image", encoder_hid_dim=32), "needs image embeddings \\(addition_embed_type='image'\\)"),
+    # a text encoder of another width than cross_attention_dim: "mat1 and mat2 shapes cannot be multiplied" in the first step
+    ("text_encoder/config.json", dict(hidden_size=48), "width 32 \\(cross_attention_dim\\), but its text encoder hidden size is text_encoder 48"),
+    ("unet/config.json", dict(encoder_hid_dim=48), "width 48 \\(encoder_hid_dim\\), but its text encoder hidden size is text_encoder 32"),
+    # prompts padded past CLIP's position embeddings: "Sequence length must be less than max_position_embeddings"
+    ("tokenizer/tokenizer_config.json", dict(model_max_length=77), "model_max_length 77, but the teacher's text_encoder has only max_position_embeddings 16"),
+])
+def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields: dict, message: str, config_only_teacher: Path,
+                                                          tiny_shards: str, tmp_path: Path) -> None:
+    """A teacher whose UNet needs inputs a text-to-image pipeline does not give, or whose text encoder does not fit its UNet
+    or its tokenizer, failed inside the first training step with a shape or missing-input traceback: refused in one line
+    from the configs, before any weights load (the folder holds none)."""
+    from tcdistill.config import ConfigError
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    _edit_json(teacher / component, **fields)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4))
