@@ -90,12 +90,13 @@ def load_teacher(teacher: str) -> Any:
     if name != "StableDiffusionPipeline":
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
     from .families import pipeline_variant
-    from .generate import _dtype_kwargs
+    from .generate import _dtype_kwargs, sd_text_encoder
 
     variant = pipeline_variant(teacher)  # a teacher saved with fp16 variant files loads only when asked for them
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
     pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False,
+                                                   **sd_text_encoder(teacher, torch.float32, variant),
                                                    **_dtype_kwargs(torch.float32), **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):

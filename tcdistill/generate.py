@@ -90,6 +90,21 @@ def pipeline_class(base: str) -> Any:
     return classes[name]
 
 
+def sd_text_encoder(base: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
+    """`{"text_encoder": CLIPTextModel}` for an SD base whose model_index.json names a CLIPTextModelWithProjection text
+    encoder, else {}: StableDiffusionPipeline takes the encoder's first output as the prompt states, for that class its
+    pooled projection ([B, D]), and sampling failed with "not enough values to unpack". Training conditions on the last
+    hidden state of the same weights (families.SDFamily loads them as CLIPTextModel), which this gives the pipeline."""
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTextModel
+
+    entry = DiffusionPipeline.load_config(base).get("text_encoder") or [None, None]
+    if entry[1] != "CLIPTextModelWithProjection":
+        return {}
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype, **({"variant": variant} if variant else {}))
+    return {"text_encoder": te}
+
+
 def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """`dtype=` where diffusers takes it (it deprecates `torch_dtype`), else the older `torch_dtype=`."""
     try:
@@ -117,6 +132,8 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     from .families import pipeline_variant
 
     variant = pipeline_variant(base)  # a base saved with fp16 variant files loads only when asked for them
+    if cls.__name__ == "StableDiffusionPipeline":
+        kw.update(sd_text_encoder(base, dtype, variant))
     pipe = cls.from_pretrained(base, **kw, **({"variant": variant} if variant else {}))
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:

@@ -193,3 +193,27 @@ def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields
     _edit_json(teacher / component, **fields)
     with pytest.raises(ConfigError, match=message):
         Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4))
+
+
+def test_text_encoder_with_projection_samples_as_trained(tmp_path: Path) -> None:
+    """An SD teacher whose text_encoder is saved as CLIPTextModelWithProjection trained (conditioned on the last hidden
+    state), but `tcdistill generate` and `eval` failed with "not enough values to unpack": StableDiffusionPipeline took the
+    pooled projection as prompt states. Both now sample on the hidden states training used."""
+    from transformers import CLIPTextModelWithProjection
+
+    from tcdistill.evaluate import load_teacher
+    from tcdistill.generate import load_pipeline
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(None)
+    te = CLIPTextModelWithProjection(pipe.text_encoder.config)
+    te.load_state_dict(pipe.text_encoder.state_dict(), strict=False)
+    pipe.register_modules(text_encoder=te)
+    pipe.save_pretrained(str(tmp_path / "teacher"), safe_serialization=True)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    want = te(ids).last_hidden_state
+    for loaded in (load_pipeline(str(tmp_path / "teacher"), None, None, "cpu", torch.float32), load_teacher(str(tmp_path / "teacher"))):
+        states, _ = loaded.encode_prompt("a red circle", "cpu", 1, False)
+        torch.testing.assert_close(states, want)
+        out = loaded("a red circle", num_inference_steps=1, guidance_scale=0.0, output_type="latent").images
+        assert torch.isfinite(out).all()
