@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_image_size", type=int, default=None, help="Skip images smaller than this (default 0; SDXL: 700, as its scripts).")
     p.add_argument("--max_pwatermark", type=float, default=None, help="Skip samples whose json pwatermark exceeds this (default 1.0 = off; SDXL: 0.5, as its scripts).")
     p.add_argument("--batch_size", type=int, default=32, help="Images per VAE/text-encoder call.")
-    p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching.")
+    p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching "
+                   "(SDXL's own VAE stays fp32 under fp16, as in training, unless --pretrained_vae_model_name_or_path gives an fp16-safe one).")
     p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the crops/flips.")
@@ -101,12 +102,13 @@ def _npy_bytes(a: Tensor, dtype: Any) -> bytes:
 
 
 @torch.no_grad()
-def _encode(family: Any, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def _encode(family: Any, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Posterior (mean, std) x scaling_factor, and the prompt conditioning of a batch."""
     from .models import latent_normalization, scale_latents
 
     vae = family.vae
-    dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
+    # The VAE's own dtype, not --encode_dtype: SDXL's VAE stays fp32 under fp16 (family.to, as in training).
+    dist = vae.encode(batch["pixel_values"].to(device, next(vae.parameters()).dtype)).latent_dist
     norm = latent_normalization(vae.config, family.name)  # as training encodes (SDXL VAEs with latents_mean/std)
     return scale_latents(dist.mean, vae.config, norm), scale_latents(dist.std, vae.config, norm, std_only=True), family.encode(batch, device)
 
@@ -202,7 +204,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                         return
                     batch = _batch([s for _, s in pending])
                     captions = batch["captions"]
-                    mean, std, cond = _encode(family, batch, device, dtype)
+                    mean, std, cond = _encode(family, batch, device)
                     latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
                     if uncond is None:
                         uncond, from_cond = _uncond_layout(family, batch, device)

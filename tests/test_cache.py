@@ -302,3 +302,23 @@ def test_cache_defaults_follow_the_family_scripts() -> None:
     args = build_parser().parse_args([*base, "--model_family", "sdxl", "--min_image_size", "0", "--resolution", "512"])
     fill_family_defaults(args)
     assert (args.resolution, args.min_image_size, args.max_pwatermark) == (512, 0, 0.5)
+
+
+def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(one_shard: str, tmp_path: Path) -> None:
+    """QA: `tcdistill cache --model_family sdxl --encode_dtype fp16` (the natural choice on a GPU) crashed in the first
+    batch ("Input type (c10::Half) and bias type (float) should be the same"): SDXL's VAE stays fp32 under fp16 (its
+    `force_upcast`, as in training) but the pixels were cast to fp16. The pixels follow the VAE's own dtype, as training
+    encodes them; the latents equal those of an fp32 encode, and the text embeddings come from the fp16 encoders."""
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    teacher = tmp_path / "sdxl"
+    build_tiny_sdxl_pipeline(teacher)
+    caches = {dtype: _read_tar(_cache(teacher, one_shard, tmp_path / dtype, "--model_family", "sdxl", "--encode_dtype", dtype,
+                                      "--storage_dtype", "fp32", "--min_image_size", "0", "--max_pwatermark", "1"))
+              for dtype in ("fp32", "fp16")}
+    assert caches["fp16"].keys() == caches["fp32"].keys() and len(caches["fp16"]) == 4
+    for key, want in caches["fp32"].items():
+        got = caches["fp16"][key]
+        for member in ("latents.npy", "latents_std.npy", "time_ids.npy"):  # the VAE ran in fp32 both times
+            np.testing.assert_array_equal(got[member], want[member])
+        np.testing.assert_allclose(got["encoder_hidden_states.npy"], want["encoder_hidden_states.npy"], rtol=0.02, atol=0.02)
