@@ -29,6 +29,9 @@ from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
+# Stored in fp32 whatever --storage_dtype says: SDXL's time ids are pixel counts, embedded sinusoidally per pixel, and fp16
+# holds integers exactly only up to 2048 (an original width of 2051 would cache as 2052: another conditioning than live).
+EXACT_KEYS = ("time_ids",)
 
 
 class _OnePass(ImageTextShards):
@@ -211,7 +214,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                     for j, (key, _) in enumerate(pending):
                         rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
                                "txt": captions[j].encode("utf-8")}
-                        rec.update({f"{k}.npy": _npy_bytes(cond[k][j], store) for k in cond_keys})
+                        rec.update({f"{k}.npy": _npy_bytes(cond[k][j], np.float32 if k in EXACT_KEYS else store) for k in cond_keys})
                         sink.write(rec)
                     n_samples += len(pending)
                     pending.clear()

@@ -3,8 +3,8 @@
 Layout of a cached dataset directory (the sidecar files sit next to the shards):
 
 - `NNNNN.tar`: per sample `latents.npy` (posterior mean x scaling_factor, [C, h, w]), `latents_std.npy` (posterior
-  std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]) and
-  `txt` (the caption, kept for reference);
+  std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]; SDXL adds
+  `text_embeds.npy` and `time_ids.npy`, the latter always fp32) and `txt` (the caption, kept for reference);
 - `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts);
 - `uncond.safetensors`: stored once (one row per key), the unconditional conditioning that is the same for every
   sample and, as `empty.<key>`, the encoding of "" (for --proportion_empty_prompts); keys listed in the metadata's

@@ -322,3 +322,31 @@ def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(one_shard: str, tmp_pa
         for member in ("latents.npy", "latents_std.npy", "time_ids.npy"):  # the VAE ran in fp32 both times
             np.testing.assert_array_equal(got[member], want[member])
         np.testing.assert_allclose(got["encoder_hidden_states.npy"], want["encoder_hidden_states.npy"], rtol=0.02, atol=0.02)
+
+
+def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(tmp_path: Path) -> None:
+    """QA: the default fp16 cache stored SDXL's time ids in fp16, which holds integers exactly only up to 2048: an
+    original width of 2051 px was cached as 2052 (and 2053 as 2052), so the cached micro-conditioning (sinusoidally
+    embedded per pixel) was not what the live path computes from the same image. They are stored in fp32."""
+    from shards_util import image_bytes, solid, write_shard
+
+    from tcdistill.data import DataConfig, build_train_dataloader
+    from tcdistill.families import load_family
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    teacher = tmp_path / "sdxl"
+    build_tiny_sdxl_pipeline(teacher)
+    # 33 px high: resized to 32 x ~2000, so the crop's left edge is past 2048 too (under --center_crop: 978, 979).
+    shard = write_shard(tmp_path / "wide.tar", [(f"k{i}", {"png": image_bytes(solid("RGB", (2051 + 2 * i, 33), (200, 30, 30)), "PNG"),
+                                                        "txt": "a wide red band"}) for i in range(2)])
+    cached = _read_tar(_cache(teacher, shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
+                              "--max_pwatermark", "1"))
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url=shard, max_train_steps=1,
+                      model_family="sdxl", resolution=RES, center_crop=True)
+    live = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shard, resolution=RES, center_crop=True,
+                                                       train_batch_size=2, seed=0))))
+    want = load_family(cfg).time_ids(live, torch.device("cpu"))
+    assert want[:, 1].tolist() == [2051, 2053]
+    got = torch.from_numpy(np.stack([cached[k]["time_ids.npy"] for k in ("k0", "k1")]))
+    assert torch.equal(got.float(), want), (got, want)
+    assert cached["k0"]["latents.npy"].dtype == np.float16  # the rest keeps the storage dtype
