@@ -31,6 +31,15 @@ def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
     return shard_pattern(path, 1)
 
 
+@pytest.fixture(scope="module")
+def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("sdxl_teacher")
+    build_tiny_sdxl_pipeline(path)
+    return path
+
+
 def _cache(teacher: Path, shards: str, out: Path, *extra: str) -> str:
     cache_main(["--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", shards, "--output_dir", str(out),
                 "--resolution", str(RES), "--center_crop", "--batch_size", "3", *extra])
@@ -304,16 +313,12 @@ def test_cache_defaults_follow_the_family_scripts() -> None:
     assert (args.resolution, args.min_image_size, args.max_pwatermark) == (512, 0, 0.5)
 
 
-def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(one_shard: str, tmp_path: Path) -> None:
+def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(sdxl_teacher: Path, one_shard: str, tmp_path: Path) -> None:
     """QA: `tcdistill cache --model_family sdxl --encode_dtype fp16` (the natural choice on a GPU) crashed in the first
     batch ("Input type (c10::Half) and bias type (float) should be the same"): SDXL's VAE stays fp32 under fp16 (its
     `force_upcast`, as in training) but the pixels were cast to fp16. The pixels follow the VAE's own dtype, as training
     encodes them; the latents equal those of an fp32 encode, and the text embeddings come from the fp16 encoders."""
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    teacher = tmp_path / "sdxl"
-    build_tiny_sdxl_pipeline(teacher)
-    caches = {dtype: _read_tar(_cache(teacher, one_shard, tmp_path / dtype, "--model_family", "sdxl", "--encode_dtype", dtype,
+    caches = {dtype: _read_tar(_cache(sdxl_teacher, one_shard, tmp_path / dtype, "--model_family", "sdxl", "--encode_dtype", dtype,
                                       "--storage_dtype", "fp32", "--min_image_size", "0", "--max_pwatermark", "1"))
               for dtype in ("fp32", "fp16")}
     assert caches["fp16"].keys() == caches["fp32"].keys() and len(caches["fp16"]) == 4
@@ -324,7 +329,7 @@ def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(one_shard: str, tmp_pa
         np.testing.assert_allclose(got["encoder_hidden_states.npy"], want["encoder_hidden_states.npy"], rtol=0.02, atol=0.02)
 
 
-def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(tmp_path: Path) -> None:
+def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(sdxl_teacher: Path, tmp_path: Path) -> None:
     """QA: the default fp16 cache stored SDXL's time ids in fp16, which holds integers exactly only up to 2048: an
     original width of 2051 px was cached as 2052 (and 2053 as 2052), so the cached micro-conditioning (sinusoidally
     embedded per pixel) was not what the live path computes from the same image. They are stored in fp32."""
@@ -332,16 +337,13 @@ def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(tmp_path: Path) -> No
 
     from tcdistill.data import DataConfig, build_train_dataloader
     from tcdistill.families import load_family
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
 
-    teacher = tmp_path / "sdxl"
-    build_tiny_sdxl_pipeline(teacher)
     # 33 px high: resized to 32 x ~2000, so the crop's left edge is past 2048 too (under --center_crop: 978, 979).
     shard = write_shard(tmp_path / "wide.tar", [(f"k{i}", {"png": image_bytes(solid("RGB", (2051 + 2 * i, 33), (200, 30, 30)), "PNG"),
                                                         "txt": "a wide red band"}) for i in range(2)])
-    cached = _read_tar(_cache(teacher, shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
+    cached = _read_tar(_cache(sdxl_teacher, shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
                               "--max_pwatermark", "1"))
-    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url=shard, max_train_steps=1,
+    cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url=shard, max_train_steps=1,
                       model_family="sdxl", resolution=RES, center_crop=True)
     live = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shard, resolution=RES, center_crop=True,
                                                        train_batch_size=2, seed=0))))
@@ -350,3 +352,82 @@ def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(tmp_path: Path) -> No
     got = torch.from_numpy(np.stack([cached[k]["time_ids.npy"] for k in ("k0", "k1")]))
     assert torch.equal(got.float(), want), (got, want)
     assert cached["k0"]["latents.npy"].dtype == np.float16  # the rest keeps the storage dtype
+
+
+def test_sdxl_cache_with_fix_crop_and_size(sdxl_teacher: Path, one_shard: str, tmp_path: Path) -> None:
+    """SDXL --use_fix_crop_and_size through the cache: the cached time ids are (R, R, 0, 0, R, R) whatever the image's size
+    and crop (here 48x40 px, center-cropped at top 3), the run with the flag accepts the cache, and its loss equals the
+    live path's under the same flag; a run without the flag is refused (the cached time ids cannot change)."""
+    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+                    "--min_image_size", "0", "--max_pwatermark", "1", "--use_fix_crop_and_size")
+    meta, uncond = read_sidecar(cached)
+    assert meta["use_fix_crop_and_size"] is True and meta["uncond_from_cond"] == ["time_ids"] and "time_ids" not in uncond
+    rows = [v["time_ids.npy"].tolist() for v in _read_tar(cached).values()]
+    assert rows == [[RES, RES, 0, 0, RES, RES]] * 4, rows
+    trainer = _trainer(sdxl_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached,
+                       model_family="sdxl", use_fix_crop_and_size=True)
+    assert trainer.family.vae.encoder is None  # the cache was accepted
+    live = _trainer(sdxl_teacher, one_shard, tmp_path / "live", model_family="sdxl", use_fix_crop_and_size=True)
+    losses = _loss_pixels_vs_cached(live, one_shard, cached)
+    assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
+    assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
+    with pytest.raises(ConfigError, match="use_fix_crop_and_size"):
+        _trainer(sdxl_teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached,
+                 model_family="sdxl")
+
+
+def test_proportion_empty_prompts_in_a_cached_run(sdxl_teacher: Path, one_shard: str, tmp_path: Path) -> None:
+    """--proportion_empty_prompts from the cache: a dropped caption gets the encoding of "" the live path computes (SDXL:
+    prompt states and pooled embeddings; each sample keeps its own time ids), at the asked rate."""
+    from itertools import islice
+
+    from tcdistill.data import DataConfig
+    from tcdistill.data_cached import build_cached_dataloader
+    from tcdistill.families import load_family
+
+    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+                    "--min_image_size", "0", "--max_pwatermark", "1")
+    family = load_family(TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url=one_shard,
+                                     max_train_steps=1, model_family="sdxl", resolution=RES))
+    common = dict(train_shards_path_or_url=cached, resolution=RES, train_batch_size=4, seed=0)
+    kept = next(iter(build_cached_dataloader(DataConfig(**common))))
+    dropped = next(iter(build_cached_dataloader(DataConfig(**common, proportion_empty_prompts=1.0))))
+    assert dropped["captions"] == [""] * 4 and "" not in kept["captions"]
+    live = family.encode(dict(captions=[""] * 4), torch.device("cpu"))
+    for key in ("encoder_hidden_states", "text_embeds"):
+        torch.testing.assert_close(dropped["cond"][key], live[key], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(dropped["cond"][key], kept["cond"][key])
+    torch.testing.assert_close(dropped["cond"]["time_ids"], kept["cond"]["time_ids"])
+    torch.testing.assert_close(dropped["uncond"], kept["uncond"])  # the unconditional pass is unchanged (zeros, own time ids)
+    torch.testing.assert_close(dropped["latents"], kept["latents"])
+    n = 200
+    caps = [c for b in islice(iter(build_cached_dataloader(DataConfig(**common, proportion_empty_prompts=0.3))), n // 4)
+            for c in b["captions"]]
+    empty = sum(c == "" for c in caps) / len(caps)
+    assert abs(empty - 0.3) <= 4 * (0.3 * 0.7 / n) ** 0.5, empty  # Bernoulli(p) per sample (4 sigma)
+
+
+def test_resumed_cached_run_continues_the_stream_exactly(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """A run from cached latents resumed from its step-2 checkpoint logs the same losses for steps 3..5 as the run that
+    went on (data position, the per-step posterior draw and the empty-prompt draws all continue)."""
+    import json
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    cache = tmp_path / "cache"
+    _cache(tiny_teacher, tiny_shards, cache)  # the default fp16 storage
+    kw = dict(train_shards_path_or_url=None, train_latents_path_or_url=shard_pattern(cache, 2), train_batch_size=3,
+              max_train_steps=5, checkpointing_steps=2, validation_steps=0, dataloader_num_workers=1, proportion_empty_prompts=0.3,
+              learning_rate=1e-3)
+
+    def losses(out: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    _trainer(tiny_teacher, "", tmp_path / "a", **kw).train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    AcceleratorState._reset_state(True)
+    _trainer(tiny_teacher, "", tmp_path / "b", resume_from_checkpoint="latest", **kw).train()
+    ref, got = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(got) == [3, 4, 5] and len(set(ref.values())) == 5
+    assert got == {s: ref[s] for s in got}, (got, ref)
