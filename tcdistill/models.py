@@ -289,8 +289,21 @@ def _checkpoint(module: nn.Module, *args: Any, saved_ops: list[Any] | None = Non
 
     seen = dict(module.named_parameters())
     fn: Any = FunctionalUNet(module, seen) if any(not isinstance(p, nn.Parameter) for p in seen.values()) else module.__call__
-    kw: dict[str, Any] = {} if saved_ops is None else {"context_fn": functools.partial(create_selective_checkpoint_contexts, saved_ops)}
-    return checkpoint(fn, *args, use_reentrant=False, **kw)
+    if saved_ops is None:
+        return checkpoint(fn, *args, use_reentrant=False)
+    kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, saved_ops)}
+    if torch.compiler.is_compiling():  # a traced region: its casts are graph ops, no autocast cache
+        return checkpoint(fn, *args, use_reentrant=False, **kw)
+    # Selective checkpointing replays the forward's ops one for one in the recompute. Autocast caches its casts of fp32
+    # leaf weights for the whole region: weights an earlier forward in it already cast (the LoRA student's layer-choice
+    # pass, a LoRA target under autocast) were not cast again here but are in the recompute, whose cache is empty, and
+    # the backward failed. The block runs without that cache; the recompute restores the setting.
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        return checkpoint(fn, *args, use_reentrant=False, **kw)
+    finally:
+        torch.set_autocast_cache_enabled(cache)
 
 
 def enable_gradient_checkpointing(unet: nn.Module, policy: str = "full") -> None:

@@ -61,3 +61,29 @@ def test_help_text_may_contain_percent_signs() -> None:
 
     text = build_parser(Flags).format_help()
     assert "saves 40 % of the time" in text and "a%20b.tar" in text
+
+
+@pytest.mark.parametrize("policy", [None, "full", "selective"])
+def test_checkpointing_under_autocast_after_an_earlier_forward_of_the_same_weights(policy: str | None) -> None:
+    """QA: a LoRA run under bf16 with --gradient_checkpointing_policy selective and --no_student_weight_copy failed its
+    first backward ("aten._to_copy.default invocation index 8 encountered during backward but not found in storage").
+    Autocast caches its casts of fp32 leaf weights for the whole autocast region: a forward of the same weights earlier in
+    the region (the LoRA student's layer-choice pass, or a LoRA target under --target_dtype fp32) left them cast, so the
+    checkpointed forward ran fewer casts than its recompute in the backward, where the cache is empty, and selective
+    checkpointing replays ops one for one. Gradients equal the un-checkpointed ones under the same autocast."""
+    unet = small_unet()
+    if policy:
+        enable_gradient_checkpointing(unet, policy)
+    g = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 8, generator=g)
+    grads = []
+    for earlier_forward in (False, True):
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if earlier_forward:
+                with torch.no_grad():
+                    unet(x, t, cond)  # casts (and caches) every weight
+            loss = unet(x, t, cond).sample.float().pow(2).mean()
+        loss.backward()
+        grads.append([p.grad for p in unet.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
