@@ -431,3 +431,53 @@ def test_resumed_cached_run_continues_the_stream_exactly(tiny_teacher: Path, tin
     ref, got = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(got) == [3, 4, 5] and len(set(ref.values())) == 5
     assert got == {s: ref[s] for s in got}, (got, ref)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 end to end on CPU through the cache: an SDXL cache encoded in bf16 (stored fp16), 2 steps of the SDXL script
+    with --gradient_checkpointing and validation; the validation images are finite, the outputs are stored in fp32 (the
+    student's master weights) and load in diffusers."""
+    from accelerate.state import AcceleratorState
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from tcdistill.cli import train_main
+    from tcdistill.families import SDXL_FLAG_DEFAULTS
+    from tcdistill.tiny import write_tiny_shards
+
+    write_tiny_shards(tmp_path / "src", n_shards=1, per_shard=4, image_size=32, seed=1)
+    cached = _cache(sdxl_teacher, shard_pattern(tmp_path / "src", 1), tmp_path / "cache", "--model_family", "sdxl",
+                    "--encode_dtype", "bf16", "--min_image_size", "0", "--max_pwatermark", "1")
+    finite: list[bool] = []
+    call = StableDiffusionXLPipeline.__call__
+
+    def checked(self: Any, *a: Any, **k: Any) -> Any:
+        out = call(self, *a, **k)
+        finite.append(bool(np.isfinite(out.images).all()))
+        return out
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", checked)
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(True)
+    try:
+        train_main(variant, ["--pretrained_teacher_model", str(sdxl_teacher), "--output_dir", str(out), "--train_latents_path_or_url",
+                             cached, "--resolution", str(RES), "--center_crop", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                             "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts",
+                             "a red circle", "--validation_inference_steps", "2", "--report_to", "none", "--seed", "0",
+                             "--min_image_size", "0", "--max_pwatermark", "1", *(["--lora_rank", "4"] if variant == "lora" else [])],
+                   family="sdxl", defaults=SDXL_FLAG_DEFAULTS)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert finite == ([True, True] if variant == "full" else [True])  # full: online and EMA
+    files = ([out / d / "diffusion_pytorch_model.safetensors" for d in ("unet", "unet_target")] if variant == "full"
+             else [out / "pytorch_lora_weights.safetensors"])
+    for f in files:
+        assert {v.dtype for v in load_file(f).values()} == {torch.float32}, f
+    if variant == "full":
+        assert UNet2DConditionModel.from_pretrained(out / "unet_target").config.time_cond_proj_dim == 256
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
+        pipe.load_lora_weights(out)
+        assert pipe.get_list_adapters() == {"unet": ["default_0"]}
