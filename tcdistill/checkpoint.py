@@ -202,11 +202,15 @@ class CheckpointIO:
         self.total_limit, self.is_main_process = total_limit, is_main_process
         self.rank, self.num_processes = rank, num_processes
 
+    def _scan(self) -> list[tuple[int, Path, str | None]]:
+        """Every ``checkpoint-<step>`` entry, oldest first, with why it is not a complete checkpoint (None if it is)."""
+        paths = self.output_dir.iterdir() if self.output_dir.is_dir() else []
+        found = sorted((int(m.group(1)), p) for p in paths if (m := _CKPT_RE.match(p.name)))
+        return [(step, p, self._problem(p, step)) for step, p in found]
+
     def _complete(self) -> list[tuple[int, Path]]:
         """All complete checkpoints, oldest first."""
-        paths = self.output_dir.iterdir() if self.output_dir.is_dir() else []
-        found = [(int(m.group(1)), p) for p in paths if (m := _CKPT_RE.match(p.name))]
-        return sorted((step, p) for step, p in found if self._problem(p, step) is None)
+        return [(step, p) for step, p, problem in self._scan() if problem is None]
 
     @staticmethod
     def _problem(path: Path, step: int | None = None) -> str | None:
@@ -262,21 +266,29 @@ class CheckpointIO:
                 elif name.endswith(".pt") and not name.startswith("rng_state_"):
                     ckpt.states[name[:-3]] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot load checkpoint {str(resolved)!r}: {type(exc).__name__}: {exc}") from exc
+            # One line naming the file: torch's unpickling errors run over several lines, the last of them a link, and
+            # their first sentence is all that fits a damaged file (the next ones advise weights_only=False).
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+            detail = re.split(r"(?<=\.)\s", first, maxsplit=1)[0][:200]
+            raise CheckpointError(f"cannot load checkpoint {str(resolved)!r}: {name} is unreadable "
+                                  f"({type(exc).__name__}: {detail})") from exc
         return ckpt
 
     def load_latest(self) -> Checkpoint | None:
         """Load the newest complete checkpoint that loads, or return None if there is none.
 
-        A complete checkpoint whose files have the right sizes but cannot be read (bit rot, an overwritten file) is
-        skipped with a warning; if none loads, the newest one's error is raised rather than starting over.
+        A ``checkpoint-<step>`` that is damaged (a file missing or cut short, no marker) or whose files cannot be read
+        (bit rot, an overwritten file) is skipped with a warning; if there are checkpoints but none loads, the newest
+        one's error is raised rather than starting over (and overwriting them).
         """
         first: CheckpointError | None = None
-        for _, path in reversed(self._complete()):
+        for _, path, problem in reversed(self._scan()):
             try:
+                if problem is not None:
+                    raise CheckpointError(f"cannot resume from {str(path)!r}: it {problem}")
                 return self.load(path)
             except CheckpointError as exc:
-                logger.warning("skipping unreadable checkpoint: %s", exc)
+                logger.warning("skipping checkpoint: %s", exc)
                 first = first or exc
         if first is not None:
             raise first

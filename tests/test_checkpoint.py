@@ -135,6 +135,38 @@ def test_load_latest_skips_an_unreadable_newest_checkpoint(tmp_path: Path) -> No
         io.load_latest()
 
 
+def test_load_latest_warns_about_a_damaged_newest_checkpoint_and_never_starts_over(tmp_path: Path,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """QA: a newest checkpoint with a file cut short or deleted was skipped without a word (unlike an unreadable one),
+    and when every checkpoint was damaged `latest` started a new run that overwrote them step by step."""
+    io = CheckpointIO(tmp_path)
+    for step in (1, 2):
+        _save_simple(io, step)
+    with open(tmp_path / "checkpoint-2" / "counters.pt", "r+b") as f:
+        f.truncate(10)
+    with caplog.at_level("WARNING", logger="tcdistill.checkpoint"):
+        assert io.load_latest().step == 1
+    assert "checkpoint-2" in caplog.text and "counters.pt is missing or has the wrong size" in caplog.text
+    (tmp_path / "checkpoint-1" / "model.safetensors").unlink()
+    (tmp_path / "checkpoint-3").mkdir()  # an empty folder (a copy that never arrived)
+    with pytest.raises(CheckpointError, match=r"checkpoint-3.*no valid COMPLETE marker"):
+        io.load_latest()
+    assert io.load_resume(None) is None and CheckpointIO(tmp_path / "new").load_latest() is None  # no checkpoints: fresh
+
+
+def test_an_unreadable_state_file_is_named_in_one_line(tmp_path: Path) -> None:
+    """QA: a damaged optimizer.pt ended the run with `error: Check the documentation of torch.load ...`, the last line
+    of torch's message: neither the checkpoint nor the file was named."""
+    io = CheckpointIO(tmp_path)
+    path = _save_simple(io, 1)
+    size = (path / "counters.pt").stat().st_size
+    (path / "counters.pt").write_bytes((b"{garbage" * size)[:size])  # same size: only loading finds out
+    with pytest.raises(CheckpointError) as info:
+        io.load(path)
+    message = str(info.value)
+    assert "\n" not in message and "counters.pt is unreadable" in message and "checkpoint-1" in message, message
+
+
 def test_atomic_dir_replaces_whole_or_keeps_the_old_folder(tmp_path: Path) -> None:
     final = tmp_path / "unet"
     with atomic_dir(final) as tmp:

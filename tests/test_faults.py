@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -317,3 +318,29 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_is_go
         holder.wait()
     preflight.lock_output_dir(str(out))  # taken at once: no stale lock survives a SIGKILL
     os.close(preflight._held_locks.pop(os.path.realpath(out)))
+
+
+def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_teacher, tiny_shards, run_env, tmp_path):
+    """QA: resuming from a checkpoint whose optimizer.pt was overwritten ended with `error: Check the documentation of
+    torch.load ...` (naming neither checkpoint nor file), and `latest` over checkpoints that were all cut short started
+    a new run without a word, overwriting them."""
+    out = tmp_path / "out"
+    flags = flags_for("full", tiny_teacher, tiny_shards, out, max_train_steps=2, checkpointing_steps=1)
+    check_ok(run_train("full", flags, run_env))
+    optimizer = out / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)  # same size: the COMPLETE marker still matches
+    proc = run_train("full", [*flags, "--max_train_steps=3", f"--resume_from_checkpoint={out / 'checkpoint-2'}"], run_env)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert "error:" in last and "checkpoint-2" in last and "optimizer.pt is unreadable" in last, last
+
+    shutil.rmtree(out / "checkpoint-2")
+    with open(out / "checkpoint-1" / "student.safetensors", "r+b") as f:
+        f.truncate(100)  # cut short: no complete checkpoint is left
+    metrics_before = (out / "metrics.jsonl").read_text()
+    proc = run_train("full", [*flags, "--max_train_steps=3"], run_env)  # the seed flags' --resume_from_checkpoint=latest
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert "error:" in last and "checkpoint-1" in last and "student.safetensors" in last, last
+    assert (out / "checkpoint-1" / "student.safetensors").stat().st_size == 100  # not overwritten by a new run
+    assert (out / "metrics.jsonl").read_text() == metrics_before
