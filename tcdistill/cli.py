@@ -39,12 +39,15 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .trainer import NonFiniteError, Trainer
+    from .trainer import Interrupted, NonFiniteError, Trainer
 
     try:
         Trainer(cfg).train()
     except ConfigError as e:
         sys.exit(f"{name}: error: {e}")
+    except Interrupted as e:  # 128 + the signal, as a shell reports a process the signal ended (SLURM requeues on it)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (DataError, NonFiniteError, CheckpointError) as e:
         # A DataLoader worker's error arrives wrapped with its traceback text; its last line is the message.
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]

@@ -8,16 +8,18 @@ import logging
 import math
 import os
 import secrets
+import signal
+import threading
 import time
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import NUMPY_SEEDS, ConfigError, TrainConfig, check_seed, first_line
-from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
+from .data import TRAINER_HANDLES_SIGTERM, DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_output_dir
@@ -33,6 +35,42 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM (a SLURM preemption, `kill`) or SIGINT (Ctrl-C) stopped the run after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
+    """In this block SIGTERM and SIGINT call `record(signum)` instead of ending the process, each once: a second one
+    acts as before (Ctrl-C twice stops at once). A signal the process was started ignoring (SIGINT in a shell script's
+    background job) stays ignored. Outside the main thread, where signal handlers cannot be set, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
+        record(signum)
+
+    for s in previous:
+        signal.signal(s, handler)
+    TRAINER_HANDLES_SIGTERM.value = signal.SIGTERM in previous  # loader workers outlive it meanwhile
+    try:
+        yield
+    finally:
+        TRAINER_HANDLES_SIGTERM.value = False
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
@@ -177,6 +215,8 @@ class Trainer:
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
         self.nonfinite_streak = 0
         self.stream = StreamTracker()
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
+        self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA and CPU unless --no_fused_adam) or bitsandbytes' 8-bit AdamW."""
@@ -302,16 +342,19 @@ class Trainer:
         same on every rank; the loss and the non-finite-loss flag are averaged over ranks. The loss, the flag and the norm's
         finiteness come to the host in one transfer, not four syncs (each sync stalls the host until the GPU
         drains, and the GPU step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
-        (it skips and lowers the scale). Returns (loss value, apply the step).
+        (it skips and lowers the scale). The same collective and transfer carry whether any rank received a stop
+        signal (`stop_requested`), so that all ranks save and stop after the same step. Returns (loss value, apply the step).
         """
         acc = self.accelerator
         grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
         loss = loss.reshape(()).float()
         bad = (~torch.isfinite(loss)).float()
+        stop = torch.full((), float(self.stop_signal is not None), device=loss.device)
         if acc.num_processes > 1:  # one collective: the loss of the global batch (not rank 0's share), and any bad rank
-            loss, bad = acc.reduce(torch.stack([loss, bad]), reduction="mean").unbind()
+            loss, bad, stop = acc.reduce(torch.stack([loss, bad, stop]), reduction="mean").unbind()
         norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
-        loss_value, n_bad, grad_ok = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float()]).tolist()
+        loss_value, n_bad, grad_ok, stops = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float(), stop]).tolist()
+        self.stop_requested = stops > 0
         if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):
             self.nonfinite_streak = 0
             return loss_value, True
@@ -333,6 +376,19 @@ class Trainer:
             self.save_checkpoint()
         except CheckpointError as e:
             logger.error("%s", e)
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def _stop_for_signal(self) -> NoReturn:
+        """Every rank, once `stop_requested`: save the finished steps (unless this step's checkpoint is already saved) and
+        stop, so that a preempted job resumes where it was stopped instead of at the last periodic checkpoint."""
+        if self.global_step % self.cfg.checkpointing_steps:
+            self._try_checkpoint()
+        self.accelerator.end_training()  # flush the trackers' last steps
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal to another process"
+        raise Interrupted(f"stopped by {name} at step {self.global_step}; newest checkpoint: {self.ckpt.latest() or 'none'} "
+                          "(--resume_from_checkpoint latest continues from it)", self.stop_signal or signal.SIGTERM)
 
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -414,30 +470,35 @@ class Trainer:
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="steps")
         t_last, samples = time.perf_counter(), 0
         try:
-            while self.global_step < self.max_train_steps:
-                loss_sum, n, step_ok = self.optimizer_step(data)
-                samples += n
-                if not step_ok:
-                    continue
-                now = time.perf_counter()
-                sps = samples / max(now - t_last, 1e-9)
-                t_last, samples = now, 0
-                logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
-                logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
-                acc.log(logs, step=self.global_step)
-                if acc.is_main_process:
-                    # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
-                    try:
-                        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                            f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
-                    except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
-                        logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
-                if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
-                    self._try_checkpoint()
-                if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
-                    self.validate()
+            # A preemption's SIGTERM or a Ctrl-C ends the run at the end of the step, after a checkpoint; from the final
+            # save on, a signal acts as it did before (the final outputs are written atomically).
+            with stop_on_signals(self._on_signal):
+                while self.global_step < self.max_train_steps:
+                    if self.stop_requested:
+                        self._stop_for_signal()
+                    loss_sum, n, step_ok = self.optimizer_step(data)
+                    samples += n
+                    if not step_ok:
+                        continue
+                    now = time.perf_counter()
+                    sps = samples / max(now - t_last, 1e-9)
+                    t_last, samples = now, 0
+                    logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
+                    logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
+                    acc.log(logs, step=self.global_step)
+                    if acc.is_main_process:
+                        # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
+                        try:
+                            with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                                f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+                        except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
+                            logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
+                    if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+                        self._try_checkpoint()
+                    if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
+                        self.validate()
         finally:
             bar.close()  # before any error message, so the message is the last line
         acc.wait_for_everyone()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -344,3 +345,60 @@ def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_te
     assert "error:" in last and "checkpoint-1" in last and "student.safetensors" in last, last
     assert (out / "checkpoint-1" / "student.safetensors").stat().st_size == 100  # not overwritten by a new run
     assert (out / "metrics.jsonl").read_text() == metrics_before
+
+
+@pytest.mark.parametrize("variant,signum", [("full", signal.SIGTERM), ("lora", signal.SIGINT)])
+def test_a_stop_signal_saves_a_checkpoint_and_stops_in_one_line(variant, signum, tiny_teacher, tiny_shards, run_env, tmp_path):
+    """QA: SIGTERM (a SLURM preemption) ended the run at once, losing every step since the last periodic checkpoint (200
+    in the seed commands), and Ctrl-C ended in a KeyboardInterrupt traceback. Now the step finishes, a checkpoint is saved,
+    one line names it and the exit status is 128 + the signal. The signal goes to the whole process group, as SLURM's,
+    torchrun's and Ctrl-C's do: the loader worker must not die of it and fail the step."""
+    out = tmp_path / "out"
+    flags = flags_for(variant, tiny_teacher, tiny_shards, out, max_train_steps=1000, checkpointing_steps=1000,
+                      dataloader_num_workers=1)
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        # SIGINT as in a terminal: a shell's background job (pytest run with `&`) would pass it on ignored.
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS[variant]), *flags], cwd=ROOT, env=run_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 180
+        metrics_file = out / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None and (not metrics_file.exists() or metrics_file.read_text().count("\n") < 2):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)
+        proc.wait(timeout=120)
+    output = log_path.read_text()
+    last = output.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signum and "Traceback" not in output, output[-3000:]
+    stopped = re.search(rf"error: stopped by {signal.Signals(signum).name} at step (\d+)", last)
+    assert stopped, last
+    step = int(stopped.group(1))
+    assert step >= 2 and last.endswith(f"newest checkpoint: {out / f'checkpoint-{step}'} (--resume_from_checkpoint latest continues from it)")
+    assert sorted(complete_checkpoints(out)) == [step] and max(metrics(out)) == step
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+    resumed = check_ok(run_train(variant, [*flags, f"--max_train_steps={step + 1}"], run_env))
+    assert f"Resumed from {out / f'checkpoint-{step}'} at step {step}." in resumed
+    assert sorted(metrics(out)) == list(range(1, step + 2))
+
+
+def test_stop_on_signals_records_once_and_leaves_an_ignored_signal_ignored():
+    """The handler records the first SIGTERM and gives the next one back to the previous handler; a SIGINT the process
+    was started ignoring (a shell script's background job) stays ignored; loader workers outlive SIGTERM only inside."""
+    from tcdistill.data import TRAINER_HANDLES_SIGTERM
+    from tcdistill.trainer import stop_on_signals
+
+    got: list[int] = []
+    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before_term = signal.getsignal(signal.SIGTERM)
+    try:
+        with stop_on_signals(got.append):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and TRAINER_HANDLES_SIGTERM.value
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+            assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == before_term
+        assert not TRAINER_HANDLES_SIGTERM.value and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGTERM, before_term)
