@@ -460,8 +460,12 @@ class Trainer:
             raise CheckpointError(f"the resumed checkpoint is at step {self.global_step}, past --max_train_steps "
                                   f"{self.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint.")
         if acc.is_main_process:  # after the resume, so a refused one leaves the previous run's record as it was
-            with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
-                json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
+            try:
+                with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
+                    json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
+            except OSError as e:  # a disk an earlier run left full passes check_output_dir's empty probe file
+                raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing tcdistill_config.json failed "
+                                  f"({type(e).__name__}: {first_line(e)})") from None
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
         data = iter(self._data_loader())
         if rng is not None:
@@ -513,7 +517,11 @@ class Trainer:
             from .modelcard import push_to_hub, write_model_card
 
             schedule = self.family.noise_scheduler.config  # the card's usage code samples on the trained schedule
-            logger.info("Model card: %s", write_model_card(cfg, paths, schedule=schedule))
+            try:
+                logger.info("Model card: %s", write_model_card(cfg, paths, schedule=schedule))
+            except OSError as e:  # disk full after the weights: one line, as for a failed final save
+                raise CheckpointError(f"writing the model card to {cfg.output_dir!r} failed ({type(e).__name__}: "
+                                      f"{first_line(e)}); the trained weights are saved: {', '.join(paths)}") from e
             if cfg.push_to_hub:
                 try:
                     logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id, schedule))

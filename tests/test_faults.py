@@ -383,6 +383,41 @@ def test_a_stop_signal_saves_a_checkpoint_and_stops_in_one_line(variant, signum,
     assert sorted(metrics(out)) == list(range(1, step + 2))
 
 
+def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher, tiny_shards, tmp_path, monkeypatch):
+    """QA: a disk left full (by an earlier run) passed the output-dir probe (an empty file) and the run ended in a raw
+    OSError traceback writing tcdistill_config.json; a disk that filled up after the final weights ended in one writing
+    the model card."""
+    import builtins
+    import errno
+
+    import tcdistill.modelcard
+    from tcdistill.checkpoint import CheckpointError
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.trainer import Trainer
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if str(file).endswith("tcdistill_config.json") and "w" in mode:
+            disk_full()
+        return real_open(file, mode, *args, **kwargs)
+
+    cfg = dict(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+               resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, train_batch_size=2)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", open_)
+        with pytest.raises(ConfigError, match=r"writing tcdistill_config.json failed \(OSError: \[Errno 28\] No space") as info:
+            Trainer(TrainConfig(**cfg)).train()
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(tcdistill.modelcard, "write_model_card", disk_full)
+    with pytest.raises(CheckpointError, match=r"writing the model card .* failed .*No space left.*the trained weights are saved") as info:
+        Trainer(TrainConfig(**cfg)).train()
+    assert "\n" not in str(info.value) and (tmp_path / "unet_target").is_dir()
+
+
 def test_stop_on_signals_records_once_and_leaves_an_ignored_signal_ignored():
     """The handler records the first SIGTERM and gives the next one back to the previous handler; a SIGINT the process
     was started ignoring (a shell script's background job) stays ignored; loader workers outlive SIGTERM only inside."""
