@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -443,24 +442,11 @@ def _validate(cfg: DataConfig) -> None:
             raise ValueError(msg)
 
 
-# Set by the trainer while its loop turns SIGTERM into "save and stop" (trainer.stop_on_signals). SLURM and torchrun signal
-# every process, loader workers included, and a worker dying of it would fail the step the trainer finishes before its
-# checkpoint; outside that loop workers die of SIGTERM as usual, which is how torch and multiprocessing shut them down.
-# Shared memory: forked workers see the trainer's changes (spawned ones see 0 and keep the usual behaviour).
-TRAINER_HANDLES_SIGTERM = multiprocessing.RawValue("b", 0)
-
-
-def _worker_sigterm(signum: int, frame: Any) -> None:
-    if not TRAINER_HANDLES_SIGTERM.value:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Loader `worker_init_fn`: Ctrl-C (sent to the whole process group) and, while the trainer handles it, SIGTERM are
-    the trainer's to act on (handlers, not SIG_IGN, which `pipe:` commands would inherit)."""
-    signal.signal(signal.SIGINT, lambda signum, frame: None)  # torch's worker loop would exit on KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _worker_sigterm)
+def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
+    """Loader `worker_init_fn`: Ctrl-C signals the whole process group, and torch's worker loop exits on KeyboardInterrupt,
+    which would fail the step the trainer finishes before its checkpoint. SIGTERM is left alone: torch and
+    multiprocessing shut workers down with it. A handler, not SIG_IGN, which `pipe:` commands would inherit."""
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
 
 
 def build_train_dataloader(cfg: DataConfig) -> DataLoader:
@@ -474,6 +460,6 @@ def build_train_dataloader(cfg: DataConfig) -> DataLoader:
         collate_fn=collate,
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=leave_stop_signals_to_the_trainer,
+        worker_init_fn=leave_ctrl_c_to_the_trainer,
         pin_memory=torch.cuda.is_available(),  # lets the trainer's non_blocking host->device copy overlap
     )

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 
 from .config import ConfigError, TrainConfig
-from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls, leave_stop_signals_to_the_trainer
+from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls, leave_ctrl_c_to_the_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def build_cached_dataloader(cfg: DataConfig) -> DataLoader:
         collate_fn=partial(collate_cached, uncond=uncond, from_cond=tuple(meta.get("uncond_from_cond", []))),
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=leave_stop_signals_to_the_trainer,
+        worker_init_fn=leave_ctrl_c_to_the_trainer,
         pin_memory=torch.cuda.is_available(),
     )
 

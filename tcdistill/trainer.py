@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import NUMPY_SEEDS, ConfigError, TrainConfig, check_seed, first_line
-from .data import TRAINER_HANDLES_SIGTERM, DataConfig, StreamTracker, build_train_dataloader, expand_urls
+from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_output_dir
@@ -64,11 +64,9 @@ def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
 
     for s in previous:
         signal.signal(s, handler)
-    TRAINER_HANDLES_SIGTERM.value = signal.SIGTERM in previous  # loader workers outlive it meanwhile
     try:
         yield
     finally:
-        TRAINER_HANDLES_SIGTERM.value = False
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
