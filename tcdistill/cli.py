@@ -39,7 +39,8 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .trainer import Interrupted, NonFiniteError, Trainer
+    from .stops import Interrupted
+    from .trainer import NonFiniteError, Trainer
 
     try:
         Trainer(cfg).train()

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .shard_stream import open_shard
+from .stops import leave_ctrl_c_to_the_trainer
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
@@ -440,13 +440,6 @@ def _validate(cfg: DataConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-
-
-def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
-    """Loader `worker_init_fn`: Ctrl-C signals the whole process group, and torch's worker loop exits on KeyboardInterrupt,
-    which would fail the step the trainer finishes before its checkpoint. SIGTERM is left alone: torch and
-    multiprocessing shut workers down with it. A handler, not SIG_IGN, which `pipe:` commands would inherit."""
-    signal.signal(signal.SIGINT, lambda signum, frame: None)
 
 
 def build_train_dataloader(cfg: DataConfig) -> DataLoader:

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 
 from .config import ConfigError, TrainConfig
-from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls, leave_ctrl_c_to_the_trainer
+from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls
+from .stops import leave_ctrl_c_to_the_trainer
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,9 @@ import math
 import os
 import secrets
 import signal
-import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, NoReturn
+from typing import Any, Iterable, Iterator, NoReturn
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_output_dir
 from .schedule import NoiseSchedule, ddim_grid
+from .stops import Interrupted, stop_on_signals
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
 from .timing import StepTimer
@@ -35,40 +35,6 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM (a SLURM preemption, `kill`) or SIGINT (Ctrl-C) stopped the run after saving a checkpoint."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
-    """In this block SIGTERM and SIGINT call `record(signum)` instead of ending the process, each once: a second one
-    acts as before (Ctrl-C twice stops at once). A signal the process was started ignoring (SIGINT in a shell script's
-    background job) stays ignored. Outside the main thread, where signal handlers cannot be set, a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
-        record(signum)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
