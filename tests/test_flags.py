@@ -39,6 +39,9 @@ def test_reference_flag_names_and_defaults(family: str) -> None:
     expected = {**REFERENCE_DEFAULTS, **(SDXL_REFERENCE if family == "sdxl" else {})}
     wrong = {k: (v, defaults.get(k, "<missing>")) for k, v in expected.items() if defaults.get(k, "<missing>") != v}
     assert not wrong, f"(reference, ours): {wrong}"
+    # Reference defect 9: its --w_min/--w_max help claimed the Imagen CFG form; the code (and this one) uses LCM's.
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "x0_c + w (x0_c - x0_u), i.e. CFG scale w + 1" in helps["w_min"] and "CFG scale w + 1" in helps["w_max"]
 
 
 @pytest.mark.parametrize("interp", ["box", "hamming", "nearest_exact"])
@@ -394,3 +397,67 @@ def test_out_of_range_validation_seed_is_a_config_error() -> None:
         TrainConfig(**BASE, validation_seed=2**64 - 1, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 2, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 1, validation_steps=0)  # no validation, no seed used
+
+
+def test_flags_the_reference_ignored_reach_the_run(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference defect 2: --center_crop, --random_flip, --scale_lr, --cache_dir and --proportion_empty_prompts were
+    parsed and ignored. The trainer loads the teacher through --cache_dir, scales the LR, and hands every data flag to
+    the loader (test_data.py tests what the loader does with them)."""
+    import dataclasses
+    import shutil
+
+    import huggingface_hub.constants
+
+    import tcdistill.trainer as trainer_mod
+    from tcdistill.data import DataConfig
+
+    # A hub id that only the --cache_dir folder holds (hub cache layout); offline, so nothing is asked of the network.
+    repo = tmp_path / "hub" / "models--tiny--teacher"
+    shutil.copytree(tiny_teacher, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    # An online run records the tokenizer's absent config.json here; offline, transformers' AutoTokenizer needs the record.
+    (repo / ".no_exist" / ("0" * 40) / "tokenizer").mkdir(parents=True)
+    (repo / ".no_exist" / ("0" * 40) / "tokenizer" / "config.json").touch()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaders = []
+    monkeypatch.setattr(trainer_mod, "build_train_dataloader", lambda dcfg: loaders.append(dcfg))
+    cfg = TrainConfig(pretrained_teacher_model="tiny/teacher", cache_dir=str(tmp_path / "hub"), train_shards_path_or_url=tiny_shards,
+                      output_dir=str(tmp_path / "out"), resolution=24, train_batch_size=3, gradient_accumulation_steps=2,
+                      learning_rate=1e-4, scale_lr=True, center_crop=True, random_flip=True, proportion_empty_prompts=0.25,
+                      interpolation_type="bicubic", min_image_size=8, max_pwatermark=0.5, dataloader_num_workers=1, seed=3,
+                      max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, variant="lora", lora_rank=2)
+    tr = trainer_mod.Trainer(cfg)
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 3 * 2)  # x batch x accumulation x processes (1)
+    tr._data_loader()
+    shared = {f.name for f in dataclasses.fields(DataConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {"center_crop", "random_flip", "proportion_empty_prompts", "interpolation_type"} <= shared
+    assert {n: getattr(loaders[0], n) for n in shared} == {n: getattr(cfg, n) for n in shared}
+
+
+def test_validation_images_reach_every_tracker_under_their_own_tags(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """Reference defect 8: its validation logged images to the first tracker only, and the full model's online and EMA
+    images under one tensorboard tag (each overwrote the other)."""
+    from accelerate.tracking import TensorBoardTracker
+    from conftest import event_files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tcdistill.trainer import Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
+                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", validation_prompts="a red circle",
+                             validation_inference_steps="1"))
+    tr.accelerator.trackers = [TensorBoardTracker("run", str(tmp_path / name)) for name in ("a", "b")]  # as --report_to all
+    for tracker in tr.accelerator.trackers:
+        tracker.start()
+    tr.validate()
+    for tracker in tr.accelerator.trackers:
+        tracker.finish()
+    for name in ("a", "b"):
+        tags = set()
+        for f in event_files(tmp_path / name):
+            events = EventAccumulator(str(f), size_guidance={"images": 0})
+            events.Reload()
+            tags |= set(events.Tags()["images"])
+        assert tags == {"validation/online", "validation/ema"}, (name, tags)

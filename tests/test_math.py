@@ -37,13 +37,28 @@ def test_timesteps_match_tcd_scheduler(n):
     assert tcd_timesteps(n).tolist() == s.timesteps.tolist()
 
 
+@pytest.mark.parametrize("n_ddim", [50, 20])
+def test_sampling_scheduler_samples_on_the_runs_grid(n_ddim):
+    """The contract: TCDScheduler's original_inference_steps equals the run's N. Validation and `generate` build their
+    TCDScheduler with it (N = 20: [999, 749, 499, 249], not the default 50's [999, 759, 499, 259])."""
+    from tcdistill.validation import sampling_scheduler
+
+    s = sampling_scheduler(TCDScheduler(**SD_KW).config, "tcd", original_steps=n_ddim)
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == tcd_timesteps(4, original_steps=n_ddim).tolist()
+    assert tcd_timesteps(4, original_steps=20).tolist() == [999, 749, 499, 249]
+
+
 def test_grid_is_tcd_training_grid():
     g = ddim_grid(1000, 50)
     assert g[0] == 19 and g[-1] == 999 and len(g) == 50
     s = TCDScheduler(**SD_KW)
     s.set_timesteps(50)
     assert sorted(s.timesteps.tolist()) == g.tolist()
+    # tcd-reference.md, "Sampling": the contract's grids, spelled out.
+    assert tcd_timesteps(2).tolist() == [999, 499]
     assert tcd_timesteps(4).tolist() == [999, 759, 499, 259]
+    assert tcd_timesteps(8).tolist() == [999, 879, 759, 639, 499, 379, 259, 139]
 
 
 def test_draw_s_range_and_distribution():

@@ -309,6 +309,11 @@ def run_case(teacher: Path, shards: str, out: Path, monkeypatch: pytest.MonkeyPa
         assert lora_start.keys() == get_peft_model_state_dict(student).keys()  # same adapted layers as the reference
         set_peft_model_state_dict(student, lora_start)  # the random gaussian A: the trainer's, read back
         target = student  # LoRA: the online student under no_grad
+        # One UNet in memory, not the reference's second frozen teacher copy (defect 11): the teacher is its base.
+        from diffusers import UNet2DConditionModel
+
+        held = {id(m) for o in (tr, strat, tr.family) for m in vars(o).values() if isinstance(m, UNet2DConditionModel)}
+        assert held == {id(strat.student)}, held
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)

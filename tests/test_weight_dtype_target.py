@@ -242,3 +242,21 @@ def test_student_copies_return_gradients_per_top_level_block() -> None:
     single, n_single = grads()
     assert n_single == 1
     assert all(g.dtype == torch.float32 and torch.equal(g, h) for g, h in zip(grouped, single, strict=True))
+
+
+def test_frozen_vae_and_teacher_run_in_bf16_not_fp16(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """Reference defect 7: under bf16 its teacher ran under fp16 autocast and its VAE was cast to fp16. Here, in a
+    training step, both run their bf16 weights on bf16 inputs, outside autocast."""
+    tr = _trainer("full", tiny_teacher, tiny_shards, tmp_path)
+    seen: dict[str, set] = {"vae": set(), "teacher": set()}
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen[name].add((args[0].dtype, next(module.parameters()).dtype, autocast))
+        return hook
+
+    tr.family.vae.encoder.register_forward_pre_hook(record("vae"))
+    tr.strategy.teacher_unet.register_forward_pre_hook(record("teacher"))
+    tr.optimizer_step(iter(tr._data_loader()))
+    assert seen == {"vae": {(BF16, BF16, None)}, "teacher": {(BF16, BF16, None)}}
