@@ -465,7 +465,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
                     if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
                         self._try_checkpoint()
-                    if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process:
+                    # Not on a stopping run's last step: validation (a minute and more for SDXL) would come before the
+                    # save, in the grace time a preemption's SIGTERM leaves (torchrun SIGKILLs 30 s after forwarding it).
+                    if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process and not self.stop_requested:
                         self.validate()
         finally:
             bar.close()  # before any error message, so the message is the last line

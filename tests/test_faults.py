@@ -438,3 +438,27 @@ def test_stop_on_signals_records_once_and_leaves_an_ignored_signal_ignored():
     finally:
         signal.signal(signal.SIGINT, before_int)
         signal.signal(signal.SIGTERM, before_term)
+
+
+def test_a_stop_signal_saves_before_the_steps_validation(tiny_teacher, tiny_shards, tmp_path):
+    """QA: a SIGTERM during a step that validation follows (--validation_steps divides it) ran the whole validation
+    (a minute and more for SDXL) before the stop's checkpoint, in the grace time a preemption leaves before its SIGKILL
+    (torchrun's: 30 s). The stopping step now skips its validation and saves at once."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.stops import Interrupted
+    from tcdistill.trainer import Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                             resolution=32, max_train_steps=5, checkpointing_steps=100, validation_steps=1, report_to="none",
+                             mixed_precision="no", train_batch_size=2, seed=0, **QUICK_VALIDATION))
+    validated, train_step = [], tr.train_step
+
+    def step_then_signal(batch):
+        if tr.global_step == 1:  # the second step: SIGTERM arrives while it computes
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(batch)
+
+    tr.train_step, tr.validate = step_then_signal, lambda: validated.append(tr.global_step)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2"):
+        tr.train()
+    assert validated == [1] and sorted(complete_checkpoints(tmp_path)) == [2]
