@@ -105,8 +105,7 @@ class Trainer:
         # (a mistyped path used to leave an empty --output_dir behind).
         self.ckpt.resolve(cfg.resume_from_checkpoint)
         check_output_dir(cfg.output_dir)
-        if acc.is_main_process:  # one lock per run: the main process saves, the other ranks only write into its staging
-            lock_output_dir(cfg.output_dir)
+        self._lock_output_dir()
         self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -181,6 +180,22 @@ class Trainer:
         self.stream = StreamTracker()
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
         self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
+
+    def _lock_output_dir(self) -> None:
+        """One lock per run, held by the main process (it saves; the other ranks only write into its staging). Its refusal
+        stops every rank: the others went on to load the teacher and crashed in DDP's first collective with a traceback."""
+        acc, refusal = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                lock_output_dir(self.cfg.output_dir)
+            except ConfigError as e:
+                refusal = str(e)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise ConfigError(refusal)
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA and CPU unless --no_fused_adam) or bitsandbytes' 8-bit AdamW."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, str], recorder: Path | None = None,
-            extra_env: dict[str, str] | None = None, **overrides: object) -> str:
+def _run_ddp(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, str], recorder: Path | None = None,
+             extra_env: dict[str, str] | None = None, **overrides: object) -> subprocess.CompletedProcess:
     """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 <script> <README flags>` for 2 steps."""
     flags = seed_flags(variant, teacher=teacher, shards=shards, output_dir=out, max_train_steps=2, checkpointing_steps=2,
                        validation_steps=2, **QUICK_VALIDATION, **overrides)
@@ -53,8 +55,13 @@ def _launch(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, 
                 "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     if recorder is not None:  # `<recorder> <script> <flags>`: the recorder runs the script as __main__
         flags = [str(SCRIPTS[variant]), *flags]
-    proc = run_train(variant, flags, env, launcher=launcher, script=recorder, extra_env={"ACCELERATE_USE_CPU": "true", **(extra_env or {})})
-    log = check_ok(proc)
+    return run_train(variant, flags, env, launcher=launcher, script=recorder, extra_env={"ACCELERATE_USE_CPU": "true", **(extra_env or {})})
+
+
+def _launch(variant: str, out: Path, teacher: Path, shards: str, env: dict[str, str], recorder: Path | None = None,
+            extra_env: dict[str, str] | None = None, **overrides: object) -> str:
+    """`_run_ddp`, which must succeed; returns its output."""
+    log = check_ok(_run_ddp(variant, out, teacher, shards, env, recorder, extra_env, **overrides))
     assert "2 process(es)" in log
     return log
 
@@ -102,3 +109,26 @@ def test_ddp_full_ranks_see_different_data(tiny_teacher: Path, tiny_shards: str,
     # The logged loss is the global batch's (the mean over ranks), not rank 0's share.
     logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx([(b0["loss"] + b1["loss"]) / 2 for b0, b1 in zip(seen[0], seen[1])], rel=1e-5)
+
+
+def test_ddp_run_on_a_busy_output_dir_stops_every_rank_in_one_line(config_only_teacher: Path, tiny_shards: str, run_env: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """QA: only the main process takes the output dir's lock, so only it stopped on a busy one: rank 1 went on to load the
+    teacher and crashed in DDP's first collective ("Connection closed by peer" traceback; a teacher it cannot load here).
+    The refusal now reaches every rank, before any weights load."""
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = _run_ddp("full", out, config_only_teacher, tiny_shards, run_env)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Both ranks' lines (which may interleave: two processes write to one pipe).
+    refusal = f"error: --output_dir {str(out)!r} is in use by another training run (pid {holder.pid}"
+    assert proc.returncode != 0 and proc.stdout.count(refusal) == 2, proc.stdout[-3000:]
+    assert "[rank1]" not in proc.stdout and "cannot load the teacher" not in proc.stdout, proc.stdout[-3000:]
