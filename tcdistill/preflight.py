@@ -3,6 +3,7 @@ trackers, hub repo, and the --device of the cache and inference commands."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -52,10 +53,12 @@ def lock_output_dir(path: str) -> None:
     """Hold an exclusive lock on the output dir (`LOCK_NAME` in it) for the rest of this process, or raise a one-line
     ConfigError naming the process that holds it. Two runs on one --output_dir interleaved their checkpoints and
     metrics.jsonl, and each save deletes the staging folders it finds as a killed save's leftovers, the other run's
-    in-flight one included ("save failed"). The kernel drops an flock
-    when its process ends, SIGKILL included, so a killed run leaves no stale lock and its resume takes the lock again.
-    Held per process: trainers built one after another in one process (tests, the demo, the bench) share it. Where the
-    filesystem has no flock (some network mounts) the run goes on unguarded, with a warning."""
+    in-flight one included ("save failed"). A POSIX record lock (lockf), not an flock: the kernel drops it when this
+    process ends, SIGKILL included, so a killed run leaves no stale lock and its resume takes the lock again; an flock
+    belongs to the open file, which forked loader workers share, and outlived a SIGKILLed trainer until they noticed.
+    Held per process: trainers built one after another in one process (tests, the demo, the bench) share it (and the
+    process opens the file only here: closing any other descriptor of it would drop the lock). Where the filesystem
+    has no locks (some network mounts) the run goes on unguarded, with a warning."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system
@@ -65,17 +68,17 @@ def lock_output_dir(path: str) -> None:
         return
     fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # POSIX lets a held lock answer either
+            os.close(fd)
+            logging.getLogger("tcdistill").warning("--output_dir %s cannot be locked (%s): nothing stops a second run on it "
+                                                   "from mixing its checkpoints with this one's.", path, e.strerror or e)
+            return
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise ConfigError(f"--output_dir {path!r} is in use by another training run (pid {holder}, holding {LOCK_NAME}); "
                           "wait for it to end, or pick another --output_dir.") from None
-    except OSError as e:
-        os.close(fd)
-        logging.getLogger("tcdistill").warning("--output_dir %s cannot be locked (%s): nothing stops a second run on it "
-                                               "from mixing its checkpoints with this one's.", path, e.strerror or e)
-        return
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the refusal message of a second run
     _held_locks[key] = fd

@@ -321,6 +321,29 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_is_go
     os.close(preflight._held_locks.pop(os.path.realpath(out)))
 
 
+def test_the_output_dir_lock_dies_with_the_trainer_not_with_its_forked_loader_workers(run_env, tmp_path):
+    """QA: the lock was an flock, which belongs to the open file and so also to every process forked while it is held:
+    the DataLoader workers. After a SIGKILL of the trainer they held it on until they noticed their parent was gone (5 s
+    measured; a worker blocked in a slow shard read, longer), and a resume started at once was refused as "in use by
+    another training run" naming the dead pid. Here a forked child outlives its killed parent: the lock is free."""
+    from tcdistill import preflight
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = ("import os, sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); "
+            "child = os.fork()\nif child == 0: time.sleep(600)\nprint(child, flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the forked child (a loader worker's stand-in) is still alive
+        preflight.lock_output_dir(str(out))
+    finally:
+        os.kill(child, signal.SIGKILL)
+    os.close(preflight._held_locks.pop(os.path.realpath(out)))
+
+
 def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_teacher, tiny_shards, run_env, tmp_path):
     """QA: resuming from a checkpoint whose optimizer.pt was overwritten ended with `error: Check the documentation of
     torch.load ...` (naming neither checkpoint nor file), and `latest` over checkpoints that were all cut short started
