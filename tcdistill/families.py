@@ -66,9 +66,17 @@ def load_tokenizer(cfg: TrainConfig, subfolder: str, loaded: dict[str, Any] | No
     """The teacher's tokenizer in `subfolder`: the one in `loaded` (what the pre-load check read) or a fresh load."""
     if loaded and subfolder in loaded:
         return loaded[subfolder]
-    from transformers import AutoTokenizer
+    import transformers
 
-    return _from_pretrained(AutoTokenizer, cfg.pretrained_teacher_model, subfolder, cfg, use_fast=False)
+    # The class model_index.json names, as diffusers' pipelines load it: AutoTokenizer also asks for
+    # `<subfolder>/config.json`, which SD repos lack, and offline (HF_HUB_OFFLINE) on a cache made by snapshot_download
+    # (no record of that absent file) the lookup failed the run. AutoTokenizer stays for folders without an index.
+    entry = (teacher_index(cfg) or {}).get(subfolder)
+    name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "transformers" else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        return _from_pretrained(transformers.AutoTokenizer, cfg.pretrained_teacher_model, subfolder, cfg, use_fast=False)
+    return _from_pretrained(cls, cfg.pretrained_teacher_model, subfolder, cfg)
 
 
 def load_error(what: str, e: Exception) -> ConfigError:
