@@ -290,8 +290,9 @@ class CheckpointIO:
             except CheckpointError as exc:
                 logger.warning("skipping checkpoint: %s", exc)
                 first = first or exc
-        if first is not None:
-            raise first
+        if first is not None:  # the remedy too: these may be another tool's folders (diffusers' scripts name theirs alike)
+            raise CheckpointError(f"{first}; none of the checkpoint-N folders in {str(self.output_dir)!r} loads: remove or "
+                                  "repair them, or start without --resume_from_checkpoint in another --output_dir") from first
         return None
 
     def load_resume(self, resume_from_checkpoint: str | Path | None) -> Checkpoint | None:

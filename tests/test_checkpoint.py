@@ -149,7 +149,7 @@ def test_load_latest_warns_about_a_damaged_newest_checkpoint_and_never_starts_ov
     assert "checkpoint-2" in caplog.text and "counters.pt is missing or has the wrong size" in caplog.text
     (tmp_path / "checkpoint-1" / "model.safetensors").unlink()
     (tmp_path / "checkpoint-3").mkdir()  # an empty folder (a copy that never arrived)
-    with pytest.raises(CheckpointError, match=r"checkpoint-3.*no valid COMPLETE marker"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-3.*no valid COMPLETE marker.*remove or repair them"):
         io.load_latest()
     assert io.load_resume(None) is None and CheckpointIO(tmp_path / "new").load_latest() is None  # no checkpoints: fresh
 
