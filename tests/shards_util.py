@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import signal
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -49,3 +52,19 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes | str]]]) -
 def good_sample(key: str, caption: str, size: tuple[int, int] = (40, 24)) -> tuple[str, dict[str, bytes | str]]:
     """An RGB jpg + txt sample."""
     return key, {"jpg": image_bytes(solid("RGB", size, (200, 30, 30)), "JPEG"), "txt": caption}
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Fail the block with TimeoutError after `seconds` (main thread, SIGALRM): a loader that regresses to looping
+    over bad or filtered-out data forever (reference defect 4) then fails the test instead of hanging the suite."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s: the loader hangs instead of raising")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

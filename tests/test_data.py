@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this file
 
-from shards_util import caption_json, good_sample, gray16, image_bytes, solid, write_shard  # noqa: E402
+from shards_util import caption_json, good_sample, gray16, image_bytes, solid, within, write_shard  # noqa: E402
 
 from tcdistill.data import DataConfig, DataError, build_train_dataloader, expand_urls  # noqa: E402
 
@@ -266,10 +266,8 @@ def test_all_bad_shards_raise_data_error(tmp_path: Path, workers: int) -> None:
     corrupt = write_shard(tmp_path / "corrupt.tar", [(f"x{i}", {"jpg": b"\x00garbage", "txt": "x"}) for i in range(3)])
     missing = str(tmp_path / "missing.tar")
     cfg = cfg_for([missing, corrupt], failure_patience=10, dataloader_num_workers=workers)
-    start = time.monotonic()
-    with pytest.raises(DataError) as info:
+    with within(60), pytest.raises(DataError) as info:
         next(iter(build_train_dataloader(cfg)))
-    assert time.monotonic() - start < 10
     msg = str(info.value)
     # The traceback pins the worker iterator; left to the cyclic GC, torch's queue finalizers run
     # before its shutdown and the workers only exit after a 5 s join timeout each.
