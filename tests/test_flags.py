@@ -369,18 +369,18 @@ def test_seed_range_counts_every_rank(tiny_teacher: Path, tiny_shards: str, tmp_
 def test_start_up_reads_the_teachers_tokenizer_once(tiny_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """QA: the pre-load tokenizer check loaded the teacher's tokenizer(s), then the family load loaded them again
     (~0.6 s each for SD's 49k-token BPE on this VM, and hub requests for a hub id): the load now keeps the checked ones."""
-    from transformers import AutoTokenizer
-
+    import tcdistill.families as families
     import tcdistill.trainer as trainer_mod
 
     loads: list[str] = []
-    real = AutoTokenizer.from_pretrained.__func__
+    real = families._from_pretrained
 
-    def counting(cls, *args, **kw):
-        loads.append(kw.get("subfolder"))
-        return real(cls, *args, **kw)
+    def counting(cls, src, subfolder, *args, **kw):
+        if cls.__name__.endswith(("Tokenizer", "TokenizerFast")):
+            loads.append(subfolder)
+        return real(cls, src, subfolder, *args, **kw)
 
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(families, "_from_pretrained", counting)
     tr = trainer_mod.Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards,
                                          output_dir=str(tmp_path / "o"), resolution=32, max_train_steps=1, report_to="none",
                                          mixed_precision="no", validation_steps=0))
