@@ -231,6 +231,11 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
         if n_samples == n_before:  # a missing or failing source (counted in skipped): no empty shard for the loader
             os.remove(tmp)
             continue
+        if not shards:
+            # The metadata is the completion marker, written last: drop an earlier run's before overwriting its shards, so
+            # a run killed or failing from here leaves a folder training refuses, not old metadata over old and new shards.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, META_NAME))
         os.replace(tmp, os.path.join(args.output_dir, name))  # a killed run leaves only *.tmp, never a short shard
         shards.append(name)
     if n_samples == 0:
@@ -254,8 +259,13 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")  # a full disk leaves no partial file behind
+        raise
     os.replace(path + ".tmp", path)
 
 

@@ -5,7 +5,8 @@ Layout of a cached dataset directory (the sidecar files sit next to the shards):
 - `NNNNN.tar`: per sample `latents.npy` (posterior mean x scaling_factor, [C, h, w]), `latents_std.npy` (posterior
   std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]; SDXL adds
   `text_embeds.npy` and `time_ids.npy`, the latter always fp32) and `txt` (the caption, kept for reference);
-- `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts);
+- `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts) and
+  the shards it covers; written last, it marks a complete cache (a re-run removes it before overwriting a shard);
 - `uncond.safetensors`: stored once (one row per key), the unconditional conditioning that is the same for every
   sample and, as `empty.<key>`, the encoding of "" (for --proportion_empty_prompts); keys listed in the metadata's
   `uncond_from_cond` (SDXL's time ids) take the sample's own conditioning.
@@ -47,7 +48,13 @@ def cache_root(spec: str | list[str]) -> str:
     url = expand_urls(spec)[0]
     if url.startswith("pipe:"):
         raise ConfigError("--train_latents_path_or_url: pipe: urls are not supported (the sidecar files cannot be located).")
-    return url.rsplit("/", 1)[0] if "/" in url else "."
+    return _split(url)[0]
+
+
+def _split(url: str) -> tuple[str, str]:
+    """(folder, shard name) of a shard url."""
+    folder, _, name = url.rpartition("/")
+    return (folder if "/" in url else "."), name
 
 
 def _read(url: str) -> bytes:
@@ -71,6 +78,15 @@ def read_sidecar(spec: str | list[str]) -> tuple[dict[str, Any], dict[str, Tenso
     missing = [k for k in ("resolution", "latent_shape", "cond_keys") if k not in meta]
     if missing:
         raise ConfigError(f"{root}/{META_NAME} lacks {missing} (re-run `tcdistill cache`).")
+    if "shards" in meta:
+        # A smaller re-run into the same folder leaves the earlier run's higher-numbered shards (made, maybe, with another
+        # teacher); the metadata describes only the shards it lists, so a pattern reaching past them is refused.
+        listed = set(meta["shards"])
+        foreign = [u for u in expand_urls(spec) if _split(u)[0] != root or _split(u)[1] not in listed]
+        if foreign:
+            raise ConfigError(f"--train_latents_path_or_url: {foreign[0]!r} is not one of the {len(listed)} shard(s) that "
+                              f"{root}/{META_NAME} lists ({', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}): "
+                              "a leftover of an earlier `tcdistill cache` run, or another cache; use the pattern it printed.")
     return meta, uncond
 
 

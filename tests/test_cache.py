@@ -481,3 +481,72 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
         pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
         pipe.load_lora_weights(out)
         assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_cache_that_mixes_runs(tiny_teacher: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smaller re-run leaves the earlier run's higher-numbered shards: a pattern reaching them is refused; a re-run
+    interrupted after overwriting a shard leaves no metadata (it is the completion marker), so training refuses it."""
+    import tcdistill.cache as cache_mod
+
+    src = tmp_path / "src"
+    write_tiny_shards(src, n_shards=2, per_shard=4, image_size=(32, 32), seed=5)
+    out = tmp_path / "cache"
+    _cache(tiny_teacher, shard_pattern(src, 2), out)
+    read_sidecar(str(out / "{00000..00001}.tar"))  # the complete cache is accepted
+    _cache(tiny_teacher, str(src / "00000.tar"), out)  # 1 shard now; the old 00001.tar stays on disk
+    assert (out / "00001.tar").exists()
+    read_sidecar(str(out / "00000.tar"))
+    with pytest.raises(ConfigError, match=r"00001\.tar' is not one of the 1 shard"):
+        read_sidecar(str(out / "{00000..00001}.tar"))
+
+    read_once = cache_mod._OnePass.read_once
+
+    def killed_at_the_second_shard(self: Any, url: str, skipped: Counter[str]) -> Any:
+        if url.endswith("00001.tar"):
+            raise KeyboardInterrupt  # Ctrl-C mid-run, after 00000.tar was overwritten
+        return read_once(self, url, skipped)
+
+    monkeypatch.setattr(cache_mod._OnePass, "read_once", killed_at_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _cache(tiny_teacher, shard_pattern(src, 2), out)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_sidecar(str(out / "00000.tar"))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_cache_training_accepts(tiny_teacher: Path, one_shard: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing a shard or the metadata (over an earlier complete cache): one error line, no partial file,
+    and no metadata left over the new shards."""
+    import builtins
+    import errno
+    import webdataset as wds
+
+    import tcdistill.cache as cache_mod
+
+    def full(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FullFile(io.FileIO):
+        write = full
+
+    out = tmp_path / "cache"
+    for where in ("shard", "metadata"):
+        _cache(tiny_teacher, one_shard, out)  # a complete cache first, which the failing re-run writes over
+        with monkeypatch.context() as m:
+            if where == "shard":
+                m.setattr(wds.TarWriter, "write", full)
+            else:
+                m.setattr(cache_mod, "open", lambda p, mode="r": FullFile(p, "wb") if p.endswith(META_NAME + ".tmp")
+                          else builtins.open(p, mode), raising=False)
+            with pytest.raises(SystemExit) as info:
+                _cache(tiny_teacher, one_shard, out)
+        msg = str(info.value.code)
+        assert msg.startswith("tcdistill cache: error:") and "No space left" in msg and "\n" not in msg, (where, msg)
+        assert not list(out.glob("*.tmp")), (where, sorted(p.name for p in out.iterdir()))
+        if where == "shard":
+            read_sidecar(str(out / "00000.tar"))  # no new shard landed: the earlier cache is still whole
+        else:
+            with pytest.raises(ConfigError, match="cannot read"):
+                read_sidecar(str(out / "00000.tar"))
+
