@@ -121,6 +121,14 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
     cad = unet_cfg.cross_attention_dim
     if ehs is not None and any(int(d) != ehs.shape[-1] for d in (cad if isinstance(cad, (list, tuple)) else [cad])):
         raise ConfigError(f"cached prompt embeddings are {ehs.shape[-1]}-dim; the teacher UNet wants {cad}.")
+    pooled = uncond.get("text_embeds")
+    proj_in, time_dim = unet_cfg.get("projection_class_embeddings_input_dim"), unet_cfg.get("addition_time_embed_dim")
+    # SDXL: the same cross-attention width over another text_encoder_2 projection failed in the first step with a matmul
+    # shape traceback. The added embedding takes the pooled prompt plus six time ids (as models.check_sdxl_added_cond).
+    if pooled is not None and proj_in is not None and time_dim is not None and pooled.shape[-1] + 6 * int(time_dim) != int(proj_in):
+        raise ConfigError(f"cached pooled prompt embeddings (text_embeds) are {pooled.shape[-1]}-dim; the teacher UNet's added "
+                          f"conditioning wants {int(proj_in) - 6 * int(time_dim)} (the cache was made with another teacher: "
+                          f"{meta.get('teacher')!r}; re-run `tcdistill cache`).")
     if meta.get("teacher") != cfg.pretrained_teacher_model:
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
     vae = family.vae

@@ -550,3 +550,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_cache_training_accepts(tiny_teach
             with pytest.raises(ConfigError, match="cannot read"):
                 read_sidecar(str(out / "00000.tar"))
 
+
+def test_sdxl_cache_from_a_teacher_with_another_pooled_width_is_a_config_error(sdxl_teacher: Path, one_shard: str,
+                                                                              tmp_path: Path) -> None:
+    """Same cross-attention width, another text_encoder_2 projection: refused in one line, not a matmul traceback in
+    the first step."""
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
+                    "--max_pwatermark", "1")
+    other = tmp_path / "other"
+    build_tiny_sdxl_pipeline(other, projection_dim=24)
+    with pytest.raises(ConfigError, match=r"text_embeds\) are 16-dim; .* wants 24"):
+        _trainer(other, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl")
