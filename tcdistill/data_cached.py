@@ -107,7 +107,7 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
                           f"{bool(meta.get('use_fix_crop_and_size', False))} (its time ids are fixed; re-run `tcdistill cache`).")
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
-    from .models import vae_scale_factor
+    from .models import sdxl_pooled_width, vae_scale_factor
 
     # Same resolution, another VAE depth (a cache made with another teacher): latents of another size would train the
     # student at a scale that validation and sampling (resolution // the VAE's factor) never use.
@@ -121,13 +121,12 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
     cad = unet_cfg.cross_attention_dim
     if ehs is not None and any(int(d) != ehs.shape[-1] for d in (cad if isinstance(cad, (list, tuple)) else [cad])):
         raise ConfigError(f"cached prompt embeddings are {ehs.shape[-1]}-dim; the teacher UNet wants {cad}.")
-    pooled = uncond.get("text_embeds")
-    proj_in, time_dim = unet_cfg.get("projection_class_embeddings_input_dim"), unet_cfg.get("addition_time_embed_dim")
     # SDXL: the same cross-attention width over another text_encoder_2 projection failed in the first step with a matmul
-    # shape traceback. The added embedding takes the pooled prompt plus six time ids (as models.check_sdxl_added_cond).
-    if pooled is not None and proj_in is not None and time_dim is not None and pooled.shape[-1] + 6 * int(time_dim) != int(proj_in):
+    # shape traceback.
+    pooled, want = uncond.get("text_embeds"), sdxl_pooled_width(unet_cfg)
+    if pooled is not None and want is not None and pooled.shape[-1] != want:
         raise ConfigError(f"cached pooled prompt embeddings (text_embeds) are {pooled.shape[-1]}-dim; the teacher UNet's added "
-                          f"conditioning wants {int(proj_in) - 6 * int(time_dim)} (the cache was made with another teacher: "
+                          f"conditioning wants {want} (the cache was made with another teacher: "
                           f"{meta.get('teacher')!r}; re-run `tcdistill cache`).")
     if meta.get("teacher") != cfg.pretrained_teacher_model:
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)

@@ -200,29 +200,30 @@ def check_text_width(cfg: TrainConfig, unet_cfg: Any) -> None:
                           f"{sizes}{f' = {width}' if len(subs) > 1 else ''}: they must match.")
 
 
-def check_sdxl_added_cond(cfg: TrainConfig, unet_cfg: Any) -> None:
-    """SDXL's added conditioning is text_encoder_2's pooled projection plus six time ids (original size, crop top-left,
-    target size), each embedded in `addition_time_embed_dim`: the UNet's `projection_class_embeddings_input_dim` must be
-    that sum. A refiner-style UNet (five time ids with an aesthetic score) or a text_encoder_2 of another projection width
-    failed in the first step with a matmul shape traceback: refuse it in one line before any weights load. A config that
-    cannot be read is left to the load that follows."""
-    from transformers import CLIPTextConfig
-
+def sdxl_pooled_width(unet_cfg: Any) -> int | None:
+    """The pooled prompt width (text_encoder_2's projection) an SDXL UNet's added conditioning takes: its
+    `projection_class_embeddings_input_dim` less six time ids (original size, crop top-left, target size) each embedded
+    in `addition_time_embed_dim`; None for a UNet without added conditioning."""
     proj_in, time_dim = unet_cfg.get("projection_class_embeddings_input_dim"), unet_cfg.get("addition_time_embed_dim")
-    if proj_in is None or time_dim is None:
+    return None if proj_in is None or time_dim is None else int(proj_in) - 6 * int(time_dim)
+
+
+def check_sdxl_added_cond(cfg: TrainConfig, unet_cfg: Any) -> None:
+    """The UNet's added conditioning must take text_encoder_2's pooled projection plus six time ids. A refiner-style
+    UNet (five time ids with an aesthetic score) or a text_encoder_2 of another projection width failed in the first
+    step with a matmul shape traceback: refuse it in one line before any weights load. A config that cannot be read is
+    left to the load that follows."""
+    want = sdxl_pooled_width(unet_cfg)
+    te2 = text_encoder_config(cfg, "text_encoder_2") if want is not None else None
+    if te2 is None or int(te2.projection_dim) == want:
         return
-    try:
-        te2 = CLIPTextConfig.from_pretrained(cfg.pretrained_teacher_model, subfolder="text_encoder_2", revision=cfg.teacher_revision,
-                                             cache_dir=cfg.cache_dir)
-    except Exception:  # noqa: BLE001 - reported by the load that follows
-        return
-    expected = int(te2.projection_dim) + 6 * int(time_dim)
-    if int(proj_in) != expected:
-        n_ids = (int(proj_in) - int(te2.projection_dim)) / int(time_dim)
-        extra = " (a refiner-style UNet with aesthetic-score time ids)" if n_ids == 5 else ""
-        raise ConfigError(f"the teacher's UNet takes projection_class_embeddings_input_dim={proj_in}, but SDXL's added conditioning "
-                          f"is text_encoder_2's projection_dim {te2.projection_dim} + 6 time ids x addition_time_embed_dim "
-                          f"{time_dim} = {expected}; it expects {n_ids:g} time ids{extra}: not supported.")
+    proj_in, time_dim = int(unet_cfg["projection_class_embeddings_input_dim"]), int(unet_cfg["addition_time_embed_dim"])
+    expected = int(te2.projection_dim) + 6 * time_dim
+    n_ids = (proj_in - int(te2.projection_dim)) / time_dim
+    extra = " (a refiner-style UNet with aesthetic-score time ids)" if n_ids == 5 else ""
+    raise ConfigError(f"the teacher's UNet takes projection_class_embeddings_input_dim={proj_in}, but SDXL's added conditioning "
+                      f"is text_encoder_2's projection_dim {te2.projection_dim} + 6 time ids x addition_time_embed_dim "
+                      f"{time_dim} = {expected}; it expects {n_ids:g} time ids{extra}: not supported.")
 
 
 def check_sdxl_components(cfg: TrainConfig) -> None:
