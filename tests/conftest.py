@@ -3,6 +3,7 @@ helpers that run the entry scripts as subprocesses and read what they wrote (che
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -10,7 +11,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -92,6 +93,20 @@ def run_train(variant: str, flags: list[str], env: dict[str, str], *, launcher: 
     cmd = [*(launcher or [sys.executable]), str(script or SCRIPTS[variant]), *flags]
     return subprocess.run(cmd, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def lock_holder(output_dir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Another process holding `output_dir`'s run lock (as a concurrent training run would) for the block; killed after."""
+    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(output_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> str:

@@ -6,12 +6,11 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, read_scalars, run_train, seed_flags
+from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, lock_holder, read_scalars, run_train, seed_flags
 
 # Runs an entry script as __main__ after wrapping Trainer.train_step to log each rank's batches, so the test can
 # see what data every rank trained on (nothing else changes: same script, flags and launcher).
@@ -116,18 +115,10 @@ def test_ddp_run_on_a_busy_output_dir_stops_every_rank_in_one_line(config_only_t
     """QA: only the main process takes the output dir's lock, so only it stopped on a busy one: rank 1 went on to load the
     teacher and crashed in DDP's first collective ("Connection closed by peer" traceback; a teacher it cannot load here).
     The refusal now reaches every rank, before any weights load."""
-    from conftest import ROOT
-
     out = tmp_path / "out"
     out.mkdir()
-    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out, run_env) as holder:
         proc = _run_ddp("full", out, config_only_teacher, tiny_shards, run_env)
-    finally:
-        holder.kill()
-        holder.wait()
     # Both ranks' lines (which may interleave: two processes write to one pipe).
     refusal = f"error: --output_dir {str(out)!r} is in use by another training run (pid {holder.pid}"
     assert proc.returncode != 0 and proc.stdout.count(refusal) == 2, proc.stdout[-3000:]

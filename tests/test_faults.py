@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK_VALIDATION, ROOT, SCRIPTS, check_ok, complete_checkpoints, run_train, seed_flags
+from conftest import QUICK_VALIDATION, ROOT, SCRIPTS, check_ok, complete_checkpoints, lock_holder, run_train, seed_flags
 
 FAST = dict(QUICK_VALIDATION, validation_steps=0, report_to="none", gradient_checkpointing=None,
             enable_xformers_memory_efficient_attention=None, use_8bit_adam=None)
@@ -303,10 +303,7 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_is_go
 
     out = tmp_path / "out"
     out.mkdir()
-    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out, run_env) as holder:
         proc = run_train("full", flags_for("full", config_only_teacher, tiny_shards, out), run_env)
         assert proc.returncode != 0
         errors = [ln for ln in proc.stdout.splitlines() if "error:" in ln]
@@ -314,9 +311,6 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_runs_lock_is_go
         assert "Traceback" not in proc.stdout
         with pytest.raises(preflight.ConfigError, match="in use by another training run"):
             preflight.lock_output_dir(str(out))
-    finally:
-        holder.kill()
-        holder.wait()
     preflight.lock_output_dir(str(out))  # taken at once: no stale lock survives a SIGKILL
     os.close(preflight._held_locks.pop(os.path.realpath(out)))
 
