@@ -89,15 +89,11 @@ def load_teacher(teacher: str) -> Any:
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
     if name != "StableDiffusionPipeline":
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
-    from .families import pipeline_variant
-    from .generate import _dtype_kwargs, sd_text_encoder
+    from .generate import base_pipeline
 
-    variant = pipeline_variant(teacher)  # a teacher saved with fp16 variant files loads only when asked for them
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False,
-                                                   **sd_text_encoder(teacher, torch.float32, variant),
-                                                   **_dtype_kwargs(torch.float32), **({"variant": variant} if variant else {}))
+    pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)

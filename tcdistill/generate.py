@@ -114,6 +114,18 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
+def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
+    """`cls.from_pretrained(base, **kw)` in `dtype`: from the base's variant files where it holds only those (a base saved
+    with fp16 variant files loads only when asked for them), and with an SD base's projection text encoder as the
+    CLIPTextModel training conditions on (`sd_text_encoder`)."""
+    from .families import pipeline_variant
+
+    variant = pipeline_variant(base)
+    if cls.__name__ == "StableDiffusionPipeline":
+        kw.update(sd_text_encoder(base, dtype, variant))
+    return cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
+
+
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,
                   vae: str | None = None, sampling: dict[str, Any] | None = None) -> Any:
     """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on the run's scheduler (TCDScheduler,
@@ -122,19 +134,14 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
 
     from .validation import sampling_scheduler
 
-    kw: dict[str, Any] = _dtype_kwargs(dtype)
+    kw: dict[str, Any] = {}
     cls = pipeline_class(base)
     if unet:
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
         _check_unet_family(kw["unet"].config, cls, base)
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
-    from .families import pipeline_variant
-
-    variant = pipeline_variant(base)  # a base saved with fp16 variant files loads only when asked for them
-    if cls.__name__ == "StableDiffusionPipeline":
-        kw.update(sd_text_encoder(base, dtype, variant))
-    pipe = cls.from_pretrained(base, **kw, **({"variant": variant} if variant else {}))
+    pipe = base_pipeline(cls, base, dtype, **kw)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
         load_unet_lora(pipe, lora, base)
