@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,6 +83,24 @@ def lock_output_dir(path: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the refusal message of a second run
     _held_locks[key] = fd
+
+
+def lock_run_output_dir(path: str, accelerator: Any) -> None:
+    """`lock_output_dir` for a run of any number of processes: the main process holds the lock (it saves; the other
+    ranks only write into its staging), and its refusal stops every rank. The others went on to load the teacher and
+    crashed in DDP's first collective with a traceback."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock_output_dir(path)
+        except ConfigError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:

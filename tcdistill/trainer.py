@@ -21,7 +21,7 @@ from .config import NUMPY_SEEDS, ConfigError, TrainConfig, check_seed, first_lin
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
-from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_output_dir
+from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_run_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, stop_on_signals
 from .strategy import make_strategy
@@ -105,7 +105,7 @@ class Trainer:
         # (a mistyped path used to leave an empty --output_dir behind).
         self.ckpt.resolve(cfg.resume_from_checkpoint)
         check_output_dir(cfg.output_dir)
-        self._lock_output_dir()
+        lock_run_output_dir(cfg.output_dir, acc)
         self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -180,22 +180,6 @@ class Trainer:
         self.stream = StreamTracker()
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
         self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
-
-    def _lock_output_dir(self) -> None:
-        """One lock per run, held by the main process (it saves; the other ranks only write into its staging). Its refusal
-        stops every rank: the others went on to load the teacher and crashed in DDP's first collective with a traceback."""
-        acc, refusal = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                lock_output_dir(self.cfg.output_dir)
-            except ConfigError as e:
-                refusal = str(e)
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            refusal = broadcast_object_list([refusal])[0]
-        if refusal:
-            raise ConfigError(refusal)
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA and CPU unless --no_fused_adam) or bitsandbytes' 8-bit AdamW."""
@@ -356,6 +340,20 @@ class Trainer:
         except CheckpointError as e:
             logger.error("%s", e)
 
+    def _log_step(self, loss_sum: float, sps: float) -> None:
+        """The step's loss, LR, throughput and data-skip counts to the trackers and (main process) metrics.jsonl."""
+        logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
+        logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
+        self.accelerator.log(logs, step=self.global_step)
+        if not self.accelerator.is_main_process:
+            return
+        # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
+        try:
+            with open(os.path.join(self.cfg.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
+        except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
+            logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
+
     def _on_signal(self, signum: int) -> None:
         self.stop_signal = signum
 
@@ -466,16 +464,7 @@ class Trainer:
                     now = time.perf_counter()
                     sps = samples / max(now - t_last, 1e-9)
                     t_last, samples = now, 0
-                    logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
-                    logs.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
-                    acc.log(logs, step=self.global_step)
-                    if acc.is_main_process:
-                        # A plain per-step record next to the trackers: survives kills line by line, easy to diff/plot.
-                        try:
-                            with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                                f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
-                        except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
-                            logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
+                    self._log_step(loss_sum, sps)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
                     if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
