@@ -174,12 +174,11 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
                       cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
-                      model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size)
+                      model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
+                      data_timeout=args.data_timeout)  # its checks are this command's too
     tokenizers = check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
-    if args.data_timeout < 0:
-        raise ConfigError(f"--data_timeout must be >= 0 (0 = wait forever), got {args.data_timeout}.")
     device = resolve_device(args.device)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
     family = load_family(cfg, tokenizers)
