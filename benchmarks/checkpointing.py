@@ -29,7 +29,7 @@ def measure(policy: str, args: argparse.Namespace) -> dict[str, float]:
     from diffusers import UNet2DConditionModel
 
     from tcdistill.bench_assets import SD15_UNET
-    from tcdistill.models import enable_gradient_checkpointing
+    from tcdistill.models import DTYPES, enable_gradient_checkpointing
     from tcdistill.timing import OpCounter, held_memory, peak_memory, reset_peak_memory, trim_heap
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,7 +42,7 @@ def measure(policy: str, args: argparse.Namespace) -> dict[str, float]:
     x = torch.randn(args.batch, 4, lat, lat, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     cond = torch.randn(args.batch, 77, config["cross_attention_dim"], device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    dtype = DTYPES.get(args.mixed_precision)  # "no" -> None: autocast off
 
     def step() -> tuple[float, float]:
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from tcdistill.trainer import REGIONAL_BLOCKS, compile_blocks  # noqa: E402
+from tcdistill.models import REGIONAL_BLOCKS, compile_blocks  # noqa: E402
 
 
 def main() -> None:

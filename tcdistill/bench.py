@@ -110,7 +110,7 @@ def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
     """FLOPs (matmul/conv/attention, forward+backward) of one optimizer step, run eagerly; returns (flops, samples)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .trainer import eager_unets
+    from .models import eager_unets
 
     with eager_unets(trainer.cfg), FlopCounterMode(display=False) as counter:
         _, n, _ = trainer.optimizer_step(data)
@@ -120,7 +120,7 @@ def _count_flops(trainer: Any, data: Any) -> tuple[int, int]:
 def _count_ops(trainer: Any, data: Any) -> OpCounter:
     """The ops one optimizer step dispatches, run eagerly. Not the first step: that one also creates the optimizer
     state (a few ops per parameter, once), and FlopCounterMode decomposes ops it has no formula for."""
-    from .trainer import eager_unets
+    from .models import eager_unets
 
     with eager_unets(trainer.cfg), OpCounter() as ops:
         trainer.optimizer_step(data)
@@ -196,7 +196,7 @@ def _build(args: argparse.Namespace, assets: Assets, variant: str, mode: str, wo
 
 def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path, timed: bool = True) -> dict[str, Any]:
     """Build a Trainer for `mode` alone and measure it (FLOPs, peak memory, split; throughput if `timed`)."""
-    from .trainer import eager_unets
+    from .models import eager_unets
 
     trainer, data, cfg, build_s = _build(args, assets, variant, mode, work)
     device = trainer.device

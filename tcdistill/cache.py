@@ -26,8 +26,8 @@ from torch import Tensor
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, ImageTextShards, _Skip, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
+from .models import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
 # Stored in fp32 whatever --storage_dtype says: SDXL's time ids are pixel counts, embedded sinusoidally per pixel, and fp16
 # holds integers exactly only up to 2048 (an original width of 2051 would cache as 2052: another conditioning than live).
@@ -166,7 +166,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save
 
     from .families import load_family
-    from .models import check_teacher_config
+    from .teacher_checks import check_teacher_config
     from .preflight import resolve_device
 
     fill_family_defaults(args)

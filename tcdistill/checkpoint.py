@@ -35,6 +35,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from .config import first_line, one_line
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -268,8 +270,7 @@ class CheckpointIO:
         except Exception as exc:
             # One line naming the file: torch's unpickling errors run over several lines, the last of them a link, and
             # their first sentence is all that fits a damaged file (the next ones advise weights_only=False).
-            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-            detail = re.split(r"(?<=\.)\s", first, maxsplit=1)[0][:200]
+            detail = re.split(r"(?<=\.)\s", first_line(exc), maxsplit=1)[0][:200]
             raise CheckpointError(f"cannot load checkpoint {str(resolved)!r}: {name} is unreadable "
                                   f"({type(exc).__name__}: {detail})") from exc
         return ckpt
@@ -312,8 +313,7 @@ class CheckpointIO:
             newest = str(self.latest() or "none")
         except OSError:
             newest = "unknown (output dir unreadable)"
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return CheckpointError(f"saving checkpoint-{step} failed ({detail}); previous checkpoints are intact, "
+        return CheckpointError(f"saving checkpoint-{step} failed ({one_line(exc)}); previous checkpoints are intact, "
                                f"newest: {newest}")
 
     def save(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],

@@ -14,9 +14,18 @@ class ConfigError(ValueError):
     """An invalid flag or flag combination, reported as one line before any model is loaded."""
 
 
+RUN_CONFIG = "tcdistill_config.json"  # the run's flags, written beside its outputs (generate/eval/export read them)
+
+
 def first_line(e: BaseException) -> str:
     """The first non-blank line of an exception's message (the type's name if it has none), for one-line errors."""
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """`Type: message` with all whitespace runs folded to one space (at most `limit` characters), for one-line errors
+    whose whole message matters (an OSError's path, a hub error's status)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:limit]
 
 
 # The seeds each consumer takes: numpy's legacy generator, which accelerate's set_seed seeds (with random and torch)
@@ -227,7 +236,8 @@ class TrainConfig:
         need(self.num_train_epochs >= 1, "--num_train_epochs must be >= 1.")
         need(self.adam_epsilon > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1) and --adam_epsilon > 0.")
         need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
-        need(not (self.push_to_hub and not self.hub_model_id and not self.output_dir), "--push_to_hub needs --hub_model_id.")
+        need(not self.push_to_hub or bool(self.hub_repo_name),
+             f"--push_to_hub needs --hub_model_id: the output folder {self.output_dir!r} has no name to call the repo.")
         need(self.lora_target_modules is None or bool(self.lora_modules), "--lora_target_modules lists no module names.")
         need(self.validation_steps == 0 or bool(self.inference_steps),
              "--validation_inference_steps lists no step counts (or pass --validation_steps 0 for no validation).")
@@ -237,6 +247,11 @@ class TrainConfig:
             n = len(self.validation_prompt_list)
             check_seed("--validation_seed", self.validation_seed, TORCH_SEEDS, count=n,
                        uses=f"for {n} validation prompts (prompt i samples with --validation_seed + i)")
+
+    @property
+    def hub_repo_name(self) -> str:
+        """--hub_model_id, else the output folder's name, as the reference (absolute, so `.` names the folder; `/` is "")."""
+        return self.hub_model_id or os.path.basename(os.path.abspath(self.output_dir))
 
     @property
     def inference_steps(self) -> list[int]:

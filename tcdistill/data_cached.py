@@ -107,7 +107,7 @@ def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
                           f"{bool(meta.get('use_fix_crop_and_size', False))} (its time ids are fixed; re-run `tcdistill cache`).")
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
-    from .models import sdxl_pooled_width, vae_scale_factor
+    from .teacher_checks import sdxl_pooled_width, vae_scale_factor
 
     # Same resolution, another VAE depth (a cache made with another teacher): latents of another size would train the
     # student at a scale that validation and sampling (resolution // the VAE's factor) never use.

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
+from .generate import base_pipeline, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
@@ -89,8 +90,6 @@ def load_teacher(teacher: str) -> Any:
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
     if name != "StableDiffusionPipeline":
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
-    from .generate import base_pipeline
-
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
     pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, safety_checker=None, requires_safety_checker=False)
@@ -107,15 +106,7 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
     if (unet is None) == (lora is None):
         raise ValueError("give exactly one of --unet or --lora")
     if unet is not None:
-        path = Path(unet)
-        for sub in ("unet_target", "unet"):  # a training run's output dir: the EMA target is the deliverable
-            if not (path / "config.json").exists() and (path / sub / "config.json").exists():
-                path = path / sub
-                break
-        from .generate import check_unet_config
-
-        check_unet_config(path)
-        student = UNet2DConditionModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        student = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet)).eval().requires_grad_(False)
         if unet_family(student.config) == "sdxl":
             raise ValueError(f"--unet {unet} is an SDXL UNet; the teacher is an SD pipeline")
         return student
@@ -329,14 +320,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt per non-empty line."""
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"no prompts in {path}")
-    return prompts
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
@@ -366,8 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
-    from .generate import run_config, run_guidance, run_sampling
-
     # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
     saved = run_config(args.unet or args.lora)
     if args.guidance_scale is None:
@@ -394,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_seed("--seed", args.seed, TORCH_SEEDS, count=2, uses="(the noise uses --seed, the re-noising --seed + 1)")
         if args.output:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
-        prompts = read_prompts(args.prompts)
+        prompts = read_prompts(None, args.prompts)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):

@@ -380,5 +380,5 @@ FAMILIES: dict[str, type] = {"sd": SDFamily, "sdxl": SDXLFamily}
 
 def load_family(cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> SDFamily | SDXLFamily:
     """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL); `tokenizers`: those
-    `models.check_teacher_config` already read, by subfolder (the rest load here)."""
+    `teacher_checks.check_teacher_config` already read, by subfolder (the rest load here)."""
     return FAMILIES[cfg.model_family].load(cfg, tokenizers)

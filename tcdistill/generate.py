@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import TORCH_SEEDS, check_seed, first_line
+from .config import RUN_CONFIG, TORCH_SEEDS, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import unet_sample_hw
+from .families import pipeline_variant, unet_family, unet_sample_hw
+from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
 
 FULL_MODEL_GUIDANCE = 8.0
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_RUN_CONFIG = "tcdistill_config.json"
 
 
 def run_config(path: str | None) -> dict[str, Any]:
@@ -34,8 +33,8 @@ def run_config(path: str | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
-        if (d / _RUN_CONFIG).is_file():
-            return json.loads((d / _RUN_CONFIG).read_text())
+        if (d / RUN_CONFIG).is_file():
+            return json.loads((d / RUN_CONFIG).read_text())
     return {}
 
 
@@ -68,14 +67,15 @@ def check_unet_config(folder: str | Path) -> None:
 
 
 def resolve_unet_dir(path: str) -> str:
-    """A UNet folder: the path itself, or a full-model training output's `unet_target` (the EMA deliverable)."""
+    """A UNet folder: the path itself, or in a full-model training output its `unet_target` (the EMA deliverable) before
+    its `unet` (the online student; also a pipeline folder's UNet)."""
     p = Path(path)
-    for cand in (p, p / "unet_target"):
+    for cand in (p, p / "unet_target", p / "unet"):
         if (cand / "config.json").is_file():
             check_unet_config(cand)
             return str(cand)
     if p.exists():
-        raise FileNotFoundError(f"no UNet config.json in {p} or {p / 'unet_target'}")
+        raise FileNotFoundError(f"no UNet config.json in {p}, {p / 'unet_target'} or {p / 'unet'}")
     return path  # a hub id
 
 
@@ -118,8 +118,6 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
     """`cls.from_pretrained(base, **kw)` in `dtype`: from the base's variant files where it holds only those (a base saved
     with fp16 variant files loads only when asked for them), and with an SD base's projection text encoder as the
     CLIPTextModel training conditions on (`sd_text_encoder`)."""
-    from .families import pipeline_variant
-
     variant = pipeline_variant(base)
     if cls.__name__ == "StableDiffusionPipeline":
         kw.update(sd_text_encoder(base, dtype, variant))
@@ -152,8 +150,6 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
 
 def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
     """An SDXL UNet (text_time added conditioning) needs an SDXL base and an SD UNet an SD base: refuse a mix in one line."""
-    from .families import unet_family
-
     xl_unet = unet_family(unet_config) == "sdxl"
     xl_base = pipe_cls.__name__ == "StableDiffusionXLPipeline"
     if xl_unet != xl_base:
@@ -168,7 +164,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
         # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
         out += [ln.strip() for ln in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     if not out:
-        raise ValueError("no prompts: pass --prompt (repeatable) or --prompt_file")
+        raise ValueError(f"no prompts in {prompt_file}" if prompt_file else "no prompts: pass --prompt (repeatable) or --prompt_file")
     return out
 
 

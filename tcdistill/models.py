@@ -1,247 +1,22 @@
-"""Loading the teacher pipeline's parts, the model-family adapter, and the UNet -> Denoiser adapter (I/O lives here)."""
+"""Adapters and settings for the diffusers models: the UNet -> Denoiser adapter, gradient checkpointing, attention,
+channels_last / torch.compile, and VAE latents."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, TrainConfig, first_line
+from .config import TrainConfig
 from .tcd import Cond, guidance_embedding
 
 logger = logging.getLogger(__name__)
 
-
-def vae_scale_factor(vae_config: dict) -> int:
-    """Pixel-to-latent downscale of an AutoencoderKL config (2 ** (levels - 1))."""
-    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
-
-
-def check_teacher_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Read only the configs (no weights) and reject a resolution the VAE cannot take (or latents the UNet cannot take,
-    or a teacher of another family), before anything loads. Returns the tokenizers read on the way (for `load_family`)."""
-    from diffusers import AutoencoderKL
-
-    vae_src, sub = (cfg.pretrained_vae_model_name_or_path, None) if cfg.pretrained_vae_model_name_or_path else (cfg.pretrained_teacher_model, "vae")
-    try:
-        # The same revision as families._load_vae: --teacher_revision is the teacher repo's, not a separate VAE's.
-        revision = None if cfg.pretrained_vae_model_name_or_path else cfg.teacher_revision
-        vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=revision, cache_dir=cfg.cache_dir)
-    except Exception as e:  # noqa: BLE001 - hub/OS errors come in many types; the message is what matters
-        raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {first_line(e)}") from None
-    f = vae_scale_factor(vae_cfg)
-    if cfg.resolution % f:
-        raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
-    check_teacher_family(cfg, vae_cfg)
-    return check_teacher_tokenizers(cfg)
-
-
-def text_encoder_config(cfg: TrainConfig, subfolder: str) -> Any:
-    """The teacher's `subfolder` text encoder config (a CLIPTextConfig), or None where it cannot be read (left to the load)."""
-    from transformers import CLIPTextConfig
-
-    try:
-        return CLIPTextConfig.from_pretrained(cfg.pretrained_teacher_model, subfolder=subfolder, revision=cfg.teacher_revision,
-                                              cache_dir=cfg.cache_dir)
-    except Exception:  # noqa: BLE001 - reported by the load that follows
-        return None
-
-
-def check_teacher_tokenizers(cfg: TrainConfig) -> dict[str, Any]:
-    """Prompts are padded to the tokenizer's own model_max_length (as SD pipelines do): a tokenizer without a pad token,
-    or without a model_max_length (transformers then reports ~1e30), failed inside the first training step with a
-    transformers traceback (diffusers' pipelines fail on it too). Refuse it in one line before any weights load.
-    A tokenizer that cannot be read is left to the load that follows, which reports it. Returns the tokenizers that
-    passed, by subfolder, so that the family load does not read them again."""
-    from .families import load_tokenizer
-
-    lengths, checked = [], {}
-    for sub in ("tokenizer", "tokenizer_2") if cfg.model_family == "sdxl" else ("tokenizer",):
-        try:
-            tok = load_tokenizer(cfg, sub)
-        except Exception:  # noqa: BLE001 - reported by the load that follows
-            return checked
-        where = f"the teacher's {sub} ({cfg.pretrained_teacher_model}/{sub}/tokenizer_config.json)"
-        if tok.pad_token is None:
-            raise ConfigError(f"{where} has no pad_token; prompts are padded to its model_max_length: set one "
-                              f"(CLIP's SD tokenizers pad with {tok.eos_token or '<|endoftext|>'!r}).")
-        if not 0 < int(tok.model_max_length) <= 1_000_000:
-            raise ConfigError(f"{where} sets no model_max_length (got {tok.model_max_length}); prompts are padded to it: set "
-                              f"the text encoder's max_position_embeddings (77 for SD).")
-        # CLIP's position embeddings bound the prompt length: a longer padding failed in the text encoder's forward.
-        te = text_encoder_config(cfg, sub.replace("tokenizer", "text_encoder"))
-        if te is not None and int(tok.model_max_length) > int(te.max_position_embeddings):
-            raise ConfigError(f"{where} pads prompts to model_max_length {tok.model_max_length}, but the teacher's "
-                              f"{sub.replace('tokenizer', 'text_encoder')} has only max_position_embeddings "
-                              f"{te.max_position_embeddings}; set model_max_length to at most that.")
-        lengths.append(int(tok.model_max_length))
-        checked[sub] = tok
-    if len(set(lengths)) > 1:  # SDXL concatenates both encoders' hidden states per token (its own pipeline fails too)
-        raise ConfigError(f"the teacher's tokenizer and tokenizer_2 pad to different lengths {tuple(lengths)} (model_max_length); "
-                          "SDXL concatenates their hidden states per token, so they must be equal.")
-    return checked
-
-
-def check_teacher_schedule(cfg: TrainConfig) -> None:
-    """Read the teacher's scheduler config (no weights) and reject, before anything loads, a scheduler that is not DDPM-type or
-    that TCDScheduler cannot take, and a training grid it cannot give:
-    one finer than its timesteps, or one whose top step has zero SNR (`rescale_betas_zero_snr`) under epsilon
-    prediction, where `x0 = (x_t - sigma_t eps) / alpha_t` divides by zero: NaN losses (skipped steps) in training and
-    NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
-    from diffusers import TCDScheduler
-
-    from .families import ddpm_schedule, schedule_fields, teacher_scheduler_config
-    from .schedule import ddim_grid
-
-    try:
-        raw = teacher_scheduler_config(cfg)
-        sched = ddpm_schedule(raw)  # what the family load builds from the same config
-    except Exception:  # noqa: BLE001 - reported by the load that follows
-        return
-    # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,
-    # and DDPMScheduler would silently fill in its default linear ones: a schedule the teacher was never trained on.
-    # (A DDPM-type class's config may leave beta_schedule to the class default, as the teacher's pipeline then does.)
-    if "beta_schedule" not in schedule_fields(raw) and raw.get("trained_betas") is None:
-        raise ConfigError(f"the teacher's scheduler ({raw.get('_class_name')}) defines no beta schedule: TCD distils variance-preserving "
-                          "(DDPM-type) teachers such as SD 1.x/2.x and SDXL, not EDM or flow-matching ones.")
-    try:  # the outputs sample with TCDScheduler, which takes fewer beta schedules than DDPMScheduler (no sigmoid)
-        TCDScheduler.from_config(sched.config, **schedule_fields(sched.config))
-    except NotImplementedError as e:
-        raise ConfigError(f"the teacher's scheduler config is not usable by TCDScheduler, which samples the outputs: {first_line(e)}") from None
-    n_train = int(sched.config.num_train_timesteps)
-    if cfg.num_ddim_timesteps > n_train:
-        raise ConfigError(f"--num_ddim_timesteps {cfg.num_ddim_timesteps} exceeds the teacher scheduler's num_train_timesteps {n_train}.")
-    top = int(ddim_grid(n_train, cfg.num_ddim_timesteps)[-1])
-    if sched.config.prediction_type == "epsilon" and float(sched.alphas_cumprod[top]) <= 0.0:
-        raise ConfigError(f"the teacher's scheduler has zero SNR at t={top} (rescale_betas_zero_snr) but predicts epsilon, which "
-                          f"cannot give x0 there: distill a v_prediction teacher (zero-SNR schedules need one), or choose a "
-                          f"--num_ddim_timesteps that does not divide {n_train} so the grid stops short of t={n_train - 1}.")
-
-
-def unet_extra_inputs(unet_cfg: Any) -> str | None:
-    """What a UNet config needs beyond the prompt states (and SDXL's text_time ids), or None. Training, validation and
-    the SD/SDXL pipelines call the UNet with `encoder_hidden_states` (+ SDXL's `text_embeds`/`time_ids`) only, so a
-    class embedding (`class_labels`) or an image-conditioned embedding (`image_embeds`) failed inside the first step."""
-    if unet_cfg.get("class_embed_type") is not None or unet_cfg.get("num_class_embeds") is not None:
-        return f"class labels (class_embed_type={unet_cfg.get('class_embed_type')}, num_class_embeds={unet_cfg.get('num_class_embeds')})"
-    if unet_cfg.get("addition_embed_type") not in (None, "text", "text_time"):
-        return f"image embeddings (addition_embed_type={unet_cfg['addition_embed_type']!r})"
-    if unet_cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
-        return f"image embeddings (encoder_hid_dim_type={unet_cfg['encoder_hid_dim_type']!r})"
-    return None
-
-
-def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
-    """Reject an SDXL teacher given to the SD scripts (it failed in the first step's teacher forward) or an SD teacher
-    given to the SDXL ones (it failed loading a second tokenizer), from the UNet's config alone. A config that cannot
-    be read is left to the weights load, which reports it."""
-    from diffusers import UNet2DConditionModel
-
-    from .families import unet_family
-
-    try:
-        unet_cfg = UNet2DConditionModel.load_config(cfg.pretrained_teacher_model, subfolder="unet", revision=cfg.teacher_revision,
-                                                    cache_dir=cfg.cache_dir)
-    except Exception:  # noqa: BLE001 - reported by the load that follows
-        return
-    # The UNet denoises the VAE's latents: another VAE (--pretrained_vae_model_name_or_path, e.g. a 16-channel one) or
-    # a UNet taking extra input channels (an inpainting UNet) failed in the first step's forward with a conv traceback.
-    latent, unet_in = (vae_cfg or {}).get("latent_channels"), unet_cfg.get("in_channels")
-    if latent is not None and unet_in is not None and latent != unet_in:
-        vae_name = cfg.pretrained_vae_model_name_or_path or f"{cfg.pretrained_teacher_model}/vae"
-        raise ConfigError(f"the VAE {vae_name!r} has {latent} latent channels but the teacher's UNet takes {unet_in} "
-                          "input channels; they must match (inpainting-style UNets are not supported).")
-    # A UNet that already takes a guidance embedding (time_cond_proj_dim) is a guidance-distilled student (LCM/TCD), not
-    # a diffusion teacher: training runs it without that input (no w to give it), while its pipeline feeds it
-    # guidance_scale - 1, so a LoRA on it sampled another function than it was trained as, and the full student with
-    # another --unet_time_cond_proj_dim failed with a load_state_dict size-mismatch traceback.
-    if unet_cfg.get("time_cond_proj_dim") is not None:
-        raise ConfigError(f"the teacher's UNet already takes a guidance embedding (time_cond_proj_dim="
-                          f"{unet_cfg['time_cond_proj_dim']}): it is a guidance-distilled (LCM/TCD) student, not a diffusion "
-                          "teacher; distill from the model it was distilled from.")
-    extra = unet_extra_inputs(unet_cfg)
-    if extra:
-        raise ConfigError(f"the teacher's UNet needs {extra}, which SD/SDXL text-to-image pipelines do not give it (an upscaler-, "
-                          "Kandinsky- or unCLIP-style UNet): not supported.")
-    family = unet_family(unet_cfg)
-    if family != cfg.model_family:
-        scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
-                   "sd": "train_tcd_distill_sd_wds.py / train_tcd_distill_lora_sd_wds.py"}[family]
-        raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} is an {family.upper()} model (its UNet "
-                          f"{'takes' if family == 'sdxl' else 'lacks'} SDXL's text_time conditioning), but this run's "
-                          f"--model_family is {cfg.model_family!r}: use {scripts} (--model_family {family}).")
-    if family == "sdxl":
-        check_sdxl_components(cfg)
-        check_sdxl_added_cond(cfg, unet_cfg)
-    check_text_width(cfg, unet_cfg)
-
-
-def check_text_width(cfg: TrainConfig, unet_cfg: Any) -> None:
-    """The UNet attends to the text encoders' hidden states (SDXL: both side by side), through its `encoder_hid_dim`
-    projection where it has one, else directly at its `cross_attention_dim` (one width per block where a list). Another
-    width failed in the first step's teacher forward with a matmul shape traceback: refuse it in one line before any
-    weights load. Configs that cannot be read are left to the load that follows."""
-    want = unet_cfg.get("encoder_hid_dim") or unet_cfg.get("cross_attention_dim")
-    if want is None:
-        return
-    subs = ("text_encoder", "text_encoder_2") if cfg.model_family == "sdxl" else ("text_encoder",)
-    configs = [text_encoder_config(cfg, sub) for sub in subs]
-    if any(c is None for c in configs):
-        return
-    width = sum(int(c.hidden_size) for c in configs)
-    if any(int(d) != width for d in (want if isinstance(want, (list, tuple)) else [want])):
-        sizes = " + ".join(f"{sub} {c.hidden_size}" for sub, c in zip(subs, configs))
-        field = "encoder_hid_dim" if unet_cfg.get("encoder_hid_dim") else "cross_attention_dim"
-        raise ConfigError(f"the teacher's UNet takes prompt states of width {want} ({field}), but its text encoder hidden size is "
-                          f"{sizes}{f' = {width}' if len(subs) > 1 else ''}: they must match.")
-
-
-def sdxl_pooled_width(unet_cfg: Any) -> int | None:
-    """The pooled prompt width (text_encoder_2's projection) an SDXL UNet's added conditioning takes: its
-    `projection_class_embeddings_input_dim` less six time ids (original size, crop top-left, target size) each embedded
-    in `addition_time_embed_dim`; None for a UNet without added conditioning."""
-    proj_in, time_dim = unet_cfg.get("projection_class_embeddings_input_dim"), unet_cfg.get("addition_time_embed_dim")
-    return None if proj_in is None or time_dim is None else int(proj_in) - 6 * int(time_dim)
-
-
-def check_sdxl_added_cond(cfg: TrainConfig, unet_cfg: Any) -> None:
-    """The UNet's added conditioning must take text_encoder_2's pooled projection plus six time ids. A refiner-style
-    UNet (five time ids with an aesthetic score) or a text_encoder_2 of another projection width failed in the first
-    step with a matmul shape traceback: refuse it in one line before any weights load. A config that cannot be read is
-    left to the load that follows."""
-    want = sdxl_pooled_width(unet_cfg)
-    te2 = text_encoder_config(cfg, "text_encoder_2") if want is not None else None
-    if te2 is None or int(te2.projection_dim) == want:
-        return
-    proj_in, time_dim = int(unet_cfg["projection_class_embeddings_input_dim"]), int(unet_cfg["addition_time_embed_dim"])
-    expected = int(te2.projection_dim) + 6 * time_dim
-    n_ids = (proj_in - int(te2.projection_dim)) / time_dim
-    extra = " (a refiner-style UNet with aesthetic-score time ids)" if n_ids == 5 else ""
-    raise ConfigError(f"the teacher's UNet takes projection_class_embeddings_input_dim={proj_in}, but SDXL's added conditioning "
-                      f"is text_encoder_2's projection_dim {te2.projection_dim} + 6 time ids x addition_time_embed_dim "
-                      f"{time_dim} = {expected}; it expects {n_ids:g} time ids{extra}: not supported.")
-
-
-def check_sdxl_components(cfg: TrainConfig) -> None:
-    """Refuse, from model_index.json alone, an SDXL-type teacher that lacks one of SDXL's two text encoders or tokenizers
-    (an SDXL refiner ships only text_encoder_2); loading it failed on the missing folder with a tokenizer backend error.
-    A teacher without a readable model_index.json is left to the load."""
-    from .families import teacher_index
-
-    index = teacher_index(cfg)
-    if index is None:
-        return
-    # A component entry is [library, class]; a pipeline saved without that component has [null, null] (or no entry).
-    missing = [c for c in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-               if not isinstance(index.get(c), (list, tuple)) or None in index[c][:2]]
-    if missing:
-        raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} ({index.get('_class_name')}) has no "
-                          f"{', '.join(missing)}: SDXL distillation needs both SDXL text encoders and tokenizers "
-                          "(a refiner-style teacher with only text_encoder_2 is not supported).")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # flag value -> dtype (also accelerate's names)
 
 
 class UNetDenoiser:
@@ -332,6 +107,42 @@ def enable_memory_efficient_attention(unet: nn.Module) -> bool:
             _XFORMERS_WARNED.add(str(e))
             logger.warning("xformers is unavailable (%s); using PyTorch scaled_dot_product_attention instead.", e)
         return False
+
+
+def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
+    """--channels_last / --compile_unet on each of the (distinct) UNets; `Module.compile` keeps state-dict keys unchanged."""
+    for m in unets:
+        if cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if cfg.compile_unet:
+            # Static shapes: the loss keeps every batch fixed (static_shapes), so each UNet compiles once per call
+            # site (student B with grad, teacher 2B, target B) and never recompiles with symbolic sizes.
+            if cfg.compile_scope == "unet":
+                m.compile(mode=cfg.compile_mode, dynamic=False)
+            else:
+                compile_blocks(m, cfg.compile_mode)
+
+
+def eager_unets(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """Run compiled UNets eagerly in this block (validation sampling, the bench's FLOP and op counts): their eval mode
+    and batch sizes are new guards, so they would compile again for a few calls."""
+    return torch.compiler.set_stance("force_eager") if cfg.compile_unet else contextlib.nullcontext()
+
+
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def compile_blocks(unet: nn.Module, mode: str) -> None:
+    """Regional compilation (diffusers' `compile_repeated_blocks`) over the transformer and ResNet blocks."""
+    import torch._dynamo
+
+    # All blocks of a class share one code object, so each (block shape, call site) is one more entry in its dynamo
+    # cache: SD 1.5's student alone compiled 15 ResNet graphs (CPU), and there are 3 call sites, past the default limit of 8 (after which
+    # dynamo would silently run the remaining blocks eagerly).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    unet._repeated_blocks = list(REGIONAL_BLOCKS)  # diffusers lists only BasicTransformerBlock for this UNet
+    unet.compile_repeated_blocks(mode=mode, dynamic=False)
 
 
 def latent_normalization(vae_config: Any, family: str) -> tuple[Tensor, Tensor] | None:

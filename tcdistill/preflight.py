@@ -7,7 +7,6 @@ import errno
 import importlib.util
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,11 +122,10 @@ def create_hub_repo(cfg: TrainConfig) -> str:
     network or token fails in one line at the start instead of after the whole run."""
     from huggingface_hub import create_repo
 
-    name = cfg.hub_model_id or Path(cfg.output_dir).name  # as the reference: the output folder's name by default
     try:
-        return create_repo(repo_id=name, exist_ok=True, token=cfg.hub_token).repo_id
+        return create_repo(repo_id=cfg.hub_repo_name, exist_ok=True, token=cfg.hub_token).repo_id
     except Exception as e:  # noqa: BLE001 - offline, DNS, auth and HTTP errors all mean "cannot push"
-        raise ConfigError(f"--push_to_hub: cannot create the hub repo {name!r} ({type(e).__name__}: {first_line(e)})") from None
+        raise ConfigError(f"--push_to_hub: cannot create the hub repo {cfg.hub_repo_name!r} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import atomic_dir, share_modes
 from .config import ConfigError, TrainConfig, first_line
+from .export import LORA_WEIGHT_NAME
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
 from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, MergedStudent, WeightCopies, WithLayerAttr, tuner_layers
@@ -133,10 +133,6 @@ class FullStrategy(_StudentCopies):
         gs = self.cfg.validation_guidance_scale
         return [("online", self.student, gs), ("ema", self.target, gs)]
 
-    @contextlib.contextmanager
-    def validation_unet_ctx(self, unet: nn.Module) -> Iterator[nn.Module]:
-        yield unet
-
     def save_outputs(self, output_dir: str) -> list[str]:
         """`output_dir/unet` (online) and `output_dir/unet_target` (EMA, the deliverable); each folder appears whole or
         not at all (a full disk leaves no half-written UNet)."""
@@ -235,17 +231,13 @@ class LoraStrategy(_StudentCopies):
     def validation_unets(self) -> list[tuple[str, nn.Module, float]]:
         return [("lora", self.student, 0.0)]
 
-    @contextlib.contextmanager
-    def validation_unet_ctx(self, unet: nn.Module) -> Iterator[nn.Module]:
-        yield unet
-
     def save_outputs(self, output_dir: str) -> list[str]:
         """`output_dir/pytorch_lora_weights.safetensors` in diffusers' format (no PEFT `base_model.model.` prefix)."""
         # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only the attention keys
         # (to `.lora.down`), and load_lora_weights, seeing lora_A elsewhere, then silently drops every attention LoRA.
         # contiguous: under --channels_last the conv adapters' weights are strided views, which safetensors refuses
         layers = {k: v.contiguous() for k, v in self.lora_state_dict().items()}
-        paths = [os.path.join(output_dir, "pytorch_lora_weights.safetensors")]
+        paths = [os.path.join(output_dir, LORA_WEIGHT_NAME)]
         for stale in Path(output_dir).glob(".lora-*"):  # a killed earlier save's half-written file
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -11,66 +10,28 @@ import secrets
 import signal
 import time
 from collections import Counter
-from typing import Any, Iterable, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
-from .config import NUMPY_SEEDS, ConfigError, TrainConfig, check_seed, first_line
+from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_seed, first_line, one_line
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
-from .models import check_teacher_config, check_teacher_schedule, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization
+from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_run_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, stop_on_signals
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
+from .teacher_checks import check_teacher_config, check_teacher_schedule
 from .timing import StepTimer
 
 logger = logging.getLogger("tcdistill")
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
-    """--channels_last / --compile_unet on each of the (distinct) UNets; `Module.compile` keeps state-dict keys unchanged."""
-    for m in unets:
-        if cfg.channels_last:
-            m.to(memory_format=torch.channels_last)
-        if cfg.compile_unet:
-            # Static shapes: the loss keeps every batch fixed (static_shapes), so each UNet compiles once per call
-            # site (student B with grad, teacher 2B, target B) and never recompiles with symbolic sizes.
-            if cfg.compile_scope == "unet":
-                m.compile(mode=cfg.compile_mode, dynamic=False)
-            else:
-                compile_blocks(m, cfg.compile_mode)
-
-
-def eager_unets(cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    """Run compiled UNets eagerly in this block (validation sampling, the bench's FLOP and op counts): their eval mode
-    and batch sizes are new guards, so they would compile again for a few calls."""
-    return torch.compiler.set_stance("force_eager") if cfg.compile_unet else contextlib.nullcontext()
-
-
-REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
-def compile_blocks(unet: nn.Module, mode: str) -> None:
-    """Regional compilation (diffusers' `compile_repeated_blocks`) over the transformer and ResNet blocks."""
-    import torch._dynamo
-
-    # All blocks of a class share one code object, so each (block shape, call site) is one more entry in its dynamo
-    # cache: SD 1.5's student alone compiled 15 ResNet graphs (CPU), and there are 3 call sites, past the default limit of 8 (after which
-    # dynamo would silently run the remaining blocks eagerly).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    unet._repeated_blocks = list(REGIONAL_BLOCKS)  # diffusers lists only BasicTransformerBlock for this UNet
-    unet.compile_repeated_blocks(mode=mode, dynamic=False)
 
 
 class Trainer:
@@ -113,7 +74,7 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
+        self.weight_dtype = DTYPES.get(acc.mixed_precision, torch.float32)  # "no" -> fp32
         self.device = acc.device
 
         try:
@@ -438,10 +399,10 @@ class Trainer:
                                   f"{self.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint.")
         if acc.is_main_process:  # after the resume, so a refused one leaves the previous run's record as it was
             try:
-                with open(os.path.join(cfg.output_dir, "tcdistill_config.json"), "w") as f:
+                with open(os.path.join(cfg.output_dir, RUN_CONFIG), "w") as f:
                     json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
             except OSError as e:  # a disk an earlier run left full passes check_output_dir's empty probe file
-                raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing tcdistill_config.json failed "
+                raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing {RUN_CONFIG} failed "
                                   f"({type(e).__name__}: {first_line(e)})") from None
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
         data = iter(self._data_loader())
@@ -477,31 +438,34 @@ class Trainer:
             bar.close()  # before any error message, so the message is the last line
         acc.wait_for_everyone()
         if acc.is_main_process:
-            try:
-                paths = self.strategy.save_outputs(cfg.output_dir)
-            except Exception as e:  # disk full, read-only dir: one line naming what survives, not a traceback
-                detail = " ".join(f"{type(e).__name__}: {e}".split())
-                raise CheckpointError(f"saving the final model to {cfg.output_dir!r} failed ({detail}); "
-                                      f"newest checkpoint: {self.ckpt.latest() or 'none'}") from e
-            logger.info("Saved %s", ", ".join(paths))
-            from .modelcard import push_to_hub, write_model_card
-
-            schedule = self.family.noise_scheduler.config  # the card's usage code samples on the trained schedule
-            try:
-                logger.info("Model card: %s", write_model_card(cfg, paths, schedule=schedule))
-            except OSError as e:  # disk full after the weights: one line, as for a failed final save
-                raise CheckpointError(f"writing the model card to {cfg.output_dir!r} failed ({type(e).__name__}: "
-                                      f"{first_line(e)}); the trained weights are saved: {', '.join(paths)}") from e
-            if cfg.push_to_hub:
-                try:
-                    logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id, schedule))
-                except Exception as e:  # noqa: BLE001 - network/auth errors: one line; the outputs are on disk
-                    detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                    raise CheckpointError(f"--push_to_hub: uploading {cfg.output_dir!r} failed ({detail}); "
-                                          f"the trained outputs are saved there") from e
-            if self.skipped:
-                logger.warning("Skipped samples by kind: %s", dict(self.skipped))
+            self._finish()
         acc.end_training()
+
+    def _finish(self) -> None:
+        """Main process, after the last step: the final outputs, the model card and the hub push, each failure one line."""
+        cfg = self.cfg
+        try:
+            paths = self.strategy.save_outputs(cfg.output_dir)
+        except Exception as e:  # disk full, read-only dir: one line naming what survives, not a traceback
+            raise CheckpointError(f"saving the final model to {cfg.output_dir!r} failed ({one_line(e)}); "
+                                  f"newest checkpoint: {self.ckpt.latest() or 'none'}") from e
+        logger.info("Saved %s", ", ".join(paths))
+        from .modelcard import push_to_hub, write_model_card
+
+        schedule = self.family.noise_scheduler.config  # the card's usage code samples on the trained schedule
+        try:
+            logger.info("Model card: %s", write_model_card(cfg, paths, schedule=schedule))
+        except OSError as e:  # disk full after the weights: one line, as for a failed final save
+            raise CheckpointError(f"writing the model card to {cfg.output_dir!r} failed ({type(e).__name__}: "
+                                  f"{first_line(e)}); the trained weights are saved: {', '.join(paths)}") from e
+        if cfg.push_to_hub:
+            try:
+                logger.info("Pushed %s to the hub repo %s", cfg.output_dir, push_to_hub(cfg, paths, self.hub_repo_id, schedule))
+            except Exception as e:  # noqa: BLE001 - network/auth errors: one line; the outputs are on disk
+                raise CheckpointError(f"--push_to_hub: uploading {cfg.output_dir!r} failed ({one_line(e, 300)}); "
+                                      f"the trained outputs are saved there") from e
+        if self.skipped:
+            logger.warning("Skipped samples by kind: %s", dict(self.skipped))
 
     def validate(self) -> None:
         """TCD samples at the configured step counts for each student view, to disk and every tracker; images that
@@ -511,5 +475,4 @@ class Trainer:
         try:
             run_validation(self, self.global_step)
         except OSError as e:
-            logger.error("step %d: validation could not write its images (%s: %s); training goes on.",
-                         self.global_step, type(e).__name__, " ".join(str(e).split()))
+            logger.error("step %d: validation could not write its images (%s); training goes on.", self.global_step, one_line(e))

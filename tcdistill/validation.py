@@ -79,7 +79,7 @@ def log_images(accelerator: Any, tag: str, images: list[np.ndarray], captions: l
 
 def run_validation(trainer: "Trainer", step: int) -> list[str]:
     """Sample each student view at the configured step counts; write `validation/<tag>-step<N>.png`."""
-    from .trainer import eager_unets
+    from .models import eager_unets
 
     cfg = trainer.cfg
     prompts = cfg.validation_prompt_list

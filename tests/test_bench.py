@@ -242,7 +242,8 @@ def test_compiled_unets_compile_once(variant: str, mode: str, scope: str, tiny_t
     rank 64, where the student merges most layers (its merged forwards must not recompile the teacher or target)."""
     import torch._dynamo
 
-    from tcdistill.trainer import REGIONAL_BLOCKS, Trainer
+    from tcdistill.models import REGIONAL_BLOCKS
+    from tcdistill.trainer import Trainer
 
     captured: list[int] = []
 

@@ -267,7 +267,7 @@ def test_damaged_teacher_weights_are_a_config_error_without_the_pickle_hint(tiny
     assert "unet" in str(info.value) and "allow_pickle_weights" not in str(info.value) and "\n" not in str(info.value), info.value
 
 
-def test_validation_that_cannot_write_its_images_does_not_end_the_run(tiny_teacher, tiny_shards, tmp_path):
+def test_validation_that_cannot_write_its_images_does_not_end_the_run(tiny_teacher, tiny_shards, tmp_path, caplog):
     """QA: an --output_dir that turned read-only (or full) mid-run ended the run at the next validation with a raw
     PermissionError traceback from os.makedirs, though failed checkpoint saves are logged and training goes on."""
     from tcdistill.config import TrainConfig
@@ -276,7 +276,12 @@ def test_validation_that_cannot_write_its_images_does_not_end_the_run(tiny_teach
     tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                              resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", **QUICK_VALIDATION))
     (tmp_path / "validation").write_text("")  # os.makedirs fails here as on a read-only dir (root ignores chmod)
-    tr.validate()  # logged, not raised
+    with caplog.at_level("ERROR", logger="tcdistill"):
+        tr.validate()  # logged, not raised
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "validation could not write its images" in errors[0] and "training goes on" in errors[0], errors
+    assert "validation" in errors[0].split("(", 1)[1] and "\n" not in errors[0]  # the error names the path it could not make
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_resume_without_seed_reads_the_same_data_stream(tiny_teacher, tiny_shards, tmp_path):

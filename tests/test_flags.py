@@ -137,19 +137,30 @@ def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, 
     assert "\n" not in str(info.value)
 
 
+def test_push_to_hub_repo_is_named_after_the_output_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without --hub_model_id the repo takes the output folder's name, as the reference's: `--output_dir .` names the
+    current folder (Path(".").name is ""), and a root output dir, which names none, is refused up front."""
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(**{**BASE, "output_dir": "."}, push_to_hub=True).hub_repo_name == tmp_path.name
+    assert TrainConfig(**{**BASE, "output_dir": "runs/sd-tcd/"}, push_to_hub=True).hub_repo_name == "sd-tcd"
+    assert TrainConfig(**{**BASE, "output_dir": "/"}, push_to_hub=True, hub_model_id="me/x").hub_repo_name == "me/x"
+    with pytest.raises(ConfigError, match="--push_to_hub needs --hub_model_id"):
+        TrainConfig(**{**BASE, "output_dir": "/"}, push_to_hub=True)
+
+
 def test_vae_config_check_uses_the_vae_load_revision(monkeypatch: pytest.MonkeyPatch) -> None:
     """--pretrained_vae_model_name_or_path loads with revision None: the early config check must not ask its repo for
     --teacher_revision (which exists only in the teacher's repo)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from tcdistill import models
-    from tcdistill.models import check_teacher_config
+    from tcdistill import teacher_checks
+    from tcdistill.teacher_checks import check_teacher_config
 
     seen = []
     monkeypatch.setattr(UNet2DConditionModel, "load_config", classmethod(lambda cls, src, **kw: {}))  # no hub look-up for "t"
     monkeypatch.setattr(AutoencoderKL, "load_config", classmethod(lambda cls, src, **kw: seen.append((src, kw["revision"])) or {}))
     # Not the tokenizer check: it would ask the hub for "t" (~45 s of retries per call offline); tested on its own.
-    monkeypatch.setattr(models, "check_teacher_tokenizers", lambda cfg: None)
+    monkeypatch.setattr(teacher_checks, "check_teacher_tokenizers", lambda cfg: None)
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2", pretrained_vae_model_name_or_path="org/vae"))
     check_teacher_config(TrainConfig(**BASE, resolution=64, teacher_revision="v2"))
     assert seen == [("org/vae", None), ("t", "v2")]
@@ -194,7 +205,7 @@ def test_teacher_of_the_other_family_is_refused_before_loading(tiny_teacher: Pat
     traceback in the first teacher forward): one ConfigError from the UNet config, before any weights load."""
     from diffusers import UNet2DConditionModel
 
-    from tcdistill.models import check_teacher_config
+    from tcdistill.teacher_checks import check_teacher_config
 
     base = dict(BASE, pretrained_teacher_model=str(tiny_teacher), resolution=32)
     check_teacher_config(TrainConfig(**base))

@@ -196,13 +196,13 @@ def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(sd_teac
 
 def test_prompt_file_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
     """QA: a prompt file saved with a UTF-8 BOM (Windows editors) kept U+FEFF in its first prompt, which the CLIP
-    tokenizer turns into extra tokens (a different image, and the BOM in metadata.jsonl); eval's --prompts too."""
-    from tcdistill.evaluate import read_prompts as eval_prompts
+    tokenizer turns into extra tokens (a different image, and the BOM in metadata.jsonl); eval's --prompts reads them
+    with the same function."""
     from tcdistill.generate import read_prompts
 
     f = tmp_path / "p.txt"
     f.write_bytes("\ufeffa red circle\r\n\r\n  un chat été 猫 \r\n".encode("utf-8"))
-    assert read_prompts(None, str(f)) == eval_prompts(str(f)) == ["a red circle", "un chat été 猫"]
+    assert read_prompts(None, str(f)) == ["a red circle", "un chat été 猫"]
 
 
 def test_full_default_guidance_stays_in_the_runs_w_range(sd_teacher: Path, tmp_path: Path) -> None:

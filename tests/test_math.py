@@ -7,7 +7,6 @@ from diffusers import DDPMScheduler, LCMScheduler, TCDScheduler
 from tcdistill.sampler import sample_lcm, sample_tcd, tcd_timesteps
 from tcdistill.schedule import NoiseSchedule, ddim_grid, draw_timesteps, scaled_linear_alphas_cumprod
 from tcdistill.tcd import (
-    TCDDraw,
     TCDLoss,
     draw_tcd,
     ema_update,

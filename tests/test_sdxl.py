@@ -185,7 +185,7 @@ def test_uncond_follows_force_zeros_for_empty_prompt(sdxl_teacher: Path, tmp_pat
 def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """Tokenizers padding to different lengths cannot be concatenated per token: one ConfigError before any weights load."""
     from tcdistill.config import ConfigError
-    from tcdistill.models import check_teacher_config
+    from tcdistill.teacher_checks import check_teacher_config
 
     cfg = _config_only_cfg(sdxl_teacher, tmp_path / "t", {"tokenizer_2/tokenizer_config.json": {"model_max_length": 8}})
     # shorter, not longer: past text_encoder_2's 16 positions it is refused for that first
@@ -196,7 +196,7 @@ def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path
 def test_refiner_layout_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """A refiner-style teacher (only text_encoder_2) is refused from model_index.json in one line, before any load."""
     from tcdistill.config import ConfigError, TrainConfig
-    from tcdistill.models import check_teacher_config
+    from tcdistill.teacher_checks import check_teacher_config
 
     teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"model_index.json": {
         "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None]}})
@@ -211,7 +211,7 @@ def test_aesthetic_score_unet_refused(sdxl_teacher: Path, tmp_path: Path) -> Non
     """A UNet whose added conditioning takes five time ids (a refiner's aesthetic score) or another pooled width than
     text_encoder_2 projects to: one line before any load (it was a matmul shape traceback in the first step)."""
     from tcdistill.config import ConfigError
-    from tcdistill.models import check_teacher_config
+    from tcdistill.teacher_checks import check_teacher_config
 
     cfg = _config_only_cfg(sdxl_teacher, tmp_path / "t", {"unet/config.json": {"projection_class_embeddings_input_dim": 16 + 5 * 8}})
     with pytest.raises(ConfigError, match=r"projection_class_embeddings_input_dim=56.* = 64; it expects 5 time ids \(a refiner"):
@@ -224,7 +224,7 @@ def test_vae_latent_channels_must_match_unet(sdxl_teacher: Path, tmp_path: Path)
     from diffusers import AutoencoderKL
 
     from tcdistill.config import ConfigError, TrainConfig
-    from tcdistill.models import check_teacher_config
+    from tcdistill.teacher_checks import check_teacher_config
 
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=8).save_pretrained(tmp_path / "vae")
     cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url="x.tar", resolution=32,
