@@ -45,7 +45,9 @@ def sample_tcd(
     ts = [int(t) for t in timesteps]
     for i, t_cur in enumerate(ts):
         prev_t = ts[i + 1] if i + 1 < len(ts) else 0
-        s = int(np.floor((1.0 - gamma) * prev_t))
+        # The product in float32, as TCDScheduler.step takes it: where (1 - gamma) prev_t is not exact, float64 can floor
+        # to the timestep next to TCDScheduler's (gamma 0.3, prev_t 340: 237 against 238), and the samples differ.
+        s = int(torch.floor((1.0 - gamma) * torch.tensor(prev_t)))
         t = torch.full((x.shape[0],), t_cur, dtype=torch.long, device=x.device)
         x0_hat, eps_hat = schedule.to_x0_eps(net(x, t), x, t)
         x_s = tcf(x0_hat, eps_hat, schedule, torch.full_like(t, s))

@@ -250,3 +250,23 @@ def test_lcm_sampler_matches_lcm_scheduler(pred, scaling):
     for t in ref_s.timesteps:
         x = ref_s.step(net(x, t.repeat(2)), t, x, generator=gen).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("gamma, n_ddim, n, custom", [(0.8, 3, 2, None), (0.48, 7, 3, None), (0.3, 50, None, [999, 340, 180])])
+def test_sampler_target_time_rounds_as_tcd_scheduler(gamma, n_ddim, n, custom):
+    """`s = floor((1 - gamma) prev_t)` where the product is not exact: TCDScheduler takes it in float32 (gamma 0.8,
+    prev_t 665: s = 133, where float64 gives 132; gamma 0.48, prev_t 425: 220, not 221; gamma 0.3, prev_t 340: 238, not
+    237), and so must the sampler, or its samples leave TCDScheduler's on these grids and custom timesteps."""
+    sc = sched("v_prediction")
+    net = lambda x, t: torch.tanh(x) * 0.5 + 0.01 * t.float().view(-1, 1, 1, 1) / 1000
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ref_s = TCDScheduler(**SD_KW, prediction_type="v_prediction", original_inference_steps=n_ddim)
+    ref_s.set_timesteps(n, timesteps=custom)
+    ts = torch.tensor(custom) if custom else tcd_timesteps(n, original_steps=n_ddim)
+    assert ts.tolist() == ref_s.timesteps.tolist()
+    ours = sample_tcd(net, x_T, sc, ts, gamma=gamma, generator=torch.Generator().manual_seed(9))
+    x, gen = x_T.clone(), torch.Generator().manual_seed(9)
+    for t in ref_s.timesteps:
+        x = ref_s.step(net(x, t.repeat(2)), t, x, eta=gamma, generator=gen).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
