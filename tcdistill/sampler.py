@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .schedule import NoiseSchedule
-from .tcd import lcm_boundary_scalings, tcf
+from .tcd import lcm_consistency, tcf
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
 
@@ -75,15 +75,16 @@ def sample_lcm(
     timestep_scaling: float = 10.0,
 ) -> Tensor:
     """LCM multistep sampling (LCM paper Alg. 3): boundary-scaled `x0` then full re-noise to the next timestep.
-    `timestep_scaling`: the run's --timestep_scaling_factor (diffusers' LCMScheduler `timestep_scaling`)."""
+
+    `timestep_scaling`: the run's --timestep_scaling_factor (diffusers' LCMScheduler `timestep_scaling`).
+    """
     x = x_T
     ts = [int(t) for t in timesteps]
     denoised = x
     for i, t_cur in enumerate(ts):
         t = torch.full((x.shape[0],), t_cur, dtype=torch.long, device=x.device)
         x0_hat, _ = schedule.to_x0_eps(net(x, t), x, t)
-        c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling=timestep_scaling)
-        denoised = c_skip.view(-1, *[1] * (x.ndim - 1)) * x.float() + c_out.view(-1, *[1] * (x.ndim - 1)) * x0_hat
+        denoised = lcm_consistency(x, x0_hat, t, timestep_scaling)
         if i + 1 < len(ts):
             prev = torch.full_like(t, ts[i + 1])
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=denoised.dtype)

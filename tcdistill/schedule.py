@@ -7,6 +7,7 @@ Pure torch, no I/O. Notation follows the TCD paper (arXiv 2402.19159):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,15 +40,17 @@ class NoiseSchedule:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler: Any) -> "NoiseSchedule":
         """Take `alphas_cumprod` and `prediction_type` from any diffusers scheduler object."""
         return cls(scheduler.alphas_cumprod.detach().float().clone(), scheduler.config.prediction_type)
 
     @property
     def num_train_timesteps(self) -> int:
+        """`T`, the number of discrete training timesteps."""
         return int(self.alphas_cumprod.shape[0])
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """The same schedule with `alphas_cumprod` on `device`."""
         return NoiseSchedule(self.alphas_cumprod.to(device), self.prediction_type)
 
     def alpha_sigma(self, t: Tensor, like: Tensor | None = None) -> tuple[Tensor, Tensor]:

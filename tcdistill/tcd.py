@@ -46,6 +46,12 @@ def lcm_boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: 
     return c_skip, c_out
 
 
+def lcm_consistency(x_t: Tensor, x0_hat: Tensor, t: Tensor, timestep_scaling: float = 10.0) -> Tensor:
+    """LCM's consistency function `f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat` (LCM paper Eq. 4; target time 0)."""
+    c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling=timestep_scaling)
+    return _bcast(c_skip, x_t) * x_t.float() + _bcast(c_out, x_t) * x0_hat
+
+
 def guidance_embedding(w: Tensor, embedding_dim: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinusoidal embedding of `1000 * w` (the `timestep_cond` that diffusers' SD pipelines feed a w-conditioned UNet)."""
     w = w.float() * 1000.0
@@ -162,8 +168,7 @@ class TCDLoss:
         """`f(x_t, t -> s)`: the TCF for TCD; LCM's `c_skip x_t + c_out x0_hat` (target time 0) for LCM."""
         x0_hat, eps_hat = self.schedule.to_x0_eps(model_output, x_t, t)
         if self.mode == "lcm":
-            c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling=self.timestep_scaling)
-            return _bcast(c_skip, x_t) * x_t.float() + _bcast(c_out, x_t) * x0_hat
+            return lcm_consistency(x_t, x0_hat, t, self.timestep_scaling)
         return tcf(x0_hat, eps_hat, self.schedule, s)
 
     @torch.no_grad()
