@@ -270,3 +270,42 @@ def test_sampler_target_time_rounds_as_tcd_scheduler(gamma, n_ddim, n, custom):
     for t in ref_s.timesteps:
         x = ref_s.step(net(x, t.repeat(2)), t, x, eta=gamma, generator=gen).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
+# Teacher schedules other than SD's, from a property fuzz against diffusers: non-divisible T // N grids, the cosine schedule
+# with zero terminal SNR (alpha_999 = 0, v-prediction), sample prediction, N > T / 2 (k = 1, grid from t = 0).
+OTHER_SCHEDULES = [
+    (dict(num_train_timesteps=1200, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon"), 30),
+    (dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+          rescale_betas_zero_snr=True), 7),
+    (dict(num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.015, prediction_type="sample"), 64),
+    (dict(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+          prediction_type="v_prediction"), 64),
+]
+
+
+@pytest.mark.parametrize("kw, n_ddim", OTHER_SCHEDULES)
+def test_grid_draw_and_sampler_match_tcd_scheduler_on_other_schedules(kw, n_ddim):
+    ref_s = TCDScheduler(**kw, original_inference_steps=n_ddim)
+    sc = NoiseSchedule.from_scheduler(DDPMScheduler(**kw))
+    torch.testing.assert_close(sc.alphas_cumprod, ref_s.alphas_cumprod.float())
+    T, k = kw["num_train_timesteps"], kw["num_train_timesteps"] // n_ddim
+    grid = ddim_grid(T, n_ddim)
+    ref_s.set_timesteps(n_ddim)
+    assert ref_s.timesteps.flip(0).tolist() == grid.tolist()  # the training grid is TCDScheduler's
+    # The draw's rules on this grid: t on it, t_n = max(t - k, 0), s = max(grid[j] - k, 0) with j <= i.
+    d = draw_timesteps(2000, grid, k, generator=torch.Generator().manual_seed(0))
+    i, j = torch.searchsorted(grid, d.t), torch.searchsorted(grid, d.s + k)
+    assert torch.equal(grid[i], d.t) and torch.equal(d.t_n, (d.t - k).clamp(min=0))
+    assert torch.all(((d.s == 0) | (grid[j.clamp(max=n_ddim - 1)] == d.s + k)) & (d.s <= d.t_n) & ((d.s == 0) | (j <= i)))
+    net = lambda x, t: torch.tanh(x) * 0.5 + 0.3 * torch.sin(t.float().view(-1, 1, 1, 1) / 137.0)
+    x_T = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
+    for n, gamma in [(1, 0.3), (3, 0.0), (min(8, n_ddim), 0.55), (4, 1.0)]:
+        ref_s.set_timesteps(n)
+        assert tcd_timesteps(n, T, n_ddim).tolist() == ref_s.timesteps.tolist()
+        ours = sample_tcd(net, x_T, sc, tcd_timesteps(n, T, n_ddim), gamma=gamma, generator=torch.Generator().manual_seed(9))
+        x, gen = x_T.clone(), torch.Generator().manual_seed(9)
+        for t in ref_s.timesteps:
+            x = ref_s.step(net(x, t.repeat(2)), t, x, eta=gamma, generator=gen).prev_sample
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
