@@ -4,7 +4,6 @@ SDXL defaults: --resolution 1024, --w_min 3, --min_image_size 700, --max_pwaterm
 """
 
 from tcdistill.cli import train_main
-from tcdistill.families import SDXL_FLAG_DEFAULTS
 
 if __name__ == "__main__":
-    train_main("lora", prog="train_tcd_distill_lora_sdxl_wds.py", family="sdxl", defaults=SDXL_FLAG_DEFAULTS)
+    train_main("lora", prog="train_tcd_distill_lora_sdxl_wds.py", family="sdxl")

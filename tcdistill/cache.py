@@ -150,11 +150,10 @@ def _uncond_layout(family: Any, batch: dict[str, Any], device: torch.device) -> 
 def fill_family_defaults(args: argparse.Namespace) -> None:
     """--resolution, --min_image_size, --max_pwatermark left unset: the defaults of the family's training scripts (SDXL:
     1024 px, 700, 0.5), so a cache made with the defaults holds what a run with the defaults would train on."""
-    from .families import SDXL_FLAG_DEFAULTS
+    from .families import flag_defaults
 
     defaults = {"resolution": 512, "min_image_size": 0, "max_pwatermark": 1.0}
-    if args.model_family == "sdxl":
-        defaults.update({k: v for k, v in SDXL_FLAG_DEFAULTS.items() if k in defaults})
+    defaults.update({k: v for k, v in flag_defaults(args.model_family).items() if k in defaults})
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 # subcommand -> module with `main(argv)`; each module owns its own flags.
 SUBCOMMANDS = {
@@ -18,21 +18,18 @@ SUBCOMMANDS = {
 }
 
 
-SEED_SCRIPTS = {("full", "sd"): "train_tcd_distill_sd_wds.py", ("lora", "sd"): "train_tcd_distill_lora_sd_wds.py",
-                ("full", "sdxl"): "train_tcd_distill_sdxl_wds.py", ("lora", "sdxl"): "train_tcd_distill_lora_sdxl_wds.py"}
-
-
-def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd",
-               defaults: dict[str, Any] | None = None) -> None:
+def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd") -> None:
     """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line.
 
-    `defaults` overrides flag defaults for an entry script (the SDXL scripts' resolution 1024, w_min 3, filters).
+    The family's flag defaults apply (`families.flag_defaults`: the SDXL scripts' resolution 1024, w_min 3, filters).
     The entry point fixes the variant and the family: a `--variant` or `--model_family` that contradicts it is refused
     instead of training, say, a LoRA from the full-model script (`tcdistill train-*` take the family from its flag).
     """
-    from .config import ConfigError, parse_config
+    from .config import SEED_SCRIPTS, ConfigError, parse_config
 
-    cfg = parse_config(argv, defaults={**(defaults or {}), "variant": variant, "model_family": family}, prog=prog)
+    from .families import flag_defaults
+
+    cfg = parse_config(argv, defaults={**flag_defaults(family), "variant": variant, "model_family": family}, prog=prog)
     name = prog or "tcdistill"
     if cfg.variant != variant or cfg.model_family != family:
         sys.exit(f"{name}: error: --variant {cfg.variant} / --model_family {cfg.model_family} contradict this entry point "
@@ -66,10 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--model_family", default="sd")
         family = pre.parse_known_args(argv[1:])[0].model_family
-        from .families import SDXL_FLAG_DEFAULTS
-
-        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family=family,
-                          defaults=SDXL_FLAG_DEFAULTS if family == "sdxl" else None)
+        return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family=family)
     if cmd in SUBCOMMANDS:
         try:
             mod = importlib.import_module(SUBCOMMANDS[cmd])

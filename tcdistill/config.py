@@ -14,6 +14,8 @@ class ConfigError(ValueError):
     """An invalid flag or flag combination, reported as one line before any model is loaded."""
 
 
+SEED_SCRIPTS = {("full", "sd"): "train_tcd_distill_sd_wds.py", ("lora", "sd"): "train_tcd_distill_lora_sd_wds.py",
+                ("full", "sdxl"): "train_tcd_distill_sdxl_wds.py", ("lora", "sdxl"): "train_tcd_distill_lora_sdxl_wds.py"}
 RUN_CONFIG = "tcdistill_config.json"  # the run's flags, written beside its outputs (generate/eval/export read them)
 
 

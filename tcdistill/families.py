@@ -252,6 +252,11 @@ SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_ima
                                       "vae_encode_batch_size": 8}
 
 
+def flag_defaults(family: str) -> dict[str, Any]:
+    """The flag defaults a family's entry scripts set over TrainConfig's own (SDXL_FLAG_DEFAULTS; none for SD)."""
+    return dict(SDXL_FLAG_DEFAULTS) if family == "sdxl" else {}
+
+
 def teacher_index(cfg: TrainConfig) -> dict[str, Any] | None:
     """The teacher pipeline's model_index.json (its components and pipeline flags), or None where it cannot be read
     (then the load that follows reports the problem, or the defaults apply)."""

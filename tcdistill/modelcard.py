@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import SEED_SCRIPTS, TrainConfig
 
 # Sampling advice for TCD students (TCD paper: 2-8 steps, gamma 0.2 in its evaluation; the authors recommend 0.3,
 # higher gamma for more steps, lower for fewer).
@@ -29,16 +29,11 @@ def latest_validation_grids(output_dir: str | os.PathLike) -> list[str]:
     return [best[tag][1] for tag in sorted(best)]
 
 
-def entry_script(cfg: TrainConfig) -> str:
-    """The training script of this variant and family."""
-    return f"train_tcd_distill_{'lora_' if cfg.variant == 'lora' else ''}{cfg.model_family}_wds.py"
-
-
 def changed_flags(cfg: TrainConfig) -> dict[str, object]:
     """Flags whose values differ from the entry script's defaults (secrets and the script-set variant/family left out)."""
-    from .families import SDXL_FLAG_DEFAULTS
+    from .families import flag_defaults
 
-    script_defaults = SDXL_FLAG_DEFAULTS if cfg.model_family == "sdxl" else {}
+    script_defaults = flag_defaults(cfg.model_family)
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -130,7 +125,7 @@ Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt 
 
 ## Training flags
 
-Flags that differ from the defaults of `{entry_script(cfg)}`:
+Flags that differ from the defaults of `{SEED_SCRIPTS[cfg.variant, cfg.model_family]}`:
 
 ```
 {flags}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ConfigError, TrainConfig, first_line
+from .config import SEED_SCRIPTS, ConfigError, TrainConfig, first_line
 from .families import ddpm_schedule, load_tokenizer, schedule_fields, teacher_index, teacher_scheduler_config, unet_family
 from .schedule import ddim_grid
 
@@ -159,8 +159,7 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
                           "Kandinsky- or unCLIP-style UNet): not supported.")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
-        scripts = {"sdxl": "train_tcd_distill_sdxl_wds.py / train_tcd_distill_lora_sdxl_wds.py",
-                   "sd": "train_tcd_distill_sd_wds.py / train_tcd_distill_lora_sd_wds.py"}[family]
+        scripts = " / ".join(SEED_SCRIPTS[variant, family] for variant in ("full", "lora"))
         raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} is an {family.upper()} model (its UNet "
                           f"{'takes' if family == 'sdxl' else 'lacks'} SDXL's text_time conditioning), but this run's "
                           f"--model_family is {cfg.model_family!r}: use {scripts} (--model_family {family}).")

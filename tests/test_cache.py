@@ -444,7 +444,6 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
     from safetensors.torch import load_file
 
     from tcdistill.cli import train_main
-    from tcdistill.families import SDXL_FLAG_DEFAULTS
     from tcdistill.tiny import write_tiny_shards
 
     write_tiny_shards(tmp_path / "src", n_shards=1, per_shard=4, image_size=32, seed=1)
@@ -467,7 +466,7 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
                              "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts",
                              "a red circle", "--validation_inference_steps", "2", "--report_to", "none", "--seed", "0",
                              "--min_image_size", "0", "--max_pwatermark", "1", *(["--lora_rank", "4"] if variant == "lora" else [])],
-                   family="sdxl", defaults=SDXL_FLAG_DEFAULTS)
+                   family="sdxl")
     finally:
         AcceleratorState._reset_state(True)
     assert finite == ([True, True] if variant == "full" else [True])  # full: online and EMA

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tcdistill.config import ConfigError, TrainConfig, build_parser
-from tcdistill.families import SDXL_FLAG_DEFAULTS
+from tcdistill.families import SDXL_FLAG_DEFAULTS, flag_defaults
 
 BASE = dict(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1)
 
@@ -34,7 +34,7 @@ SDXL_REFERENCE = {"resolution": 1024, "w_min": 3.0, "vae_encode_batch_size": 8}
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_reference_flag_names_and_defaults(family: str) -> None:
-    parser = build_parser(defaults=SDXL_FLAG_DEFAULTS if family == "sdxl" else None)
+    parser = build_parser(defaults=flag_defaults(family))
     defaults = {a.dest: a.default for a in parser._actions}
     expected = {**REFERENCE_DEFAULTS, **(SDXL_REFERENCE if family == "sdxl" else {})}
     wrong = {k: (v, defaults.get(k, "<missing>")) for k, v in expected.items() if defaults.get(k, "<missing>") != v}
