@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_file
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, ImageTextShards, _Skip, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
@@ -257,14 +258,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")  # a full disk leaves no partial file behind
-        raise
-    os.replace(path + ".tmp", path)
+    with atomic_file(path) as tmp:  # a full disk leaves no partial file behind
+        tmp.write_bytes(data)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,6 +20,7 @@ state (None if the checkpoint came from a run with fewer processes).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -143,6 +144,23 @@ def share_modes(path: str | Path) -> None:
     mask, p = _umask(), Path(path)
     for q in [p, *p.rglob("*")] if p.is_dir() else [p]:
         os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a hidden sibling path to write `final` to; when the block succeeds, move it into place with the modes a
+    plain open() gives. A failed write (disk full) leaves the previous `final`, or none, never a half-written one; a
+    killed earlier write's leftover goes at the next write of the same file."""
+    final = Path(final)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        share_modes(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -347,15 +365,15 @@ class CheckpointIO:
         """Write this rank's RNG state into the shared staging dir (every rank, before the barrier)."""
         staging = self._staging(step)
         staging.mkdir(parents=True, exist_ok=True)
-        target, tmp = staging / f"rng_state_{self.rank}.pt", staging / f".rng_state_{self.rank}.{os.getpid()}"
+        target = staging / f"rng_state_{self.rank}.pt"
         target.unlink(missing_ok=True)  # so a leftover of an interrupted attempt cannot stand in for this one
         state = capture_rng_state()
         if extra is not None:
             _check_weights_only(extra, "rank_extra")
             state["extra"] = extra
-        torch.save(state, tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            torch.save(state, tmp)
+            _fsync(tmp)
 
     def finalize(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],
                  meta: dict | None = None) -> Path:

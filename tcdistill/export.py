@@ -179,7 +179,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .checkpoint import share_modes
+    from .checkpoint import atomic_file
 
     f = lora_file(src)
     dst = Path(dst) if dst else f.with_name(KOHYA_WEIGHT_NAME)
@@ -195,13 +195,8 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
     out = to_kohya(state_dict, metadata, unet_config if unet_config is not None else run_unet_config(f))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(dst) as tmp:  # never a half-written file under the final name
         save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
-        share_modes(tmp)
-        os.replace(tmp, dst)  # never leave a half-written file under the final name
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(dst)
 
 

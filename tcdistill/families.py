@@ -226,12 +226,13 @@ class SDFamily:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
-    def save_lora_weights(self, output_dir: str, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:
-        """Diffusers-format LoRA file (`unet.`-prefixed keys) that `load_lora_weights` takes as is."""
+    def save_lora_weights(self, path: Path, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:
+        """Diffusers-format LoRA file at `path` (`unet.`-prefixed keys) that `load_lora_weights` takes as is."""
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=unet_lora_layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+            str(path.parent), unet_lora_layers=unet_lora_layers, weight_name=path.name, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
         )
 
 
@@ -371,12 +372,13 @@ class SDXLFamily:
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
         )
 
-    def save_lora_weights(self, output_dir: str, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:
-        """Diffusers-format SDXL LoRA file (`unet.`-prefixed keys) for `StableDiffusionXLPipeline.load_lora_weights`."""
+    def save_lora_weights(self, path: Path, unet_lora_layers: dict[str, Tensor], metadata: dict | None) -> None:
+        """Diffusers-format SDXL LoRA file at `path` (`unet.`-prefixed keys) for `StableDiffusionXLPipeline.load_lora_weights`."""
         from diffusers import StableDiffusionXLPipeline
 
         StableDiffusionXLPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=unet_lora_layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+            str(path.parent), unet_lora_layers=unet_lora_layers, weight_name=path.name, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
         )
 
 

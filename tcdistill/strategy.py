@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_dir, share_modes
+from .checkpoint import atomic_dir, atomic_file
 from .config import ConfigError, TrainConfig, first_line
 from .export import LORA_WEIGHT_NAME
 from .models import UNetDenoiser
@@ -238,12 +235,8 @@ class LoraStrategy(_StudentCopies):
         # contiguous: under --channels_last the conv adapters' weights are strided views, which safetensors refuses
         layers = {k: v.contiguous() for k, v in self.lora_state_dict().items()}
         paths = [os.path.join(output_dir, LORA_WEIGHT_NAME)]
-        for stale in Path(output_dir).glob(".lora-*"):  # a killed earlier save's half-written file
-            shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the file appears whole or not at all
+        with atomic_file(paths[0]) as tmp:  # the file appears whole or not at all
             self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())
-            share_modes(os.path.join(tmp, os.path.basename(paths[0])))
-            os.replace(os.path.join(tmp, os.path.basename(paths[0])), paths[0])
         if self.cfg.export_kohya:
             from .export import export_kohya
 

@@ -517,17 +517,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_cache_training_accepts(tiny_teach
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while writing a shard or the metadata (over an earlier complete cache): one error line, no partial file,
     and no metadata left over the new shards."""
-    import builtins
     import errno
     import webdataset as wds
 
-    import tcdistill.cache as cache_mod
-
     def full(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    class FullFile(io.FileIO):
-        write = full
 
     out = tmp_path / "cache"
     for where in ("shard", "metadata"):
@@ -536,13 +530,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_cache_training_accepts(tiny_teach
             if where == "shard":
                 m.setattr(wds.TarWriter, "write", full)
             else:
-                m.setattr(cache_mod, "open", lambda p, mode="r": FullFile(p, "wb") if p.endswith(META_NAME + ".tmp")
-                          else builtins.open(p, mode), raising=False)
+                write_bytes = Path.write_bytes
+                # a partial file, then ENOSPC
+                m.setattr(Path, "write_bytes", lambda p, data: (write_bytes(p, data[:9]), full()) if META_NAME in p.name else write_bytes(p, data))
             with pytest.raises(SystemExit) as info:
                 _cache(tiny_teacher, one_shard, out)
         msg = str(info.value.code)
         assert msg.startswith("tcdistill cache: error:") and "No space left" in msg and "\n" not in msg, (where, msg)
-        assert not list(out.glob("*.tmp")), (where, sorted(p.name for p in out.iterdir()))
+        assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*")), (where, sorted(p.name for p in out.iterdir()))
         if where == "shard":
             read_sidecar(str(out / "00000.tar"))  # no new shard landed: the earlier cache is still whole
         else:

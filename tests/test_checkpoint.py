@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tcdistill.checkpoint import CheckpointError, CheckpointIO, atomic_dir, capture_rng_state, restore_rng_state
+from tcdistill.checkpoint import CheckpointError, CheckpointIO, atomic_dir, atomic_file, capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +195,26 @@ def test_atomic_dir_removes_a_killed_saves_leftovers(tmp_path: Path) -> None:
     with atomic_dir(final) as tmp:
         (tmp / "b.txt").write_text("v2")
     assert _entries(tmp_path) == [".unet_target.tmp-999999", "unet"] and _entries(final) == ["b.txt"]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A failed write (here ENOSPC) keeps the previous file and leaves no temp file; a killed write's leftover (another
+    pid's) goes at the next write of the same file, another file's stays."""
+    import errno
+
+    final = tmp_path / "meta.json"
+    with atomic_file(final) as tmp:
+        tmp.write_text("v1")
+    with pytest.raises(OSError, match="No space"):
+        with atomic_file(final) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert final.read_text() == "v1" and _entries(tmp_path) == ["meta.json"]
+    (tmp_path / ".meta.json.tmp-999999").write_text("killed")
+    (tmp_path / ".other.json.tmp-999999").write_text("killed")
+    with atomic_file(final) as tmp:
+        tmp.write_text("v2")
+    assert final.read_text() == "v2" and _entries(tmp_path) == [".other.json.tmp-999999", "meta.json"]
 
 
 def test_total_limit_keeps_newest(tmp_path: Path) -> None:
