@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import ConfigError, TrainConfig, _parse_bool
+from .config import ConfigError, TrainConfig, field_type
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -71,14 +71,8 @@ def _overrides(items: list[str]) -> dict[str, Any]:
             raise SystemExit(f"tcdistill bench: --set/--opt-set expects FIELD=VALUE with a TrainConfig field, got {item!r}")
         if key in _BENCH_FLAGS:  # the header, the presets and the assets (shards, cache) read the bench's own flag
             raise SystemExit(f"tcdistill bench: --set/--opt-set {key}: use {_BENCH_FLAGS[key]}")
-        kind = str(fields[key].type)
         try:
-            if raw == "None":
-                out[key] = None
-            elif kind.startswith("bool"):
-                out[key] = _parse_bool(raw)
-            else:
-                out[key] = int(raw) if kind.startswith("int") else float(raw) if kind.startswith("float") else raw
+            out[key] = None if raw == "None" else field_type(fields[key])(raw)
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise SystemExit(f"tcdistill bench: --set/--opt-set {item!r}: {e}") from None
     return out
@@ -191,7 +185,7 @@ def _build(args: argparse.Namespace, assets: Assets, variant: str, mode: str, wo
     cfg = mode_config(args, assets, variant, mode, str(work / f"out-{variant}-{mode}"))
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
-    return trainer, iter(trainer._data_loader()), cfg, time.perf_counter() - t0
+    return trainer, iter(trainer.data_loader()), cfg, time.perf_counter() - t0
 
 
 def run_mode(args: argparse.Namespace, assets: Assets, variant: str, mode: str, work: Path, timed: bool = True) -> dict[str, Any]:

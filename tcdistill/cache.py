@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_file
 from .config import ConfigError, TrainConfig
-from .data import DataConfig, ImageTextShards, _Skip, expand_urls
+from .data import INTERPOLATIONS, DataConfig, ImageTextShards, SkipSample, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
 
@@ -61,7 +61,7 @@ class _OnePass(ImageTextShards):
                 try:
                     # One RNG per sample key: the cached crop does not depend on shard order.
                     yield key, self._process(raw, random.Random(f"tcdistill.cache:{self.base_seed}:{key}"))
-                except _Skip as bad:
+                except SkipSample as bad:
                     skipped[bad.kind] += 1
         finally:
             try:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
     p.add_argument("--output_dir", required=True, help="Where the cached shards and sidecar files go.")
     p.add_argument("--resolution", type=int, default=None, help="Default: 512 (SDXL: 1024), as the training scripts.")
-    p.add_argument("--interpolation_type", default="bilinear", choices=["bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos"])
+    p.add_argument("--interpolation_type", default="bilinear", choices=list(INTERPOLATIONS))
     p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
     p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
     p.add_argument("--use_fix_crop_and_size", action="store_true", help="SDXL: micro-condition on (resolution, resolution) and crop (0, 0).")

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class ConfigError(ValueError):
@@ -290,6 +290,12 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
+def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    """How a flag's text becomes the field's value: a bool (1/0, true/false, yes/no, on/off), an int, a float or a str."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return _parse_bool if kind == "bool" else int if kind.startswith("int") else float if kind.startswith("float") else str
+
+
 def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per dataclass field (bools are store_true; negatable ones get --no_flag)."""
     p = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
@@ -300,13 +306,12 @@ def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dic
         default = defaults.get(f.name, f.default)
         # argparse %-formats help text: a literal % (in the help or a default such as a shard url) is written %%
         help_ = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if kind == "bool":
+        typ = field_type(f)
+        if typ is _parse_bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=_parse_bool, help=help_)
             if f.metadata.get("negatable"):
                 p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"Turn off --{f.name}.")
             continue
-        typ = int if kind.startswith("int") else float if kind.startswith("float") else str
         p.add_argument(f"--{f.name}", type=typ, default=default, choices=f.metadata.get("choices"), help=help_)
     return p
 

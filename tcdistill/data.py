@@ -57,6 +57,24 @@ class DataConfig:
     max_pwatermark: float = 1.0  # skip samples whose json pwatermark is above this (1.0 = off; SDXL scripts: 0.5)
     stall_timeout: float = 60.0  # seconds a pipe: shard (curl, ...) may send nothing before it counts as `stalled` (0 = wait)
 
+    def __post_init__(self) -> None:
+        """Reject configurations that would otherwise fail later, inside a worker, less clearly."""
+        checks = [
+            (self.resolution > 0, f"resolution must be positive, got {self.resolution}"),
+            (self.interpolation_type in INTERPOLATIONS, f"interpolation_type must be one of {list(INTERPOLATIONS)}, got {self.interpolation_type!r}"),
+            (self.train_batch_size > 0, f"train_batch_size must be positive, got {self.train_batch_size}"),
+            (self.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"),
+            (0.0 <= self.proportion_empty_prompts <= 1.0, f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}"),
+            (self.failure_patience >= 1, f"failure_patience must be >= 1, got {self.failure_patience}"),
+            (self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}"),
+            (self.min_image_size >= 0, f"min_image_size must be >= 0, got {self.min_image_size}"),
+            (0.0 <= self.max_pwatermark <= 1.0, f"max_pwatermark must be in [0, 1], got {self.max_pwatermark}"),
+            (0 <= self.rank < self.world_size, f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
 
 def expand_urls(spec: str | os.PathLike | list[str] | tuple[str, ...]) -> list[str]:
     """Expand a shard spec (braces, '::'-joined string, or list of either) into a flat url list."""
@@ -77,7 +95,7 @@ def expand_urls(spec: str | os.PathLike | list[str] | tuple[str, ...]) -> list[s
     return parts
 
 
-class _Skip(Exception):
+class SkipSample(Exception):
     """A sample is unusable; `kind` is the counter it is reported under."""
 
     def __init__(self, kind: str, msg: str) -> None:
@@ -114,9 +132,9 @@ def _decode_image(data: bytes) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
-        raise _Skip("too_large", str(exn)) from None
+        raise SkipSample("too_large", str(exn)) from None
     except Exception as exn:
-        raise _Skip("decode_error", _describe(exn)) from None
+        raise SkipSample("decode_error", _describe(exn)) from None
     try:
         # Phone photos store rotation in EXIF; check first since exif_transpose always copies.
         if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
@@ -126,9 +144,9 @@ def _decode_image(data: bytes) -> Image.Image:
     try:
         img = _to_rgb(img)
     except Exception as exn:
-        raise _Skip("decode_error", f"mode {img.mode}: {_describe(exn)}") from None
+        raise SkipSample("decode_error", f"mode {img.mode}: {_describe(exn)}") from None
     if img.width <= 0 or img.height <= 0:
-        raise _Skip("decode_error", f"empty image {img.size}")
+        raise SkipSample("decode_error", f"empty image {img.size}")
     return img
 
 
@@ -141,12 +159,12 @@ def _caption(sample: dict[str, Any]) -> str:
         try:
             meta = json.loads(sample["json"].decode("utf-8-sig", errors="replace"))
         except ValueError as exn:
-            raise _Skip("caption_error", f"bad json: {exn}") from None
+            raise SkipSample("caption_error", f"bad json: {exn}") from None
         if isinstance(meta, dict):
             for field in JSON_CAPTION_FIELDS:
                 if isinstance(meta.get(field), str):
                     return meta[field].strip()
-    raise _Skip("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
+    raise SkipSample("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
 
 
 def _json_numbers(sample: dict[str, Any], fields: tuple[str, ...]) -> list[float | None]:
@@ -175,7 +193,7 @@ def _check_filters(sample: dict[str, Any], cfg: DataConfig, decoded_size: tuple[
         return False
     pw, w, h = _json_numbers(sample, ("pwatermark", "original_width", "original_height"))
     if pw is not None and pw > cfg.max_pwatermark:
-        raise _Skip("watermark", f"pwatermark {pw} > {cfg.max_pwatermark}")
+        raise SkipSample("watermark", f"pwatermark {pw} > {cfg.max_pwatermark}")
     if cfg.min_image_size <= 0:
         return False
     if w is None or h is None:
@@ -183,7 +201,7 @@ def _check_filters(sample: dict[str, Any], cfg: DataConfig, decoded_size: tuple[
             return True
         w, h = decoded_size
     if min(w, h) < cfg.min_image_size:
-        raise _Skip("too_small", f"original size {int(w)}x{int(h)} < {cfg.min_image_size}")
+        raise SkipSample("too_small", f"original size {int(w)}x{int(h)} < {cfg.min_image_size}")
     return False
 
 
@@ -343,7 +361,7 @@ class ImageTextShards(IterableDataset):
                 rng = random.Random(f"{key}:{shard_idx}:{n_raw}")
                 try:
                     out = self._process(raw, rng)
-                except _Skip as bad:
+                except SkipSample as bad:
                     tracker.fail(bad.kind, url, f"{raw.get('__key__')}: {bad}")
                     tracker.check()
                     continue
@@ -360,10 +378,10 @@ class ImageTextShards(IterableDataset):
         tracker.check()
 
     def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        """Turn one grouped tar sample into a transformed training sample or raise _Skip."""
+        """Turn one grouped tar sample into a transformed training sample or raise SkipSample."""
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
-            raise _Skip("missing_image", f"no image among {sorted(k for k in raw if not k.startswith('__'))}")
+            raise SkipSample("missing_image", f"no image among {sorted(k for k in raw if not k.startswith('__'))}")
         caption = _caption(raw)  # before decoding: cheap checks first
         size_pending = _check_filters(raw, self.cfg)
         img = _decode_image(raw[image_key])
@@ -372,7 +390,7 @@ class ImageTextShards(IterableDataset):
         try:
             pixels, original_size, crop_top_left = _crop_resize(img, self.cfg, rng)
         except Exception as exn:
-            raise _Skip("transform_error", _describe(exn)) from None
+            raise SkipSample("transform_error", _describe(exn)) from None
         if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
             caption = ""
         return dict(pixel_values=pixels, caption=caption, original_size=original_size, crop_top_left=crop_top_left)
@@ -423,28 +441,8 @@ class StreamTracker:
         return state if self.base_seed is None else {**state, "base_seed": self.base_seed}
 
 
-def _validate(cfg: DataConfig) -> None:
-    """Reject configurations that would otherwise fail later, inside a worker, less clearly."""
-    checks = [
-        (cfg.resolution > 0, f"resolution must be positive, got {cfg.resolution}"),
-        (cfg.interpolation_type in INTERPOLATIONS, f"interpolation_type must be one of {list(INTERPOLATIONS)}, got {cfg.interpolation_type!r}"),
-        (cfg.train_batch_size > 0, f"train_batch_size must be positive, got {cfg.train_batch_size}"),
-        (cfg.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}"),
-        (0.0 <= cfg.proportion_empty_prompts <= 1.0, f"proportion_empty_prompts must be in [0, 1], got {cfg.proportion_empty_prompts}"),
-        (cfg.failure_patience >= 1, f"failure_patience must be >= 1, got {cfg.failure_patience}"),
-        (cfg.stall_timeout >= 0, f"stall_timeout must be >= 0, got {cfg.stall_timeout}"),
-        (cfg.min_image_size >= 0, f"min_image_size must be >= 0, got {cfg.min_image_size}"),
-        (0.0 <= cfg.max_pwatermark <= 1.0, f"max_pwatermark must be in [0, 1], got {cfg.max_pwatermark}"),
-        (0 <= cfg.rank < cfg.world_size, f"need 0 <= rank < world_size, got rank={cfg.rank} world_size={cfg.world_size}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
-
-
 def build_train_dataloader(cfg: DataConfig) -> DataLoader:
     """Build the infinite per-process training DataLoader described by `cfg`."""
-    _validate(cfg)
     workers = cfg.dataloader_num_workers
     # Batching happens inside each worker, so each batch carries that worker's skip counts.
     return DataLoader(

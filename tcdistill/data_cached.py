@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 
 from .config import ConfigError, TrainConfig
-from .data import DataConfig, ImageTextShards, _Skip, _validate, expand_urls
+from .data import DataConfig, ImageTextShards, SkipSample, expand_urls
 from .stops import leave_ctrl_c_to_the_trainer
 
 logger = logging.getLogger(__name__)
@@ -172,18 +172,18 @@ class CachedLatentShards(ImageTextShards):
         self.uncond = uncond
 
     def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        """One cached sample, or _Skip; --proportion_empty_prompts swaps in the stored encoding of ""."""
+        """One cached sample, or SkipSample; --proportion_empty_prompts swaps in the stored encoding of ""."""
         missing = [k for k in (LATENTS, *(f"{c}.npy" for c in self.cond_keys)) if k not in raw]
         if missing:
-            raise _Skip("missing_member", f"cached sample lacks {missing}")
+            raise SkipSample("missing_member", f"cached sample lacks {missing}")
         try:
             latents = _npy(raw[LATENTS])
             std = _npy(raw[LATENTS_STD]) if LATENTS_STD in raw else None
             cond = {c: _npy(raw[f"{c}.npy"]) for c in self.cond_keys}
         except Exception as exn:  # noqa: BLE001 - any unreadable member costs only this sample
-            raise _Skip("decode_error", f"{type(exn).__name__}: {exn}") from None
+            raise SkipSample("decode_error", f"{type(exn).__name__}: {exn}") from None
         if tuple(latents.shape) != self.latent_shape or (std is not None and std.shape != latents.shape):
-            raise _Skip("shape_mismatch", f"latents {tuple(latents.shape)}, expected {self.latent_shape}")
+            raise SkipSample("shape_mismatch", f"latents {tuple(latents.shape)}, expected {self.latent_shape}")
         caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
         if self.cfg.proportion_empty_prompts > 0 and rng.random() < self.cfg.proportion_empty_prompts:
             cond = {c: v if c in self.from_cond else self.uncond.get(f"empty.{c}", self.uncond[c])[0].to(v.dtype)
@@ -220,7 +220,6 @@ def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor], fro
 
 def build_cached_dataloader(cfg: DataConfig) -> DataLoader:
     """The infinite per-process loader over cached shards (`cfg.train_shards_path_or_url` names them)."""
-    _validate(cfg)
     meta, uncond = read_sidecar(cfg.train_shards_path_or_url)
     workers = cfg.dataloader_num_workers
     return DataLoader(

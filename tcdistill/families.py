@@ -49,7 +49,7 @@ def pipeline_variant(src: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _from_pretrained(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig, **kw: Any) -> Any:
+def from_pretrained_checked(cls: Any, src: str, subfolder: str | None, cfg: TrainConfig, **kw: Any) -> Any:
     """`cls.from_pretrained` with the run's revision/cache; model weights from safetensors only unless opted in, and from
     a local folder's variant files where it holds only those (`weights_variant`)."""
     if hasattr(cls, "save_pretrained") and not cls.__name__.endswith(("Tokenizer", "Scheduler")):
@@ -75,8 +75,8 @@ def load_tokenizer(cfg: TrainConfig, subfolder: str, loaded: dict[str, Any] | No
     name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "transformers" else None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
-        return _from_pretrained(transformers.AutoTokenizer, cfg.pretrained_teacher_model, subfolder, cfg, use_fast=False)
-    return _from_pretrained(cls, cfg.pretrained_teacher_model, subfolder, cfg)
+        return from_pretrained_checked(transformers.AutoTokenizer, cfg.pretrained_teacher_model, subfolder, cfg, use_fast=False)
+    return from_pretrained_checked(cls, cfg.pretrained_teacher_model, subfolder, cfg)
 
 
 def load_error(what: str, e: Exception) -> ConfigError:
@@ -92,8 +92,8 @@ def _load_vae(cfg: TrainConfig) -> nn.Module:
     from diffusers import AutoencoderKL
 
     if cfg.pretrained_vae_model_name_or_path:
-        return _from_pretrained(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
-    return _from_pretrained(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
+        return from_pretrained_checked(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, None, cfg, revision=None)
+    return from_pretrained_checked(AutoencoderKL, cfg.pretrained_teacher_model, "vae", cfg)
 
 
 # The scheduler-config fields that define the noise schedule and what the network predicts.
@@ -190,9 +190,9 @@ class SDFamily:
         src = cfg.pretrained_teacher_model
         return cls(
             tokenizer=load_tokenizer(cfg, "tokenizer", tokenizers),
-            text_encoder=_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
+            text_encoder=from_pretrained_checked(CLIPTextModel, src, "text_encoder", cfg),
             vae=_load_vae(cfg),
-            unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
+            unet=from_pretrained_checked(UNet2DConditionModel, src, "unet", cfg),
             noise_scheduler=load_noise_scheduler(cfg),
         )
 
@@ -302,10 +302,10 @@ class SDXLFamily:
         src = cfg.pretrained_teacher_model
         return cls(
             tokenizers=(load_tokenizer(cfg, "tokenizer", tokenizers), load_tokenizer(cfg, "tokenizer_2", tokenizers)),
-            text_encoders=(_from_pretrained(CLIPTextModel, src, "text_encoder", cfg),
-                           _from_pretrained(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
+            text_encoders=(from_pretrained_checked(CLIPTextModel, src, "text_encoder", cfg),
+                           from_pretrained_checked(CLIPTextModelWithProjection, src, "text_encoder_2", cfg)),
             vae=_load_vae(cfg),
-            unet=_from_pretrained(UNet2DConditionModel, src, "unet", cfg),
+            unet=from_pretrained_checked(UNet2DConditionModel, src, "unet", cfg),
             # Any scheduler config (SDXL ships EulerDiscreteScheduler's) gives the same DDPM betas / prediction_type.
             noise_scheduler=load_noise_scheduler(cfg),
             resolution=cfg.resolution,

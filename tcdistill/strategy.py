@@ -67,10 +67,10 @@ class FullStrategy(_StudentCopies):
         src = teacher_unet
         if cfg.revision and cfg.revision != cfg.teacher_revision:
             # --revision: the student starts from another revision of the teacher's UNet.
-            from .families import _from_pretrained, load_error  # safetensors only unless --allow_pickle_weights
+            from .families import from_pretrained_checked, load_error  # safetensors only unless --allow_pickle_weights
 
             try:
-                src = _from_pretrained(UNet2DConditionModel, cfg.pretrained_teacher_model, "unet", cfg, revision=cfg.revision)
+                src = from_pretrained_checked(UNet2DConditionModel, cfg.pretrained_teacher_model, "unet", cfg, revision=cfg.revision)
             except (OSError, ValueError) as e:
                 raise load_error(f"--revision {cfg.revision!r}: cannot load the student UNet from {cfg.pretrained_teacher_model!r}", e) from None
         student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=self.w_dim)

@@ -162,7 +162,7 @@ class Trainer:
             self.stream.base_seed = secrets.randbits(62)
         return self.stream.base_seed
 
-    def _data_loader(self) -> Any:
+    def data_loader(self) -> Any:
         c = self.cfg
         if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers):
             logger.warning("The checkpoint's data stream was read by %d loader worker(s), this run uses %d: "
@@ -405,7 +405,7 @@ class Trainer:
                 raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing {RUN_CONFIG} failed "
                                   f"({type(e).__name__}: {first_line(e)})") from None
             acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict(redact=True).items() if isinstance(v, (int, float, str, bool))})
-        data = iter(self._data_loader())
+        data = iter(self.data_loader())
         if rng is not None:
             restore_rng_state(rng)
         logger.info("Training %s for %d more steps (global batch %d, %d process(es)).", cfg.variant, remaining, self.global_batch, acc.num_processes)

@@ -258,7 +258,7 @@ def test_compiled_unets_compile_once(variant: str, mode: str, scope: str, tiny_t
                       num_ddim_timesteps=4, validation_inference_steps="1,2,4")  # N=4: s == t_n in ~half the rows
     tr = Trainer(cfg)
     assert tr.loss_fn.static_shapes and tr.cudagraphs == (mode == "reduce-overhead")
-    data = iter(tr._data_loader())
+    data = iter(tr.data_loader())
     tr.optimizer_step(data)
     first = len(captured)
     assert first >= 3  # teacher, target and student (plus any graph breaks)

@@ -440,7 +440,7 @@ def test_flags_the_reference_ignored_reach_the_run(tiny_teacher: Path, tiny_shar
                       max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, variant="lora", lora_rank=2)
     tr = trainer_mod.Trainer(cfg)
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 3 * 2)  # x batch x accumulation x processes (1)
-    tr._data_loader()
+    tr.data_loader()
     shared = {f.name for f in dataclasses.fields(DataConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
     assert {"center_crop", "random_flip", "proportion_empty_prompts", "interpolation_type"} <= shared
     assert {n: getattr(loaders[0], n) for n in shared} == {n: getattr(cfg, n) for n in shared}

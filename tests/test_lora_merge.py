@@ -161,7 +161,7 @@ def test_bf16_trainer_student_matches_the_branch(checkpointing: str, tiny_teache
         rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert rel(out, ref) < 2e-2
         assert all(a.dtype == torch.float32 for a in grads) and max(rel(a, b) for a, b in zip(grads, ref_grads)) < 5e-2
-        loss, _, ok = tr.optimizer_step(iter(tr._data_loader()))
+        loss, _, ok = tr.optimizer_step(iter(tr.data_loader()))
         assert ok and loss == loss
     finally:
         AcceleratorState._reset_state(True)

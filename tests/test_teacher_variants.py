@@ -104,7 +104,7 @@ def test_fp16_variant_teacher_trains_generates_and_evaluates(fp16_variant_teache
     from tcdistill.trainer import Trainer
 
     trainer = Trainer(_cfg(fp16_variant_teacher, tiny_shards, tmp_path / "out", variant="full"))
-    loss, _ = trainer.train_step(next(iter(trainer._data_loader())))
+    loss, _ = trainer.train_step(next(iter(trainer.data_loader())))
     assert torch.isfinite(loss)
     pipe = load_pipeline(str(fp16_variant_teacher), None, None, "cpu", torch.float32)
     assert pipe.unet.dtype == torch.float32
@@ -134,7 +134,7 @@ def test_sdxl_vae_latents_mean_std(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "teacher", shard_pattern(tmp_path / "shards", 1), tmp_path / "out", variant="lora", lora_rank=4,
                model_family="sdxl", min_image_size=0, w_min=3.0)
     trainer = Trainer(cfg)
-    batch = next(iter(trainer._data_loader()))
+    batch = next(iter(trainer.data_loader()))
     seen = {}
     def record(student, target, teacher, x0, *args):
         seen["x0"] = x0

@@ -60,7 +60,7 @@ def test_full_target_is_a_weight_dtype_copy_of_the_ema(tiny_teacher: Path, tiny_
         return all(torch.equal(s, t.to(BF16)) for s, t in zip(shadow.parameters(), strat.target.parameters(), strict=True))
 
     before = [p.clone() for p in shadow.parameters()]
-    tr.optimizer_step(iter(tr._data_loader()))
+    tr.optimizer_step(iter(tr.data_loader()))
     assert in_step()
     assert any(not torch.equal(a, b) for a, b in zip(before, shadow.parameters()))  # the EMA moved, so did the copy
 
@@ -98,7 +98,7 @@ def test_merged_lora_target_casts_its_factors_once_per_step(tiny_teacher: Path, 
         return all(torch.equal(d, s.to(BF16)) for s, d in zip(target.factors.src, target.factors.dst, strict=True))
 
     before = [d.clone() for d in target.factors.dst]
-    tr.optimizer_step(iter(tr._data_loader()))
+    tr.optimizer_step(iter(tr.data_loader()))
     assert fresh() and any(not torch.equal(a, b) for a, b in zip(before, target.factors.dst))
 
     tensors = strat.state_tensors()
@@ -163,7 +163,7 @@ def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weig
         return all(torch.equal(c, p.to(BF16)) for p, c in zip(copies.weights, copies.copies.dst, strict=True))
 
     before = [c.clone() for c in copies.copies.dst]
-    tr.optimizer_step(iter(tr._data_loader()))
+    tr.optimizer_step(iter(tr.data_loader()))
     assert fresh() and any(not torch.equal(a, b) for a, b in zip(before, copies.copies.dst))
     tensors = strat.state_tensors()
     key = "student" if variant == "full" else "lora"
@@ -258,5 +258,5 @@ def test_frozen_vae_and_teacher_run_in_bf16_not_fp16(tiny_teacher: Path, tiny_sh
 
     tr.family.vae.encoder.register_forward_pre_hook(record("vae"))
     tr.strategy.teacher_unet.register_forward_pre_hook(record("teacher"))
-    tr.optimizer_step(iter(tr._data_loader()))
+    tr.optimizer_step(iter(tr.data_loader()))
     assert seen == {"vae": {(BF16, BF16, None)}, "teacher": {(BF16, BF16, None)}}
