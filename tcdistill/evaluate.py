@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from .config import TORCH_SEEDS, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
 from .generate import base_pipeline, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
+from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
-from .tcd import guidance_embedding
 
 logger = logging.getLogger("tcdistill.eval")
 Net = Callable[[Tensor, Tensor], Tensor]
@@ -67,13 +67,9 @@ def guided_net(unet: nn.Module, cond: Tensor, uncond: Tensor, guidance_scale: fl
 
 def student_net(unet: nn.Module, cond: Tensor, guidance_scale: float) -> Net:
     """A distilled student, one pass per step: a w-conditioned UNet gets `w = guidance_scale - 1` as `timestep_cond`."""
-    w_dim = unet.config.get("time_cond_proj_dim")
+    denoiser = UNetDenoiser(unet, unet.config.get("time_cond_proj_dim"))
     w = torch.full((cond.shape[0],), guidance_scale - 1.0, device=cond.device)
-    w_emb = guidance_embedding(w, w_dim).to(cond.dtype) if w_dim else None
-
-    def net(x: Tensor, t: Tensor) -> Tensor:
-        return unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-    return net
+    return lambda x, t: denoiser(x, t, {"encoder_hidden_states": cond}, w)
 
 
 @torch.no_grad()
