@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, ddim_grid
 from .tcd import lcm_consistency, tcf
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
@@ -22,10 +22,9 @@ def tcd_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, ori
     """`num_inference_steps` evenly indexed points of the training grid, descending (TCDScheduler.set_timesteps)."""
     if not 1 <= num_inference_steps <= original_steps:
         raise ValueError(f"num_inference_steps must be in [1, {original_steps}], got {num_inference_steps}")
-    k = num_train_timesteps // original_steps
-    grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    grid = ddim_grid(num_train_timesteps, original_steps).flip(0)
     idx = np.floor(np.linspace(0, original_steps, num=num_inference_steps, endpoint=False)).astype(np.int64)
-    return torch.from_numpy(grid[idx].copy())
+    return grid[torch.from_numpy(idx)]
 
 
 @torch.no_grad()

@@ -61,11 +61,6 @@ class NoiseSchedule:
             a, s = _bcast(a, like), _bcast(s, like)
         return a, s
 
-    def log_snr_half(self, t: Tensor) -> Tensor:
-        """Half log-SNR `lambda_t = log(alpha_t / sigma_t)`."""
-        a, s = self.alpha_sigma(t)
-        return torch.log(a / s)
-
     def to_x0_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Network output in the teacher's parameterisation -> `(x0_hat, eps_hat)` consistent with `x_t`."""
         a, s = self.alpha_sigma(t, like=x_t)
@@ -82,15 +77,6 @@ class NoiseSchedule:
             x0 = out
             eps = (x_t - a * x0) / s
         return x0, eps
-
-    def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """Inverse of `to_x0_eps`: the network output that encodes `(x0, eps)` at `t`."""
-        a, s = self.alpha_sigma(t, like=x0)
-        if self.prediction_type == "epsilon":
-            return eps
-        if self.prediction_type == "v_prediction":
-            return a * eps - s * x0
-        return x0
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward diffusion `x_t = alpha_t * x0 + sigma_t * eps`."""

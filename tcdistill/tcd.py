@@ -30,14 +30,6 @@ def tcf(x0_hat: Tensor, eps_hat: Tensor, schedule: NoiseSchedule, s: Tensor) -> 
     return a_s * x0_hat + sigma_s * eps_hat
 
 
-def tcf_exponential_integrator(x_t: Tensor, x0_hat: Tensor, schedule: NoiseSchedule, t: Tensor, s: Tensor) -> Tensor:
-    """Exponential-integrator form of the TCF: `(sigma_s/sigma_t) x_t - alpha_s (exp(-h) - 1) x0_hat`, `h = lambda_s - lambda_t`."""
-    _, sigma_t = schedule.alpha_sigma(t, like=x_t)
-    a_s, sigma_s = schedule.alpha_sigma(s, like=x_t)
-    h = _bcast(schedule.log_snr_half(s) - schedule.log_snr_half(t), x_t)
-    return (sigma_s / sigma_t) * x_t - a_s * torch.expm1(-h) * x0_hat
-
-
 def lcm_boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """LCM's `(c_skip, c_out)` (LCM paper Eq. 4, diffusers' LCMScheduler), which make f(x, 0) ~= x."""
     scaled = t.float() * timestep_scaling

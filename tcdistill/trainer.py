@@ -113,8 +113,8 @@ class Trainer:
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         self.num_ddim = cfg.num_ddim_timesteps
-        self.k = self.schedule.num_train_timesteps // self.num_ddim
         self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
+        self.k = int(self.grid[0]) + 1  # the skip: grid[0] = k - 1
         self.loss_fn = TCDLoss(
             self.schedule, cfg.loss_type, cfg.huber_c, mode=cfg.distill_mode, w_cond_student=self.strategy.w_cond_student,
             batched_teacher=cfg.batched_teacher, skip_identity_target=cfg.skip_identity_target,
