@@ -20,6 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+from tcdistill.bench_assets import SD15_UNET  # noqa: E402
 from tcdistill.models import REGIONAL_BLOCKS, compile_blocks  # noqa: E402
 
 
@@ -36,9 +37,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    channels = [int(c * args.width) // 32 * 32 for c in (320, 640, 1280, 1280)]
-    unet = UNet2DConditionModel(block_out_channels=channels, cross_attention_dim=768, attention_head_dim=8,
-                                sample_size=args.latent).to(dev)
+    # SD 1.5's UNet, its widths scaled by --width (multiples of the 32 GroupNorm groups)
+    channels = tuple(int(c * args.width) // 32 * 32 for c in SD15_UNET["block_out_channels"])
+    unet = UNet2DConditionModel(**{**SD15_UNET, "block_out_channels": channels}, sample_size=args.latent).to(dev)
     if args.scope == "unet":
         unet.compile(dynamic=False)
     elif args.scope == "blocks":
@@ -46,7 +47,7 @@ def main() -> None:
     regions = sum(type(m).__name__ in REGIONAL_BLOCKS for m in unet.modules()) if args.scope == "blocks" else int(args.scope == "unet")
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=dev)
     t = torch.randint(0, 1000, (args.batch,), device=dev)
-    cond = torch.randn(args.batch, 77, 768, device=dev)
+    cond = torch.randn(args.batch, 77, SD15_UNET["cross_attention_dim"], device=dev)
 
     def call() -> float:
         start = time.perf_counter()
