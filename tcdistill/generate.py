@@ -38,6 +38,24 @@ def run_config(path: str | None) -> dict[str, Any]:
     return {}
 
 
+# What `local_output` fetches of a hub repo: a run's saved flags, a bare UNet, a full-model output's EMA UNet, a LoRA.
+_HUB_FILES = [_RUN_CONFIG, "config.json", "diffusion_pytorch_model*.safetensors", "unet_target/*", LORA_WEIGHT_NAME]
+
+
+def local_output(path: str | None) -> str | None:
+    """`path` itself where it exists (or is unset), else the local snapshot of the hub repo it names: a model card's
+    `tcdistill generate --unet/--lora REPO` names the repo that --push_to_hub uploaded the output folder to. A missing path
+    that cannot be a repo id (`./run`, `/x/y`, `a/b/c`, a .safetensors file) is returned for its own not-found line."""
+    if not path or Path(path).exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or path.endswith(".safetensors"):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_FILES)
+    except (OSError, ValueError) as e:  # not a repo id, no such repo, offline without a cached copy
+        raise FileNotFoundError(f"{path} is neither a local path nor a hub repo that could be fetched ({first_line(e)})") from None
+
+
 def run_sampling(run: dict[str, Any]) -> dict[str, Any]:
     """How a run's student samples, from its saved flags: training grid N, mode (tcd/lcm) and LCM's boundary scaling."""
     return dict(original_steps=int(run.get("num_ddim_timesteps", 50)), distill_mode=run.get("distill_mode", "tcd"),
@@ -178,9 +196,10 @@ def generate(args: argparse.Namespace) -> list[str]:
     device = str(resolve_device(args.device))  # a bad --device is the first thing reported
     prompts = read_prompts(args.prompt, args.prompt_file)
     check_seed("--seed", args.seed, TORCH_SEEDS, count=len(prompts), uses=f"for {len(prompts)} prompts (image i uses --seed + i)")
-    if args.lora:
-        lora_file(args.lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
-    run = run_config(args.unet or args.lora)
+    unet, lora = local_output(args.unet), local_output(args.lora)
+    if lora:
+        lora_file(lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
+    run = run_config(unet or lora)
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
@@ -194,7 +213,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
-    pipe = load_pipeline(base, args.unet, args.lora, device, dtype, args.lora_scale, vae, sampling)
+    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling)
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
@@ -203,7 +222,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     height, width = args.height or size_h * pipe.vae_scale_factor, args.width or size_w * pipe.vae_scale_factor
     gs = args.guidance_scale
     if gs is None:
-        gs = run_guidance(run, FULL_MODEL_GUIDANCE) if args.unet and pipe.unet.config.time_cond_proj_dim else 0.0
+        gs = run_guidance(run, FULL_MODEL_GUIDANCE) if unet and pipe.unet.config.time_cond_proj_dim else 0.0
     paths, records = [], []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
@@ -241,8 +260,8 @@ def _file_name(line: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id.")
-    src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}) or a LoRA .safetensors file (diffusers or kohya keys).")
+    src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id (a UNet, or a pushed output).")
+    src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors file (diffusers or kohya keys), or the hub repo of a pushed output.")
     p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json).")
     p.add_argument("--vae", help="Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, else the base's).")
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")

@@ -3,6 +3,7 @@ no network)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -136,3 +137,46 @@ def test_card_loads_the_teacher_revision_it_was_trained_on(tmp_path: Path) -> No
         cfg = TrainConfig(pretrained_teacher_model="org/sd", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
                           max_train_steps=10, variant=variant)
         assert "revision=" not in render_model_card(cfg, [])
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_pushed_cards_command_line_runs(variant: str, sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pushed card's `tcdistill generate --unet/--lora REPO` line runs as written: generate fetches the repo's output
+    (huggingface_hub monkeypatched: the repo is the output folder, filtered by the requested patterns) and samples it
+    with the run's saved flags. Before, --lora REPO was 'no LoRA weights at REPO' and --unet REPO looked for REPO/config.json."""
+    import shlex
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+    from test_export import make_lora
+    from test_generate import full_output
+
+    from tcdistill.cli import main
+
+    repo, out = "me/tcd-out", tmp_path / "out"
+    if variant == "full":
+        full_output(sd_teacher, out)
+    else:
+        make_lora(sd_teacher, out)
+    (out / "unet").mkdir()  # the online student, which sampling does not need
+    cfg = TrainConfig(pretrained_teacher_model=str(sd_teacher), train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out),
+                      max_train_steps=10, variant=variant, num_ddim_timesteps=20)
+    (out / "tcdistill_config.json").write_text(json.dumps(cfg.to_dict()))
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str], **kw) -> str:
+        assert repo_id == repo
+        snap = tmp_path / "snapshot"
+        files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+        for f in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snap / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / f, snap / f)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    line = re.search(r"Or from the command line: `(.*?)`", render_model_card(cfg, [], repo=repo)).group(1)
+    argv = shlex.split(line)
+    assert argv[:2] == ["tcdistill", "generate"] and repo in argv
+    main([*argv[1:], "--device", "cpu", "--output_dir", str(tmp_path / "samples")])
+    meta = json.loads((tmp_path / "samples" / "metadata.jsonl").read_text())
+    assert meta[variant if variant == "lora" else "unet"] == repo and meta["guidance_scale"] == (8.0 if variant == "full" else 0.0)
+    assert (tmp_path / "samples" / meta["file_name"]).is_file()
