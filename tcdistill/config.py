@@ -214,6 +214,9 @@ class TrainConfig:
              "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
         need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
              "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
+        # SD UNets take no size/crop micro-conditioning, so the flag would change nothing (the reference SD scripts lack it).
+        need(self.model_family == "sdxl" or not self.use_fix_crop_and_size,
+             "--use_fix_crop_and_size applies only to SDXL teachers (--model_family sdxl); an SD teacher would ignore it.")
         need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
         need(self.compile_unet or self.compile_mode == "default", f"--compile_mode {self.compile_mode} needs --compile_unet.")
         need(self.huber_c > 0, "--huber_c must be > 0.")

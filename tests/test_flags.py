@@ -113,6 +113,21 @@ def test_flags_of_the_other_variant_are_refused(variant: str, argv: list, refuse
     assert parse_config([*flags, "--ema_decay=0.5", "--unet_time_cond_proj_dim=64"], defaults={"variant": "full"}).ema_decay == 0.5
 
 
+def test_sdxl_only_flag_is_refused_for_an_sd_teacher(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: the SD scripts (and `tcdistill cache` for an SD teacher) accepted --use_fix_crop_and_size and ignored it (SD UNets
+    take no size/crop micro-conditioning; the reference SD scripts lack the flag); the SDXL scripts keep it."""
+    from tcdistill.cache import main as cache_main
+    from tcdistill.cli import train_main
+
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1", "--use_fix_crop_and_size"]
+    with pytest.raises(SystemExit):
+        train_main("full", flags, prog="x.py", family="sd")
+    assert "x.py: error: --use_fix_crop_and_size applies only to SDXL teachers" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--use_fix_crop_and_size applies only to SDXL teachers"):
+        cache_main(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", f"--output_dir={tmp_path}", "--use_fix_crop_and_size"])
+    assert TrainConfig(**BASE, model_family="sdxl", use_fix_crop_and_size=True).use_fix_crop_and_size
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
 def test_report_to_missing_tracker_is_one_line(tracker: str) -> None:
     from tcdistill.preflight import check_environment
