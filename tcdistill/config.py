@@ -309,6 +309,8 @@ def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dic
         default = defaults.get(f.name, f.default)
         # argparse %-formats help text: a literal % (in the help or a default such as a shard url) is written %%
         help_ = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        if f.metadata.get("only") not in (None, defaults.get("variant", f.metadata.get("only"))):
+            help_ = argparse.SUPPRESS  # the other variant's flag: still parsed, so that parse_config can refuse it by name
         typ = field_type(f)
         if typ is _parse_bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=_parse_bool, help=help_)

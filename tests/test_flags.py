@@ -113,6 +113,15 @@ def test_flags_of_the_other_variant_are_refused(variant: str, argv: list, refuse
     assert parse_config([*flags, "--ema_decay=0.5", "--unet_time_cond_proj_dim=64"], defaults={"variant": "full"}).ema_decay == 0.5
 
 
+@pytest.mark.parametrize("variant,own,other", [("full", "--ema_decay", "--lora_rank"), ("lora", "--lora_rank", "--ema_decay")])
+def test_help_lists_only_this_variants_flags(variant: str, own: str, other: str) -> None:
+    """QA: each script's --help listed the other variant's flags with their defaults (`--lora_rank ... (default: 64)` in
+    the full-model script's), which the script then refuses."""
+    text = build_parser(defaults={"variant": variant}).format_help()
+    assert f"{own} " in text and f"{other} " not in text and f"{other}=" not in text
+    assert "--lora_rank " in build_parser().format_help()  # no variant given (the reference-default check): every flag
+
+
 def test_sdxl_only_flag_is_refused_for_an_sd_teacher(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: the SD scripts (and `tcdistill cache` for an SD teacher) accepted --use_fix_crop_and_size and ignored it (SD UNets
     take no size/crop micro-conditioning; the reference SD scripts lack the flag); the SDXL scripts keep it."""
