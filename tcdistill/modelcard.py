@@ -42,6 +42,14 @@ def changed_flags(cfg: TrainConfig) -> dict[str, object]:
     return out
 
 
+def full_guidance(cfg: TrainConfig) -> float:
+    """The full student's recommended guidance scale: validation's, moved into the trained range of w as `tcdistill
+    generate` moves its default (a scale outside it embeds a w the student never trained on)."""
+    from .generate import run_guidance
+
+    return run_guidance(cfg.to_dict(), cfg.validation_guidance_scale)
+
+
 def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm); `schedule`:
     the trained noise schedule's scheduler config, whose fields the sampler's own defaults would replace are spelled out."""
@@ -70,7 +78,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
             f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
-            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={cfg.validation_guidance_scale}"
+            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={full_guidance(cfg)}"
             f"{eta}).images[0]\n")
 
 
@@ -88,7 +96,7 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     flags = "\n".join(f"--{k}={v}" for k, v in changed_flags(cfg).items())
     grids = latest_validation_grids(cfg.output_dir)
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
-    gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{cfg.validation_guidance_scale} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
+    gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{full_guidance(cfg)} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
     cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
     if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
         advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""

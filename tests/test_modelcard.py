@@ -180,3 +180,14 @@ def test_pushed_cards_command_line_runs(variant: str, sd_teacher: Path, tmp_path
     meta = json.loads((tmp_path / "samples" / "metadata.jsonl").read_text())
     assert meta[variant if variant == "lora" else "unet"] == repo and meta["guidance_scale"] == (8.0 if variant == "full" else 0.0)
     assert (tmp_path / "samples" / meta["file_name"]).is_file()
+
+
+def test_full_cards_guidance_is_inside_the_trained_w_range(tmp_path: Path) -> None:
+    """QA: a full run trained on w in [1, 3] (the demo's range) got a card recommending guidance_scale=8.0, i.e. w = 7,
+    which the student never trained on (training itself warns of it for validation); the card now moves it into the range,
+    as `tcdistill generate` moves its default, and keeps an in-range --validation_guidance_scale as it is."""
+    for kw, scale in ((dict(w_min=1.0, w_max=3.0), 4.0), (dict(validation_guidance_scale=6.5), 6.5)):
+        cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                          max_train_steps=10, **kw)
+        card = render_model_card(cfg, [])
+        assert f"guidance_scale={scale}, eta=0.3)" in card and f"Guidance scale: {scale} (embedded" in card
