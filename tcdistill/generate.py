@@ -39,7 +39,7 @@ def run_config(path: str | None) -> dict[str, Any]:
 
 
 # What `local_output` fetches of a hub repo: a run's saved flags, a bare UNet, a full-model output's EMA UNet, a LoRA.
-_HUB_FILES = [_RUN_CONFIG, "config.json", "diffusion_pytorch_model*.safetensors", "unet_target/*", LORA_WEIGHT_NAME]
+_HUB_FILES = [RUN_CONFIG, "config.json", "diffusion_pytorch_model*.safetensors", "unet_target/*", LORA_WEIGHT_NAME]
 
 
 def local_output(path: str | None) -> str | None:

@@ -408,14 +408,14 @@ def test_start_up_reads_the_teachers_tokenizer_once(tiny_teacher: Path, tiny_sha
     import tcdistill.trainer as trainer_mod
 
     loads: list[str] = []
-    real = families._from_pretrained
+    real = families.from_pretrained_checked
 
     def counting(cls, src, subfolder, *args, **kw):
         if cls.__name__.endswith(("Tokenizer", "TokenizerFast")):
             loads.append(subfolder)
         return real(cls, src, subfolder, *args, **kw)
 
-    monkeypatch.setattr(families, "_from_pretrained", counting)
+    monkeypatch.setattr(families, "from_pretrained_checked", counting)
     tr = trainer_mod.Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards,
                                          output_dir=str(tmp_path / "o"), resolution=32, max_train_steps=1, report_to="none",
                                          mixed_precision="no", validation_steps=0))
