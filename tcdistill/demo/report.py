@@ -113,7 +113,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], *, settings: dict[str, A
     prompts = settings.get("prompts_file")
     md = [
         "# tcdistill demo report", "",
-        f"Command: `{command}` (seed {seed}); wall time {timings['total']:.0f} s on {env['threads']} torch threads.", "",
+        f"Command: `{command}` (seed {seed}); wall time {timings['total']:.0f} s on {env['threads']} torch thread{'s' if env['threads'] != 1 else ''}.", "",
         f"Teacher-matching error: RMSE in latent space between each k-step sample and the teacher's "
         f"{settings['reference_steps']}-step guided DDIM sample (CFG {settings['guidance_scale']:g}) from the same noise and "
         f"prompt, mean over {settings['n_prompts']} prompts (`{prompts}`); in brackets, how many times closer than the "
