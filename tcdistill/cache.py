@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .config import ConfigError, TrainConfig
 from .data import INTERPOLATIONS, DataConfig, ImageTextShards, SkipSample, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
 # Stored in fp32 whatever --storage_dtype says: SDXL's time ids are pixel counts, embedded sinusoidally per pixel, and fp16
@@ -106,7 +109,7 @@ def _npy_bytes(a: Tensor, dtype: Any) -> bytes:
 
 
 @torch.no_grad()
-def _encode(family: Any, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def _encode(family: ModelFamily, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Posterior (mean, std) x scaling_factor, and the prompt conditioning of a batch."""
     from .models import latent_normalization, scale_latents
 
@@ -125,7 +128,7 @@ def _batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _uncond_layout(family: Any, batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], list[str]]:
+def _uncond_layout(family: ModelFamily, batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], list[str]]:
     """The sidecar's tensors and the keys whose unconditional value is the sample's own conditioning (SDXL's time ids).
 
     Stored once: the unconditional conditioning of every other key, and `empty.<key>`, the encoding of "" that

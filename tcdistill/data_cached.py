@@ -23,7 +23,7 @@ import logging
 import random
 from collections import Counter
 from functools import partial
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from webdataset.gopen import gopen
 from .config import ConfigError, TrainConfig
 from .data import DataConfig, ImageTextShards, SkipSample, expand_urls
 from .stops import leave_ctrl_c_to_the_trainer
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ def read_sidecar(spec: str | list[str]) -> tuple[dict[str, Any], dict[str, Tenso
     return meta, uncond
 
 
-def prepare_cached_training(cfg: TrainConfig, family: Any) -> dict[str, Any]:
+def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:
     """Check the cache against the teacher and config (one-line errors), then drop the VAE encoder.
 
     The step never encodes; validation still decodes (VAE decoder) and encodes its prompts (text encoder).

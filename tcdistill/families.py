@@ -383,9 +383,12 @@ class SDXLFamily:
 
 
 FAMILIES: dict[str, type] = {"sd": SDFamily, "sdxl": SDXLFamily}
+# What the trainer, the cache and validation take: either adapter (the same attributes: name, vae, unet,
+# noise_scheduler, scheduler_config; the same methods: to, encode, uncond, pipeline, save_lora_weights).
+ModelFamily = SDFamily | SDXLFamily
 
 
-def load_family(cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> SDFamily | SDXLFamily:
+def load_family(cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> ModelFamily:
     """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL); `tokenizers`: those
     `teacher_checks.check_teacher_config` already read, by subfolder (the rest load here)."""
     return FAMILIES[cfg.model_family].load(cfg, tokenizers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from .export import LORA_WEIGHT_NAME
 from .models import UNetDenoiser
 from .tcd import Denoiser, ema_update
 from .unet_views import AdaptersOff, DtypeCopies, MergedAdapters, MergedStudent, WeightCopies, WithLayerAttr, tuner_layers
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 
 class _StudentCopies:
@@ -58,7 +61,7 @@ class FullStrategy(_StudentCopies):
     name = "full"
     w_cond_student = True
 
-    def __init__(self, cfg: TrainConfig, family: Any, weight_dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype):
         from diffusers import UNet2DConditionModel
 
         self.cfg, self.family = cfg, family
@@ -146,7 +149,7 @@ class LoraStrategy(_StudentCopies):
     name = "lora"
     w_cond_student = False
 
-    def __init__(self, cfg: TrainConfig, family: Any, weight_dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype):
         from peft import LoraConfig
 
         self.cfg, self.family = cfg, family
@@ -173,6 +176,7 @@ class LoraStrategy(_StudentCopies):
         self._teacher_view: Denoiser | None = None
         self._target_view: Denoiser | None = None
         self._merged_student: MergedStudent | None = None
+        self._student_layers: list[nn.Module] = []  # adapter layers whose input cast is skipped (set with the views)
         self._copies = []
 
     def to(self, device: torch.device) -> None:
@@ -254,7 +258,7 @@ def teacher_denoiser(unet: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> U
     return UNetDenoiser(unet, None, dtype, native=cfg.teacher_dtype == "weight")
 
 
-def make_strategy(cfg: TrainConfig, family: Any, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
+def make_strategy(cfg: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype) -> FullStrategy | LoraStrategy:
     """The strategy for `cfg.variant` over the family's teacher UNet."""
     if cfg.variant == "lora":
         return LoraStrategy(cfg, family, weight_dtype)

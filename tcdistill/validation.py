@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
+    from .families import ModelFamily
     from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def sampling_scheduler(scheduler_config: Any, distill_mode: str = "tcd", origina
     return TCDScheduler.from_config(scheduler_config, original_inference_steps=original_steps, **fields)
 
 
-def build_pipeline(family: Any, unet: torch.nn.Module, cfg: Any) -> Any:
+def build_pipeline(family: ModelFamily, unet: torch.nn.Module, cfg: Any) -> Any:
     """The family's pipeline over `unet`, with the run's sampling scheduler on its training grid."""
     scheduler = sampling_scheduler(family.scheduler_config, cfg.distill_mode, cfg.num_ddim_timesteps, cfg.timestep_scaling_factor)
     return family.pipeline(unet, scheduler)
