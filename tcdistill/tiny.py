@@ -14,6 +14,8 @@ from typing import Any, TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw
 
+from .schedule import PREDICTION_TYPES
+
 if TYPE_CHECKING:  # heavy imports are deferred to call time so importing this module stays cheap
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -124,6 +126,48 @@ def _finish(pipe: Any, save_dir: str | Path | None) -> Any:
     return pipe
 
 
+# SD 1.5's training schedule (scheduler config fields), shared by the tiny SD and SDXL teachers.
+SD_SCHEDULE: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                               "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def _check_shape(block_out_channels: Sequence[int], sample_size: int, prediction_type: str) -> None:
+    """Refuse a latent size the UNet's levels cannot halve, or a prediction type no scheduler knows."""
+    if sample_size % 2 ** (len(block_out_channels) - 1):
+        raise ValueError(f"sample_size {sample_size} must be divisible by {2 ** (len(block_out_channels) - 1)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def _tiny_unet(sample_size: int, block_out_channels: Sequence[int], **extra: Any) -> Any:
+    """A one-layer-per-level UNet2DConditionModel with attention off its highest-resolution level (it dominates CPU time
+    there); `extra`: the family's conditioning arguments."""
+    from diffusers import UNet2DConditionModel
+
+    n_levels = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_levels - 1) + ("UpBlock2D",),
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, norm_num_groups=_num_groups(block_out_channels),
+        # diffusers' legacy `attention_head_dim` on the UNet is really the head count; it must divide every width, and
+        # the same bound keeps head dims >= 1.
+        attention_head_dim=_num_groups(block_out_channels), **extra,
+    )
+
+
+def _tiny_vae(vae_block_out_channels: Sequence[int], sample_size: int, **extra: Any) -> Any:
+    """A one-layer-per-level AutoencoderKL whose latents are `sample_size` square for its pixel size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels), block_out_channels=tuple(vae_block_out_channels),
+        layers_per_block=1, latent_channels=4, norm_num_groups=_num_groups(vae_block_out_channels),
+        sample_size=sample_size * 2 ** (len(vae_block_out_channels) - 1), **extra,
+    )
+
+
 def build_tiny_sd_pipeline(
     save_dir: str | Path | None = None,
     *,
@@ -137,52 +181,18 @@ def build_tiny_sd_pipeline(
     merges: Sequence[tuple[str, str]] | None = None,
 ) -> StableDiffusionPipeline:
     """Build a randomly initialised, tiny StableDiffusionPipeline offline; optionally save it."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    block_out_channels = tuple(block_out_channels)
-    vae_block_out_channels = tuple(vae_block_out_channels)
-    n_levels = len(block_out_channels)
-    if n_levels < 1 or len(vae_block_out_channels) < 1:
+    if len(block_out_channels) < 1 or len(vae_block_out_channels) < 1:
         raise ValueError("block_out_channels and vae_block_out_channels must be non-empty")
-    if sample_size % 2 ** (n_levels - 1):
-        raise ValueError(f"sample_size {sample_size} must be divisible by {2 ** (n_levels - 1)}")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    vae_factor = 2 ** (len(vae_block_out_channels) - 1)
-    unet_groups = _num_groups(block_out_channels)
-    vae_groups = _num_groups(vae_block_out_channels)
-    # diffusers' legacy `attention_head_dim` on the UNet is really the head count; it must divide
-    # every width, and the same bound keeps head dims >= 1.
-    unet_heads = _num_groups(block_out_channels)
+    _check_shape(block_out_channels, sample_size, prediction_type)
 
     # fork_rng so building a tiny model does not perturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            # Attention is kept off the highest-resolution level: it dominates CPU time there.
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_levels - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n_levels - 1) + ("UpBlock2D",),
-            block_out_channels=block_out_channels,
-            layers_per_block=1,
-            norm_num_groups=unet_groups,
-            attention_head_dim=unet_heads,
-            cross_attention_dim=cross_attention_dim,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-            block_out_channels=vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=vae_groups,
-            sample_size=sample_size * vae_factor,
-        )
+        unet = _tiny_unet(sample_size, block_out_channels, cross_attention_dim=cross_attention_dim)
+        vae = _tiny_vae(vae_block_out_channels, sample_size)
         # The tokenizer lives in memory after construction, so a throwaway dir is enough here.
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = build_tiny_tokenizer(tmp, model_max_length=max_length, merges=merges)
@@ -201,18 +211,7 @@ def build_tiny_sd_pipeline(
         )
     # from_config, not __init__: DDPMScheduler has no `set_alpha_to_one`, but from_config keeps it as a
     # hidden key that is saved and reaches DDIM/TCD schedulers built from this config (SD 1.5 semantics).
-    scheduler = DDPMScheduler.from_config(
-        {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": prediction_type,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-        }
-    )
+    scheduler = DDPMScheduler.from_config({**SD_SCHEDULE, "prediction_type": prediction_type})
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -304,19 +303,12 @@ def build_tiny_sdxl_pipeline(
     seed: int = 0,
 ) -> StableDiffusionXLPipeline:
     """Build a randomly initialised, tiny StableDiffusionXLPipeline offline (the layout of diffusers' SDXL tests)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    block_out_channels = tuple(block_out_channels)
-    vae_block_out_channels = tuple(vae_block_out_channels)
-    n_levels = len(block_out_channels)
-    if n_levels < 2:
+    if len(block_out_channels) < 2:
         raise ValueError("SDXL's UNet needs at least two levels (cross-attention is kept off the first)")
-    if sample_size % 2 ** (n_levels - 1):
-        raise ValueError(f"sample_size {sample_size} must be divisible by {2 ** (n_levels - 1)}")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    vae_factor = 2 ** (len(vae_block_out_channels) - 1)
+    _check_shape(block_out_channels, sample_size, prediction_type)
 
     def clip_config(hidden: int, vocab: int, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         return CLIPTextConfig(
@@ -327,37 +319,14 @@ def build_tiny_sdxl_pipeline(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_levels - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n_levels - 1) + ("UpBlock2D",),
-            block_out_channels=block_out_channels,
-            layers_per_block=1,
-            norm_num_groups=_num_groups(block_out_channels),
-            attention_head_dim=_num_groups(block_out_channels),
-            use_linear_projection=True,
+        unet = _tiny_unet(
+            sample_size, block_out_channels, use_linear_projection=True,
             # SDXL's conditioning: prompt states of both encoders side by side, and an added embedding of the pooled
             # prompt plus six micro-conditioning numbers (original size, crop, target size).
-            cross_attention_dim=sum(text_hidden_sizes),
-            addition_embed_type="text_time",
-            addition_time_embed_dim=addition_time_embed_dim,
-            projection_class_embeddings_input_dim=projection_dim + 6 * addition_time_embed_dim,
+            cross_attention_dim=sum(text_hidden_sizes), addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim, projection_class_embeddings_input_dim=projection_dim + 6 * addition_time_embed_dim,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-            block_out_channels=vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=_num_groups(vae_block_out_channels),
-            sample_size=sample_size * vae_factor,
-            scaling_factor=0.13025,  # SDXL's
-            force_upcast=True,
-        )
+        vae = _tiny_vae(vae_block_out_channels, sample_size, scaling_factor=0.13025, force_upcast=True)  # SDXL's scaling
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = build_tiny_tokenizer(Path(tmp) / "1", model_max_length=max_length)
             tokenizer_2 = build_tiny_tokenizer(Path(tmp) / "2", model_max_length=max_length)
@@ -365,18 +334,7 @@ def build_tiny_sdxl_pipeline(
         text_encoder_2 = CLIPTextModelWithProjection(clip_config(text_hidden_sizes[1], len(tokenizer_2), tokenizer_2))
     # SDXL ships an EulerDiscreteScheduler config with SD's betas; schedulers built from it keep these keys.
     scheduler = EulerDiscreteScheduler.from_config(
-        {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": prediction_type,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "interpolation_type": "linear",
-        }
+        {**SD_SCHEDULE, "prediction_type": prediction_type, "timestep_spacing": "leading", "interpolation_type": "linear"}
     )
     pipe = StableDiffusionXLPipeline(
         vae=vae,
