@@ -7,10 +7,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from ..evaluate import format_table, json_rows
+from ..validation import make_grid
 
 GRID_STEPS = (1, 2, 4, 8)
 GRID_PROMPTS = 8
@@ -86,8 +86,7 @@ def write_grids(out: Path, rows: list[dict[str, Any]], students: list[str], gamm
             if r is not None:
                 cols.append(r["_images"])
         n = min(GRID_PROMPTS, cols[0].shape[0])
-        grid = np.concatenate([np.concatenate([c[i] for c in cols], axis=1) for i in range(n)], axis=0)
-        img = Image.fromarray(grid)
+        img = make_grid([[c[i] for c in cols] for i in range(n)])
         img = img.resize((img.width * GRID_SCALE, img.height * GRID_SCALE), Image.Resampling.NEAREST)
         path = out / f"grid-{model}.png"
         img.save(path)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..families import tokenize
 from ..schedule import NoiseSchedule
 from ..tcd import ema_update
+from .classifier import to_tensor
 from .world import bpe_merges, vocabulary
 
 logger = logging.getLogger("tcdistill.demo")
@@ -48,11 +49,6 @@ class TeacherSpec:
     unet_ema: float = 0.995
     batch_size: int = 64
     p_uncond: float = 0.1  # caption dropout, so classifier-free guidance works
-
-
-def to_pixels(images: np.ndarray) -> Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the VAE's input range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def build_teacher_pipeline(spec: TeacherSpec, seed: int) -> Any:
@@ -193,7 +189,7 @@ def train_teacher(out_dir: str | Path, images: np.ndarray, captions: list[str], 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = build_teacher_pipeline(spec, seed).to(device)
     gen = torch.Generator().manual_seed(seed)
-    pixels = to_pixels(images)
+    pixels = to_tensor(images)  # the VAE's input range
     log(f"training the VAE ({spec.vae_steps} steps)")
     vae_mse = train_vae(pipe.vae, pixels, spec, gen, log)
     mean, std = encode_posterior(pipe.vae, pixels)
