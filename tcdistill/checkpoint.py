@@ -281,9 +281,14 @@ class CheckpointIO:
                     ckpt.tensors[name[: -len(".safetensors")]] = safetensors.torch.load_file(file, device="cpu")
                 elif name == "meta.json":
                     ckpt.meta = json.loads(file.read_text())
-                elif name == f"rng_state_{self.rank}.pt":
-                    ckpt.rng = torch.load(file, map_location="cpu", weights_only=True)
-                elif name.endswith(".pt") and not name.startswith("rng_state_"):
+                elif name.startswith("rng_state_"):
+                    # Every rank reads every rank's file, so that a damaged one fails the load on all ranks alike: when
+                    # only its owner skipped to an older checkpoint, the ranks trained on from different steps and
+                    # the run hung at its end.
+                    rng = torch.load(file, map_location="cpu", weights_only=True)
+                    if name == f"rng_state_{self.rank}.pt":
+                        ckpt.rng = rng
+                elif name.endswith(".pt"):
                     ckpt.states[name[:-3]] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             # One line naming the file: torch's unpickling errors run over several lines, the last of them a link, and

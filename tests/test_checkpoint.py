@@ -316,6 +316,22 @@ def test_multi_process_save(tmp_path: Path) -> None:
     for rank in range(2):  # each rank gets back its own RNG state and per-rank extra
         assert ios[rank].load_latest().rng["extra"] == {"data": {"shard": rank}}
 
+    # QA: a newest checkpoint with one rank's RNG file unreadable was skipped by that rank alone; under DDP rank 0
+    # resumed at step 4 and rank 1 at step 2, their models differed and the run hung at its end. Every rank now
+    # decides alike.
+    threads = [threading.Thread(target=lambda r=rank: ios[r].save(5, tensors={"model": {"w": torch.ones(2)}}, states={"c": {"n": 1}},
+                                                                   barrier=barrier.wait)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rng_1 = tmp_path / "checkpoint-5" / "rng_state_1.pt"
+    rng_1.write_bytes(b"x" * rng_1.stat().st_size)  # same size: only loading finds out
+    assert [io.load_latest().step for io in ios] == [3, 3]
+    with pytest.raises(CheckpointError, match="rng_state_1.pt is unreadable"):  # a path given: every rank refuses it
+        ios[0].load(tmp_path / "checkpoint-5")
+    shutil.rmtree(tmp_path / "checkpoint-5")
+
     with pytest.raises(ValueError, match="barrier"):
         ios[0].save(4, tensors={}, states={})
     ios[0].write_rank_state(4)  # rank 1 never writes: the main process must refuse to finalize
