@@ -102,6 +102,18 @@ def lock_run_output_dir(path: str, accelerator: Any) -> None:
         raise ConfigError(refusal)
 
 
+def check_process_count(num_processes: int) -> None:
+    """Refuse, in one line, a process that its launcher started as one of several (WORLD_SIZE) but that accelerate set
+    up as a run of its own: without a GPU, `accelerate launch` with a config file's `distributed_type: MULTI_GPU` and
+    `use_cpu: true` does not pass use_cpu on to the processes, so each trained alone on the same --output_dir, and
+    all but one stopped on the run lock, naming a sibling as "another training run"."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > num_processes:
+        raise ConfigError(f"launched as one of {world} processes (WORLD_SIZE={world}), but accelerate set up a run of "
+                          f"{num_processes} process(es) here; without a GPU, set ACCELERATE_USE_CPU=true for the launch "
+                          "(accelerate launch does not pass a config file's use_cpu to --multi_gpu processes).")
+
+
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:
     """Reject settings this machine cannot run, as one line, before any weights load."""
     if cfg.mixed_precision == "fp16" and device.type == "cpu":

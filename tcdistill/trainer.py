@@ -20,7 +20,7 @@ from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_see
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization, speed_up_unets
-from .preflight import check_environment, check_output_dir, check_shards, create_hub_repo, lock_run_output_dir
+from .preflight import check_environment, check_output_dir, check_process_count, check_shards, create_hub_repo, lock_run_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, stop_on_signals
 from .strategy import make_strategy
@@ -53,6 +53,7 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=False),
         )
         acc = self.accelerator
+        check_process_count(acc.num_processes)
         cfg.mixed_precision = acc.mixed_precision
         check_environment(cfg, acc.device)
         if cfg.seed is not None:  # set_seed(device_specific=True) seeds numpy on rank r with --seed + r

@@ -123,3 +123,39 @@ def test_ddp_run_on_a_busy_output_dir_stops_every_rank_in_one_line(config_only_t
     refusal = f"error: --output_dir {str(out)!r} is in use by another training run (pid {holder.pid}"
     assert proc.returncode != 0 and proc.stdout.count(refusal) == 2, proc.stdout[-3000:]
     assert "[rank1]" not in proc.stdout and "cannot load the teacher" not in proc.stdout, proc.stdout[-3000:]
+
+
+# What `accelerate config` writes for 2 processes on one machine in bf16, with "run on CPU only" answered yes.
+BF16_CPU_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+mixed_precision: bf16
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def test_ddp_from_an_accelerate_config_file_in_bf16_on_cpu(config_only_teacher: Path, tiny_teacher: Path, tiny_shards: str,
+                                                           run_env: dict[str, str], tmp_path: Path) -> None:
+    """QA: launched from such a config file without a GPU, each process set itself up as a run of its own (accelerate does
+    not pass use_cpu on to --multi_gpu processes): one took the output dir's lock, the other stopped with "in use by
+    another training run (pid <its sibling>)". Every process now says what happened before anything loads; with
+    ACCELERATE_USE_CPU=true the file's 2 processes train in its bf16."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(BF16_CPU_CONFIG)
+    launcher = [ACCELERATE, "launch", "--config_file", str(config), "--main_process_port", str(_free_port())]
+    over = dict(mixed_precision=None, max_train_steps=2, checkpointing_steps=2, validation_steps=0, use_8bit_adam=None,
+                gradient_checkpointing=None, enable_xformers_memory_efficient_attention=None)
+    out = tmp_path / "out"
+    flags = seed_flags("full", teacher=config_only_teacher, shards=tiny_shards, output_dir=out, **over)
+    proc = run_train("full", flags, run_env, launcher=launcher)
+    refusal = "error: launched as one of 2 processes (WORLD_SIZE=2), but accelerate set up a run of 1 process(es) here"
+    assert proc.returncode != 0 and proc.stdout.count(refusal) == 2, proc.stdout[-3000:]
+    assert "in use by another training run" not in proc.stdout and "cannot load the teacher" not in proc.stdout, proc.stdout[-3000:]
+
+    launcher[-1] = str(_free_port())
+    log = check_ok(run_train("lora", seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, **over), run_env,
+                             launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "true"}))
+    assert "2 process(es)" in log
+    assert json.loads((out / "tcdistill_config.json").read_text())["mixed_precision"] == "bf16"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and sorted(complete_checkpoints(out)) == [2]
