@@ -36,7 +36,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .stops import Interrupted
+    from .stops import Interrupted, peer_failure
     from .trainer import NonFiniteError, Trainer
 
     try:
@@ -50,6 +50,10 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
         # A DataLoader worker's error arrives wrapped with its traceback text; its last line is the message.
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         sys.exit(f"{name}: error: {lines[-1] if lines else type(e).__name__}")
+    except RuntimeError as e:
+        if (broken := peer_failure(e)) is None:
+            raise
+        sys.exit(f"{name}: error: {broken}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

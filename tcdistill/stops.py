@@ -4,9 +4,12 @@ instead of losing every step since the last periodic one."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 from typing import Any, Callable, Iterator
+
+from .config import first_line
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -18,6 +21,21 @@ class Interrupted(RuntimeError):
         super().__init__(message)
         self.signum = signum
 
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """The one-line error of a process whose collective (DDP's gradient all-reduce, the step guard's reduce, a barrier)
+    broke because another process of the run ended, else None. That process has printed its own error (a bad shard
+    only it reads, say); this one printed a gloo traceback ("Connection closed by peer") after it, which read as the
+    cause. Recognised by gloo's transport errors (the CPU backend's); any other error keeps its traceback."""
+    text = first_line(e)
+    if "gloo/transport/" not in text:
+        return None
+    import torch.distributed as dist
+
+    rank = f"process {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "this process"
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]  # without gloo's source location and its advice
+    return f"{rank} stops: another process of this run ended (its own error names the cause), which broke the collective ({detail})."
 
 
 @contextlib.contextmanager

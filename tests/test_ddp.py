@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -159,3 +160,23 @@ def test_ddp_from_an_accelerate_config_file_in_bf16_on_cpu(config_only_teacher: 
     assert "2 process(es)" in log
     assert json.loads((out / "tcdistill_config.json").read_text())["mixed_precision"] == "bf16"
     assert (out / "pytorch_lora_weights.safetensors").is_file() and sorted(complete_checkpoints(out)) == [2]
+
+
+def test_a_bad_shard_only_rank_1_reads_stops_every_rank_in_one_line(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """QA: rank 1 stopped with its one-line data error, and rank 0, whose gradient all-reduce it left, followed with a
+    gloo traceback ("Connection closed by peer ... GLHF!") that read as the cause. Rank 0 now says, in one line, that
+    another process ended."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = Path(tiny_shards.split("{")[0]) / "00000.tar"
+    shutil.copy(good, shards / "00000.tar")
+    (shards / "00001.tar").write_bytes(good.read_bytes()[:3000])  # each rank reads its own shard: rank 1 this one
+    proc = _run_ddp("full", tmp_path / "out", tiny_teacher, f"{shards}/{{00000..00001}}.tar", run_env,
+                    data_failure_patience=20)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert proc.stdout.count("error: rank 1 worker 0/1: no usable sample in 20 consecutive failures") == 1, proc.stdout[-3000:]
+    peer = ("error: process 0 stops: another process of this run ended (its own error names the cause), which broke the "
+            "collective (Connection closed by peer")
+    assert proc.stdout.count(peer) == 1, proc.stdout[-3000:]
+    assert "[rank0]" not in proc.stdout and "[rank1]" not in proc.stdout, proc.stdout[-3000:]
