@@ -231,6 +231,7 @@ def dynamo_limits_strict() -> Iterator[None]:
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,mode,scope", [("full", "reduce-overhead", "unet"), ("lora", "default", "unet"), ("lora", "default", "blocks")])
 def test_compiled_unets_compile_once(variant: str, mode: str, scope: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, dynamo_limits_strict: None) -> None:
@@ -275,6 +276,7 @@ def test_compiled_unets_compile_once(variant: str, mode: str, scope: str, tiny_t
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compare_with_compile_times_three_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`--compare --compile_unet`: reference-like, optimised (eager) and compiled in one interleaved run, each
     non-reference mode with its ratio. dynamo captures graphs for real; the backend is `eager` (no inductor here)."""

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, lock_holder, read_scalars, run_train, seed_flags
 
+pytestmark = pytest.mark.slow  # two-process launches: tens of seconds each on 2 cores
+
 # Runs an entry script as __main__ after wrapping Trainer.train_step to log each rank's batches, so the test can
 # see what data every rank trained on (nothing else changes: same script, flags and launcher).
 BATCH_RECORDER = '''

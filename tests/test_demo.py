@@ -115,6 +115,7 @@ def test_target_checks_measure_each_target() -> None:
     assert not any("gamma 0.3, 2 steps" in t for t in got)
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end_then_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`tcdistill demo --quick` writes the report, JSON and grids; a rerun reuses the cache; `tcdistill eval` reads its outputs."""
     from tcdistill import evaluate

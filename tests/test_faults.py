@@ -32,6 +32,7 @@ def flags_for(variant: str, teacher: Path, shards: str, out: Path, **kw) -> list
     return seed_flags(variant, teacher=teacher, shards=shards, output_dir=out, **{**FAST, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_sigkill_anywhere_then_resume_gives_the_same_loss_curve(variant, tiny_teacher, tiny_shards, run_env, tmp_path):
     """Kill at random moments (some during checkpoint saves); every restart resumes from a complete checkpoint and
@@ -181,6 +182,7 @@ def test_failed_saves_keep_previous_checkpoints(tiny_teacher, tiny_shards, run_e
     assert CheckpointIO(out).load_latest().step == 2
 
 
+@pytest.mark.slow
 def test_pickle_weights_need_opt_in(tiny_teacher, tiny_shards, run_env, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -346,6 +348,7 @@ def test_the_output_dir_lock_dies_with_the_trainer_not_with_its_forked_loader_wo
     os.close(preflight._held_locks.pop(os.path.realpath(out)))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_teacher, tiny_shards, run_env, tmp_path):
     """QA: resuming from a checkpoint whose optimizer.pt was overwritten ended with `error: Check the documentation of
     torch.load ...` (naming neither checkpoint nor file), and `latest` over checkpoints that were all cut short started
@@ -372,6 +375,7 @@ def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_te
     assert (out / "metrics.jsonl").read_text() == metrics_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,signum", [("full", signal.SIGTERM), ("lora", signal.SIGINT)])
 def test_a_stop_signal_saves_a_checkpoint_and_stops_in_one_line(variant, signum, tiny_teacher, tiny_shards, run_env, tmp_path):
     """QA: SIGTERM (a SLURM preemption) ended the run at once, losing every step since the last periodic checkpoint (200

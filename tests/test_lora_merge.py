@@ -198,6 +198,7 @@ def test_choice_draws_no_random_numbers_and_is_skipped_without_candidates() -> N
     assert merged.merged_layers == [] and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_compiled_teacher_is_not_recompiled_by_the_choice() -> None:
     """A compiled UNet guards on its modules' own `forward`: the merged forwards go in when the view is built (before
     the step's teacher and target run), so their graphs, compiled before the student's first call, still hold after
