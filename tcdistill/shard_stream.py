@@ -58,7 +58,14 @@ class _StallGuard:
         return data
 
     def close(self) -> None:
-        self.pipe.close()
+        """Close the stream, kill the command if it still runs, reap it. webdataset's `Pipe.close` waits up to 2 hours for
+        the command to exit: one that lingers after its data, or a download stalled when the reader leaves mid-shard (the
+        end of training), held the loader that long, or outlived a loader worker that torch terminates 5 s into its
+        shutdown. Its data is no longer wanted (and its exit status was never used), so nothing is lost by the kill."""
+        self.pipe.stream.close()
+        if self.pipe.proc.poll() is None:
+            _kill_tree(self.pipe.proc.pid)
+        self.pipe.wait_for_child()  # reaps it; a non-zero exit raises, as Pipe.close does
 
 
 def open_shard(url: str, stall_timeout: float) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import traceback
@@ -16,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this file
 
-from shards_util import caption_json, good_sample, gray16, image_bytes, solid, within, write_shard  # noqa: E402
+from shards_util import caption_json, commands_mentioning, good_sample, gray16, image_bytes, solid, within, write_shard  # noqa: E402
 
 from tcdistill.data import DataConfig, DataError, build_train_dataloader, expand_urls  # noqa: E402
 
@@ -408,3 +409,21 @@ def test_cache_gives_up_a_stalled_pipe_shard(tmp_path: Path) -> None:
     assert list(ds.read_once(f"pipe:sleep 60 && cat {good}", skipped)) == [] and skipped["shard_error"] == 1
     assert time.monotonic() - start < 10
     assert [k for k, _ in ds.read_once(good, skipped)] == ["k0", "k1"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pipe_command_that_lingers_after_its_data_is_killed(tmp_path: Path, workers: int) -> None:
+    """QA: closing a `pipe:` shard (its last sample read, or the loader stopped mid-shard at the end of training) waited
+    for its command to exit, up to webdataset's 2 hours, whatever --data_timeout said: a command that lingers after its
+    data (a curl stalled past the tar's end marker) held the loader for its whole life, once per shard,
+    and a loader worker, which torch terminates 5 s into its shutdown, left it running. Now it is killed at the close."""
+    good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", "good") for j in range(2)])
+    marker = tmp_path / "lingered"
+    # One process (no fork at the close, which a kill by process tree could miss) that sends the shard, then lingers 5 s.
+    linger = f"import sys, time; sys.stdout.buffer.write(open({good!r}, 'rb').read()); sys.stdout.flush(); time.sleep(5); open({str(marker)!r}, 'w')"
+    url = f'pipe:{sys.executable} -c "{linger}"'
+    # Each stream reads the shard twice: one close after its data, one when the loader stops.
+    bs = batches(cfg_for(url, train_batch_size=2, stall_timeout=30, dataloader_num_workers=workers), 2 * max(1, workers))
+    assert {c for b in bs for c in b["captions"]} == {"good"} and not total_skipped(bs)
+    gc.collect()  # the loader's iterator, should a reference cycle still hold it (and its workers)
+    assert not marker.exists() and commands_mentioning(str(tmp_path)) == []
