@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 from typing import Any
 
 from webdataset.gopen import Pipe, gopen
+
+CLOSE_GRACE_S = 1.0  # how long a pipe: command may take to exit once its shard is closed before it is killed
 
 
 def _kill_tree(pid: int) -> None:
@@ -63,7 +66,9 @@ class _StallGuard:
         end of training), held the loader that long, or outlived a loader worker that torch terminates 5 s into its
         shutdown. Its data is no longer wanted (and its exit status was never used), so nothing is lost by the kill."""
         self.pipe.stream.close()
-        if self.pipe.proc.poll() is None:
+        try:  # a command that has sent all its data is exiting: a kill then would read as a failed download
+            self.pipe.proc.wait(timeout=CLOSE_GRACE_S)
+        except subprocess.TimeoutExpired:
             _kill_tree(self.pipe.proc.pid)
         self.pipe.wait_for_child()  # reaps it; a non-zero exit raises, as Pipe.close does
 

@@ -427,3 +427,18 @@ def test_a_pipe_command_that_lingers_after_its_data_is_killed(tmp_path: Path, wo
     assert {c for b in bs for c in b["captions"]} == {"good"} and not total_skipped(bs)
     gc.collect()  # the loader's iterator, should a reference cycle still hold it (and its workers)
     assert not marker.exists() and commands_mentioning(str(tmp_path)) == []
+
+
+def test_a_pipe_command_that_exits_just_after_its_data_is_not_killed(tmp_path: Path) -> None:
+    """A command that has sent its whole shard and is still exiting when the shard is closed is given a moment to exit
+    (shard_stream.CLOSE_GRACE_S), not killed: its killed exit status would read as a failed download (the cache counts
+    a shard error when a close raises)."""
+    from tcdistill.shard_stream import CLOSE_GRACE_S, open_shard
+
+    good = write_shard(tmp_path / "good.tar", [good_sample("k0", "good")])
+    # It closes its stdout (the reader's end of data) and exits a moment later; exec: no shell holding the pipe open.
+    exits = (f"import os, sys, time; sys.stdout.buffer.write(open({good!r}, 'rb').read()); sys.stdout.flush(); os.close(1); "
+             f"time.sleep({CLOSE_GRACE_S / 4})")
+    stream = open_shard(f'pipe:exec {sys.executable} -c "{exits}"', 30.0)
+    assert stream.read() == Path(good).read_bytes()
+    stream.close()  # exit status 0: no error
