@@ -54,6 +54,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm); `schedule`:
     the trained noise schedule's scheduler config, whose fields the sampler's own defaults would replace are spelled out."""
     from .families import sampler_overrides
+    from .validation import UNCLIPPED
 
     pipe_cls = _PIPELINES[cfg.model_family]
     name = "LCMScheduler" if cfg.distill_mode == "lcm" else "TCDScheduler"  # as validation.sampling_scheduler
@@ -61,6 +62,8 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     extra += [f"{k}={v!r}" for k, v in sampler_overrides(schedule, name).items()] if schedule is not None else []
     if cfg.distill_mode == "lcm" and cfg.timestep_scaling_factor != 10.0:
         extra.append(f"timestep_scaling={cfg.timestep_scaling_factor}")
+    if cfg.distill_mode == "lcm" and schedule is not None:  # as validation.sampling_scheduler: x0 unclipped
+        extra += [f"{k}=False" for k in UNCLIPPED if schedule.get(k)]
     sched = f"{name}.from_config(pipe.scheduler.config{''.join(', ' + e for e in extra)})"
     eta = "" if cfg.distill_mode == "lcm" else f", eta={RECOMMENDED_GAMMA}"
     head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"

@@ -28,6 +28,9 @@ def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+UNCLIPPED = {"clip_sample": False, "thresholding": False}  # LCMScheduler fields that would alter x0
+
+
 def sampling_scheduler(scheduler_config: Any, distill_mode: str = "tcd", original_steps: int = 50,
                        timestep_scaling: float = 10.0) -> Any:
     """The scheduler a student samples with: TCDScheduler on its training grid; for --distill_mode lcm, LCMScheduler
@@ -40,7 +43,11 @@ def sampling_scheduler(scheduler_config: Any, distill_mode: str = "tcd", origina
     # (e.g. DDIM's linear 0.0001..0.02 betas) with TCDScheduler's own, not the schedule the student was trained on.
     fields = schedule_fields(scheduler_config)
     if distill_mode == "lcm":
-        return LCMScheduler.from_config(scheduler_config, original_inference_steps=original_steps, timestep_scaling=timestep_scaling, **fields)
+        # No clipping or thresholding of x0: the student was trained on the unclipped consistency map, and latents are
+        # not bounded by [-1, 1] (a teacher config that sets clip_sample would otherwise pass it on; SDXL's pipeline,
+        # unlike SD's, does not reset it).
+        return LCMScheduler.from_config(scheduler_config, original_inference_steps=original_steps, timestep_scaling=timestep_scaling,
+                                        **fields, **UNCLIPPED)
     return TCDScheduler.from_config(scheduler_config, original_inference_steps=original_steps, **fields)
 
 

@@ -103,6 +103,22 @@ def test_card_for_lcm_mode_names_lcm_scheduler(tmp_path: Path) -> None:
     assert "TCDScheduler" not in card and "eta=" not in code and "gamma" not in card
 
 
+def test_lcm_sampling_does_not_clip_x0_a_teacher_config_asks_to_clip() -> None:
+    """QA: an LCM-mode run whose teacher's scheduler config sets clip_sample (or thresholding) sampled with x0 clipped
+    to [-1, 1] in validation and generate (the SDXL pipeline, unlike SD's, does not reset it), though the student was
+    trained on the unclipped consistency map; the card's code now turns both off too."""
+    from tcdistill.validation import sampling_scheduler
+
+    config = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "num_train_timesteps": 1000, "clip_sample": True, "thresholding": True}
+    lcm = sampling_scheduler(config, "lcm")
+    assert not lcm.config.clip_sample and not lcm.config.thresholding
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1, variant="lora",
+                      model_family="sdxl", distill_mode="lcm")
+    code = re.search(r"```python\n(.*?)```", render_model_card(cfg, ["p"], schedule=config), re.S).group(1)
+    assert "clip_sample=False" in code and "thresholding=False" in code
+
+
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_card_samples_on_the_trained_schedule(variant: str, tmp_path: Path) -> None:
     """The card's `TCDScheduler.from_config(pipe.scheduler.config, ...)` runs on the schedule the student was trained on:
