@@ -4,7 +4,10 @@ helpers that run the entry scripts as subprocesses and read what they wrote (che
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import runpy
 import shutil
 import stat
 import subprocess
@@ -13,11 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"full": ROOT / "train_tcd_distill_sd_wds.py", "lora": ROOT / "train_tcd_distill_lora_sd_wds.py"}
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+PROMPT = "a red circle on a blue background"
 
 # The seed README's flags, verbatim (the `export`ed variables and the shard url are substituted by `seed_flags`).
 SEED_README_FLAGS = {
@@ -200,3 +206,131 @@ def lora_seed_run(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str],
     flags = seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out)
     proc = run_train("lora", flags, run_env)
     return {"out": out, "flags": flags, "proc": proc, "log": check_ok(proc)}
+
+
+@pytest.fixture(scope="session")
+def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny SDXL pipeline saved as a diffusers folder (read-only: copy it to change it)."""
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    build_tiny_sdxl_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vpred_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD teacher with SD 2.x's v-prediction (read-only)."""
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_vpred")
+    build_tiny_sd_pipeline(path, prediction_type="v_prediction")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one intra-op thread; two threads on a busy 2-core machine stall each other. Modules
+    that train or sample in-process use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """For a test that builds its own Accelerator: accelerate's process-wide state must not leak into or out of it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run_script(script: str, flags: list[str]) -> None:
+    """Run an entry script in this process, as `python SCRIPT FLAGS` would (saves the interpreter start and imports)."""
+    argv = sys.argv
+    sys.argv = [script, *map(str, flags)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def train_flags(teacher: Path, shards: str, out: Path, steps: int, *extra: str) -> list[str]:
+    """A tiny CPU run: 32 px, batch 2, a checkpoint every step, one validation grid at step 2."""
+    return [f"--pretrained_teacher_model={teacher}", f"--output_dir={out}", f"--train_shards_path_or_url={shards}",
+            "--resolution=32", "--train_batch_size=2", "--report_to=none", "--seed=1", "--mixed_precision=no",
+            f"--max_train_steps={steps}", "--checkpointing_steps=1", "--validation_steps=2",
+            "--validation_inference_steps=2", f"--validation_prompts={PROMPT}", *extra]
+
+
+def train_and_resume(script: str, teacher: Path, shards: str, out: Path, caplog: pytest.LogCaptureFixture, *extra: str) -> None:
+    """Train 2 steps, then resume from the latest checkpoint to step 3; assert the second run really resumed."""
+    run_script(script, train_flags(teacher, shards, out, 2, *extra))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tcdistill"):
+        run_script(script, train_flags(teacher, shards, out, 3, "--resume_from_checkpoint=latest", *extra))
+    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert all((out / f"checkpoint-{i}" / "COMPLETE").is_file() for i in (1, 2, 3))
+
+
+def sample(pipe: Any, **kw: Any) -> np.ndarray:
+    """One seeded 2-step TCD sample at 32 px as an array."""
+    from diffusers import TCDScheduler
+
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    kw.setdefault("guidance_scale", 0.0)
+    out = pipe(PROMPT, num_inference_steps=2, eta=0.3, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0), **kw).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    return out
+
+
+def randomize_lora_b(unet: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> None:
+    """Give every LoRA up-projection (peft's `lora_B`, zero at init) random weights, so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def make_lora(teacher: Path, out: Path, rank: int = 4, alpha: int = 8, mixed_keys: bool = False, extra: tuple = ()) -> Path:
+    """A LoRA (rank 4, alpha 8: scale 2) with random (non-zero) up weights, saved the way LoraStrategy.save_outputs saves one (`extra`: more targets)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tcdistill.config import TrainConfig
+
+    modules = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1).lora_modules + list(extra)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    with torch.random.fork_rng(devices=[]):  # the same adapter on every call, caller's RNG untouched
+        torch.manual_seed(0)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, init_lora_weights="gaussian"))
+    randomize_lora_b(unet)
+    layers = get_peft_model_state_dict(unet)
+    if mixed_keys:  # the older layout: attention projections renamed to `.lora.down/.lora.up`
+        layers = convert_state_dict_to_diffusers(layers)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return out
+
+
+def full_output(teacher: Path, out: Path) -> Path:
+    """A full-model training output layout: `unet_target` (teacher + zero w projection) and tcdistill_config.json."""
+    from diffusers import UNet2DConditionModel
+
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=256)
+    student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    student.save_pretrained(out / "unet_target")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(teacher), "num_ddim_timesteps": 50}))
+    return out

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from conftest import randomize_lora_b
 
 from tcdistill.bench import device_peak_tflops, main as bench_main
 from tcdistill.config import TrainConfig
@@ -98,10 +99,7 @@ def test_optimisations_give_the_reference_loss(variant: str, tiny_teacher: Path,
     tr = Trainer(cfg)
     strat = tr.strategy
     if variant == "lora":
-        with torch.no_grad():  # non-zero adapters, so "adapters off" really differs from the student
-            for name, p in strat.student.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        randomize_lora_b(strat.student, scale=0.05)  # non-zero adapters, so "adapters off" really differs from the student
     else:
         with torch.no_grad():  # an EMA target that differs from the student, as after some training
             for p in strat.target.parameters():
@@ -161,10 +159,7 @@ def test_merged_lora_target_is_the_adapted_unet() -> None:
     mods = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "time_emb_proj"]
     unet = build_tiny_sd_pipeline(None).unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=64, target_modules=mods, init_lora_weights="gaussian"))
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_lora_b(unet, scale=0.05)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([10, 500, 900])
     cond = {"encoder_hidden_states": torch.randn(3, 8, unet.config.cross_attention_dim, generator=g)}

@@ -31,15 +31,6 @@ def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
     return shard_pattern(path, 1)
 
 
-@pytest.fixture(scope="module")
-def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    path = tmp_path_factory.mktemp("sdxl_teacher")
-    build_tiny_sdxl_pipeline(path)
-    return path
-
-
 def _cache(teacher: Path, shards: str, out: Path, *extra: str) -> str:
     cache_main(["--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", shards, "--output_dir", str(out),
                 "--resolution", str(RES), "--center_crop", "--batch_size", "3", *extra])
@@ -433,13 +424,13 @@ def test_resumed_cached_run_continues_the_stream_exactly(tiny_teacher: Path, tin
     assert got == {s: ref[s] for s in got}, (got, ref)
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 end to end on CPU through the cache: an SDXL cache encoded in bf16 (stored fp16), 2 steps of the SDXL script
     with --gradient_checkpointing and validation; the validation images are finite, the outputs are stored in fp32 (the
     student's master weights) and load in diffusers."""
-    from accelerate.state import AcceleratorState
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -459,16 +450,12 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", checked)
     out = tmp_path / "out"
-    AcceleratorState._reset_state(True)
-    try:
-        train_main(variant, ["--pretrained_teacher_model", str(sdxl_teacher), "--output_dir", str(out), "--train_latents_path_or_url",
-                             cached, "--resolution", str(RES), "--center_crop", "--mixed_precision", "bf16", "--gradient_checkpointing",
-                             "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts",
-                             "a red circle", "--validation_inference_steps", "2", "--report_to", "none", "--seed", "0",
-                             "--min_image_size", "0", "--max_pwatermark", "1", *(["--lora_rank", "4"] if variant == "lora" else [])],
-                   family="sdxl")
-    finally:
-        AcceleratorState._reset_state(True)
+    train_main(variant, ["--pretrained_teacher_model", str(sdxl_teacher), "--output_dir", str(out), "--train_latents_path_or_url",
+                         cached, "--resolution", str(RES), "--center_crop", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                         "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts",
+                         "a red circle", "--validation_inference_steps", "2", "--report_to", "none", "--seed", "0",
+                         "--min_image_size", "0", "--max_pwatermark", "1", *(["--lora_rank", "4"] if variant == "lora" else [])],
+               family="sdxl")
     assert finite == ([True, True] if variant == "full" else [True])  # full: online and EMA
     files = ([out / d / "diffusion_pytorch_model.safetensors" for d in ("unet", "unet_target")] if variant == "full"
              else [out / "pytorch_lora_weights.safetensors"])

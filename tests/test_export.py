@@ -15,49 +15,17 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_sdxl import one_thread, sample, sdxl_teacher  # noqa: E402,F401 - one_thread is an autouse fixture
+from conftest import make_lora, sample  # noqa: E402
 
 from tcdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, _peft_scale, export_kohya  # noqa: E402
 
 RANK, ALPHA = 4, 8  # alpha != rank, so a converter that assumed scale 1 would give different samples
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sd_teacher(tiny_teacher: Path) -> Path:
-    """conftest's session-wide tiny SD teacher (default build_tiny_sd_pipeline), read-only here."""
-    return tiny_teacher
-
-
-def make_lora(teacher: Path, out: Path, rank: int = RANK, alpha: int = ALPHA, mixed_keys: bool = False, extra: tuple = ()) -> Path:
-    """A LoRA with random (non-zero) up weights, saved the way LoraStrategy.save_outputs saves one (`extra`: more targets)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from tcdistill.config import TrainConfig
-
-    modules = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s", max_train_steps=1).lora_modules + list(extra)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
-    with torch.random.fork_rng(devices=[]):  # the same adapter on every call, caller's RNG untouched
-        torch.manual_seed(0)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, init_lora_weights="gaussian"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    layers = get_peft_model_state_dict(unet)
-    if mixed_keys:  # the older layout: attention projections renamed to `.lora.down/.lora.up`
-        layers = convert_state_dict_to_diffusers(layers)
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return out
-
-
-def test_kohya_keys_and_alpha(sd_teacher: Path, tmp_path: Path) -> None:
+def test_kohya_keys_and_alpha(tiny_teacher: Path, tmp_path: Path) -> None:
     """Every diffusers pair becomes lora_unet_<module>.lora_down/lora_up with alpha = lora_alpha (scale alpha / rank)."""
-    src = load_file(make_lora(sd_teacher, tmp_path) / LORA_WEIGHT_NAME)
+    src = load_file(make_lora(tiny_teacher, tmp_path) / LORA_WEIGHT_NAME)
     dst = load_file(export_kohya(tmp_path))
     key_re = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
     assert all(key_re.match(k) for k in dst), [k for k in dst if not key_re.match(k)][:3]
@@ -76,23 +44,23 @@ def test_kohya_keys_and_alpha(sd_teacher: Path, tmp_path: Path) -> None:
     finally:
         os.umask(old_mask)
     # Outputs saved in the older mixed-key layout export to the same kohya file.
-    mixed = load_file(export_kohya(make_lora(sd_teacher, tmp_path / "mixed", mixed_keys=True)))
+    mixed = load_file(export_kohya(make_lora(tiny_teacher, tmp_path / "mixed", mixed_keys=True)))
     assert mixed.keys() == dst.keys() and all(torch.equal(mixed[k], dst[k]) for k in dst)
 
 
-def test_kohya_file_samples_like_diffusers_file(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_kohya_file_samples_like_diffusers_file(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`tcdistill export --lora DIR` writes a file that diffusers' loader reads as kohya and samples identically."""
     from diffusers import StableDiffusionPipeline
 
     from tcdistill.cli import main
 
-    make_lora(sd_teacher, tmp_path)
+    make_lora(tiny_teacher, tmp_path)
     main(["export", "--lora", str(tmp_path)])
     assert capsys.readouterr().out.strip() == str(tmp_path / KOHYA_WEIGHT_NAME)
-    base = sample(StableDiffusionPipeline.from_pretrained(sd_teacher))
+    base = sample(StableDiffusionPipeline.from_pretrained(tiny_teacher))
     outs = []
     for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
-        pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
         pipe.load_lora_weights(tmp_path, weight_name=name)
         outs.append(sample(pipe))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
@@ -109,7 +77,7 @@ def test_peft_scale_variants() -> None:
     assert _peft_scale("mid_block.attentions.0.to_k", 4, conf) == 2.0
 
 
-def test_export_rejects_bad_input(sd_teacher: Path, tmp_path: Path) -> None:
+def test_export_rejects_bad_input(tiny_teacher: Path, tmp_path: Path) -> None:
     """A missing file or a non-LoRA safetensors file is a one-line error (exit 2), not a traceback."""
     from tcdistill.export import main
 
@@ -117,15 +85,15 @@ def test_export_rejects_bad_input(sd_teacher: Path, tmp_path: Path) -> None:
         main(["--lora", str(tmp_path / "nothing")])
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="not a diffusers UNet LoRA"):
-        export_kohya(sd_teacher / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "x.safetensors")
+        export_kohya(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "x.safetensors")
 
 
-def test_export_refuses_to_overwrite_its_input_or_a_folder(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_refuses_to_overwrite_its_input_or_a_folder(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: --output equal to the input would replace the diffusers LoRA by the kohya copy; --output a folder and a
     file that is not safetensors gave tracebacks (and a left-over .tmp file). All three are one-line errors now."""
     from tcdistill.export import main
 
-    out = make_lora(sd_teacher, tmp_path / "lora")
+    out = make_lora(tiny_teacher, tmp_path / "lora")
     src = out / LORA_WEIGHT_NAME
     before = src.read_bytes()
     (tmp_path / "junk.safetensors").write_text("not safetensors")

@@ -14,45 +14,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_export import make_lora, sd_teacher  # noqa: E402,F401 - sd_teacher is a fixture
-from test_sdxl import one_thread  # noqa: E402,F401 - autouse fixture
+from conftest import full_output, make_lora  # noqa: E402
 
 from tcdistill.cli import main  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sdxl_gen")
-    build_tiny_sdxl_pipeline(path)
-    return path
-
-
-def full_output(teacher: Path, out: Path) -> Path:
-    """A full-model training output layout: `unet_target` (teacher + zero w projection) and tcdistill_config.json."""
-    from diffusers import UNet2DConditionModel
-
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
-    student = UNet2DConditionModel.from_config(dict(teacher_unet.config), time_cond_proj_dim=256)
-    student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    student.save_pretrained(out / "unet_target")
-    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(teacher), "num_ddim_timesteps": 50}))
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pngs(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
 
 
-def test_generate_lora_sd(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_generate_lora_sd(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Prompts from flags and a file; image i uses seed + i whatever the batch size; image 0 equals diffusers' own call."""
     from diffusers import StableDiffusionPipeline, TCDScheduler
 
-    lora = make_lora(sd_teacher, tmp_path / "lora")
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
     (tmp_path / "prompts.txt").write_text("a green triangle\n\n  a white circle  \n")
-    common = ["generate", "--lora", str(lora), "--base", str(sd_teacher), "--prompt", "a red square", "--prompt_file",
+    common = ["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--prompt", "a red square", "--prompt_file",
               str(tmp_path / "prompts.txt"), "--steps", "2", "--gamma", "0.3", "--seed", "5", "--device", "cpu"]
     main([*common, "--batch_size", "2", "--output_dir", str(tmp_path / "b2")])
     printed = capsys.readouterr().out.split()
@@ -68,7 +47,7 @@ def test_generate_lora_sd(sd_teacher: Path, tmp_path: Path, capsys: pytest.Captu
     # QA: the LoRA scale, image size and dtype were missing, so a line did not say how to make its image again
     assert {(m["lora_scale"], m["height"], m["width"], m["dtype"], m["vae"]) for m in meta} == {(1.0, 32, 32, "fp32", None)}
 
-    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(lora)
     ref = pipe("a red square", num_inference_steps=2, guidance_scale=0.0, eta=0.3, generator=torch.Generator().manual_seed(5)).images[0]
@@ -86,23 +65,23 @@ def test_generate_full_unet_sdxl(sdxl_teacher: Path, tmp_path: Path) -> None:
     assert meta["base"] == str(sdxl_teacher) and meta["guidance_scale"] == 8.0
 
 
-def test_generate_full_unet_sd_matches_pipeline(sd_teacher: Path, tmp_path: Path) -> None:
+def test_generate_full_unet_sd_matches_pipeline(tiny_teacher: Path, tmp_path: Path) -> None:
     """--unet on an SD base with an explicit guidance scale gives diffusers' own TCD sample."""
     from diffusers import StableDiffusionPipeline, TCDScheduler, UNet2DConditionModel
 
-    out = full_output(sd_teacher, tmp_path / "run")
-    main(["generate", "--unet", str(out / "unet_target"), "--base", str(sd_teacher), "--prompt", "a red circle",
+    out = full_output(tiny_teacher, tmp_path / "run")
+    main(["generate", "--unet", str(out / "unet_target"), "--base", str(tiny_teacher), "--prompt", "a red circle",
           "--steps", "2", "--gamma", "0", "--guidance_scale", "6", "--output_dir", str(tmp_path / "imgs")])
-    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     ref = pipe("a red circle", num_inference_steps=2, guidance_scale=6.0, eta=0.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert np.abs(np.asarray(ref, dtype=np.int16) - pngs(tmp_path / "imgs")["00000_a_red_circle.png"]).max() <= 1
 
 
-def test_generate_errors(sd_teacher: Path, tmp_path: Path) -> None:
+def test_generate_errors(tiny_teacher: Path, tmp_path: Path) -> None:
     """No prompts, or a base that is not an SD/SDXL text-to-image pipeline, exit 2 with one line."""
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--lora", str(tmp_path), "--base", str(sd_teacher)])
+        main(["generate", "--lora", str(tmp_path), "--base", str(tiny_teacher)])
     assert exc.value.code == 2
     other = tmp_path / "other"
     other.mkdir()
@@ -112,22 +91,22 @@ def test_generate_errors(sd_teacher: Path, tmp_path: Path) -> None:
     assert exc.value.code == 2
 
 
-def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_generate_height_alone_and_refusals(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: --height without --width is honoured on an SD base (diffusers' SD pipeline reset both sides to its default);
     --steps past the run's grid, an --output_dir that is a file, a missing --lora and an SDXL UNet on an SD base are
     one-line refusals (exit 2), not tracebacks or diffusers' "strength" message."""
-    lora = make_lora(sd_teacher, tmp_path / "lora")
-    main(["generate", "--lora", str(lora), "--base", str(sd_teacher), "--prompt", "x", "--steps", "1", "--height", "64",
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    main(["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--prompt", "x", "--steps", "1", "--height", "64",
           "--output_dir", str(tmp_path / "h")])
     assert next(iter(pngs(tmp_path / "h").values())).shape == (64, 32, 3)
     (tmp_path / "afile").write_text("")
     xl = full_output(sdxl_teacher, tmp_path / "xl")
     cases = {
-        "exceeds the 50 points": ["--lora", str(lora), "--base", str(sd_teacher), "--steps", "51"],
-        "is a file, not a folder": ["--lora", str(lora), "--base", str(sd_teacher), "--output_dir", str(tmp_path / "afile")],
-        "no LoRA weights at": ["--lora", str(tmp_path / "missing"), "--base", str(sd_teacher)],
-        "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(sd_teacher)],
-        "SDXL model but --base": ["--unet", str(xl), "--base", str(sd_teacher)],
+        "exceeds the 50 points": ["--lora", str(lora), "--base", str(tiny_teacher), "--steps", "51"],
+        "is a file, not a folder": ["--lora", str(lora), "--base", str(tiny_teacher), "--output_dir", str(tmp_path / "afile")],
+        "no LoRA weights at": ["--lora", str(tmp_path / "missing"), "--base", str(tiny_teacher)],
+        "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(tiny_teacher)],
+        "SDXL model but --base": ["--unet", str(xl), "--base", str(tiny_teacher)],
         "must be >= 1": ["--lora", str(lora), "--height", "0"],
         "--device 'bogus'": ["--lora", str(lora), "--device", "bogus"],
     }
@@ -140,18 +119,18 @@ def test_generate_height_alone_and_refusals(sd_teacher: Path, sdxl_teacher: Path
         assert exc.value.code == 2 and "Traceback" not in err and last.startswith("tcdistill generate: error:") and needle in last, (needle, err)
 
 
-def test_generate_default_size_of_a_non_square_unet(sd_teacher: Path, tmp_path: Path) -> None:
+def test_generate_default_size_of_a_non_square_unet(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: a base whose UNet config has sample_size [h, w] got square images (size[0] for both sides) by default;
     each side now defaults to its own entry times the VAE factor."""
     import shutil
 
     base = tmp_path / "base"
-    shutil.copytree(sd_teacher, base)
+    shutil.copytree(tiny_teacher, base)
     cfg_path = base / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["sample_size"] = [16, 8]
     cfg_path.write_text(json.dumps(cfg))
-    lora = make_lora(sd_teacher, tmp_path / "lora")
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
     main(["generate", "--lora", str(lora), "--base", str(base), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "o")])
     assert next(iter(pngs(tmp_path / "o").values())).shape == (32, 16, 3)
 
@@ -170,20 +149,20 @@ def test_device_values_are_one_line_errors() -> None:
             resolve_device("cuda")
 
 
-def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(sd_teacher: Path, tmp_path: Path) -> None:
+def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: an LCM-mode run was sampled with TCDScheduler (gamma 0.3). It now samples as it was trained: LCMScheduler on the
     run's grid with its --timestep_scaling_factor, as diffusers' own pipeline does. A re-run into the same folder
     replaces its images' metadata lines instead of appending duplicates."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    out = full_output(sd_teacher, tmp_path / "run")
-    cfg = {"pretrained_teacher_model": str(sd_teacher), "num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05}
+    out = full_output(tiny_teacher, tmp_path / "run")
+    cfg = {"pretrained_teacher_model": str(tiny_teacher), "num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05}
     (out / "tcdistill_config.json").write_text(json.dumps(cfg))
     argv = ["generate", "--unet", str(out), "--prompt", "a red circle", "--steps", "2", "--guidance_scale", "6",
             "--output_dir", str(tmp_path / "imgs")]
     main(argv)
     main(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher, unet=UNet2DConditionModel.from_pretrained(out / "unet_target"))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=20, timestep_scaling=0.05)
     ref = pipe("a red circle", num_inference_steps=2, guidance_scale=6.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert np.abs(np.asarray(ref, dtype=np.int16) - pngs(tmp_path / "imgs")["00000_a_red_circle.png"]).max() <= 1
@@ -205,40 +184,40 @@ def test_prompt_file_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
     assert read_prompts(None, str(f)) == ["a red circle", "un chat été 猫"]
 
 
-def test_full_default_guidance_stays_in_the_runs_w_range(sd_teacher: Path, tmp_path: Path) -> None:
+def test_full_default_guidance_stays_in_the_runs_w_range(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: a full student trained with --w_min 1 --w_max 3 (the demo's) was sampled at the default scale 8 (w = 7, never
     trained); the default w now moves into the run's range (w 3, scale 4). A run in the default range keeps 8."""
     from tcdistill.generate import run_guidance
 
     assert run_guidance({}, 8.0) == run_guidance({"w_min": 5.0, "w_max": 15.0}, 8.0) == 8.0
     assert run_guidance({"w_min": 1.0, "w_max": 3.0}, 8.0) == 4.0 and run_guidance({"w_min": 1.0, "w_max": 3.0}, 3.0) == 3.0
-    out = full_output(sd_teacher, tmp_path / "run")
+    out = full_output(tiny_teacher, tmp_path / "run")
     cfg = json.loads((out / "tcdistill_config.json").read_text())
     (out / "tcdistill_config.json").write_text(json.dumps({**cfg, "w_min": 1.0, "w_max": 3.0}))
     main(["generate", "--unet", str(out), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "o")])
     assert json.loads((tmp_path / "o" / "metadata.jsonl").read_text())["guidance_scale"] == 4.0
 
 
-def test_a_folder_of_another_model_as_unet_is_one_line(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_folder_of_another_model_as_unet_is_one_line(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: `--unet BASE/vae` (a diffusers folder of another model) built a weightless UNet and died in a meta-tensor
     traceback, in generate and in eval; each now refuses it in one line."""
     from tcdistill.evaluate import load_student
 
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--unet", str(sd_teacher / "vae"), "--base", str(sd_teacher), "--prompt", "x", "--output_dir", str(tmp_path)])
+        main(["generate", "--unet", str(tiny_teacher / "vae"), "--base", str(tiny_teacher), "--prompt", "x", "--output_dir", str(tmp_path)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and "AutoencoderKL" in last and last.startswith("tcdistill generate: error:")
     with pytest.raises(ValueError, match="AutoencoderKL"):
-        load_student(None, unet=str(sd_teacher / "vae"))
+        load_student(None, unet=str(tiny_teacher / "vae"))
 
 
-def test_eval_lora_missing_or_of_another_base_is_one_line(sd_teacher: Path, sdxl_teacher: Path, tmp_path: Path) -> None:
+def test_eval_lora_missing_or_of_another_base_is_one_line(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path) -> None:
     """QA: eval's --lora went straight to diffusers: a missing path said "When using the offline mode, you must specify
     a `weight_name`" and an SDXL LoRA on an SD teacher was a RuntimeError traceback; both are errors eval's main prints
     in one line now (OSError, ValueError)."""
     from tcdistill.evaluate import load_student, load_teacher
 
-    pipe = load_teacher(str(sd_teacher))
+    pipe = load_teacher(str(tiny_teacher))
     with pytest.raises(FileNotFoundError, match="no LoRA weights at"):
         load_student(pipe, lora=str(tmp_path / "missing"))
     xl = make_lora(sdxl_teacher, tmp_path / "xl")
@@ -260,25 +239,25 @@ def test_ignored_flags_are_refused(tiny_teacher: Path, tmp_path: Path) -> None:
                    "--steps", "1", "--guidance_scale", "nan"])
 
 
-def test_a_lora_file_without_unet_keys_is_refused(sd_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_lora_file_without_unet_keys_is_refused(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: a training checkpoint's `checkpoint-N/lora.safetensors` (bare PEFT keys, no `unet.` prefix) passed as --lora
     loaded nothing (diffusers only warns) and generate/eval sampled the bare base model as the student, exit 0."""
     import safetensors.torch
 
     from tcdistill.evaluate import load_student, load_teacher
 
-    lora = make_lora(sd_teacher, tmp_path / "lora")
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
     bare = {k[len("unet."):]: v for k, v in safetensors.torch.load_file(lora / "pytorch_lora_weights.safetensors").items()}
     ckpt = tmp_path / "checkpoint-2" / "lora.safetensors"
     ckpt.parent.mkdir()
     safetensors.torch.save_file(bare, ckpt)
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--lora", str(ckpt), "--base", str(sd_teacher), "--prompt", "x", "--steps", "1", "--device", "cpu",
+        main(["generate", "--lora", str(ckpt), "--base", str(tiny_teacher), "--prompt", "x", "--steps", "1", "--device", "cpu",
               "--output_dir", str(tmp_path / "gen")])
     assert exc.value.code not in (0, None) and "no UNet LoRA weights" in capsys.readouterr().err
     assert not (tmp_path / "gen").exists() or not list((tmp_path / "gen").glob("*.png"))
     with pytest.raises(ValueError, match="no UNet LoRA weights"):
-        load_student(load_teacher(str(sd_teacher)), lora=str(ckpt))
+        load_student(load_teacher(str(tiny_teacher)), lora=str(ckpt))
 
 
 def test_out_of_range_seed_and_unwritable_outputs_are_refused_before_loading(tiny_teacher: Path, tmp_path: Path,

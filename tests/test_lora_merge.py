@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import randomize_lora_b
 
 from tcdistill.config import TrainConfig
 from tcdistill.unet_views import MergedStudent, WithLayerAttr, _merged_forward, lora_layer_macs
@@ -25,10 +26,7 @@ def _lora_unet(rank: int = 64, **lora: object) -> nn.Module:
     torch.manual_seed(0)
     unet = build_tiny_sd_pipeline(None).unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_MODULES, init_lora_weights="gaussian", **lora))
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)  # non-zero adapters: the merged and branch forms really add a delta
+    randomize_lora_b(unet, scale=0.05)  # non-zero adapters: the merged and branch forms really add a delta
     return unet
 
 
@@ -129,42 +127,34 @@ BF16 = torch.bfloat16
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_bf16_trainer_student_matches_the_branch(checkpointing: str, tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
     """Under bf16 (weight-dtype copies of A and B, peft's input casts skipped) and under gradient checkpointing, the
     strategy's merged student gives the adapter branch's output and fp32 gradients to bf16 rounding, and a step trains."""
-    from accelerate.state import AcceleratorState
-
     from tcdistill.models import UNetDenoiser
     from tcdistill.trainer import Trainer
 
-    AcceleratorState._reset_state(True)
-    try:
-        cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
-                          resolution=32, train_batch_size=2, max_train_steps=2, report_to="none", seed=0, mixed_precision="bf16",
-                          variant="lora", gradient_checkpointing=checkpointing != "none",
-                          gradient_checkpointing_policy="full" if checkpointing == "none" else checkpointing)
-        tr = Trainer(cfg)
-        unet = tr.strategy.student
-        with torch.no_grad():
-            for name, p in unet.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        tr.strategy._refresh_copies()
-        view, _, _ = tr.strategy.denoisers(tr.student)
-        g = torch.Generator().manual_seed(3)
-        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([99, 699])
-        cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
-        with torch.autocast("cpu", dtype=BF16):
-            out, grads = _forward_backward(view, unet, x, t, cond)
-            ref, ref_grads = _forward_backward(UNetDenoiser(unet), unet, x, t, cond)
-        assert tr.strategy._merged_student is not None and tr.strategy._merged_student.merged_layers
-        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-        assert rel(out, ref) < 2e-2
-        assert all(a.dtype == torch.float32 for a in grads) and max(rel(a, b) for a, b in zip(grads, ref_grads)) < 5e-2
-        loss, _, ok = tr.optimizer_step(iter(tr.data_loader()))
-        assert ok and loss == loss
-    finally:
-        AcceleratorState._reset_state(True)
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                      resolution=32, train_batch_size=2, max_train_steps=2, report_to="none", seed=0, mixed_precision="bf16",
+                      variant="lora", gradient_checkpointing=checkpointing != "none",
+                      gradient_checkpointing_policy="full" if checkpointing == "none" else checkpointing)
+    tr = Trainer(cfg)
+    unet = tr.strategy.student
+    randomize_lora_b(unet, scale=0.05)
+    tr.strategy._refresh_copies()
+    view, _, _ = tr.strategy.denoisers(tr.student)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([99, 699])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
+    with torch.autocast("cpu", dtype=BF16):
+        out, grads = _forward_backward(view, unet, x, t, cond)
+        ref, ref_grads = _forward_backward(UNetDenoiser(unet), unet, x, t, cond)
+    assert tr.strategy._merged_student is not None and tr.strategy._merged_student.merged_layers
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert rel(out, ref) < 2e-2
+    assert all(a.dtype == torch.float32 for a in grads) and max(rel(a, b) for a, b in zip(grads, ref_grads)) < 5e-2
+    loss, _, ok = tr.optimizer_step(iter(tr.data_loader()))
+    assert ok and loss == loss
 
 
 def test_choice_draws_no_random_numbers_and_is_skipped_without_candidates() -> None:

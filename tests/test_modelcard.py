@@ -14,11 +14,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_export import sd_teacher  # noqa: E402,F401 - fixture
-from test_sdxl import one_thread, run_script, train_flags  # noqa: E402,F401 - one_thread is an autouse fixture
+from conftest import full_output, make_lora, run_script, train_flags  # noqa: E402
 
 from tcdistill.config import TrainConfig  # noqa: E402
 from tcdistill.modelcard import latest_validation_grids, render_model_card  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeHub:
@@ -41,7 +42,7 @@ class FakeHub:
         self.uploaded = sorted(filter_repo_objects(files, ignore_patterns=kw.get("ignore_patterns")))
 
 
-def test_training_writes_card_and_pushes(sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_writes_card_and_pushes(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A LoRA run with --push_to_hub: card in output_dir, repo created, folder uploaded without checkpoints or the token."""
     from diffusers import StableDiffusionPipeline
 
@@ -52,7 +53,7 @@ def test_training_writes_card_and_pushes(sd_teacher: Path, tmp_path: Path, monke
 
     write_tiny_shards(tmp_path / "shards", n_shards=1, per_shard=4, image_size=32)
     out = tmp_path / "out"
-    run_script("train_tcd_distill_lora_sd_wds.py", train_flags(sd_teacher, shard_pattern(tmp_path / "shards", 1), out, 2, "--lora_rank=4",
+    run_script("train_tcd_distill_lora_sd_wds.py", train_flags(tiny_teacher, shard_pattern(tmp_path / "shards", 1), out, 2, "--lora_rank=4",
                                                                "--push_to_hub", "--hub_model_id=me/tcd-lora", "--hub_token=hf_SECRET"))
     assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
     assert hub.calls[0][1]["exist_ok"] is True and hub.calls[0][1]["token"] == "hf_SECRET"
@@ -64,7 +65,7 @@ def test_training_writes_card_and_pushes(sd_teacher: Path, tmp_path: Path, monke
     for f in hub.uploaded:  # the hub token is in no uploaded file
         assert b"hf_SECRET" not in (out / f).read_bytes(), f
     card = (out / "README.md").read_text()
-    assert f"base_model: {sd_teacher}" in card and 'load_lora_weights("me/tcd-lora")' in card
+    assert f"base_model: {tiny_teacher}" in card and 'load_lora_weights("me/tcd-lora")' in card
     assert "![validation/lora-step000002.png](validation/lora-step000002.png)" in card
 
     # The card's usage code runs as written (on CPU in fp32, with the output folder standing in for the hub repo).
@@ -156,7 +157,7 @@ def test_card_loads_the_teacher_revision_it_was_trained_on(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("variant", ["full", "lora"])
-def test_pushed_cards_command_line_runs(variant: str, sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pushed_cards_command_line_runs(variant: str, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pushed card's `tcdistill generate --unet/--lora REPO` line runs as written: generate fetches the repo's output
     (huggingface_hub monkeypatched: the repo is the output folder, filtered by the requested patterns) and samples it
     with the run's saved flags. Before, --lora REPO was 'no LoRA weights at REPO' and --unet REPO looked for REPO/config.json."""
@@ -164,18 +165,16 @@ def test_pushed_cards_command_line_runs(variant: str, sd_teacher: Path, tmp_path
     import shutil
 
     from huggingface_hub.utils import filter_repo_objects
-    from test_export import make_lora
-    from test_generate import full_output
 
     from tcdistill.cli import main
 
     repo, out = "me/tcd-out", tmp_path / "out"
     if variant == "full":
-        full_output(sd_teacher, out)
+        full_output(tiny_teacher, out)
     else:
-        make_lora(sd_teacher, out)
+        make_lora(tiny_teacher, out)
     (out / "unet").mkdir()  # the online student, which sampling does not need
-    cfg = TrainConfig(pretrained_teacher_model=str(sd_teacher), train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out),
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out),
                       max_train_steps=10, variant=variant, num_ddim_timesteps=20)
     (out / "tcdistill_config.json").write_text(json.dumps(cfg.to_dict()))
 

@@ -26,7 +26,6 @@ Conventions taken from the spec and diffusers' LCM scripts (train_lcm_distill_*_
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,7 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_sdxl import one_thread  # noqa: E402,F401 - an autouse fixture
-
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerator_state")  # each case builds its own Accelerator
 T_TRAIN, N_DDIM = 1000, 50
 K = T_TRAIN // N_DDIM
 # tcd-reference.md, "Flags": the reference's LoRA target modules.
@@ -53,25 +49,9 @@ STEPS = [
 MICRO_ROWS = [STEPS[0], STEPS[1], STEPS[1], STEPS[0]]  # one per micro-batch, in order (2 optimizer steps x accumulation)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each case builds its own Accelerator: accelerate's process-wide state must not leak between tests."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tcdistill.tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
-
-    root = tmp_path_factory.mktemp("oracle_teachers")
-    build_tiny_sd_pipeline(root / "sd")
-    build_tiny_sd_pipeline(root / "vpred", prediction_type="v_prediction")
-    build_tiny_sdxl_pipeline(root / "sdxl")
-    return {"sd": root / "sd", "vpred": root / "vpred", "sdxl": root / "sdxl"}
+def teachers(tiny_teacher: Path, vpred_teacher: Path, sdxl_teacher: Path) -> dict[str, Path]:
+    return {"sd": tiny_teacher, "vpred": vpred_teacher, "sdxl": sdxl_teacher}
 
 
 @pytest.fixture(scope="module")

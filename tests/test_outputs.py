@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import check_ok, run_train, seed_flags
+from conftest import PROMPT, check_ok, run_train, seed_flags
 
-PROMPT = "a red circle on a blue background"
+pytestmark = pytest.mark.usefixtures("one_thread")
 LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Sampling tiny models in-process: one intra-op thread (spinning OpenMP threads only cost time on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

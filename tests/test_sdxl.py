@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import runpy
 import sys
 from itertools import islice
 from pathlib import Path
@@ -17,71 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this file
 
+from conftest import PROMPT, run_script, sample, train_and_resume  # noqa: E402
 from shards_util import image_bytes, solid, write_shard  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_script(script: str, flags: list[str]) -> None:
-    """Run an entry script in this process, as `python SCRIPT FLAGS` would (saves the interpreter start and imports)."""
-    argv = sys.argv
-    sys.argv = [script, *map(str, flags)]
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = argv
-
-
-def train_flags(teacher: Path, shards: str, out: Path, steps: int, *extra: str) -> list[str]:
-    """A tiny CPU run: 32 px, batch 2, a checkpoint every step, one validation grid at step 2."""
-    return [f"--pretrained_teacher_model={teacher}", f"--output_dir={out}", f"--train_shards_path_or_url={shards}",
-            "--resolution=32", "--train_batch_size=2", "--report_to=none", "--seed=1", "--mixed_precision=no",
-            f"--max_train_steps={steps}", "--checkpointing_steps=1", "--validation_steps=2",
-            "--validation_inference_steps=2", f"--validation_prompts={PROMPT}", *extra]
-
-
-def train_and_resume(script: str, teacher: Path, shards: str, out: Path, caplog: pytest.LogCaptureFixture, *extra: str) -> None:
-    """Train 2 steps, then resume from the latest checkpoint to step 3; assert the second run really resumed."""
-    run_script(script, train_flags(teacher, shards, out, 2, *extra))
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="tcdistill"):
-        run_script(script, train_flags(teacher, shards, out, 3, "--resume_from_checkpoint=latest", *extra))
-    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    assert all((out / f"checkpoint-{i}" / "COMPLETE").is_file() for i in (1, 2, 3))
-
-
-def sample(pipe, **kw) -> np.ndarray:
-    """One seeded 2-step TCD sample at 32 px as an array."""
-    from diffusers import TCDScheduler
-
-    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    kw.setdefault("guidance_scale", 0.0)
-    out = pipe(PROMPT, num_inference_steps=2, eta=0.3, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0), **kw).images
-    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
-    return out
-
-
-@pytest.fixture(scope="module")
-def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sdxl")
-    build_tiny_sdxl_pipeline(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

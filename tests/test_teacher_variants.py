@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_sdxl import one_thread  # noqa: E402,F401 - an autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(teacher: Path, shards: str, out: Path, **kw):

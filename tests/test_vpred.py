@@ -11,16 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_sdxl import one_thread, sample, train_and_resume  # noqa: E402,F401 - one_thread is an autouse fixture
+from conftest import sample, train_and_resume  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def vpred_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tcdistill.tiny import build_tiny_sd_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_vpred")
-    build_tiny_sd_pipeline(path, prediction_type="v_prediction")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

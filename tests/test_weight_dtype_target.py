@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_lora_b
 
 from tcdistill.config import TrainConfig
 from tcdistill.unet_views import WithLayerAttr
@@ -16,14 +17,7 @@ from tcdistill.unet_views import WithLayerAttr
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def bf16_accelerator_state():
-    """These trainers run under bf16: accelerate's process-wide state must not leak in from, or out to, other tests."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # these trainers run under bf16
 
 
 def _trainer(variant: str, teacher: Path, shards: str, out: Path, **kw: object):  # -> Trainer
@@ -145,10 +139,7 @@ def test_student_view_gives_autocast_numbers_with_fewer_casts(variant: str, weig
 
     tr = _trainer(variant, tiny_teacher, tiny_shards, tmp_path, student_weight_copy=weight_copy)
     strat, unet = tr.strategy, tr.strategy.student
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_lora_b(unet, scale=0.05)
     view, casts_view, casts_ref = _student_view_vs_autocast(tr)
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
