@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -130,6 +131,7 @@ def test_load_latest_skips_an_unreadable_newest_checkpoint(tmp_path: Path) -> No
     assert io.latest() == tmp_path / "checkpoint-2"  # the sizes match: only loading finds out
     ck = io.load_latest()
     assert ck.step == 1 and torch.equal(ck.tensors["model"]["w"], torch.full((4, 4), 1.0))
+    assert io.load_resume("latest").step == 1  # what --resume_from_checkpoint=latest calls
     _corrupt_same_size(tmp_path / "checkpoint-1" / "model.safetensors")
     with pytest.raises(CheckpointError, match="checkpoint-2"):  # none loads: the newest one's error, not a fresh start
         io.load_latest()
@@ -165,6 +167,7 @@ def test_an_unreadable_state_file_is_named_in_one_line(tmp_path: Path) -> None:
         io.load(path)
     message = str(info.value)
     assert "\n" not in message and "counters.pt is unreadable" in message and "checkpoint-1" in message, message
+    assert "weights_only` set to `False`" not in message, message  # torch's advice to load the file unsafely is left out
 
 
 def test_atomic_dir_replaces_whole_or_keeps_the_old_folder(tmp_path: Path) -> None:
@@ -180,6 +183,49 @@ def test_atomic_dir_replaces_whole_or_keeps_the_old_folder(tmp_path: Path) -> No
     with atomic_dir(final) as tmp:
         (tmp / "b.txt").write_text("v3")
     assert _entries(final) == ["b.txt"] and _entries(tmp_path) == ["unet"]  # replaced whole; no hidden leftovers
+
+
+def test_atomic_dir_puts_the_old_folder_back_when_the_final_rename_fails(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    final = tmp_path / "unet"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    rename = os.rename
+
+    def fail_publish(src: Path, dst: Path) -> None:
+        if Path(src).name.startswith(".unet.tmp-"):  # the new folder's rename into place; the old one's went through
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_publish)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("v2")
+    assert _entries(tmp_path) == ["unet"] and (final / "a.txt").read_text() == "v1"
+
+
+def test_atomic_dir_gives_its_output_the_modes_of_a_plain_write(tmp_path: Path) -> None:
+    """safetensors writes 0600 files: a service run as another user (ComfyUI, A1111) could not read the outputs."""
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "unet") as tmp:
+            (tmp / "w.safetensors").write_text("x")
+            os.chmod(tmp / "w.safetensors", 0o600)
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE((tmp_path / "unet" / "w.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "unet").stat().st_mode) == 0o755
+
+
+def test_atomic_dir_keeps_a_killed_saves_old_copy_until_the_new_one_is_in_place(tmp_path: Path) -> None:
+    """A kill between atomic_dir's two renames leaves the only copy under `.unet.old-<pid>`: a save that fails after
+    that must not remove it."""
+    (tmp_path / ".unet.old-999998").mkdir()
+    (tmp_path / ".unet.old-999998" / "a.txt").write_text("v1")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(tmp_path / "unet") as tmp:
+            raise OSError("disk full")
+    assert _entries(tmp_path) == [".unet.old-999998"]
 
 
 def test_atomic_dir_removes_a_killed_saves_leftovers(tmp_path: Path) -> None:
@@ -258,6 +304,10 @@ def test_unsafe_state_rejected_at_save_time(tmp_path: Path) -> None:
     _save_simple(io, 1)
     with pytest.raises(CheckpointError, match=r"numpy.*weights_only"):
         io.save(2, tensors={}, states={"sched": {"lr": np.float64(0.1)}})
+    with pytest.raises(CheckpointError, match=r"key np.int64\(0\).*weights_only"):  # dict keys are unpickled too
+        io.save(2, tensors={}, states={"sched": {np.int64(0): 0.1}})
+    with pytest.raises(CheckpointError, match="invalid checkpoint entry name 'rng_state_1'"):  # reserved for the ranks' RNG
+        io.save(2, tensors={}, states={"rng_state_1": {}})
     assert _entries(tmp_path) == ["checkpoint-1"]
 
 
@@ -278,6 +328,12 @@ def test_read_only_output_dir(tmp_path: Path) -> None:
         tmp_path.chmod(0o700)
     assert _entries(tmp_path) == ["checkpoint-1"]
     assert io.load_latest().step == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(total_limit=0), dict(rank=2, num_processes=2), dict(rank=-1)])
+def test_bad_constructor_arguments_are_refused(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        CheckpointIO(tmp_path, **kwargs)
 
 
 def test_resolve(tmp_path: Path) -> None:
@@ -313,8 +369,9 @@ def test_multi_process_save(tmp_path: Path) -> None:
     assert results == {0: tmp_path / "checkpoint-3", 1: tmp_path / "checkpoint-3"}
     assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(_entries(tmp_path / "checkpoint-3"))
     assert _entries(tmp_path) == ["checkpoint-3"]
-    for rank in range(2):  # each rank gets back its own RNG state and per-rank extra
-        assert ios[rank].load_latest().rng["extra"] == {"data": {"shard": rank}}
+    for rank in range(2):  # each rank gets back its own RNG state and per-rank extra, and no rank's RNG as a state
+        ckpt = ios[rank].load_latest()
+        assert ckpt.rng["extra"] == {"data": {"shard": rank}} and set(ckpt.states) == {"c"}
 
     # QA: a newest checkpoint with one rank's RNG file unreadable was skipped by that rank alone; under DDP rank 0
     # resumed at step 4 and rank 1 at step 2, their models differed and the run hung at its end. Every rank now
@@ -338,6 +395,23 @@ def test_multi_process_save(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="rank 1 wrote no rng_state_1.pt"):
         ios[0].finalize(4, tensors={}, states={})
     assert _entries(tmp_path) == ["checkpoint-3"]
+
+
+def test_a_rank_whose_rng_write_fails_fails_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its error must not be lost, and an earlier attempt's rng_state_<rank>.pt must not stand in for the missing one."""
+    ios = [CheckpointIO(tmp_path, is_main_process=rank == 0, rank=rank, num_processes=2) for rank in range(2)]
+    ios[1].write_rank_state(5)  # an earlier, interrupted attempt at step 5 left rank 1's file in the staging dir
+    def disk_full() -> dict:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tcdistill.checkpoint.capture_rng_state", disk_full)
+    with pytest.raises(CheckpointError, match="saving checkpoint-5 failed.*No space left"):
+        ios[1].save(5, tensors={}, states={}, barrier=lambda: None)
+    monkeypatch.undo()
+    ios[0].write_rank_state(5)
+    with pytest.raises(CheckpointError, match="rank 1 wrote no rng_state_1.pt"):
+        ios[0].finalize(5, tensors={}, states={})
+    assert ios[0].latest() is None
 
 
 # Imports torch once (seconds), then on each "go" line forks a worker that resumes like a restarted run

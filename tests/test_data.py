@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 import traceback
@@ -86,6 +87,7 @@ def test_expand_urls_braces_lists_and_pipes() -> None:
     pipes = expand_urls("pipe:curl -s -L https://h/s-{00..01}.tar || true")
     assert pipes == ["pipe:curl -s -L https://h/s-00.tar || true", "pipe:curl -s -L https://h/s-01.tar || true"]
     assert expand_urls("pipe:curl -s http://[::1]:8/a.tar") == ["pipe:curl -s http://[::1]:8/a.tar"]
+    assert expand_urls("~/s-{0..1}.tar") == [os.path.expanduser("~/s-0.tar"), os.path.expanduser("~/s-1.tar")]
     with pytest.raises(ValueError):
         expand_urls([])
 
@@ -148,6 +150,30 @@ def test_bad_samples_skipped_and_counted(mixed_shard: str) -> None:
     (b,) = batches(cfg_for(mixed_shard, train_batch_size=2), 1)
     assert b["captions"] == ["good one", "good two"]
     assert b["skipped"] == {"decode_error": 1, "missing_caption": 2, "missing_image": 1}
+
+
+def test_captions_lose_a_bom_and_skip_json_fields_that_are_not_text(tmp_path: Path) -> None:
+    img = image_bytes(solid("RGB", (20, 20), 0), "JPEG")
+    shard = write_shard(tmp_path / "c.tar", [("a", {"jpg": img, "txt": b"\xef\xbb\xbfwith a BOM"}),
+                                             ("b", {"jpg": img, "json": b'{"caption": null, "text": "from text"}'})])
+    (b,) = batches(cfg_for(shard, train_batch_size=2), 1)
+    assert b["captions"] == ["with a BOM", "from text"] and b["skipped"] == {}
+
+
+def test_patience_counts_consecutive_failures_only(tmp_path: Path) -> None:
+    """Bad samples between good ones never add up to --data_failure_patience."""
+    samples = [s for j in range(6) for s in (("bad%d" % j, {"jpg": b"not a jpeg", "txt": "x"}), good_sample(f"k{j}", f"good {j}"))]
+    bs = batches(cfg_for(write_shard(tmp_path / "alt.tar", samples), train_batch_size=2, failure_patience=2), 6)
+    assert total_skipped(bs)["decode_error"] >= 6
+
+
+def test_unseeded_streams_differ_and_ranks_sharing_a_shard_read_it_differently(tmp_path: Path) -> None:
+    from tcdistill.data import ImageTextShards
+
+    url = write_shard(tmp_path / "one.tar", [good_sample(f"k{j}", f"c{j}") for j in range(8)])
+    assert ImageTextShards(cfg_for(url, seed=None)).base_seed != ImageTextShards(cfg_for(url, seed=None)).base_seed
+    b0, b1 = (batches(cfg_for(url, rank=r, world_size=2), 4) for r in (0, 1))  # one shard: both ranks read it
+    assert [b["crop_top_lefts"].tolist() for b in b0] != [b["crop_top_lefts"].tolist() for b in b1]
 
 
 def test_decompression_bomb_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,6 +333,7 @@ def test_invalid_config_rejected(mixed_shard: str) -> None:
         dict(proportion_empty_prompts=1.5),
         dict(failure_patience=0),
         dict(rank=2, world_size=2),
+        dict(stall_timeout=-1.0),
     ):
         with pytest.raises(ValueError):
             build_train_dataloader(cfg_for(mixed_shard, **bad))
@@ -360,6 +387,34 @@ def test_a_stalled_pipe_shard_is_given_up_and_counted(tmp_path: Path) -> None:
     assert time.monotonic() - start < 10 and "pipe:sleep 60" in str(info.value)
 
 
+def test_pipe_streams_read_whole_wait_with_timeout_0_and_fail_on_a_command_error(tmp_path: Path) -> None:
+    from tcdistill.shard_stream import open_shard
+
+    assert len(open_shard("pipe:head -c 3000000 /dev/zero", 5).read()) == 3000000  # read() is every byte, not one chunk
+    assert open_shard("pipe:sleep 0.3; printf abc", 0).read() == b"abc"  # --data_timeout 0: wait forever
+    failing = open_shard("pipe:printf abc; exit 3", 5)
+    time.sleep(0.5)  # the command has exited: the read sees its status
+    with pytest.raises(OSError, match="exit 3"):
+        failing.read(10)
+
+
+def test_a_stalled_pipe_commands_children_are_killed_too(tmp_path: Path) -> None:
+    """`sh -c` may fork the command: a surviving child would go on downloading (and hold the trainer's stdout open)."""
+    from tcdistill.shard_stream import open_shard
+
+    pid_file = tmp_path / "pid"
+    stream = open_shard(f"pipe:sleep 60 & echo $! > {pid_file}; wait", 0.5)
+    with pytest.raises(TimeoutError):
+        stream.read(10)
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    for _ in range(50):  # SIGKILL is asynchronous: give the kernel a moment
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the pipe command's child survived its stalled shard")
+
+
 def test_file_urls_pass_the_shard_check(tmp_path: Path) -> None:
     """QA: `file:/path/x.tar` (which gopen opens) was refused as 'none of the shard file(s) exists'."""
     from tcdistill.config import ConfigError
@@ -371,6 +426,9 @@ def test_file_urls_pass_the_shard_check(tmp_path: Path) -> None:
         check_shards(f"file:{tmp_path}/missing.tar")
     (b,) = batches(cfg_for(f"file:{tmp_path}/s-0.tar", train_batch_size=1), 1)
     assert b["captions"] == ["file url"]
+    check_shards(f"{tmp_path}/missing.tar::pipe:cat {tmp_path}/s-0.tar")  # the loader judges a spec with a pipe: url
+    with pytest.raises(ConfigError, match=r"none of the 5 shard file\(s\) exists: .*/m-0.tar, .*/m-2.tar \(\+2 more\)$"):
+        check_shards(f"{tmp_path}/m-{{0..4}}.tar")
 
 
 def test_missing_shard_error_says_what_went_wrong(tmp_path: Path) -> None:
@@ -395,6 +453,13 @@ def test_resume_with_another_worker_count_does_not_replay_the_first_batches(tmp_
         return [(b["captions"], b["crop_top_lefts"].tolist()) for b in bs]
 
     assert key(resumed[::2]) != key(first[:2])  # worker 0's batches are not the run's first ones again
+    # Also where the workers do not split the shards (fewer shards than workers): the stream is a new one.
+    first = batches(cfg_for(urls[:1], train_batch_size=3), 2)
+    tracker = StreamTracker()
+    for b in first:
+        tracker.consumed(b)
+    resumed = batches(cfg_for(urls[:1], train_batch_size=3, dataloader_num_workers=2, resume_state=tracker.state()), 2)
+    assert key(resumed[:1]) != key(first[:1])
 
 
 def test_cache_gives_up_a_stalled_pipe_shard(tmp_path: Path) -> None:

@@ -36,6 +36,10 @@ def test_kohya_keys_and_alpha(tiny_teacher: Path, tmp_path: Path) -> None:
     prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert torch.equal(dst[f"{name}.lora_down.weight"], src[f"{prefix}.lora_A.weight"])
     assert torch.equal(dst[f"{name}.lora_up.weight"], src[f"{prefix}.lora_B.weight"])
+    from safetensors import safe_open
+
+    with safe_open(export_kohya(tmp_path), framework="pt") as fh:  # what kohya's tools read to tell a LoRA from a LyCORIS
+        assert fh.metadata()["ss_network_module"] == "networks.lora"
     # Readable by others under the usual umask (safetensors 0.8 alone writes 0600).
     old_mask = os.umask(0o022)
     try:
@@ -126,6 +130,13 @@ def test_sgm_names_of_sdxl_modules() -> None:
                                 ("up_blocks.2.resnets.2.conv2", "output_blocks.8.0.out_layers.3"),
                                 ("conv_in", "input_blocks.0.0"), ("add_embedding.linear_2", "label_emb.0.2"), ("time_embedding.linear_1", "time_embed.0")):
         assert sgm_module_name(diffusers_name, SDXL_BASE_UNET) == sgm, diffusers_name
+    # Layers per block as a list (up blocks take it reversed), and an upsampler in an up block without attention.
+    other = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "layers_per_block": [1, 2],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+    for diffusers_name, sgm in (("down_blocks.1.resnets.1.conv1", "input_blocks.4.0.in_layers.2"),
+                                ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv"),
+                                ("up_blocks.1.resnets.1.conv2", "output_blocks.4.0.out_layers.3")):
+        assert sgm_module_name(diffusers_name, other) == sgm, diffusers_name
 
 
 def test_sdxl_kohya_file_uses_sgm_names_and_samples_like_diffusers_file(sdxl_teacher: Path, tmp_path: Path) -> None:
@@ -170,3 +181,43 @@ def test_a_lora_file_missing_half_of_a_pair_is_refused() -> None:
     with pytest.raises(ValueError, match=r"1 module\(s\) lack their lora_A or lora_B weight, such as \['unet.conv_out'\]"):
         to_kohya(sd)
     assert len(to_kohya({k: v for k, v in sd.items() if "conv_out" not in k})) == 3  # down, up, alpha
+
+
+def test_to_kohya_refuses_what_it_cannot_convert_and_keeps_sd_names() -> None:
+    import json
+
+    from tcdistill.export import to_kohya
+
+    pair = {"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(8, 4, 1, 1)}
+    with pytest.raises(ValueError, match="DoRA"):
+        to_kohya(pair, {"lora_adapter_metadata": json.dumps({"unet.use_dora": True, "unet.r": 4})})
+    with pytest.raises(ValueError, match="not a diffusers UNet LoRA"):  # a text-encoder LoRA has no place in a UNet file
+        to_kohya({**pair, "text_encoder.q_proj.lora_A.weight": torch.zeros(4, 8), "text_encoder.q_proj.lora_B.weight": torch.zeros(8, 4)})
+    sd_unet = {**SDXL_BASE_UNET, "addition_embed_type": None}  # an SD UNet's modules keep their diffusers-style names
+    assert set(to_kohya(pair, unet_config=sd_unet)) == {"lora_unet_conv_in.lora_down.weight", "lora_unet_conv_in.lora_up.weight",
+                                                         "lora_unet_conv_in.alpha"}
+
+
+def test_export_of_a_failed_write_leaves_no_file(sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    make_lora(sd_teacher, tmp_path)
+
+    def disk_full(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_kohya(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]
+
+
+def test_an_sd_runs_export_reads_no_teacher_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only an SDXL run's modules get original-UNet names: an SD run's teacher (maybe an uncached hub id) is not read."""
+    import json
+
+    from tcdistill.export import run_unet_config
+
+    (tmp_path / "tcdistill_config.json").write_text(json.dumps({"model_family": "sd", "pretrained_teacher_model": str(tmp_path / "gone")}))
+    assert run_unet_config(tmp_path / LORA_WEIGHT_NAME) is None and capsys.readouterr().err == ""

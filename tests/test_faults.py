@@ -345,7 +345,22 @@ def test_the_output_dir_lock_dies_with_the_trainer_not_with_its_forked_loader_wo
         preflight.lock_output_dir(str(out))
     finally:
         os.kill(child, signal.SIGKILL)
+    fd = preflight._held_locks[os.path.realpath(out)]
+    preflight.lock_output_dir(str(out))  # a second trainer in this process shares the lock: no second descriptor
+    assert preflight._held_locks[os.path.realpath(out)] == fd
     os.close(preflight._held_locks.pop(os.path.realpath(out)))
+
+
+def test_the_lock_file_names_only_the_holders_pid(tmp_path):
+    """A longer pid left in the file by an earlier holder must not run into this one's (the refusal message quotes it)."""
+    from tcdistill import preflight
+
+    (tmp_path / preflight.LOCK_NAME).write_text("9999999999")
+    preflight.lock_output_dir(str(tmp_path))
+    try:
+        assert (tmp_path / preflight.LOCK_NAME).read_text() == str(os.getpid())
+    finally:
+        os.close(preflight._held_locks.pop(os.path.realpath(tmp_path)))
 
 
 @pytest.mark.slow
@@ -467,6 +482,29 @@ def test_stop_on_signals_records_once_and_leaves_an_ignored_signal_ignored():
     finally:
         signal.signal(signal.SIGINT, before_int)
         signal.signal(signal.SIGTERM, before_term)
+
+
+def test_stop_on_signals_gives_the_handlers_back_after_the_block():
+    from tcdistill.stops import stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with stop_on_signals(lambda signum: None):
+        pass
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_loader_workers_leave_ctrl_c_to_the_trainer_without_passing_an_ignored_sigint_to_pipe_commands():
+    """A handler, not SIG_IGN: a `pipe:` command (curl) started by the worker would inherit SIG_IGN and outlive Ctrl-C."""
+    from tcdistill.stops import leave_ctrl_c_to_the_trainer
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        leave_ctrl_c_to_the_trainer(0)
+        assert callable(signal.getsignal(signal.SIGINT))
+        ignored = subprocess.run(["sh", "-c", "grep SigIgn /proc/self/status"], capture_output=True, text=True).stdout.split()[1]
+        assert not int(ignored, 16) & (1 << (signal.SIGINT - 1)), ignored
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_stop_signal_saves_before_the_steps_validation(tiny_teacher, tiny_shards, tmp_path):

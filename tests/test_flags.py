@@ -159,6 +159,8 @@ def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, 
     with pytest.raises(ConfigError, match=r"--push_to_hub: cannot create the hub repo 'me/x' \(OSError: Cannot reach") as info:
         create_hub_repo(TrainConfig(**BASE, output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/x"))
     assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"hub repo 'run-7'"):  # no --hub_model_id: the output folder's name, as the reference
+        create_hub_repo(TrainConfig(**BASE, output_dir=str(tmp_path / "run-7"), push_to_hub=True))
 
 
 def test_push_to_hub_repo_is_named_after_the_output_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -222,6 +224,47 @@ def test_flag_values_that_crashed_mid_run_are_config_errors(bad: dict, needle: s
     with pytest.raises(ConfigError, match=needle):
         TrainConfig(**{**BASE, **bad})
     TrainConfig(**BASE, unet_time_cond_proj_dim=4, validation_steps=0, validation_inference_steps="")
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(w_min=9.0, w_max=4.0), r"--w_min \(9.0\) must be <= --w_max"),
+    (dict(w_min=-1.0), "--w_min must be >= 0"),
+    (dict(w_max=float("inf")), "--w_min/--w_max must be finite"),
+    (dict(ema_decay=1.5), r"--ema_decay must be in \[0, 1\]"),
+    (dict(checkpoints_total_limit=0), "--checkpoints_total_limit must be >= 1"),
+    (dict(max_train_steps=None), "the shard stream is endless"),
+    (dict(variant="lora", teacher_dtype="fp32"), "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher"),
+    (dict(gradient_checkpointing_policy="selective"), "selective needs --gradient_checkpointing"),
+    (dict(data_timeout=-1.0), "--data_timeout must be >= 0"),
+    (dict(max_pwatermark=1.5), r"--max_pwatermark must be in \[0, 1\]"),
+    (dict(lora_dropout=1.0), r"--lora_dropout must be in \[0, 1\)"),
+    (dict(report_to="mlflow"), "--report_to: unknown tracker 'mlflow'"),
+    (dict(validation_inference_steps="2,51"), r"--validation_inference_steps: 51 not in \[1, 50\]"),
+    (dict(max_nonfinite_steps=0), "--max_nonfinite_steps must be >= 1"),
+    (dict(train_batch_size=0), "--train_batch_size must be >= 1"),
+])
+def test_flag_values_out_of_range_are_config_errors(bad: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**{**BASE, **bad})
+
+
+def test_the_range_checks_take_their_bounds() -> None:
+    TrainConfig(**BASE, w_min=0.0, w_max=0.0, ema_decay=1.0, checkpoints_total_limit=1, data_timeout=0.0, max_pwatermark=1.0,
+                lora_dropout=0.0, validation_inference_steps="1,50", max_nonfinite_steps=1, train_batch_size=1)
+    TrainConfig(**{**BASE, "max_train_steps": None}, max_train_samples=8)
+    TrainConfig(**BASE, variant="lora", teacher_dtype="fp32", lora_separate_teacher=True)
+
+
+def test_parser_reads_booleans_negations_and_percent_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcdistill.config import parse_config
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    argv = ["--pretrained_teacher_model=t", "--max_train_steps=1", "--train_shards_path_or_url=s-%03d.tar",
+            "--center_crop=yes", "--random_flip", "on", "--no_batched_teacher", "--push_to_hub=off"]
+    cfg = parse_config(argv)
+    assert (cfg.center_crop, cfg.random_flip, cfg.batched_teacher, cfg.push_to_hub, cfg.local_rank) == (True, True, False, False, 3)
+    # argparse %-formats help text: a default with a literal % (a shard url) must not break --help.
+    assert "s-%03d.tar" in build_parser(defaults={"train_shards_path_or_url": "s-%03d.tar"}).format_help()
 
 
 def test_teacher_of_the_other_family_is_refused_before_loading(tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -201,6 +201,7 @@ def _filter_shard(path: Path) -> str:
         ("f", {"jpg": big, "txt": "keep: null fields", "json": meta(original_width=None, pwatermark=None)}),
         ("g", {"jpg": big, "txt": "keep: unreadable json", "json": "{not json"}),
         ("h", {"jpg": big, "txt": "drop: json size wins over decoded", "json": meta(original_width=20, original_height=20)}),
+        ("i", {"jpg": big, "txt": "keep: pwatermark at the limit", "json": meta(original_width=900, original_height=800, pwatermark=0.5)}),
     ])
 
 
@@ -216,7 +217,8 @@ def test_size_and_watermark_filters(tmp_path: Path) -> None:
                      max_pwatermark=0.5, failure_patience=50)
     batches = list(islice(iter(build_train_dataloader(cfg)), 4))
     caps = {c for b in batches for c in b["captions"]}
-    assert caps == {"keep: json sizes pass", "keep: no json, decoded 48 px", "keep: null fields", "keep: unreadable json"}
+    assert caps == {"keep: json sizes pass", "keep: no json, decoded 48 px", "keep: null fields", "keep: unreadable json",
+                    "keep: pwatermark at the limit"}
     kinds = {k for b in batches for k in b["skipped"]}
     assert {"too_small", "watermark"} <= kinds
     # A dataset that the filters empty stops with a data error instead of hanging (reference defect 4).
