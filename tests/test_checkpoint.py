@@ -223,7 +223,7 @@ def test_atomic_dir_keeps_a_killed_saves_old_copy_until_the_new_one_is_in_place(
     (tmp_path / ".unet.old-999998").mkdir()
     (tmp_path / ".unet.old-999998" / "a.txt").write_text("v1")
     with pytest.raises(OSError, match="disk full"):
-        with atomic_dir(tmp_path / "unet") as tmp:
+        with atomic_dir(tmp_path / "unet"):
             raise OSError("disk full")
     assert _entries(tmp_path) == [".unet.old-999998"]
 

@@ -113,7 +113,7 @@ def finite_step(self, loss):
     return _finite_step(self, loss)
 
 
-T.__init__, T._data_loader, T.train_step, T._finite_step = __init__, data_loader, train_step, finite_step
+T.__init__, T.data_loader, T.train_step, T._finite_step = __init__, data_loader, train_step, finite_step
 trainer_mod.draw_tcd, trainer_mod.encode_latents = draw_tcd, encode_latents
 script = sys.argv.pop(1)
 sys.argv[0] = script

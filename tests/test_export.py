@@ -198,10 +198,10 @@ def test_to_kohya_refuses_what_it_cannot_convert_and_keeps_sd_names() -> None:
                                                          "lora_unet_conv_in.alpha"}
 
 
-def test_export_of_a_failed_write_leaves_no_file(sd_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_of_a_failed_write_leaves_no_file(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors.torch
 
-    make_lora(sd_teacher, tmp_path)
+    make_lora(tiny_teacher, tmp_path)
 
     def disk_full(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         Path(filename).write_bytes(b"partial")
