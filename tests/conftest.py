@@ -161,14 +161,19 @@ def complete_checkpoints(output_dir: Path) -> dict[int, Path]:
     return out
 
 
+def saved_tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, name: str, sdxl: bool = False, **kw: Any) -> Path:
+    """A randomly initialised tiny SD (or SDXL) pipeline saved as a diffusers folder under a new temp dir `name`."""
+    from tcdistill.tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp(name)
+    (build_tiny_sdxl_pipeline if sdxl else build_tiny_sd_pipeline)(path, **kw)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny SD pipeline saved as a diffusers folder (VAE factor 2, 32 px images)."""
-    from tcdistill.tiny import build_tiny_sd_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_teacher")
-    build_tiny_sd_pipeline(path)
-    return path
+    """The default tiny SD pipeline (VAE factor 2, 32 px images), read-only: copy it to change it."""
+    return saved_tiny_pipeline(tmp_path_factory, "tiny_teacher")
 
 
 @pytest.fixture(scope="session")
@@ -210,22 +215,14 @@ def lora_seed_run(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str],
 
 @pytest.fixture(scope="session")
 def sdxl_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny SDXL pipeline saved as a diffusers folder (read-only: copy it to change it)."""
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sdxl")
-    build_tiny_sdxl_pipeline(path)
-    return path
+    """The default tiny SDXL pipeline, read-only."""
+    return saved_tiny_pipeline(tmp_path_factory, "tiny_sdxl", sdxl=True)
 
 
 @pytest.fixture(scope="session")
 def vpred_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SD teacher with SD 2.x's v-prediction (read-only)."""
-    from tcdistill.tiny import build_tiny_sd_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_vpred")
-    build_tiny_sd_pipeline(path, prediction_type="v_prediction")
-    return path
+    """The tiny SD teacher with SD 2.x's v-prediction, read-only."""
+    return saved_tiny_pipeline(tmp_path_factory, "tiny_vpred", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="module")
