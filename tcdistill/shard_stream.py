@@ -64,13 +64,16 @@ class _StallGuard:
         """Close the stream, kill the command if it still runs, reap it. webdataset's `Pipe.close` waits up to 2 hours for
         the command to exit: one that lingers after its data, or a download stalled when the reader leaves mid-shard (the
         end of training), held the loader that long, or outlived a loader worker that torch terminates 5 s into its
-        shutdown. Its data is no longer wanted (and its exit status was never used), so nothing is lost by the kill."""
+        shutdown. Its data is no longer wanted, so nothing is lost by the kill, and the status the kill gives it is not
+        raised: the shard's data was read whole, or its reader left for a reason of its own (already counted)."""
         self.pipe.stream.close()
         try:  # a command that has sent all its data is exiting: a kill then would read as a failed download
             self.pipe.proc.wait(timeout=CLOSE_GRACE_S)
         except subprocess.TimeoutExpired:
             _kill_tree(self.pipe.proc.pid)
-        self.pipe.wait_for_child()  # reaps it; a non-zero exit raises, as Pipe.close does
+            self.pipe.status = self.pipe.proc.wait()  # reaps it; -9 is the kill's status, not a failed download
+            return
+        self.pipe.wait_for_child()  # reaps it; a non-zero exit of its own raises, as Pipe.close does
 
 
 def open_shard(url: str, stall_timeout: float) -> Any:

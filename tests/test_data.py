@@ -507,3 +507,15 @@ def test_a_pipe_command_that_exits_just_after_its_data_is_not_killed(tmp_path: P
     stream = open_shard(f'pipe:exec {sys.executable} -c "{exits}"', 30.0)
     assert stream.read() == Path(good).read_bytes()
     stream.close()  # exit status 0: no error
+
+
+def test_cache_counts_no_error_for_a_whole_shard_whose_command_lingers(tmp_path: Path) -> None:
+    """QA: a `pipe:` command still running once its whole shard was read is killed at the close; the kill's exit status
+    (-9) raised from the close, and `tcdistill cache` counted a shard error for a shard it had cached whole."""
+    from tcdistill.cache import _OnePass
+
+    good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", "good") for j in range(2)])
+    linger = f"import sys, time; sys.stdout.buffer.write(open({good!r}, 'rb').read()); sys.stdout.flush(); time.sleep(30)"
+    skipped: Counter[str] = Counter()
+    keys = [k for k, _ in _OnePass(cfg_for(good, stall_timeout=30)).read_once(f'pipe:exec {sys.executable} -c "{linger}"', skipped)]
+    assert keys == ["k0", "k1"] and skipped["shard_error"] == 0
