@@ -148,10 +148,10 @@ class TrainConfig:
     teacher_dtype: str = _f("weight", "Frozen teacher UNet dtype: 'weight' (the --mixed_precision dtype, run outside autocast) or 'fp32' (the reference: fp32 weights under autocast).", choices=["weight", "fp32"])
     lora_separate_teacher: bool = _f(False, "LoRA: hold a separate frozen teacher UNet copy as the reference does (defect 11); only to measure its cost.", only="lora")
     target_dtype: str = _f("weight", "Target forward dtype under mixed precision: 'weight' (full: a weight-dtype copy of the EMA target, refreshed after each EMA update, +1 UNet in the weight dtype (when memory matters more, pass fp32); LoRA: the merged-weights target; both run outside autocast, like the teacher) or 'fp32' (the EMA/adapter weights under autocast, as the reference).", choices=["weight", "fp32"])
-    lora_skip_input_cast: bool = _f(True, "LoRA under mixed precision: skip peft's cast of each adapter's input to the fp32 adapter dtype (autocast casts it back; same result, two fewer copies per layer).", negatable=True)
+    lora_skip_input_cast: bool = _f(True, "LoRA under mixed precision: skip peft's cast of each adapter's input to the fp32 adapter dtype (autocast casts it back; same result, two fewer copies per layer).", negatable=True, only="lora")
     student_weight_copy: bool = _f(True, "Eager, one process, mixed precision: the student's trainable conv/linear weights run from weight-dtype copies refreshed after each optimizer step, and their gradients come back to the fp32 weights in one multi-tensor copy, instead of autocast casting each weight every forward and each gradient every backward (same numbers; costs a weight-dtype copy of the trainable weights held across steps: when memory matters more, e.g. with --gradient_checkpointing, pass --no_student_weight_copy).", negatable=True)
-    lora_merged_student: bool = _f(True, "LoRA: in each adapted layer where it costs fewer multiply-adds forward + backward (rank large next to the layer's width), run the student's layer as its base op with `W + scaling B A` formed in the graph instead of the adapter branch (same function and gradients; chosen per layer at the first step).", negatable=True)
-    lora_merged_target: bool = _f(True, "LoRA: run the target as the base UNet with the adapters merged into its weights for the call (one op per layer, not the adapter branch).", negatable=True)
+    lora_merged_student: bool = _f(True, "LoRA: in each adapted layer where it costs fewer multiply-adds forward + backward (rank large next to the layer's width), run the student's layer as its base op with `W + scaling B A` formed in the graph instead of the adapter branch (same function and gradients; chosen per layer at the first step).", negatable=True, only="lora")
+    lora_merged_target: bool = _f(True, "LoRA: run the target as the base UNet with the adapters merged into its weights for the call (one op per layer, not the adapter branch).", negatable=True, only="lora")
     fused_adam: bool = _f(True, "Fused AdamW kernel on CUDA and CPU (off: the default foreach AdamW, as the reference).", negatable=True)
     compile_unet: bool = _f(False, "torch.compile the UNets (student, target, teacher) in place, static shapes (the target then runs every row).")
     compile_mode: str = _f("default", "torch.compile mode for --compile_unet ('reduce-overhead' adds CUDA graphs on GPU).",
@@ -315,7 +315,8 @@ def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dic
         if typ is _parse_bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=_parse_bool, help=help_)
             if f.metadata.get("negatable"):
-                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"Turn off --{f.name}.")
+                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                               help=argparse.SUPPRESS if help_ == argparse.SUPPRESS else f"Turn off --{f.name}.")
             continue
         p.add_argument(f"--{f.name}", type=typ, default=default, choices=f.metadata.get("choices"), help=help_)
     return p

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tcdistill.config import ConfigError, TrainConfig, build_parser
+from tcdistill.config import ConfigError, TrainConfig, build_parser, parse_config
 from tcdistill.families import SDXL_FLAG_DEFAULTS, flag_defaults
 
 BASE = dict(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1)
@@ -120,6 +120,20 @@ def test_help_lists_only_this_variants_flags(variant: str, own: str, other: str)
     text = build_parser(defaults={"variant": variant}).format_help()
     assert f"{own} " in text and f"{other} " not in text and f"{other}=" not in text
     assert "--lora_rank " in build_parser().format_help()  # no variant given (the reference-default check): every flag
+
+
+@pytest.mark.parametrize("flag", ["lora_skip_input_cast", "lora_merged_student", "lora_merged_target"])
+def test_lora_only_switches_are_the_lora_scripts_own(flag: str, capsys: pytest.CaptureFixture) -> None:
+    """QA: the full-model scripts' --help still listed three LoRA-only switches (and their --no_ forms), and took them
+    silently, changing nothing; the LoRA scripts keep them."""
+    assert f"--{flag} " not in build_parser(defaults={"variant": "full"}).format_help()
+    assert f"--no_{flag}" not in build_parser(defaults={"variant": "full"}).format_help()
+    assert f"--no_{flag}" in build_parser(defaults={"variant": "lora"}).format_help()
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--max_train_steps=1"]
+    assert getattr(parse_config([*flags, f"--no_{flag}"], defaults={"variant": "lora"}), flag) is False
+    with pytest.raises(SystemExit):
+        parse_config([*flags, f"--no_{flag}"], defaults={"variant": "full"})
+    assert f"--{flag} applies only to LoRA training" in capsys.readouterr().err
 
 
 def test_sdxl_only_flag_is_refused_for_an_sd_teacher(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
