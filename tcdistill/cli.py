@@ -26,7 +26,6 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
     instead of training, say, a LoRA from the full-model script (`tcdistill train-*` take the family from its flag).
     """
     from .config import SEED_SCRIPTS, ConfigError, parse_config
-
     from .families import flag_defaults
 
     cfg = parse_config(argv, defaults={**flag_defaults(family), "variant": variant, "model_family": family}, prog=prog)
