@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
-from .generate import base_pipeline, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
+from .generate import base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
+    try:  # the hub repo a pushed output went to, as for `tcdistill generate`
+        args.unet, args.lora = local_output(args.unet), local_output(args.lora)
+    except FileNotFoundError as e:
+        sys.exit(f"tcdistill eval: error: {first_line(e)}")
     # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
     saved = run_config(args.unet or args.lora)
     if args.guidance_scale is None:

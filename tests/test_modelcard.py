@@ -195,6 +195,12 @@ def test_pushed_cards_command_line_runs(variant: str, tiny_teacher: Path, tmp_pa
     meta = json.loads((tmp_path / "samples" / "metadata.jsonl").read_text())
     assert meta[variant if variant == "lora" else "unet"] == repo and meta["guidance_scale"] == (8.0 if variant == "full" else 0.0)
     assert (tmp_path / "samples" / meta["file_name"]).is_file()
+    # `tcdistill eval` takes the same repo (on the run's saved grid: N = 20)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    main(["eval", "--teacher", str(tiny_teacher), f"--{'unet' if variant == 'full' else 'lora'}", repo, "--prompts",
+          str(tmp_path / "p.txt"), "--steps", "1", "--reference_steps", "2", "--output", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows["settings"]["original_steps"] == 20 and any(r["model"] != "teacher" for r in rows["rows"])
 
 
 def test_full_cards_guidance_is_inside_the_trained_w_range(tmp_path: Path) -> None:
