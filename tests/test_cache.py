@@ -544,3 +544,36 @@ def test_sdxl_cache_from_a_teacher_with_another_pooled_width_is_a_config_error(s
     build_tiny_sdxl_pipeline(other, projection_dim=24)
     with pytest.raises(ConfigError, match=r"text_embeds\) are 16-dim; .* wants 24"):
         _trainer(other, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl")
+
+
+def test_cache_metadata_that_does_not_fit_the_run_is_refused(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
+    """A cache of another family, latent channel count or prompt width, and a shard pattern reaching into another folder (whose
+    shards the metadata does not describe, even under the same names), are one-line ConfigErrors, not a run on them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tcdistill.data_cached import prepare_cached_training
+    from tcdistill.families import load_family
+
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(fp32_cache).parent, cache)
+    other = tmp_path / "other"
+    shutil.copytree(Path(fp32_cache).parent, other)
+    with pytest.raises(ConfigError, match="is not one of the 1 shard"):
+        read_sidecar(f"{cache}/00000.tar::{other}/00000.tar")
+    meta = json.loads((cache / META_NAME).read_text())
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=str(cache / "00000.tar"), resolution=RES,
+                      center_crop=True, max_train_steps=1, report_to="none")
+    family = load_family(cfg)
+    for edit, needle in ((dict(model_family="sdxl"), "made for a 'sdxl' teacher"),
+                         (dict(latent_shape=[meta["latent_shape"][0] + 1, *meta["latent_shape"][1:]]), "channels")):
+        (cache / META_NAME).write_text(json.dumps({**meta, **edit}))
+        with pytest.raises(ConfigError, match=needle):
+            prepare_cached_training(cfg, family)
+    (cache / META_NAME).write_text(json.dumps(meta))
+    uncond = load_file(cache / UNCOND_NAME)
+    save_file({**uncond, "encoder_hidden_states": uncond["encoder_hidden_states"][..., :-1].contiguous()}, cache / UNCOND_NAME)
+    with pytest.raises(ConfigError, match="cached prompt embeddings are"):
+        prepare_cached_training(cfg, family)

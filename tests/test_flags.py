@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -552,3 +553,27 @@ def test_validation_images_reach_every_tracker_under_their_own_tags(tiny_teacher
             events.Reload()
             tags |= set(events.Tags()["images"])
         assert tags == {"validation/online", "validation/ema"}, (name, tags)
+
+
+def test_validation_and_outputs_take_the_online_and_ema_students_and_the_lora_student_without_cfg(tiny_teacher: Path, tiny_shards: str,
+                                                                                         tmp_path: Path) -> None:
+    """The full run's `ema` images come from the EMA target (the deliverable), `online` from the trained student; the LoRA
+    student (no w input: its guidance is distilled in) samples without CFG whatever --validation_guidance_scale says.
+    The saved `unet_target` is the EMA, `unet` the online student."""
+    from safetensors.torch import load_file
+
+    from tcdistill.trainer import Trainer
+
+    base = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1,
+                report_to="none", mixed_precision="no", validation_guidance_scale=5.0)
+    full = Trainer(TrainConfig(output_dir=str(tmp_path / "full"), **base)).strategy
+    views = [(tag, id(unet), gs) for tag, unet, gs in full.validation_unets()]
+    assert views == [("online", id(full.student), 5.0), ("ema", id(full.target), 5.0)]
+    with torch.no_grad():
+        next(full.student.parameters()).add_(1.0)  # online and EMA weights differ, as after training
+    online, ema = full.save_outputs(str(tmp_path / "saved"))
+    for path, unet in ((online, full.student), (ema, full.target)):
+        saved = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items()), path
+    lora = Trainer(TrainConfig(output_dir=str(tmp_path / "lora"), variant="lora", **base)).strategy
+    assert [(tag, id(unet), gs) for tag, unet, gs in lora.validation_unets()] == [("lora", id(lora.student), 0.0)]

@@ -18,14 +18,14 @@ from tcdistill.unet_views import MergedStudent, WithLayerAttr, _merged_forward, 
 DEFAULT_MODULES = TrainConfig.lora_modules.fget(SimpleNamespace(lora_target_modules=None))  # type: ignore[attr-defined]
 
 
-def _lora_unet(rank: int = 64, **lora: object) -> nn.Module:
+def _lora_unet(rank: int = 64, alpha: int | None = None, **lora: object) -> nn.Module:
     from peft import LoraConfig
 
     from tcdistill.tiny import build_tiny_sd_pipeline
 
     torch.manual_seed(0)
     unet = build_tiny_sd_pipeline(None).unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_MODULES, init_lora_weights="gaussian", **lora))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=DEFAULT_MODULES, init_lora_weights="gaussian", **lora))
     randomize_lora_b(unet, scale=0.05)  # non-zero adapters: the merged and branch forms really add a delta
     return unet
 
@@ -75,6 +75,29 @@ def test_merged_student_gives_the_adapted_unets_output_and_gradients() -> None:
     assert rel(out32, branch64) < 3 * rel(branch32, branch64) + 1e-6
     assert max(rel(a, b) for a, b in zip(grads32, bgrads64)) < 1e-4
     assert all(torch.equal(p.float(), base[n]) for n, p in unet.named_parameters() if "base_layer" in n)
+
+
+def test_merged_views_apply_the_lora_scaling() -> None:
+    """--lora_alpha other than --lora_rank (scaling alpha / r = 4 here): the merged student and the merged target add
+    `scaling B A`, the adapter branch's delta, not `B A`."""
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.unet_views import MergedAdapters
+
+    unet = _lora_unet(rank=32, alpha=128).double()
+    assert {s for m in unet.modules() if hasattr(m, "scaling") for s in m.scaling.values()} == {4.0}
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)}
+    branch, _ = _forward_backward(UNetDenoiser(unet), unet, x, t, cond)
+    merged = MergedStudent(unet, unet)
+    student, _ = _forward_backward(UNetDenoiser(merged), unet, x, t, cond)
+    assert merged.merged_layers
+    view = MergedAdapters(unet)
+    with torch.no_grad():
+        target = view(x, t, cond)
+    assert view.call.params == {}  # the merged weights live only during the call
+    rel = lambda a: ((a - branch).norm() / branch.norm()).item()
+    assert rel(student) < 1e-10 and rel(target) < 1e-10, (rel(student), rel(target))
 
 
 def test_dropout_or_dora_layers_are_never_merged() -> None:

@@ -214,3 +214,27 @@ def test_text_encoder_with_projection_samples_as_trained(tmp_path: Path) -> None
         torch.testing.assert_close(states, want)
         out = loaded("a red circle", num_inference_steps=1, guidance_scale=0.0, output_type="latent").images
         assert torch.isfinite(out).all()
+
+
+def test_weights_variant_picks_a_variant_only_where_no_plain_weights_load(tmp_path: Path) -> None:
+    """Variant files are loaded only when they are all a folder holds: plain weights next to them win (a folder saved
+    both plain and with variant="fp16" loads fp32), and a plain .bin counts as loadable only under --allow_pickle_weights."""
+    from tcdistill.families import pipeline_variant, weights_variant
+
+    def folder(name: str, *files: str) -> Path:
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"")
+        return tmp_path / name
+
+    assert weights_variant(str(folder("only_fp16", "diffusion_pytorch_model.fp16.safetensors", "config.json"))) == "fp16"
+    assert weights_variant(str(folder("both", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"))) is None
+    bin_and_fp16 = str(folder("bin", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"))
+    assert weights_variant(bin_and_fp16) == "fp16" and weights_variant(bin_and_fp16, allow_bin=True) is None
+    assert weights_variant(str(folder("two", "model.fp16.safetensors", "model.bf16.safetensors"))) is None
+    # A pipeline folder: components with only .bin variant files count (DiffusionPipeline takes .bin per component).
+    (tmp_path / "pipe").mkdir()
+    for sub, f in (("unet", "diffusion_pytorch_model.fp16.bin"), ("text_encoder", "model.safetensors")):
+        (tmp_path / "pipe" / sub).mkdir()
+        (tmp_path / "pipe" / sub / f).write_bytes(b"")
+    assert pipeline_variant(str(tmp_path / "pipe")) == "fp16"
