@@ -111,6 +111,18 @@ def test_fp16_variant_teacher_trains_generates_and_evaluates(fp16_variant_teache
     assert torch.isfinite(ev.reference).all()
 
 
+def test_latents_mean_std_apply_to_sdxl_only() -> None:
+    """SD pipelines decode `x / scaling_factor` whatever the VAE config says: an SD teacher's VAE with latents_mean/std
+    (as some fine-tunes ship) must train on `z * scaling_factor`, SDXL's on the normalised latents."""
+    from tcdistill.models import latent_normalization
+
+    config = {"latents_mean": [0.5, -0.5, 1.0, 0.0], "latents_std": [2.0, 0.5, 1.0, 3.0], "scaling_factor": 0.13025}
+    assert latent_normalization(config, "sd") is None
+    mean, std = latent_normalization(config, "sdxl")
+    assert mean.shape == std.shape == (1, 4, 1, 1) and mean.flatten().tolist() == config["latents_mean"]
+    assert latent_normalization({"scaling_factor": 0.13025}, "sdxl") is None  # SDXL base's VAE sets neither
+
+
 def test_sdxl_vae_latents_mean_std(tmp_path: Path) -> None:
     """StableDiffusionXLPipeline decodes `x * latents_std / scaling_factor + latents_mean` when the VAE config sets both:
     training (and `tcdistill cache`) must encode `x0 = (z - latents_mean) * scaling_factor / latents_std`, not `z *
