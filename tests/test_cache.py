@@ -267,26 +267,56 @@ def test_cache_from_a_teacher_with_another_vae_depth_is_a_config_error(fp32_cach
         _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
 
 
-def test_image_filters_of_a_cached_run_warn_where_the_cache_did_not_apply_them(tiny_teacher: Path, fp32_cache: str,
+def test_image_filters_of_a_cached_run_warn_where_the_cache_did_not_apply_them(tiny_teacher: Path, fp32_cache: str, tmp_path: Path,
                                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """QA: cached samples keep no image size or watermark score, so --min_image_size/--max_pwatermark (the SDXL scripts'
     700/0.5) could not filter them and were silently ignored. The cache records its own filters; training warns where
-    the run's differ, as it does for --center_crop."""
+    the run's differ, as it does for --center_crop. A cache that recorded none (made before it did) was unfiltered."""
+    import json
     import logging
+    import shutil
 
     from tcdistill.data_cached import prepare_cached_training
     from tcdistill.families import load_family
 
     meta, _ = read_sidecar(fp32_cache)
     assert (meta["min_image_size"], meta["max_pwatermark"]) == (0, 1.0)
-    for filters, warned in ((dict(), []), (dict(min_image_size=700, max_pwatermark=0.5), ["min_image_size", "max_pwatermark"])):
-        cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=fp32_cache, resolution=RES,
+    older = tmp_path / "older"
+    shutil.copytree(Path(fp32_cache).parent, older)
+    (older / META_NAME).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("min_image_size", "max_pwatermark")}))
+    both, unrecorded = dict(min_image_size=700, max_pwatermark=0.5), str(older / "00000.tar")
+    for cache, filters, warned in ((fp32_cache, dict(), []), (fp32_cache, both, ["min_image_size", "max_pwatermark"]),
+                                   (unrecorded, dict(), []), (unrecorded, dict(min_image_size=700), ["min_image_size"])):
+        cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=cache, resolution=RES,
                           center_crop=True, max_train_steps=1, report_to="none", **filters)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="tcdistill"):
             prepare_cached_training(cfg, load_family(cfg))
         said = [r.getMessage() for r in caplog.records]
         assert [k for k in ("min_image_size", "max_pwatermark") if any(m.startswith(f"--{k} ") and "has no effect" in m for m in said)] == warned, said
+
+
+def test_cached_sample_lacking_a_member_or_misshapen_is_skipped_by_kind() -> None:
+    """A sample without its latents or a prompt embedding is a `missing_member` skip, not an unreadable one; a
+    posterior std of another shape than its mean is a `shape_mismatch` (it would fail the batch's stack, or broadcast)."""
+    import random
+    from types import SimpleNamespace
+
+    from tcdistill.data import SkipSample
+    from tcdistill.data_cached import LATENTS, LATENTS_STD, CachedLatentShards
+
+    def npy(shape: tuple[int, ...]) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(shape, np.float32))
+        return buf.getvalue()
+
+    shards = SimpleNamespace(cond_keys=["encoder_hidden_states"], latent_shape=(4, 4, 4))
+    for raw, kind in (({LATENTS: npy((4, 4, 4))}, "missing_member"),
+                      ({LATENTS: npy((4, 4, 4)), LATENTS_STD: npy((4, 4, 1)), "encoder_hidden_states.npy": npy((8, 32))},
+                       "shape_mismatch")):
+        with pytest.raises(SkipSample) as info:
+            CachedLatentShards._process(shards, raw, random.Random(0))
+        assert info.value.kind == kind, info.value
 
 
 def test_cache_defaults_follow_the_family_scripts() -> None:

@@ -298,7 +298,7 @@ def test_teacher_of_the_other_family_is_refused_before_loading(tiny_teacher: Pat
         check_teacher_config(TrainConfig(**base))
 
 
-def _lora_strategy(tmp_path: Path, **cfg):
+def _lora_strategy(tmp_path: Path, weight_dtype: torch.dtype = torch.float32, **cfg):
     from conftest import small_unet
 
     from tcdistill.families import SDFamily
@@ -306,7 +306,7 @@ def _lora_strategy(tmp_path: Path, **cfg):
 
     family = SDFamily.__new__(SDFamily)  # only .unet and .save_lora_weights are used
     family.unet = small_unet()
-    return LoraStrategy(TrainConfig(**BASE, variant="lora", lora_rank=2, output_dir=str(tmp_path), **cfg), family, torch.float32)
+    return LoraStrategy(TrainConfig(**BASE, variant="lora", lora_rank=2, output_dir=str(tmp_path), **cfg), family, weight_dtype)
 
 
 def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
@@ -319,6 +319,59 @@ def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
     (path,) = strategy.save_outputs(str(tmp_path))
     saved = safetensors.torch.load_file(path)
     assert saved and all(torch.equal(saved[f"unet.{k}"], v) for k, v in strategy.lora_state_dict().items())
+
+
+def test_no_lora_merged_target_runs_the_target_through_the_adapter_branch(tmp_path: Path) -> None:
+    """--no_lora_merged_target runs the target as the adapters-on UNet (the reference's form), e.g. to rule the merged
+    weights out; the default runs the merged-weights view."""
+    from tcdistill.unet_views import MergedAdapters
+
+    merged = _lora_strategy(tmp_path / "m")
+    assert isinstance(merged.denoisers(merged.student)[1], MergedAdapters)
+    plain = _lora_strategy(tmp_path / "p", lora_merged_target=False)
+    assert not isinstance(plain.denoisers(plain.student)[1], MergedAdapters)
+
+
+def test_lora_checkpoint_with_foreign_keys_is_refused(tmp_path: Path) -> None:
+    """A resumed LoRA whose keys name no adapter here (another rank/targets) must not load silently as partly fresh."""
+    strategy = _lora_strategy(tmp_path)
+    tensors = strategy.lora_state_dict()
+    strategy.load_state_tensors({"lora": tensors})  # its own keys load
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        strategy.load_state_tensors({"lora": {**tensors, "down_blocks.9.attentions.0.to_q.lora_A.weight": torch.zeros(2, 4)}})
+
+
+@pytest.mark.parametrize("teacher_dtype,dtype,native", [("fp32", torch.float32, False), ("weight", torch.bfloat16, True)])
+def test_separate_teacher_follows_teacher_dtype(tmp_path: Path, teacher_dtype: str, dtype: torch.dtype, native: bool) -> None:
+    """--teacher_dtype fp32 (the reference's teacher): fp32 weights under autocast; 'weight': bf16 outside it."""
+    strategy = _lora_strategy(tmp_path, torch.bfloat16, lora_separate_teacher=True, teacher_dtype=teacher_dtype)
+    assert {p.dtype for p in strategy.separate_teacher.parameters()} == {dtype}
+    teacher = strategy.denoisers(strategy.student)[2]
+    assert (teacher.unet, teacher.dtype, teacher.native) == (strategy.separate_teacher, dtype, native)
+
+
+@pytest.mark.parametrize("target_dtype", ["weight", "fp32"])
+def test_full_target_runs_the_weight_dtype_shadow(target_dtype: str) -> None:
+    """--target_dtype weight: the target forward reads the bf16 copy of the EMA weights, outside autocast (the copy is
+    what after_optimizer_step refreshes); fp32: the EMA UNet itself under autocast."""
+    from conftest import small_unet
+
+    from tcdistill.strategy import FullStrategy
+
+    family = type("F", (), {"unet": small_unet()})()
+    strategy = FullStrategy(TrainConfig(**BASE, unet_time_cond_proj_dim=8, target_dtype=target_dtype), family, torch.bfloat16)
+    target = strategy.denoisers(strategy.student)[1]
+    want = ((strategy.target_shadow, torch.bfloat16, True) if target_dtype == "weight" else (strategy.target, None, False))
+    assert want[0] is not None and (target.unet, target.dtype, target.native) == want
+
+
+def test_lora_export_kohya_saves_the_kohya_file_too(tmp_path: Path) -> None:
+    """--export_kohya: the final save writes the kohya-format file next to the diffusers one."""
+    from tcdistill.export import KOHYA_WEIGHT_NAME
+
+    paths = _lora_strategy(tmp_path, export_kohya=True).save_outputs(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME]
+    assert all(os.path.isfile(p) for p in paths)
 
 
 def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) -> None:

@@ -107,6 +107,45 @@ def test_dropout_or_dora_layers_are_never_merged() -> None:
         assert MergedStudent(unet, unet).candidates == []
 
 
+@pytest.mark.parametrize("conv", [{}, {"dilation": 2}, {"groups": 2}])
+def test_only_plain_convs_merge(conv: dict) -> None:
+    """peft's A and B convs reproduce neither dilation nor groups: there `W + scaling B A` is not the branch."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tcdistill.unet_views import _in_graph_mergeable
+
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, **conv))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0"]), net)
+    assert _in_graph_mergeable(net[0]) == (not conv)
+
+
+def test_chosen_layers_run_peft_forward_without_grad_or_with_adapters_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice weighs forward + backward: without grad (target, validation) and with the adapters off (the teacher,
+    in any grad mode) a chosen layer runs peft's own forward; adapters off it must never add the adapters."""
+    import tcdistill.unet_views as views
+    from tcdistill.models import UNetDenoiser
+    from tcdistill.unet_views import AdaptersOff
+
+    unet = _lora_unet()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)}
+    student = UNetDenoiser(MergedStudent(unet, unet))
+    student(x, t, cond)  # makes the choice
+    with torch.no_grad():
+        base = AdaptersOff(UNetDenoiser(unet), unet)(x, t, cond)
+
+    def merged_weight(*args: object) -> None:
+        raise AssertionError("merged in graph")
+
+    monkeypatch.setattr(views, "merged_weight", merged_weight)
+    with pytest.raises(AssertionError, match="merged in graph"):
+        student(x, t, cond)  # the patch reaches the chosen layers
+    with torch.no_grad():
+        UNetDenoiser(unet)(x, t, cond)
+    assert torch.equal(AdaptersOff(UNetDenoiser(unet), unet)(x, t, cond).detach(), base)
+
+
 @pytest.mark.parametrize("kind,out_f,in_f,rank,batch,input_grad", [
     ("conv", 32, 32, 64, 2, True), ("conv", 64, 32, 4, 2, True), ("conv", 24, 40, 16, 3, False),
     ("linear", 48, 32, 64, 3, True), ("linear", 64, 128, 8, 2, True), ("linear", 32, 16, 64, 1, False),

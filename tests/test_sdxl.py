@@ -119,6 +119,39 @@ def test_uncond_follows_force_zeros_for_empty_prompt(sdxl_teacher: Path, tmp_pat
     assert fam.pipeline(fam.unet, fam.noise_scheduler).config.force_zeros_for_empty_prompt is False
 
 
+@pytest.mark.parametrize("index, zeros", [(None, True), ({}, True), ({"force_zeros_for_empty_prompt": False}, False)])
+def test_force_zeros_defaults_to_the_sdxl_pipelines(index: dict | None, zeros: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SDXL model_index.json without force_zeros_for_empty_prompt (or none readable) guides with zeros, as
+    StableDiffusionXLPipeline's own default does."""
+    from tcdistill import families
+
+    monkeypatch.setattr(families, "teacher_index", lambda cfg: index)
+    assert families.sdxl_force_zeros(None) is zeros
+
+
+@pytest.mark.parametrize("embed, family", [(None, "sd"), ("text", "sd"), ("text_time", "sdxl")])
+def test_only_text_time_conditioning_makes_an_sdxl_unet(embed: str | None, family: str) -> None:
+    """An SD UNet with a text addition embedding (fed from the prompt states alone) is not an SDXL one."""
+    from tcdistill.families import unet_family
+
+    assert unet_family({"addition_embed_type": embed}) == family
+
+
+@pytest.mark.parametrize("own_vae", [False, True])
+def test_fp16_keeps_sdxls_own_vae_fp32_but_not_a_passed_one(sdxl_teacher: Path, own_vae: bool) -> None:
+    """SDXL's VAE overflows in fp16 (its config sets force_upcast): it stays fp32. A --pretrained_vae_model_name_or_path
+    (the fp16-fix VAE diffusers' SDXL scripts pass) is taken as fp16-safe and runs in fp16, as there."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.families import SDXLFamily
+
+    cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url="x.tar", resolution=32, max_train_steps=1,
+                      model_family="sdxl", pretrained_vae_model_name_or_path=None if own_vae else str(sdxl_teacher / "vae"))
+    fam = SDXLFamily.load(cfg)
+    assert fam.vae.config.force_upcast
+    fam.to(torch.device("cpu"), torch.float16)
+    assert next(fam.vae.parameters()).dtype == (torch.float32 if own_vae else torch.float16)
+
+
 def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """Tokenizers padding to different lengths cannot be concatenated per token: one ConfigError before any weights load."""
     from tcdistill.config import ConfigError

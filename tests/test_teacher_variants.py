@@ -204,6 +204,19 @@ def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields
         Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4))
 
 
+@pytest.mark.parametrize("unet_cfg, needs", [
+    ({}, None), ({"addition_embed_type": "text"}, None), ({"addition_embed_type": "text_time"}, None),
+    ({"encoder_hid_dim_type": "text_proj"}, None),  # all fed from the prompt states (+ SDXL's ids) the pipelines give
+    ({"num_class_embeds": 10}, "class labels"), ({"addition_embed_type": "image_hint"}, "image embeddings"),
+    ({"encoder_hid_dim_type": "image_proj"}, "image embeddings"),
+])
+def test_unet_extra_inputs_names_only_what_the_pipelines_cannot_give(unet_cfg: dict, needs: str | None) -> None:
+    from tcdistill.teacher_checks import unet_extra_inputs
+
+    got = unet_extra_inputs(unet_cfg)
+    assert got == needs if needs is None else got.startswith(needs), got
+
+
 def test_text_encoder_with_projection_samples_as_trained(tmp_path: Path) -> None:
     """An SD teacher whose text_encoder is saved as CLIPTextModelWithProjection trained (conditioned on the last hidden
     state), but `tcdistill generate` and `eval` failed with "not enough values to unpack": StableDiffusionPipeline took the
