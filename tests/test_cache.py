@@ -178,6 +178,11 @@ def test_cache_faults_are_one_line_or_counted(tiny_teacher: Path, one_shard: str
     (broken / META_NAME).write_text(json.dumps(bad_meta))
     with pytest.raises(ConfigError, match="resolution"):
         read_sidecar(str(broken / "00000.tar"))
+    (broken / META_NAME).write_text(json.dumps({**bad_meta, "format": "another"}))  # another layout: not read as this one
+    with pytest.raises(ConfigError, match="format 'another'"):
+        read_sidecar(str(broken / "00000.tar"))
+    with pytest.raises(ConfigError, match="pipe: urls are not supported"):  # no folder to find the sidecar files in
+        read_sidecar(f"pipe:cat {fp32_cache}")
 
 
 def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path,

@@ -309,6 +309,18 @@ def _lora_strategy(tmp_path: Path, weight_dtype: torch.dtype = torch.float32, **
     return LoraStrategy(TrainConfig(**BASE, variant="lora", lora_rank=2, output_dir=str(tmp_path), **cfg), family, weight_dtype)
 
 
+def test_channels_last_converts_each_unet() -> None:
+    """--channels_last: each UNet the trainer hands over (student, target, teacher) gets channels_last weights."""
+    from conftest import small_unet
+
+    from tcdistill.models import speed_up_unets
+
+    unets = [small_unet(), small_unet()]
+    speed_up_unets(unets, TrainConfig(**BASE, channels_last=True))
+    for w in (u.conv_in.weight for u in unets):
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
 def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
     """--channels_last made the conv adapters' weights non-contiguous: the final LoRA save failed (safetensors)."""
     import safetensors.torch
@@ -348,6 +360,7 @@ def test_separate_teacher_follows_teacher_dtype(tmp_path: Path, teacher_dtype: s
     assert {p.dtype for p in strategy.separate_teacher.parameters()} == {dtype}
     teacher = strategy.denoisers(strategy.student)[2]
     assert (teacher.unet, teacher.dtype, teacher.native) == (strategy.separate_teacher, dtype, native)
+    assert strategy.teacher_unet is strategy.separate_teacher  # what the trainer sets up (channels_last, compile, xformers)
 
 
 @pytest.mark.parametrize("target_dtype", ["weight", "fp32"])
@@ -363,6 +376,27 @@ def test_full_target_runs_the_weight_dtype_shadow(target_dtype: str) -> None:
     target = strategy.denoisers(strategy.student)[1]
     want = ((strategy.target_shadow, torch.bfloat16, True) if target_dtype == "weight" else (strategy.target, None, False))
     assert want[0] is not None and (target.unet, target.dtype, target.native) == want
+    for frozen in (want[0], strategy.teacher_unet):  # the EMA weights and the teacher are never trained
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+@pytest.mark.parametrize("dtype,flags,copies", [(torch.bfloat16, {}, True), (torch.float32, {}, False),
+                                                 (torch.bfloat16, dict(compile_unet=True), False),
+                                                 (torch.bfloat16, dict(student_weight_copy=False), False)])
+def test_student_weight_copies_only_eager_under_mixed_precision(dtype: torch.dtype, flags: dict, copies: bool) -> None:
+    """--student_weight_copy runs the eager, unwrapped student from weight-dtype copies; a compiled UNet, fp32, or a
+    wrapper (DDP keeps its per-weight hooks) runs the module itself."""
+    from conftest import small_unet
+
+    from tcdistill.strategy import FullStrategy
+    from tcdistill.unet_views import WeightCopies
+
+    family = type("F", (), {"unet": small_unet()})()
+    strategy = FullStrategy(TrainConfig(**BASE, unet_time_cond_proj_dim=8, **flags), family, dtype)
+    net = strategy.denoisers(strategy.student)[0].unet
+    assert isinstance(net, WeightCopies) if copies else net is strategy.student
+    wrapper = torch.nn.Sequential(strategy.student)  # stands in for a DDP wrapper
+    assert strategy.denoisers(wrapper)[0].unet is wrapper
 
 
 def test_lora_export_kohya_saves_the_kohya_file_too(tmp_path: Path) -> None:
