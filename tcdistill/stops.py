@@ -22,7 +22,6 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
-
 def peer_failure(e: BaseException) -> str | None:
     """The one-line error of a process whose collective (DDP's gradient all-reduce, the step guard's reduce, a barrier)
     broke because another process of the run ended, else None. That process has printed its own error (a bad shard

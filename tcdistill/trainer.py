@@ -314,7 +314,7 @@ class Trainer:
             with open(os.path.join(self.cfg.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
         except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
-            logger.error("step %d: writing metrics.jsonl failed (%s: %s)", self.global_step, type(e).__name__, e)
+            logger.error("step %d: writing metrics.jsonl failed (%s)", self.global_step, one_line(e))
 
     def _on_signal(self, signum: int) -> None:
         self.stop_signal = signum
