@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from collections import Counter
@@ -276,7 +277,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"tcdistill cache: error: writing to {args.output_dir!r} failed: {type(e).__name__}: {e}")
     print(f"cached {meta['num_samples']} samples into {len(meta['shards'])} shard(s) in {meta['seconds']:.1f}s "
           f"({meta['samples_per_s']:.1f} samples/s); skipped: {meta['skipped'] or 'none'}")
-    print(f"train with: --train_latents_path_or_url='{meta['pattern']}' --resolution={meta['resolution']}")
+    print(f"train with: {' '.join(train_flags(meta))}")
+
+
+def train_flags(meta: dict[str, Any]) -> list[str]:
+    """The training flags that match the cache `meta` describes: its pattern, resolution and family, plus each data
+    setting it fixed that the family's scripts would not (their defaults left out). A run given them gets neither a
+    "has no effect" warning nor the --use_fix_crop_and_size refusal of `data_cached.prepare_cached_training`."""
+    from .families import flag_defaults
+
+    family = meta.get("model_family", "sd")
+    defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items()} | flag_defaults(family)
+    flags = [f"--train_latents_path_or_url={shlex.quote(meta['pattern'])}", f"--resolution={meta['resolution']}"]
+    if family != defaults["model_family"]:  # the SDXL scripts take it as given; `tcdistill train-*` needs it
+        flags.append(f"--model_family={family}")
+    for key in ("center_crop", "random_flip", "use_fix_crop_and_size"):
+        if meta.get(key) and not defaults[key]:
+            flags.append(f"--{key}")
+    for key in ("interpolation_type", "min_image_size", "max_pwatermark"):
+        if meta.get(key) is not None and meta[key] != defaults[key]:
+            flags.append(f"--{key}={meta[key]}")
+    return flags
 
 
 if __name__ == "__main__":
