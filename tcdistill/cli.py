@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         mod.main(argv[1:])  # not returned: the console-script wrapper would sys.exit() a returned dict (status 1)
         return None
-    sys.exit(f"usage: tcdistill {{{','.join([*train, *SUBCOMMANDS])}}} [flags]   (each takes --help)")
+    usage = f"usage: tcdistill {{{','.join([*train, *SUBCOMMANDS])}}} [flags]   (each takes --help)"
+    if cmd in ("-h", "--help"):  # asked for: stdout and status 0, as argparse's own --help
+        print(usage)
+        return None
+    sys.exit(usage)
 
 
 if __name__ == "__main__":  # `python -m tcdistill.cli ...`, as the console script

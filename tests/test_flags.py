@@ -446,6 +446,18 @@ def test_python_dash_m_runs_the_cli() -> None:
         assert proc.returncode == 1 and "usage: tcdistill {train-full" in proc.stderr, (mod, proc.stderr[-500:])
 
 
+def test_tcdistill_help_is_usage_on_stdout_and_status_0(capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill --help` printed the usage to stderr and exited 1, as for an unknown subcommand."""
+    from tcdistill.cli import main
+
+    for flag in ("--help", "-h"):
+        main([flag])  # returns: no SystemExit
+        assert capsys.readouterr().out.startswith("usage: tcdistill {train-full,train-lora,demo,")
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert str(e.value).startswith("usage: tcdistill {")
+
+
 def test_resume_says_when_it_keeps_the_checkpoints_optimizer_settings(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """QA: a resumed run takes lr, betas, eps and weight decay from the checkpoint's optimizer state (the LR schedule its base
