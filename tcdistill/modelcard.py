@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,12 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     front = "\n".join(["---", f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags], "---"])
     method = "a LoRA on the teacher's UNet" if cfg.variant == "lora" else "the full UNet (EMA target in `unet_target/`, online student in `unet/`)"
     files = "\n".join(f"- `{os.path.relpath(p, cfg.output_dir)}`" for p in outputs) or "- (none)"
-    flags = "\n".join(f"--{k}={v}" for k, v in changed_flags(cfg).items())
+    # Shell-quoted, so the lines paste into a command as they are (a pipe: url or a prompt list holds spaces or '|').
+    flags = "\n".join(f"--{k}={shlex.quote(str(v))}" for k, v in changed_flags(cfg).items())
     grids = latest_validation_grids(cfg.output_dir)
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
     gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{full_guidance(cfg)} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
-    cli_unet = f"--lora {repo}" if cfg.variant == "lora" else f"--unet {repo}"
+    cli_unet = f"--{'lora' if cfg.variant == 'lora' else 'unet'} {shlex.quote(repo)}"
     if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
         advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""
         grid_sampler = ", LCMScheduler"
@@ -132,7 +134,7 @@ Files:
 ```python
 {_usage(cfg, repo, schedule)}```
 
-Or from the command line: `tcdistill generate --base {base} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
+Or from the command line: `tcdistill generate --base {shlex.quote(base)} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
 
 ## Training flags
 

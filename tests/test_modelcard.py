@@ -212,3 +212,24 @@ def test_full_cards_guidance_is_inside_the_trained_w_range(tmp_path: Path) -> No
                           max_train_steps=10, **kw)
         card = render_model_card(cfg, [])
         assert f"guidance_scale={scale}, eta=0.3)" in card and f"Guidance scale: {scale} (embedded" in card
+
+
+def test_card_flags_and_command_line_paste_into_a_shell(tmp_path: Path) -> None:
+    """QA: the card listed `--train_shards_path_or_url=pipe:curl -L -s https://...` and `--validation_prompts=a|b` bare, and
+    its `tcdistill generate` line named an output folder with a space bare: pasted into a shell, they split into other
+    arguments. Both are shell-quoted now; the flags block parses back to the same values."""
+    import shlex
+
+    from tcdistill.config import parse_config
+
+    out = tmp_path / "my run"
+    cfg = TrainConfig(pretrained_teacher_model="/models/my teacher", output_dir=str(out), max_train_steps=10, variant="lora",
+                      train_shards_path_or_url="pipe:curl -L -s https://host/data/{00000..00009}.tar?download=true",
+                      validation_prompts="a red circle|a blue square", learning_rate=4.5e-6, use_8bit_adam=True)
+    card = render_model_card(cfg, [])
+    block = re.search(r"defaults of `train_tcd_distill_lora_sd_wds.py`:\n\n```\n(.*?)```", card, re.S).group(1)
+    back = parse_config(shlex.split(block), defaults={"variant": "lora"})
+    assert back.to_dict() == cfg.to_dict()
+    line = re.search(r"Or from the command line: `(.*?)`", card).group(1)
+    argv = shlex.split(line)
+    assert argv[argv.index("--base") + 1] == "/models/my teacher" and argv[argv.index("--lora") + 1] == str(out)
