@@ -27,12 +27,22 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
+def checkpoint_hint(path: Path) -> str:
+    """'; <why>' when `path` is a training checkpoint folder (resume state, which no loader takes), else ''."""
+    from .checkpoint import _CKPT_RE, MARKER
+
+    if path.is_dir() and (_CKPT_RE.match(path.name) or (path / MARKER).is_file()):
+        return (f"; {path.name} is a training checkpoint (resume state for --resume_from_checkpoint), not a model: pass the "
+                f"output folder {path.parent} that the run saves at its end")
+    return ""
+
+
 def lora_file(path: str | os.PathLike) -> Path:
     """The diffusers LoRA file of a training output (a folder) or the file itself."""
     p = Path(path)
     f = p / LORA_WEIGHT_NAME if p.is_dir() else p
     if not f.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {f} (expected a training output folder or a .safetensors file)")
+        raise FileNotFoundError(f"no LoRA weights at {f} (expected a training output folder or a .safetensors file){checkpoint_hint(p)}")
     return f
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import RUN_CONFIG, TORCH_SEEDS, check_seed, first_line
-from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
+from .export import LORA_WEIGHT_NAME, checkpoint_hint, load_unet_lora, lora_file
 from .families import pipeline_variant, unet_family, unet_sample_hw
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
@@ -93,7 +93,7 @@ def resolve_unet_dir(path: str) -> str:
             check_unet_config(cand)
             return str(cand)
     if p.exists():
-        raise FileNotFoundError(f"no UNet config.json in {p}, {p / 'unet_target'} or {p / 'unet'}")
+        raise FileNotFoundError(f"no UNet config.json in {p}, {p / 'unet_target'} or {p / 'unet'}{checkpoint_hint(p)}")
     return path  # a hub id
 
 

@@ -289,3 +289,18 @@ def test_out_of_range_seed_and_unwritable_outputs_are_refused_before_loading(tin
         err = [ln for ln in printed.splitlines() if ln.strip()]
         assert len(err) == 1 and re.search(needle, err[0]), (argv, err)
     assert not (tmp_path / "g").exists()
+
+
+def test_a_checkpoint_folder_is_named_as_resume_state(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: `generate --unet OUT/checkpoint-3` (or --lora, or `export --lora`) said only "no UNet config.json in ..." / "no
+    LoRA weights at ...": the line now says the folder is a training checkpoint and names the output folder to pass."""
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("{}")
+    for argv in (["generate", "--unet", str(ckpt), "--base", str(tiny_teacher), "--prompt", "x", "--device", "cpu"],
+                 ["generate", "--lora", str(ckpt), "--base", str(tiny_teacher), "--prompt", "x", "--device", "cpu"],
+                 ["export", "--lora", str(ckpt)]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, *(["--output_dir", str(tmp_path / "gen")] if argv[0] == "generate" else [])])
+        err = f"{exc.value.code}{capsys.readouterr().err}"
+        assert "checkpoint-3 is a training checkpoint" in err and f"output folder {tmp_path / 'out'} " in err, err
