@@ -299,6 +299,20 @@ def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
     return _parse_bool if kind == "bool" else int if kind.startswith("int") else float if kind.startswith("float") else str
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help where the text does not already speak of its default and there is one
+    to show (not None, False or empty): the subcommands' --help then shows their defaults, as the training scripts' does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and text is not argparse.SUPPRESS and "default" not in text.lower()
+                and d is not None and d is not False and d is not argparse.SUPPRESS and d != []):
+            shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+            text = f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+        return text
+
+
 def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per dataclass field (bools are store_true; negatable ones get --no_flag)."""
     p = argparse.ArgumentParser(prog=prog, description=cls.__doc__)

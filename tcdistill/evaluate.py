@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import TORCH_SEEDS, check_seed, first_line
+from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
 from .generate import base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .models import UNetDenoiser
@@ -317,7 +317,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--unet", help="Full distilled UNet folder (or a training output dir holding unet_target/).")

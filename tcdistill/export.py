@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import DefaultsHelpFormatter
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -212,7 +214,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill export --lora DIR_OR_FILE [--output PATH]`."""
-    p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lora", required=True, help=f"A LoRA training output folder (with {LORA_WEIGHT_NAME}) or a diffusers LoRA .safetensors file.")
     p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input).")
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import RUN_CONFIG, TORCH_SEEDS, check_seed, first_line
+from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, checkpoint_hint, load_unet_lora, lora_file
 from .families import pipeline_variant, unet_family, unet_sample_hw
 from .models import DTYPES
@@ -258,7 +258,7 @@ def _file_name(line: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id (a UNet, or a pushed output).")
     src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors file (diffusers or kohya keys), or the hub repo of a pushed output.")

@@ -676,3 +676,30 @@ def test_validation_and_outputs_take_the_online_and_ema_students_and_the_lora_st
         assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items()), path
     lora = Trainer(TrainConfig(output_dir=str(tmp_path / "lora"), variant="lora", **base)).strategy
     assert [(tag, id(unet), gs) for tag, unet, gs in lora.validation_unets()] == [("lora", id(lora.student), 0.0)]
+
+
+@pytest.mark.parametrize("cmd", ["demo", "eval", "bench", "cache", "generate", "export"])
+def test_subcommand_help_shows_every_default(cmd: str, capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill eval --help` gave no default for --steps, --gamma, --reference_steps or --batch_size (nor demo for
+    --output_dir, cache for --batch_size ...), where the training scripts' --help shows every default. Each option whose
+    default is a value now shows it in its help line."""
+    import argparse
+    import importlib
+
+    from tcdistill.cli import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also after a hyphen): compare without spaces
+    mod = importlib.import_module(SUBCOMMANDS[cmd])
+    if cmd == "export":  # its parser is built inside main: the flag with a default is --output
+        assert "--outputOUTPUTOutputfile(default:" in text
+        return
+    parser = mod.build_parser()
+    for action in parser._actions:
+        d = action.default
+        if action.help in (None, argparse.SUPPRESS) or not action.option_strings or d in (None, argparse.SUPPRESS) or d is False or d == []:
+            continue
+        help_text = "".join(parser._get_formatter()._expand_help(action).split())
+        assert "default" in help_text.lower() and help_text in text, (action.option_strings, help_text)
