@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .families import tokenize, unet_family, unet_sample_hw
-from .generate import base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
+from .generate import LORA_HELP, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--unet", help="Full distilled UNet folder (or a training output dir holding unet_target/).")
-    g.add_argument("--lora", help="Folder holding pytorch_lora_weights.safetensors.")
+    g.add_argument("--unet", help=UNET_HELP)
+    g.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--prompts", required=True, help="Text file, one prompt per line.")
     p.add_argument("--sampler", default=None, choices=["tcd", "lcm"],
                    help="Student sampler (default: the run's --distill_mode from its tcdistill_config.json, else tcd).")

@@ -257,11 +257,17 @@ def _file_name(line: str) -> Any:
         return None
 
 
+# What --unet / --lora take, in `generate` and `eval` alike (both resolve them with resolve_unet_dir / load_unet_lora).
+UNET_HELP = "Distilled UNet folder (a full-model output folder means its unet_target/) or hub id (a UNet, or a pushed output)."
+LORA_HELP = (f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors file (diffusers or kohya keys), or the hub "
+             "repo of a pushed output.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--unet", help="Distilled UNet folder (a full-model output folder means its unet_target/) or hub id (a UNet, or a pushed output).")
-    src.add_argument("--lora", help=f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors file (diffusers or kohya keys), or the hub repo of a pushed output.")
+    src.add_argument("--unet", help=UNET_HELP)
+    src.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json).")
     p.add_argument("--vae", help="Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, else the base's).")
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
