@@ -185,6 +185,25 @@ def run_unet_config(lora: Path) -> dict[str, Any] | None:
         return None
 
 
+def _sdxl_like(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether the LoRA's attention layers sit where SDXL's do (none in down block 0, some in block 1); SD 1.x/2.x's
+    have attention in down block 0. Only a hint: a small SD-family UNet may be laid out so too."""
+    return (any(k.startswith("unet.down_blocks.1.attentions.") for k in state_dict)
+            and not any(k.startswith("unet.down_blocks.0.attentions.") for k in state_dict))
+
+
+def base_unet_config(base: str) -> dict[str, Any]:
+    """The UNet config of the pipeline `base` (a diffusers folder or hub id), for naming an SDXL LoRA's modules."""
+    from diffusers import UNet2DConditionModel
+
+    from .config import first_line
+
+    try:
+        return dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
+    except Exception as e:  # noqa: BLE001 - a missing folder, an uncached hub id offline, not a pipeline...
+        raise ValueError(f"--base {base}: cannot read its unet/config.json ({first_line(e)})") from None
+
+
 def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, unet_config: Any = None) -> str:
     """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it).
     `unet_config`: the LoRA's UNet config (default: an SDXL run's teacher's, `run_unet_config`)."""
@@ -205,7 +224,15 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
             state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
-    out = to_kohya(state_dict, metadata, unet_config if unet_config is not None else run_unet_config(f))
+    if unet_config is None:
+        from .generate import run_config
+
+        unet_config = run_unet_config(f)
+        if unet_config is None and _sdxl_like(state_dict) and not run_config(str(f)).get("model_family"):
+            print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
+                  "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
+                  "SDXL)", file=sys.stderr)
+    out = to_kohya(state_dict, metadata, unet_config)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
         save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
@@ -217,8 +244,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lora", required=True, help=f"A LoRA training output folder (with {LORA_WEIGHT_NAME}) or a diffusers LoRA .safetensors file.")
     p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input).")
+    p.add_argument("--base", default=None, help="Base pipeline (diffusers folder or hub id) of an SDXL LoRA, whose UNet names "
+                   "its modules as kohya's SDXL LoRAs (default: the teacher in the run's tcdistill_config.json).")
     args = p.parse_args(argv)
     try:
-        print(export_kohya(args.lora, args.output))
+        print(export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None))
     except (OSError, ValueError) as e:  # OSError: an unwritable --output
         p.exit(2, f"{p.prog}: error: {e}\n")

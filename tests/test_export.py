@@ -221,3 +221,33 @@ def test_an_sd_runs_export_reads_no_teacher_config(tmp_path: Path, capsys: pytes
 
     (tmp_path / "tcdistill_config.json").write_text(json.dumps({"model_family": "sd", "pretrained_teacher_model": str(tmp_path / "gone")}))
     assert run_unet_config(tmp_path / LORA_WEIGHT_NAME) is None and capsys.readouterr().err == ""
+
+
+def test_an_sdxl_lora_file_outside_its_run_folder_exports_with_base(sdxl_teacher: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """QA: an SDXL LoRA file moved out of its training output (no tcdistill_config.json beside it to name the teacher) was
+    exported silently with diffusers-style names, which A1111 maps with SD 1.x's layout for SDXL. `tcdistill export --base
+    MODEL` names the modules from that model's UNet, as the export of the run folder does; without it the export warns."""
+    import json
+    import shutil
+
+    from tcdistill.cli import main
+
+    run = make_lora(sdxl_teacher, tmp_path / "run")
+    (run / "tcdistill_config.json").write_text(json.dumps({"model_family": "sdxl", "pretrained_teacher_model": str(sdxl_teacher)}))
+    in_run = load_file(export_kohya(run))
+    bare = tmp_path / "elsewhere" / "my_sdxl_lora.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(run / LORA_WEIGHT_NAME, bare)
+    main(["export", "--lora", str(bare)])
+    assert "pass --base" in capsys.readouterr().err
+    main(["export", "--lora", str(bare), "--base", str(sdxl_teacher)])
+    assert capsys.readouterr().err == ""
+    out = load_file(bare.with_name(KOHYA_WEIGHT_NAME))
+    assert out.keys() == in_run.keys() and all(torch.equal(out[k], in_run[k]) for k in out)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in out)
+    main(["export", "--lora", str(run)])  # a run folder names its family: no warning
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--lora", str(bare), "--base", str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "error: --base " in capsys.readouterr().err
