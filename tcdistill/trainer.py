@@ -20,7 +20,8 @@ from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_see
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization, speed_up_unets
-from .preflight import check_environment, check_output_dir, check_process_count, check_shards, create_hub_repo, lock_run_output_dir
+from .preflight import (check_environment, check_output_dir, check_process_count, check_shards, check_trackers, create_hub_repo,
+                        lock_run_output_dir)
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, stop_on_signals
 from .strategy import make_strategy
@@ -43,6 +44,7 @@ class Trainer:
 
         self.cfg = cfg
         trackers = None if cfg.report_to == "none" else cfg.report_to
+        check_trackers(cfg)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,

@@ -153,13 +153,19 @@ def test_sdxl_only_flag_is_refused_for_an_sd_teacher(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "comet_ml"])
-def test_report_to_missing_tracker_is_one_line(tracker: str) -> None:
-    from tcdistill.preflight import check_environment
+def test_report_to_missing_tracker_is_one_line(tracker: str, fresh_accelerator_state: None) -> None:
+    """QA: the error line came after accelerate's own two-line UserWarning about the missing tracker (the Accelerator was
+    made first); the check now runs before it, and nothing else is printed."""
+    import warnings
+
+    from tcdistill.trainer import Trainer
 
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed")
-    with pytest.raises(ConfigError, match=f"--report_to {tracker} needs"):
-        check_environment(TrainConfig(**BASE, report_to=tracker), torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ConfigError, match=f"--report_to {tracker} needs"):
+        warnings.simplefilter("always")
+        Trainer(TrainConfig(**BASE, report_to=tracker))
+    assert not [w for w in caught if "tracker" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
