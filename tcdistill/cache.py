@@ -246,7 +246,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in uncond.items()}
     meta = {
-        "format": FORMAT, "teacher": args.pretrained_teacher_model, "vae": args.pretrained_vae_model_name_or_path,
+        "format": FORMAT, "teacher": cfg.pretrained_teacher_model, "vae": cfg.pretrained_vae_model_name_or_path,
         "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": latent_shape,
         "cond_keys": cond_keys, "uncond_from_cond": from_cond, "model_family": args.model_family,
         "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,

@@ -59,6 +59,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 # Flags that name a local file or folder (a hub id never starts with `~`).
 _PATH_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "output_dir", "cache_dir", "logging_dir",
                "resume_from_checkpoint")
+_MODEL_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path")  # a local folder or a hub id
 
 
 @dataclass
@@ -173,6 +174,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
                 setattr(self, name, os.path.expanduser(value))
+        # A local model folder given relative to the working directory is recorded absolute: tcdistill_config.json and
+        # the model card name it as the base that generate, eval, export and the card's code load, from any directory.
+        for name in _MODEL_FLAGS:
+            value = getattr(self, name)
+            if isinstance(value, str) and not os.path.isabs(value) and os.path.isdir(value):
+                setattr(self, name, os.path.abspath(value))
         self.validate()
 
     # ---------------------------------------------------------------- checks

@@ -89,7 +89,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
 def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None, schedule: Any = None) -> str:
     """Markdown with YAML front matter: base model, method, data, flags, sampling advice, usage (`schedule`: the trained
     noise schedule's config, `_usage`), validation grids."""
-    repo = repo or cfg.hub_model_id or cfg.output_dir
+    repo = repo or cfg.hub_model_id or os.path.abspath(cfg.output_dir)  # the card's code and command run from any directory
     base = cfg.pretrained_teacher_model
     family = "stable-diffusion-xl" if cfg.model_family == "sdxl" else "stable-diffusion"
     tags = ["text-to-image", "diffusers", family, "tcd", "trajectory-consistency-distillation", "tcdistill"]

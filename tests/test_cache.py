@@ -615,7 +615,7 @@ def test_cache_metadata_that_does_not_fit_the_run_is_refused(tiny_teacher: Path,
 
 
 def test_the_printed_train_flags_fit_the_cache(sdxl_teacher: Path, one_shard: str, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+                                              caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """QA: `tcdistill cache` ended with "train with: --train_latents_path_or_url=... --resolution=N" only, so a user who
     followed it after caching with --use_fix_crop_and_size was refused, and one who cached with --center_crop,
     --random_flip or other filters got "has no effect" warnings. The printed flags now carry what the cache fixed, and a
@@ -627,14 +627,16 @@ def test_the_printed_train_flags_fit_the_cache(sdxl_teacher: Path, one_shard: st
     from tcdistill.data_cached import prepare_cached_training
     from tcdistill.families import flag_defaults, load_family
 
-    _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--model_family", "sdxl", "--random_flip", "--use_fix_crop_and_size",
-           "--min_image_size", "0", "--max_pwatermark", "1", "--interpolation_type", "bicubic")
+    monkeypatch.chdir(sdxl_teacher.parent)  # the teacher given relative: recorded absolute, as training records it
+    cached = _cache(Path(sdxl_teacher.name), one_shard, tmp_path / "cache", "--model_family", "sdxl", "--random_flip",
+                    "--use_fix_crop_and_size", "--min_image_size", "0", "--max_pwatermark", "1", "--interpolation_type", "bicubic")
+    assert read_sidecar(cached)[0]["teacher"] == str(sdxl_teacher)
     hint = capsys.readouterr().out.splitlines()[-1]
     assert hint.startswith("train with: ")
     flags = shlex.split(hint[len("train with: "):])
-    cfg = parse_config([*flags, f"--pretrained_teacher_model={sdxl_teacher}", f"--output_dir={tmp_path / 'out'}", "--max_train_steps=1",
+    cfg = parse_config([*flags, f"--pretrained_teacher_model={sdxl_teacher.name}", f"--output_dir={tmp_path / 'out'}", "--max_train_steps=1",
                         "--report_to=none"], defaults={**flag_defaults("sdxl"), "variant": "full", "model_family": "sdxl"})
     with caplog.at_level(logging.WARNING, logger="tcdistill"):
         prepare_cached_training(cfg, load_family(cfg))
-    assert not [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert not [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage() or "Cache was made" in r.getMessage()]
     assert (cfg.center_crop, cfg.random_flip, cfg.use_fix_crop_and_size, cfg.interpolation_type) == (True, True, True, "bicubic")

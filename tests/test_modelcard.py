@@ -4,6 +4,7 @@ no network)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -233,3 +234,20 @@ def test_card_flags_and_command_line_paste_into_a_shell(tmp_path: Path) -> None:
     line = re.search(r"Or from the command line: `(.*?)`", card).group(1)
     argv = shlex.split(line)
     assert argv[argv.index("--base") + 1] == "/models/my teacher" and argv[argv.index("--lora") + 1] == str(out)
+
+
+def test_a_relative_teacher_folder_is_recorded_absolute(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `--pretrained_teacher_model=teacher --output_dir=out` (folders under the working directory) wrote "teacher" into
+    tcdistill_config.json and the card, so `tcdistill generate --unet /abs/out` run from another directory failed with
+    "teacher does not appear to have a file named model_index.json", and the card's code loaded "teacher" and "out". A
+    local model folder is now recorded absolute, and the card names the output folder absolute; a hub id stays as given."""
+    monkeypatch.chdir(tiny_teacher.parent)
+    (tmp_path / "vae").mkdir()
+    for variant in ("full", "lora"):
+        cfg = TrainConfig(pretrained_teacher_model=tiny_teacher.name, output_dir="out", train_shards_path_or_url="s/{0..9}.tar",
+                          max_train_steps=10, variant=variant, pretrained_vae_model_name_or_path=os.path.relpath(tmp_path / "vae"))
+        assert (cfg.pretrained_teacher_model, cfg.pretrained_vae_model_name_or_path) == (str(tiny_teacher), str(tmp_path / "vae"))
+        code = re.search(r"```python\n(.*?)```", render_model_card(cfg, []), re.S).group(1)
+        assert f'from_pretrained("{tiny_teacher}"' in code and f'"{tiny_teacher.parent / "out"}"' in code, code
+    hub = TrainConfig(pretrained_teacher_model="org/sd", train_shards_path_or_url="s/{0..9}.tar", max_train_steps=10)
+    assert hub.pretrained_teacher_model == "org/sd"
