@@ -193,7 +193,7 @@ def _check_filters(sample: dict[str, Any], cfg: DataConfig, decoded_size: tuple[
         return False
     pw, w, h = _json_numbers(sample, ("pwatermark", "original_width", "original_height"))
     if pw is not None and pw > cfg.max_pwatermark:
-        raise SkipSample("watermark", f"pwatermark {pw} > {cfg.max_pwatermark}")
+        raise SkipSample("watermark", f"pwatermark {pw} > --max_pwatermark {cfg.max_pwatermark}")
     if cfg.min_image_size <= 0:
         return False
     if w is None or h is None:
@@ -201,7 +201,7 @@ def _check_filters(sample: dict[str, Any], cfg: DataConfig, decoded_size: tuple[
             return True
         w, h = decoded_size
     if min(w, h) < cfg.min_image_size:
-        raise SkipSample("too_small", f"original size {int(w)}x{int(h)} < {cfg.min_image_size}")
+        raise SkipSample("too_small", f"original size {int(w)}x{int(h)} < --min_image_size {cfg.min_image_size}")
     return False
 
 

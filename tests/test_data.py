@@ -519,3 +519,17 @@ def test_cache_counts_no_error_for_a_whole_shard_whose_command_lingers(tmp_path:
     skipped: Counter[str] = Counter()
     keys = [k for k, _ in _OnePass(cfg_for(good, stall_timeout=30)).read_once(f'pipe:exec {sys.executable} -c "{linger}"', skipped)]
     assert keys == ["k0", "k1"] and skipped["shard_error"] == 0
+
+
+def test_filter_skips_name_the_flag_to_change() -> None:
+    """QA: a run of the SDXL scripts' defaults on small images stopped with "last error: ...: original size 32x32 < 700",
+    which names no flag; the skip reasons now say --min_image_size / --max_pwatermark."""
+    import json
+
+    from tcdistill.data import SkipSample, _check_filters
+
+    cfg = DataConfig(train_shards_path_or_url="s.tar", resolution=32, min_image_size=700, max_pwatermark=0.5)
+    for meta, said in ((dict(original_width=32, original_height=32), "original size 32x32 < --min_image_size 700"),
+                       (dict(original_width=900, original_height=900, pwatermark=0.9), "pwatermark 0.9 > --max_pwatermark 0.5")):
+        with pytest.raises(SkipSample, match=said):
+            _check_filters({"json": json.dumps(meta).encode()}, cfg)
