@@ -184,6 +184,24 @@ def test_push_to_hub_fails_before_weights_load(monkeypatch: pytest.MonkeyPatch, 
         create_hub_repo(TrainConfig(**BASE, output_dir=str(tmp_path / "run-7"), push_to_hub=True))
 
 
+def test_a_push_that_cannot_reach_the_hub_leaves_no_output_dir(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None) -> None:
+    """QA: `--push_to_hub` offline stopped with its one line but left --output_dir made, holding only .tcdistill.lock."""
+    import huggingface_hub
+
+    from tcdistill.trainer import Trainer
+
+    def offline(**kw):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="--push_to_hub: cannot create the hub repo"):
+        Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(out),
+                            max_train_steps=1, report_to="none", mixed_precision="no", push_to_hub=True, hub_model_id="me/x"))
+    assert not out.exists()
+
+
 def test_push_to_hub_repo_is_named_after_the_output_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without --hub_model_id the repo takes the output folder's name, as the reference's: `--output_dir .` names the
     current folder (Path(".").name is ""), and a root output dir, which names none, is refused up front."""
