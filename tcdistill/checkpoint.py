@@ -228,7 +228,7 @@ class CheckpointIO:
         found = sorted((int(m.group(1)), p) for p in paths if (m := _CKPT_RE.match(p.name)))
         return [(step, p, self._problem(p, step)) for step, p in found]
 
-    def _complete(self) -> list[tuple[int, Path]]:
+    def complete(self) -> list[tuple[int, Path]]:
         """All complete checkpoints, oldest first."""
         return [(step, p) for step, p, problem in self._scan() if problem is None]
 
@@ -251,7 +251,7 @@ class CheckpointIO:
 
     def latest(self) -> Path | None:
         """Path of the newest complete checkpoint, or None."""
-        found = self._complete()
+        found = self.complete()
         return found[-1][1] if found else None
 
     def resolve(self, resume_from_checkpoint: str | Path | None) -> Path | None:
@@ -426,7 +426,7 @@ class CheckpointIO:
         """Delete the oldest complete checkpoints beyond ``total_limit``, never ``keep``."""
         if self.total_limit is None:
             return
-        others = [(step, path) for step, path in self._complete() if path != keep]
+        others = [(step, path) for step, path in self.complete() if path != keep]
         for step, path in others[: max(0, len(others) + 1 - self.total_limit)]:
             doomed = self.output_dir / f".checkpoint-{step}.del-{os.getpid()}"
             try:

@@ -7,7 +7,10 @@ import contextlib
 import re
 import signal
 import threading
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
 
 from .config import first_line
 
@@ -65,3 +68,45 @@ def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
     which would fail the step the trainer finishes before its checkpoint. SIGTERM is left alone: torch and
     multiprocessing shut workers down with it. A handler, not SIG_IGN, which `pipe:` commands would inherit."""
     signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
+def weight_groups(strategy: Any, family: Any) -> list[tuple[str, Iterable[tuple[str, torch.Tensor]]]]:
+    """(what, named weights) of a run for `first_nonfinite_weight`: the frozen teacher first (the full student starts as
+    its copy, so a damaged teacher is named as such), then the trained weights and the full variant's EMA target."""
+    encoders = [(f"teacher {n}'s", getattr(family, n).named_parameters()) for n in ("text_encoder", "text_encoder_2", "vae")
+                if getattr(family, n, None) is not None]
+    teacher = [(n, p) for n, p in strategy.teacher_unet.named_parameters() if not p.requires_grad]
+    trained = [(n, p) for n, p in strategy.student.named_parameters() if p.requires_grad]
+    target = [("EMA target UNet's", strategy.target.named_parameters())] if isinstance(getattr(strategy, "target", None), torch.nn.Module) else []
+    return [("teacher UNet's", teacher), *encoders, ("trained student's", trained), *target]
+
+
+def first_nonfinite_weight(groups: Iterable[tuple[str, Iterable[tuple[str, torch.Tensor]]]]) -> str | None:
+    """`what weight 'name'` of the first floating-point weight holding NaN/inf among `groups` ((what, named weights)), else
+    None. Run once, when the step guard stops a run: a damaged teacher or checkpoint is then named, not a learning rate."""
+    for what, named in groups:
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{what} weight {name!r}"
+    return None
+
+
+def nonfinite_stop_message(streak: int, step: int, applied_step: int, checkpoints: list[tuple[int, Path]], bad_weight: str | None) -> str:
+    """The step guard's one-line stop: which weights are non-finite, and which checkpoint is worth resuming. A checkpoint
+    saved at `applied_step` holds the very weights the failing steps started from (an exploded learning rate's,
+    or a resumed damaged one): it was called "last good" and `--resume_from_checkpoint latest` failed again on it, the
+    more so as a resume keeps the checkpoint's learning rate whatever --learning_rate says."""
+    text = f"{streak} consecutive non-finite steps at step {step}; stopping."
+    if bad_weight:
+        text += f" The {bad_weight} holds non-finite values."
+    at = [path for saved, path in checkpoints if saved == applied_step]
+    before = [path for saved, path in checkpoints if saved < applied_step]
+    if at:
+        older = f"an earlier one: {before[-1]}" if before else "no earlier one is left"
+        text += f" The checkpoint {at[0]} holds the weights these steps started from, so resuming it may fail alike ({older})."
+    else:
+        text += f" Last good checkpoint: {before[-1]}." if before else " No checkpoint saved before it."
+    if bad_weight and bad_weight.startswith("teacher"):
+        return text + " The teacher's files are damaged: repair or re-download --pretrained_teacher_model."
+    return text + (" Lower --learning_rate in a new --output_dir (a resume keeps its checkpoint's learning rate), or check "
+                   "the data and --mixed_precision.")

@@ -22,7 +22,7 @@ from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_output_dir, check_process_count, check_shards, check_trackers, create_hub_repo, lock_run_output_dir
 from .schedule import NoiseSchedule, ddim_grid
-from .stops import Interrupted, stop_on_signals
+from .stops import Interrupted, first_nonfinite_weight, nonfinite_stop_message, stop_on_signals, weight_groups
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
 from .teacher_checks import check_teacher_config, check_teacher_schedule
@@ -289,11 +289,8 @@ class Trainer:
         logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
                        "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
         if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            newest = self.ckpt.latest()
-            raise NonFiniteError(
-                f"{self.nonfinite_streak} consecutive non-finite steps at step {self.global_step + 1}; stopping. "
-                f"Last good checkpoint: {newest or 'none'} (lower --learning_rate, or check the data / --mixed_precision)."
-            )
+            raise NonFiniteError(nonfinite_stop_message(self.nonfinite_streak, self.global_step + 1, self.global_step,
+                                                        self.ckpt.complete(), first_nonfinite_weight(weight_groups(self.strategy, self.family))))
         return loss_value, False
 
     def _try_checkpoint(self) -> None:

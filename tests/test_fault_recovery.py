@@ -1,0 +1,58 @@
+"""Faults a run meets mid-way and how its stop reads: non-finite weights (a damaged teacher, an exploded or damaged
+checkpoint) named in the step guard's stop line, with the checkpoint worth resuming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_nonfinite_stop_names_the_damaged_weights_and_no_exploded_checkpoint_as_good(tiny_teacher, tiny_shards, tmp_path):
+    """QA: --learning_rate 1e9 exploded the weights at step 1; the stop line called checkpoint-1 (those very weights) the
+    "last good checkpoint" and advised lowering --learning_rate, yet the seed command's --resume_from_checkpoint latest
+    resumed checkpoint-1 with its own learning rate and failed again. A teacher with an inf weight got the same learning
+    rate advice. The line now names the non-finite weights and the checkpoint the failing steps started from."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import NonFiniteError, Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+                             resolution=32, max_train_steps=4, report_to="none", mixed_precision="no", max_nonfinite_steps=1))
+    for step in (1, 2):
+        tr.global_step = step
+        tr.save_checkpoint()
+    student_weight = next(p for n, p in tr.strategy.student.named_parameters() if n == "conv_out.weight")
+    with torch.no_grad():
+        student_weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as info:
+        tr._finite_step(torch.tensor(float("nan")))
+    message = str(info.value)
+    assert "The trained student's weight 'conv_out.weight' holds non-finite values" in message, message
+    assert f"checkpoint {tmp_path / 'checkpoint-2'} holds the weights these steps started from" in message, message
+    assert f"an earlier one: {tmp_path / 'checkpoint-1'}" in message and "Last good" not in message, message
+    assert "a resume keeps its checkpoint's learning rate" in message and "\n" not in message
+
+    tr.nonfinite_streak = 0
+    teacher_weight = next(p for n, p in tr.strategy.teacher_unet.named_parameters() if n.endswith("conv1.weight"))
+    with torch.no_grad():
+        teacher_weight.view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"The teacher UNet's weight '.*conv1.weight' holds non-finite values.*"
+                                             r"re-download --pretrained_teacher_model") as info:
+        tr._finite_step(torch.tensor(float("nan")))
+    assert "--learning_rate" not in str(info.value)
+
+
+def test_the_nonfinite_stop_calls_good_only_a_checkpoint_that_steps_followed() -> None:
+    from tcdistill.stops import first_nonfinite_weight, nonfinite_stop_message
+
+    ckpts = [(s, Path(f"/o/checkpoint-{s}")) for s in (2, 4, 9)]  # 9: a newer one of an earlier run, resumed at 4
+    assert "Last good checkpoint: /o/checkpoint-4." in nonfinite_stop_message(3, 7, 6, ckpts, None)
+    assert "The checkpoint /o/checkpoint-4 holds the weights" in nonfinite_stop_message(3, 5, 4, ckpts, None)
+    assert "(no earlier one is left)" in nonfinite_stop_message(3, 3, 2, ckpts, None)
+    assert "No checkpoint saved before it." in nonfinite_stop_message(3, 1, 0, [], None)
+    finite, bad = torch.zeros(2), torch.tensor([0.0, float("-inf")])
+    assert first_nonfinite_weight([("a's", [("x", finite), ("i", torch.zeros(2, dtype=torch.long))])]) is None
+    assert first_nonfinite_weight([("a's", [("x", finite)]), ("b's", [("y", bad)])]) == "b's weight 'y'"
