@@ -33,6 +33,13 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
 # The seeds each consumer takes: numpy's legacy generator, which accelerate's set_seed seeds (with random and torch)
 # from --seed, takes [0, 2**32 - 1]; torch generators take [-2**63, 2**64 - 1] (a negative seed is mapped to 2**64 + seed).
 NUMPY_SEEDS = (0, 2**32 - 1)
+# Flags a resumed run is expected to keep (TrainConfig.changed_since); the rest (length, logging, checkpointing, speed
+# options, loader workers) may change on a resume. Optimizer settings come from the checkpoint itself.
+RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "revision",
+                "train_shards_path_or_url", "train_latents_path_or_url", "resolution", "interpolation_type", "center_crop",
+                "random_flip", "train_batch_size", "gradient_accumulation_steps", "proportion_empty_prompts", "seed", "w_min",
+                "w_max", "num_ddim_timesteps", "loss_type", "huber_c", "timestep_scaling_factor", "distill_mode", "ema_decay",
+                "lora_alpha", "lora_dropout", "lora_target_modules", "mixed_precision", "max_grad_norm")
 TORCH_SEEDS = (-2**63, 2**64 - 1)
 
 
@@ -283,6 +290,13 @@ class TrainConfig:
             return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                 "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+    def changed_since(self, saved: dict[str, Any]) -> list[str]:
+        """`--flag now (checkpoint: then)` for each flag that shapes what is trained (teacher, data, batch, loss, TCD
+        draw, EMA, adapters, precision) and differs from `saved`, a checkpoint's config. A resume with another teacher or
+        batch size loaded and trained on without a word, though the run then continues none that was started."""
+        now = self.to_dict()
+        return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING if k in saved and saved[k] != now[k]]
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """All fields; `redact` blanks secrets (--hub_token) for files and trackers that may be published."""

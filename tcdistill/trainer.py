@@ -250,6 +250,9 @@ class Trainer:
             logger.warning("Resumed with the optimizer settings of %s, not this run's --learning_rate/--scale_lr/--adam_* flags: %s "
                            "(use another --output_dir to train with new ones).", path,
                            ", ".join(f"{k} {old} (flags: {new})" for k, (old, new) in kept.items()))
+        if (changed := self.cfg.changed_since(ck.meta.get("config", {}))) and self.accelerator.is_main_process:
+            logger.warning("Resuming %s with flags other than the run that saved it: %s. The run trains on with these; use "
+                           "another --output_dir to start one with them.", path, ", ".join(changed))
         self.global_step = int(ck.states["progress"]["global_step"])
         self.skipped.update(ck.states["progress"].get("skipped", {}))
         if ck.rng is not None:

@@ -56,3 +56,32 @@ def test_the_nonfinite_stop_calls_good_only_a_checkpoint_that_steps_followed() -
     finite, bad = torch.zeros(2), torch.tensor([0.0, float("-inf")])
     assert first_nonfinite_weight([("a's", [("x", finite), ("i", torch.zeros(2, dtype=torch.long))])]) is None
     assert first_nonfinite_weight([("a's", [("x", finite)]), ("b's", [("y", bad)])]) == "b's weight 'y'"
+
+
+def test_a_resume_with_another_teacher_or_batch_size_says_so(tiny_teacher, tiny_shards, tmp_path, caplog):
+    """QA: resuming with another --pretrained_teacher_model (a full student distilled from teacher A then went on under
+    teacher B), --train_batch_size or --gradient_accumulation_steps loaded the checkpoint without a word. One warning now
+    lists the changed flags; a change of what may change on a resume (length, loader workers) says nothing."""
+    import shutil
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_teacher, other)
+    kw = dict(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path / "out"), train_shards_path_or_url=tiny_shards,
+              resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", train_batch_size=2, seed=0)
+    first = Trainer(TrainConfig(**kw))
+    first.global_step = 1
+    first.save_checkpoint()
+    resume = dict(kw, resume_from_checkpoint="latest", max_train_steps=3)
+    with caplog.at_level("WARNING", logger="tcdistill"):
+        Trainer(TrainConfig(**dict(resume, dataloader_num_workers=2))).maybe_resume()
+    assert "flags other than" not in caplog.text
+    with caplog.at_level("WARNING", logger="tcdistill"):
+        Trainer(TrainConfig(**dict(resume, pretrained_teacher_model=str(other), train_batch_size=4, gradient_accumulation_steps=2))).maybe_resume()
+    warned = [r.getMessage() for r in caplog.records if "flags other than" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint-1" in warned[0], warned
+    for part in (f"--pretrained_teacher_model {other} (checkpoint: {tiny_teacher})", "--train_batch_size 4 (checkpoint: 2)",
+                 "--gradient_accumulation_steps 2 (checkpoint: 1)"):
+        assert part in warned[0], warned[0]
