@@ -336,7 +336,10 @@ class CheckpointIO:
             newest = str(self.latest() or "none")
         except OSError:
             newest = "unknown (output dir unreadable)"
-        return CheckpointError(f"saving checkpoint-{step} failed ({one_line(exc)}); previous checkpoints are intact, "
+        # torch.save's writer reports a short write (disk full, `ulimit -f`) only as "[enforce fail at inline_container.cc]
+        # . unexpected pos N vs M", which names no cause.
+        short = "; a short write: the disk is full or a file-size limit (ulimit -f) was hit" if "unexpected pos" in str(exc) else ""
+        return CheckpointError(f"saving checkpoint-{step} failed ({one_line(exc)}{short}); previous checkpoints are intact, "
                                f"newest: {newest}")
 
     def save(self, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], states: dict[str, Any],

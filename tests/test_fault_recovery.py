@@ -85,3 +85,22 @@ def test_a_resume_with_another_teacher_or_batch_size_says_so(tiny_teacher, tiny_
     for part in (f"--pretrained_teacher_model {other} (checkpoint: {tiny_teacher})", "--train_batch_size 4 (checkpoint: 2)",
                  "--gradient_accumulation_steps 2 (checkpoint: 1)"):
         assert part in warned[0], warned[0]
+
+
+def test_a_checkpoint_save_cut_short_by_a_file_size_limit_says_so(tmp_path):
+    """QA: under `ulimit -f` (or a full disk) the optimizer state's torch.save failed with "[enforce fail at
+    inline_container.cc:672] . unexpected pos 704 vs 598", which names no cause; the line now does."""
+    import resource
+
+    from tcdistill.checkpoint import CheckpointError, CheckpointIO
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # Python ignores SIGXFSZ: the write fails with EFBIG
+    try:
+        with pytest.raises(CheckpointError) as info:
+            CheckpointIO(tmp_path).save(1, tensors={}, states={"optimizer": {"m": torch.zeros(100_000)}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(info.value)
+    assert "the disk is full or a file-size limit (ulimit -f) was hit" in message and "newest: none" in message, message
+    assert "\n" not in message and not list(tmp_path.iterdir())
