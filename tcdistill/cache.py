@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_file
 from .config import ConfigError, DefaultsHelpFormatter, TrainConfig
-from .data import INTERPOLATIONS, DataConfig, ImageTextShards, SkipSample, expand_urls
+from .data import INTERPOLATIONS, DataConfig, ImageTextShards, _FailureTracker, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
 
@@ -40,39 +40,23 @@ EXACT_KEYS = ("time_ids",)
 
 
 class _OnePass(ImageTextShards):
-    """The training loader's decode/crop/caption transform, reading each shard exactly once, in order."""
+    """The training loader's shard reader (decode/crop/caption transform and failure kinds), reading each shard exactly
+    once, in order: a sample the cache skips is one training would skip, and the other way round."""
 
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+        tracker = _FailureTracker(sys.maxsize, url)  # never gives up: every source shard is read to its end once
+        for out in self._shard_samples(url, "", 0, 0, tracker):
+            skipped.update(out.pop("skipped"))
+            yield out.pop("key"), out
+        skipped.update(tracker.pending)  # the failures after the shard's last usable sample
 
-        from .shard_stream import open_shard
+    def _sample_rng(self, key: str, shard_idx: int, n_raw: int, raw: dict[str, Any]) -> random.Random:
+        # One RNG per sample key: the cached crop does not depend on shard order.
+        return random.Random(f"tcdistill.cache:{self.base_seed}:{raw.get('__key__', '')}")
 
-        errors_before = skipped["shard_error"]
-
-        def handler(exn: Exception) -> bool:
-            skipped["shard_error"] += 1
-            return False  # a broken tar stream has lost its position: move on to the next shard
-
-        try:
-            stream = open_shard(url, self.cfg.stall_timeout)  # a hung pipe: command is killed after --data_timeout
-        except Exception:  # noqa: BLE001 - a missing or unreadable shard is counted like the loader counts it
-            skipped["shard_error"] += 1
-            return
-        try:
-            for raw in group_by_keys(tar_file_expander([dict(url=url, stream=stream)], handler=handler), handler=handler):
-                key = raw.get("__key__", "")
-                try:
-                    # One RNG per sample key: the cached crop does not depend on shard order.
-                    yield key, self._process(raw, random.Random(f"tcdistill.cache:{self.base_seed}:{key}"))
-                except SkipSample as bad:
-                    skipped[bad.kind] += 1
-        finally:
-            try:
-                stream.close()  # a pipe: url whose command failed raises here: count the shard, do not stop the run
-            except Exception:  # noqa: BLE001
-                if skipped["shard_error"] == errors_before:  # once per shard
-                    skipped["shard_error"] += 1
+    def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        return {**super()._process(raw, rng), "key": raw.get("__key__", "")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -357,10 +357,8 @@ class ImageTextShards(IterableDataset):
                 n_raw += 1
                 if n_raw <= skip:
                     continue  # already consumed before the checkpoint: read past it without decoding
-                # One RNG per sample position, so crops/flips/empty prompts replay exactly after a resume.
-                rng = random.Random(f"{key}:{shard_idx}:{n_raw}")
                 try:
-                    out = self._process(raw, rng)
+                    out = self._process(raw, self._sample_rng(key, shard_idx, n_raw, raw))
                 except SkipSample as bad:
                     tracker.fail(bad.kind, url, f"{raw.get('__key__')}: {bad}")
                     tracker.check()
@@ -370,12 +368,19 @@ class ImageTextShards(IterableDataset):
                 yield out
         finally:
             try:
-                stream.close()  # a pipe's non-zero exit surfaces here; already counted if it mattered
-            except Exception:
-                pass
+                stream.close()
+            except Exception as exn:
+                # A pipe: command that failed after its last whole member (a download cut at a member boundary reads
+                # as a complete tar) surfaces only here: count the shard once, unless reading it already did.
+                if not shard_failed:
+                    tar_handler(exn)
         if n_raw == 0 and not shard_failed:
             tracker.fail("empty_shard", url, "shard contains no samples")
         tracker.check()
+
+    def _sample_rng(self, key: str, shard_idx: int, n_raw: int, raw: dict[str, Any]) -> random.Random:
+        """One RNG per sample position, so crops/flips/empty prompts replay exactly after a resume."""
+        return random.Random(f"{key}:{shard_idx}:{n_raw}")
 
     def _process(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         """Turn one grouped tar sample into a transformed training sample or raise SkipSample."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import os
 import sys
 import time
@@ -464,16 +465,47 @@ def test_resume_with_another_worker_count_does_not_replay_the_first_batches(tmp_
 
 def test_cache_gives_up_a_stalled_pipe_shard(tmp_path: Path) -> None:
     """`tcdistill cache` reads each shard once through the same guard: a hung pipe: command is killed after
-    --data_timeout and counted as a shard error, instead of hanging the cache run."""
+    --data_timeout and counted as `stalled` (as training counts it), instead of hanging the cache run."""
     from tcdistill.cache import _OnePass
 
     good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", "good") for j in range(2)])
     ds = _OnePass(cfg_for(good, stall_timeout=0.5))
     skipped: Counter[str] = Counter()
     start = time.monotonic()
-    assert list(ds.read_once(f"pipe:sleep 60 && cat {good}", skipped)) == [] and skipped["shard_error"] == 1
+    assert list(ds.read_once(f"pipe:sleep 60 && cat {good}", skipped)) == [] and skipped == {"stalled": 1}
     assert time.monotonic() - start < 10
     assert [k for k, _ in ds.read_once(good, skipped)] == ["k0", "k1"]
+
+
+
+def test_cache_reads_a_shard_as_training_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `tcdistill cache` grouped a shard's members with a handler that gave the whole shard up at a duplicate member
+    name (training counts one member_error and reads on), so every later sample of the shard was silently left out of
+    the cache; and a shard with no samples was no failure to it (training counts empty_shard)."""
+    import tcdistill.data as data_mod
+    from tcdistill.cache import _OnePass
+
+    key, members = good_sample("d0", "dup")
+    shard = write_shard(tmp_path / "dup.tar", [(key, members), (key, {"txt": "again"}), ("n", {"txt": "no image"}),
+                                               good_sample("d1", "next")])
+    empty = write_shard(tmp_path / "empty.tar", [])
+    ds, skipped = _OnePass(cfg_for(shard)), Counter()
+    assert [(k, s["caption"]) for k, s in ds.read_once(shard, skipped)] == [("d0", "dup"), ("d1", "next")]
+    assert list(ds.read_once(empty, skipped)) == []
+    (b,) = batches(cfg_for(shard, train_batch_size=2), 1)  # training reads the same samples and counts the same kinds
+    assert b["captions"] == ["dup", "next"] and b["skipped"] == {"member_error": 1, "missing_image": 1}
+    assert skipped == {**b["skipped"], "empty_shard": 1}
+    # A pipe: command that fails after its last whole member (its exit seen only at the close): its samples are used,
+    # and the shard is counted once, by both.
+    class FailsAtClose(io.BytesIO):
+        def close(self) -> None:
+            super().close()
+            raise OSError("exit 3")
+
+    monkeypatch.setattr(data_mod, "open_shard", lambda url, timeout: FailsAtClose(Path(url).read_bytes()))
+    assert [k for k, _ in ds.read_once(shard, skipped)] == ["d0", "d1"] and skipped["shard_error"] == 1
+    (b,) = batches(cfg_for(shard, train_batch_size=3), 1)  # the shard's second pass carries the first's failure
+    assert b["captions"] == ["dup", "next", "dup"] and b["skipped"] == {"member_error": 2, "missing_image": 1, "shard_error": 1}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -496,8 +528,8 @@ def test_a_pipe_command_that_lingers_after_its_data_is_killed(tmp_path: Path, wo
 
 def test_a_pipe_command_that_exits_just_after_its_data_is_not_killed(tmp_path: Path) -> None:
     """A command that has sent its whole shard and is still exiting when the shard is closed is given a moment to exit
-    (shard_stream.CLOSE_GRACE_S), not killed: its killed exit status would read as a failed download (the cache counts
-    a shard error when a close raises)."""
+    (shard_stream.CLOSE_GRACE_S), not killed: its killed exit status would read as a failed download (a close that
+    raises counts a shard error)."""
     from tcdistill.shard_stream import CLOSE_GRACE_S, open_shard
 
     good = write_shard(tmp_path / "good.tar", [good_sample("k0", "good")])
