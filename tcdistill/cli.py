@@ -18,6 +18,13 @@ SUBCOMMANDS = {
 }
 
 
+def error_line(e: BaseException) -> str:
+    """The message of a training error as one line. A DataLoader worker's error arrives wrapped with its traceback text,
+    whose last line is `module.Class: message`; the class path is dropped, as a main-process error shows none."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ") if lines else type(e).__name__
+
+
 def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None = None, family: str = "sd") -> None:
     """Parse flags for `variant` ('full' or 'lora') and `family` and run the trainer; config errors exit with one line.
 
@@ -46,9 +53,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except (DataError, NonFiniteError, CheckpointError) as e:
-        # A DataLoader worker's error arrives wrapped with its traceback text; its last line is the message.
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        sys.exit(f"{name}: error: {lines[-1] if lines else type(e).__name__}")
+        sys.exit(f"{name}: error: {error_line(e)}")
     except RuntimeError as e:
         if (broken := peer_failure(e)) is None:
             raise

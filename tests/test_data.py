@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+import re
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this
 
 from shards_util import caption_json, commands_mentioning, good_sample, gray16, image_bytes, solid, within, write_shard  # noqa: E402
 
+from tcdistill.cli import error_line  # noqa: E402
 from tcdistill.data import DataConfig, DataError, build_train_dataloader, expand_urls  # noqa: E402
 
 R = 16
@@ -302,6 +304,8 @@ def test_all_bad_shards_raise_data_error(tmp_path: Path, workers: int) -> None:
     traceback.clear_frames(info.tb)
     assert "missing.tar" in msg or "corrupt.tar" in msg
     assert "failure_patience=10" in msg
+    # QA: the run's error line kept a worker's `tcdistill.data.DataError: ` prefix (its traceback's last line).
+    assert re.match(r"rank 0 worker \d/\d: no usable sample in 10 consecutive failures", error_line(info.value)), msg
 
 
 def _junk_shard(d: Path) -> str:
