@@ -306,8 +306,6 @@ class ImageTextShards(IterableDataset):
         shard_skip, raw_skip = positions.get(str(logical), (0, 0))
         # String seeding hashes with sha512, so it is stable across processes (unlike hash()).
         key = f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{logical}{fresh}"
-        where = f"rank {self.cfg.rank} worker {worker}/{num_workers}"
-        tracker = _FailureTracker(self.cfg.failure_patience, where)
         seed = random.Random(key).getrandbits(62)
         # Each rank, then each of its loader workers, resamples from its own share of the shards: two streams drawing
         # the same shard at once would read its samples in the same order and yield identical batches (half the
@@ -315,6 +313,9 @@ class ImageTextShards(IterableDataset):
         ws, urls = self.cfg.world_size, self.urls
         urls = urls[self.cfg.rank::ws] if ws > 1 and len(urls) >= ws else urls
         urls = urls[logical::num_workers] if num_workers > 1 and len(urls) >= num_workers else urls
+        # Named in a DataError: a stream whose share holds only bad shards stops the run, though other streams' are good.
+        share = f" (its share: {len(urls)} of the {len(self.urls)} shards)" if len(urls) < len(self.urls) else ""
+        tracker = _FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
         shards = wds.ResampledShards(urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
         for shard_idx, shard in enumerate(shards):
             if shard_idx < shard_skip:

@@ -305,7 +305,8 @@ def test_all_bad_shards_raise_data_error(tmp_path: Path, workers: int) -> None:
     assert "missing.tar" in msg or "corrupt.tar" in msg
     assert "failure_patience=10" in msg
     # QA: the run's error line kept a worker's `tcdistill.data.DataError: ` prefix (its traceback's last line).
-    assert re.match(r"rank 0 worker \d/\d: no usable sample in 10 consecutive failures", error_line(info.value)), msg
+    share = " (its share: 1 of the 2 shards)" if workers else ""  # the worker reads one shard: why the run stops
+    assert re.match(rf"rank 0 worker \d/\d{re.escape(share)}: no usable sample in 10 consecutive failures", error_line(info.value)), msg
 
 
 def _junk_shard(d: Path) -> str:

@@ -258,7 +258,7 @@ def test_a_bad_shard_only_rank_1_reads_stops_every_rank_in_one_line(tiny_teacher
     proc = _run_ddp("full", tmp_path / "out", tiny_teacher, f"{shards}/{{00000..00001}}.tar", run_env, validation_steps=0,
                     data_failure_patience=20)
     assert proc.returncode != 0, proc.stdout[-3000:]
-    assert proc.stdout.count("error: rank 1 worker 0/1: no usable sample in 20 consecutive failures") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("error: rank 1 worker 0/1 (its share: 1 of the 2 shards): no usable sample in 20 consecutive failures") == 1, proc.stdout[-3000:]
     peer = ("error: process 0 stops: another process of this run ended (its own error names the cause), which broke the "
             "collective (Connection closed by peer")
     assert proc.stdout.count(peer) == 1, proc.stdout[-3000:]
