@@ -387,7 +387,12 @@ class ImageTextShards(IterableDataset):
         """Turn one grouped tar sample into a transformed training sample or raise SkipSample."""
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
-            raise SkipSample("missing_image", f"no image among {sorted(k for k in raw if not k.startswith('__'))}")
+            fields = sorted(k for k in raw if not k.startswith("__"))
+            # webdataset's key ends at the first dot of a member's basename: "a.b.jpg" is field "b.jpg" of sample "a".
+            dotted = [k for k in fields if k.rsplit(".", 1)[-1] in IMAGE_KEYS]
+            hint = (f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots "
+                    "before the extension)") if dotted else ""
+            raise SkipSample("missing_image", f"no image among {fields}{hint}")
         caption = _caption(raw)  # before decoding: cheap checks first
         size_pending = _check_filters(raw, self.cfg)
         img = _decode_image(raw[image_key])

@@ -331,6 +331,15 @@ def test_single_bad_shard_kinds(tmp_path: Path, url_of, kind: str) -> None:
     assert Path(url.split()[-1]).name in str(info.value)
 
 
+
+def test_dots_in_a_members_basename_are_named_in_the_skip_reason(tmp_path: Path) -> None:
+    """QA: "img.v2.jpg" is field "v2.jpg" of sample "img" to webdataset (its key ends at the first dot), so a dataset named
+    so was all `missing_image`, and the error said only "no image among ['v2.jpg', 'v2.txt']"."""
+    _, members = good_sample("x", "dotted")
+    shard = write_shard(tmp_path / "dots.tar", [("img.v2", members)])
+    with pytest.raises(DataError, match=r"missing_image.*img\.v2\.jpg is field 'v2\.jpg'; drop the dots before the extension"):
+        next(iter(build_train_dataloader(cfg_for(shard, failure_patience=2))))
+
 def test_invalid_config_rejected(mixed_shard: str) -> None:
     for bad in (
         dict(resolution=0),
