@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ import torch
 from .config import ConfigError, TrainConfig, first_line
 
 
-def check_shards(spec: str) -> None:
-    """Fail early when every local shard is missing (pipe:/remote urls are checked by the loader)."""
+def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
+    """Fail early when every local shard of `flag` is missing (pipe:/remote urls are checked by the loader)."""
     from .data import expand_urls
 
     from urllib.parse import urlparse
@@ -27,7 +28,10 @@ def check_shards(spec: str) -> None:
     paths = [url2pathname(urlparse(u).path) if u.startswith("file:") else u for u in local]
     if local and len(local) == len(urls) and not any(os.path.exists(p) for p in paths):
         shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
-        raise ConfigError(f"--train_shards_path_or_url: none of the {len(local)} shard file(s) exists: {shown}")
+        # "a.tar,b.tar" or "a.tar b.tar" (other tools' list syntax) is one path, which does not exist.
+        listed = any(os.path.exists(piece) for p in paths for piece in re.split(r"[,\s]+", p) if piece and piece != p)
+        hint = "; join several shards with '::' or a brace pattern (dir/{00000..00009}.tar)" if listed else ""
+        raise ConfigError(f"{flag}: none of the {len(local)} shard file(s) exists: {shown}{hint}")
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> None:

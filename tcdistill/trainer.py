@@ -60,7 +60,8 @@ class Trainer:
         if cfg.seed is not None:  # set_seed(device_specific=True) seeds numpy on rank r with --seed + r
             check_seed("--seed", cfg.seed, NUMPY_SEEDS, count=acc.num_processes,
                        uses=f"with {acc.num_processes} processes (rank r seeds with --seed + r)")
-        check_shards(cfg.train_latents_path_or_url or cfg.train_shards_path_or_url)
+        latents = cfg.train_latents_path_or_url  # wins over --train_shards_path_or_url
+        check_shards(latents or cfg.train_shards_path_or_url, "--train_latents_path_or_url" if latents else "--train_shards_path_or_url")
         tokenizers = check_teacher_config(cfg)  # read once: the family load below keeps them
         check_teacher_schedule(cfg)
         self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)

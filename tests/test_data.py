@@ -444,6 +444,10 @@ def test_file_urls_pass_the_shard_check(tmp_path: Path) -> None:
     check_shards(f"{tmp_path}/missing.tar::pipe:cat {tmp_path}/s-0.tar")  # the loader judges a spec with a pipe: url
     with pytest.raises(ConfigError, match=r"none of the 5 shard file\(s\) exists: .*/m-0.tar, .*/m-2.tar \(\+2 more\)$"):
         check_shards(f"{tmp_path}/m-{{0..4}}.tar")
+    # QA: shards listed as other tools list them (commas, spaces) are one path that does not exist: say how to join them.
+    for sep in (",", " "):
+        with pytest.raises(ConfigError, match=r"^--train_latents_path_or_url: none of the 1 .* join several shards with '::'"):
+            check_shards(f"{tmp_path}/s-0.tar{sep}{tmp_path}/s-0.tar", "--train_latents_path_or_url")
 
 
 def test_missing_shard_error_says_what_went_wrong(tmp_path: Path) -> None:
