@@ -133,6 +133,8 @@ def _decode_image(data: bytes) -> Image.Image:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         raise SkipSample("too_large", str(exn)) from None
+    except Image.UnidentifiedImageError:  # its message names only a BytesIO's address; the bytes say what came instead
+        raise SkipSample("decode_error", f"not an image PIL reads: {len(data)} bytes starting {data[:12]!r}") from None
     except Exception as exn:
         raise SkipSample("decode_error", _describe(exn)) from None
     try:

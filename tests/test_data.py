@@ -340,6 +340,15 @@ def test_dots_in_a_members_basename_are_named_in_the_skip_reason(tmp_path: Path)
     with pytest.raises(DataError, match=r"missing_image.*img\.v2\.jpg is field 'v2\.jpg'; drop the dots before the extension"):
         next(iter(build_train_dataloader(cfg_for(shard, failure_patience=2))))
 
+
+@pytest.mark.parametrize("data", [b"", b"<html>404 Not Found</html>"], ids=["zero_bytes", "html"])
+def test_bytes_that_are_no_image_are_described_in_the_skip_reason(tmp_path: Path, data: bytes) -> None:
+    """QA: the reason was PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>", which said nothing."""
+    shard = write_shard(tmp_path / "junk.tar", [("k", {"jpg": data, "txt": "x"})])
+    with pytest.raises(DataError, match=re.escape(f"decode_error=1; shards: {shard}; last error: k: not an image PIL reads: "
+                                                  f"{len(data)} bytes starting {data[:12]!r}")):
+        next(iter(build_train_dataloader(cfg_for(shard, failure_patience=1))))
+
 def test_invalid_config_rejected(mixed_shard: str) -> None:
     for bad in (
         dict(resolution=0),
