@@ -155,7 +155,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 
     from .families import load_family
     from .teacher_checks import check_teacher_config
-    from .preflight import resolve_device
+    from .preflight import check_shards, resolve_device
 
     fill_family_defaults(args)
 
@@ -164,6 +164,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                       cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
                       model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
                       data_timeout=args.data_timeout)  # its checks are this command's too
+    check_shards(args.train_shards_path_or_url)  # as training does: after the flags, before the teacher loads
     tokenizers = check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")
