@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -266,6 +267,11 @@ class _FailureTracker:
             f"last error: {self.last_msg}"
         )
 
+    def restart(self, kind: str) -> None:
+        """Count `kind` once and start a fresh streak; the failures so far still ship with the next sample."""
+        self.pending[kind] += 1
+        self.streak_kinds, self.streak_urls, self.streak = Counter(), {}, 0
+
     def success(self) -> dict[str, int]:
         """Reset the streak and return the per-kind counts accumulated since the last success."""
         delta = dict(self.pending)
@@ -305,31 +311,38 @@ class ImageTextShards(IterableDataset):
             # first samples; salt it with the saved state instead.
             fresh = ":resumed:" + json.dumps(rs, sort_keys=True)
         logical = (worker + start) % num_workers
-        shard_skip, raw_skip = positions.get(str(logical), (0, 0))
+        shard_skip, raw_skip, *widened = positions.get(str(logical), (0, 0))
+        wide_at = widened[0] if widened else None  # the shard draw from which this worker reads its rank's whole share
         # String seeding hashes with sha512, so it is stable across processes (unlike hash()).
         key = f"tcdistill.data:{self.base_seed}:{self.cfg.rank}:{logical}{fresh}"
         seed = random.Random(key).getrandbits(62)
         # Each rank, then each of its loader workers, resamples from its own share of the shards: two streams drawing
         # the same shard at once would read its samples in the same order and yield identical batches (half the
         # steps with 2 shards and 2 ranks or 2 workers). With fewer shards than streams, the streams share them.
-        ws, urls = self.cfg.world_size, self.urls
-        urls = urls[self.cfg.rank::ws] if ws > 1 and len(urls) >= ws else urls
-        urls = urls[logical::num_workers] if num_workers > 1 and len(urls) >= num_workers else urls
-        # Named in a DataError: a stream whose share holds only bad shards stops the run, though other streams' are good.
-        share = f" (its share: {len(urls)} of the {len(self.urls)} shards)" if len(urls) < len(self.urls) else ""
+        ws = self.cfg.world_size
+        rank_urls = self.urls[self.cfg.rank::ws] if ws > 1 and len(self.urls) >= ws else self.urls
+        urls = rank_urls[logical::num_workers] if num_workers > 1 and len(rank_urls) >= num_workers else rank_urls
+        share = f" (its share: {len(rank_urls)} of the {len(self.urls)} shards)" if len(rank_urls) < len(self.urls) else ""
         tracker = _FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
-        shards = wds.ResampledShards(urls, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
-        for shard_idx, shard in enumerate(shards):
+        draws = [iter(wds.ResampledShards(u, seed=seed + i, worker_seed=_no_worker_seed, deterministic=True)) for i, u in enumerate((urls, rank_urls))]
+        for shard_idx in itertools.count():
+            shard = next(draws[wide_at is not None and shard_idx >= wide_at])
             if shard_idx < shard_skip:
                 continue  # replaying the shard draws is cheap: RNG only, nothing is opened
             skip = raw_skip if shard_idx == shard_skip else 0
-            for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker):
-                out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"))
-                yield out
+            try:
+                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker):
+                    out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"), wide_at)
+                    yield out
+            except DataError:
+                # Only bad shards in this worker's part of the rank's share (with 0 workers the rank would train on the
+                # rest): from the next draw on it reads the whole share, which other workers read too; counted once.
+                if wide_at is not None or len(urls) == len(rank_urls):
+                    raise
+                wide_at = shard_idx + 1
+                tracker.restart("worker_share_widened")
 
-    def _shard_samples(
-        self, url: str, key: str, shard_idx: int, skip: int, tracker: _FailureTracker
-    ) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: _FailureTracker) -> Iterator[dict[str, Any]]:
         """Yield the usable samples of one shard after its first `skip` raw samples, recording every failure."""
         shard_failed = False
 
@@ -373,8 +386,7 @@ class ImageTextShards(IterableDataset):
             try:
                 stream.close()
             except Exception as exn:
-                # A pipe: command that failed after its last whole member (a download cut at a member boundary reads
-                # as a complete tar) surfaces only here: count the shard once, unless reading it already did.
+                # A pipe: command that failed after its last whole member surfaces only here: count the shard once.
                 if not shard_failed:
                     tar_handler(exn)
         if n_raw == 0 and not shard_failed:
@@ -390,8 +402,7 @@ class ImageTextShards(IterableDataset):
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
             fields = sorted(k for k in raw if not k.startswith("__"))
-            # webdataset's key ends at the first dot of a member's basename: "a.b.jpg" is field "b.jpg" of sample "a".
-            dotted = [k for k in fields if k.rsplit(".", 1)[-1] in IMAGE_KEYS]
+            dotted = [k for k in fields if k.rsplit(".", 1)[-1] in IMAGE_KEYS]  # a key ends at the first dot: a.b.jpg is b.jpg of a
             hint = (f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots "
                     "before the extension)") if dotted else ""
             raise SkipSample("missing_image", f"no image among {fields}{hint}")
@@ -441,9 +452,9 @@ class StreamTracker:
 
     def consumed(self, batch: dict[str, Any]) -> None:
         """Record that `batch` was used for training."""
-        logical, num_workers, shard_idx, raw_next = batch["stream_pos"]
+        logical, num_workers, shard_idx, raw_next, wide_at = batch["stream_pos"]
         self.num_workers = int(num_workers)
-        self.positions[str(logical)] = [int(shard_idx), int(raw_next)]
+        self.positions[str(logical)] = [int(shard_idx), int(raw_next)] + ([] if wide_at is None else [int(wide_at)])
         self.next_worker = (int(logical) + 1) % self.num_workers
 
     def state(self) -> dict:
