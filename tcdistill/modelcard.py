@@ -59,9 +59,14 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
 
     pipe_cls = _PIPELINES[cfg.model_family]
     name = "LCMScheduler" if cfg.distill_mode == "lcm" else "TCDScheduler"  # as validation.sampling_scheduler
-    extra = [f"original_inference_steps={cfg.num_ddim_timesteps}"] if cfg.num_ddim_timesteps != 50 else []
+    # from_config keeps what the teacher's file sets: an LCM/TCD-scheduler teacher's own original_inference_steps (or LCM's
+    # timestep_scaling) would replace the sampler's default (50, 10) and sample off the run's grid, so name the run's value.
+    def differs(key: str, value: float, default: float) -> bool:
+        return value != (default if schedule is None else schedule.get(key, default))
+
+    extra = [f"original_inference_steps={cfg.num_ddim_timesteps}"] if differs("original_inference_steps", cfg.num_ddim_timesteps, 50) else []
     extra += [f"{k}={v!r}" for k, v in sampler_overrides(schedule, name).items()] if schedule is not None else []
-    if cfg.distill_mode == "lcm" and cfg.timestep_scaling_factor != 10.0:
+    if cfg.distill_mode == "lcm" and differs("timestep_scaling", cfg.timestep_scaling_factor, 10.0):
         extra.append(f"timestep_scaling={cfg.timestep_scaling_factor}")
     if cfg.distill_mode == "lcm" and schedule is not None:  # as validation.sampling_scheduler: x0 unclipped
         extra += [f"{k}=False" for k in UNCLIPPED if schedule.get(k)]

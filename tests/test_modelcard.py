@@ -145,6 +145,30 @@ def test_card_samples_on_the_trained_schedule(variant: str, tmp_path: Path) -> N
     assert call == "TCDScheduler.from_config(pipe.scheduler.config, prediction_type='v_prediction')"
 
 
+@pytest.mark.parametrize("mode", ["tcd", "lcm"])
+def test_card_samples_on_the_run_grid_under_a_consistency_scheduler_teacher(mode: str) -> None:
+    """A teacher shipping an LCMScheduler (or TCDScheduler) config sets its own original_inference_steps (and LCM's
+    timestep_scaling), which from_config keeps: the card's bare call then sampled a run with the defaults (N 50, scaling 10)
+    on the teacher's 100-step grid (4 steps: 999, 749, 499, 249, not the trained 999, 759, 499, 259) and its scaling."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    from tcdistill.families import ddpm_schedule
+    from tcdistill.schedule import ddim_grid
+
+    teacher = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=100,
+                           timestep_scaling=1.0)
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1, variant="lora",
+                      distill_mode=mode)
+    trained = ddpm_schedule(dict(teacher.config)).config  # what training ran on, as the trainer passes it to the card
+    code = re.search(r"```python\n(.*?)```", render_model_card(cfg, [], schedule=trained), re.S).group(1)
+    call = re.search(r"pipe\.scheduler = (\w+Scheduler\.from_config\(.*\))\n", code).group(1)
+    sampler = eval(call, {"TCDScheduler": TCDScheduler, "LCMScheduler": LCMScheduler, "pipe": type("P", (), {"scheduler": teacher})})
+    sampler.set_timesteps(4)
+    assert set(sampler.timesteps.tolist()) <= set(ddim_grid(1000, 50).tolist()), call
+    if mode == "lcm":
+        assert sampler.config.timestep_scaling == 10.0, call
+
+
 def test_card_loads_the_teacher_revision_it_was_trained_on(tmp_path: Path) -> None:
     """--teacher_revision: the usage code loads that revision of the base, not its main branch."""
     for variant in ("full", "lora"):
