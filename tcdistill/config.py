@@ -69,6 +69,11 @@ _PATH_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", 
 _MODEL_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path")  # a local folder or a hub id
 
 
+def local_model_path(value: Any) -> Any:
+    """`value` made absolute when it is a local folder given relative to the working directory, else `value` itself."""
+    return os.path.abspath(value) if isinstance(value, str) and not os.path.isabs(value) and os.path.isdir(value) else value
+
+
 @dataclass
 class TrainConfig:
     """Every flag of the reference TCD/LCM scripts (same names and defaults) plus tcdistill's own."""
@@ -184,9 +189,7 @@ class TrainConfig:
         # A local model folder given relative to the working directory is recorded absolute: tcdistill_config.json and
         # the model card name it as the base that generate, eval, export and the card's code load, from any directory.
         for name in _MODEL_FLAGS:
-            value = getattr(self, name)
-            if isinstance(value, str) and not os.path.isabs(value) and os.path.isdir(value):
-                setattr(self, name, os.path.abspath(value))
+            setattr(self, name, local_model_path(getattr(self, name)))
         self.validate()
 
     # ---------------------------------------------------------------- checks
@@ -296,7 +299,9 @@ class TrainConfig:
         draw, EMA, adapters, precision) and differs from `saved`, a checkpoint's config. A resume with another teacher or
         batch size loaded and trained on without a word, though the run then continues none that was started."""
         now = self.to_dict()
-        return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING if k in saved and saved[k] != now[k]]
+        # A checkpoint from before model folders were recorded absolute holds the relative path: the same folder.
+        return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING
+                if k in saved and (local_model_path(saved[k]) if k in _MODEL_FLAGS else saved[k]) != now[k]]
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """All fields; `redact` blanks secrets (--hub_token) for files and trackers that may be published."""

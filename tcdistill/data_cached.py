@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, local_model_path
 from .data import DataConfig, ImageTextShards, SkipSample, expand_urls
 from .stops import leave_ctrl_c_to_the_trainer
 
@@ -131,7 +131,7 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
         raise ConfigError(f"cached pooled prompt embeddings (text_embeds) are {pooled.shape[-1]}-dim; the teacher UNet's added "
                           f"conditioning wants {want} (the cache was made with another teacher: "
                           f"{meta.get('teacher')!r}; re-run `tcdistill cache`).")
-    if meta.get("teacher") != cfg.pretrained_teacher_model:
+    if local_model_path(meta.get("teacher")) != cfg.pretrained_teacher_model:  # an older cache's relative folder is the same
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
     vae = family.vae
     sf = float(vae.config.scaling_factor)
@@ -140,7 +140,7 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
         raise ConfigError(f"the cache's latents come from a VAE with scaling_factor {meta['scaling_factor']} "
                           f"(--pretrained_vae_model_name_or_path {meta.get('vae')!r}); this run's VAE has {sf} "
                           f"({cfg.pretrained_vae_model_name_or_path!r}): use the cache's VAE or re-run `tcdistill cache`.")
-    if meta.get("vae") != cfg.pretrained_vae_model_name_or_path:
+    if local_model_path(meta.get("vae")) != cfg.pretrained_vae_model_name_or_path:
         logger.warning("Cache was made with --pretrained_vae_model_name_or_path %r; training with %r (validation decodes with it).",
                        meta.get("vae"), cfg.pretrained_vae_model_name_or_path)
     for key in ("center_crop", "random_flip", "interpolation_type"):

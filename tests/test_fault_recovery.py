@@ -104,3 +104,18 @@ def test_a_checkpoint_save_cut_short_by_a_file_size_limit_says_so(tmp_path):
     message = str(info.value)
     assert "the disk is full or a file-size limit (ulimit -f) was hit" in message and "newest: none" in message, message
     assert "\n" not in message and not list(tmp_path.iterdir())
+
+
+def test_a_relative_teacher_folder_saved_by_an_older_run_is_not_another_teacher(tmp_path, monkeypatch):
+    """QA: a local teacher is now recorded absolute; a checkpoint (or cache) written before that holds the relative path,
+    and resuming it from the same directory warned "--pretrained_teacher_model /abs/teacher (checkpoint: teacher)"."""
+    from tcdistill.config import TrainConfig, local_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    cfg = TrainConfig(pretrained_teacher_model="teacher", output_dir="out", train_shards_path_or_url="a.tar", report_to="none",
+                      max_train_steps=1)
+    assert cfg.pretrained_teacher_model == str(tmp_path / "teacher")
+    assert cfg.changed_since(dict(cfg.to_dict(), pretrained_teacher_model="teacher")) == []
+    assert cfg.changed_since(dict(cfg.to_dict(), pretrained_teacher_model="other"))  # no such folder: another teacher
+    assert local_model_path("teacher") == str(tmp_path / "teacher") and local_model_path("org/model") == "org/model"
