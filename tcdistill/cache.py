@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_file
 from .config import ConfigError, DefaultsHelpFormatter, TrainConfig
-from .data import INTERPOLATIONS, DataConfig, ImageTextShards, _FailureTracker, expand_urls
+from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
 
@@ -45,7 +45,7 @@ class _OnePass(ImageTextShards):
 
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
-        tracker = _FailureTracker(sys.maxsize, url)  # never gives up: every source shard is read to its end once
+        tracker = FailureTracker(sys.maxsize, url)  # never gives up: every source shard is read to its end once
         for out in self._shard_samples(url, "", 0, 0, tracker):
             skipped.update(out.pop("skipped"))
             yield out.pop("key"), out

@@ -232,7 +232,7 @@ def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple
     return pixels.div_(127.5).sub_(1.0), (h, w), (top, left)
 
 
-class _FailureTracker:
+class FailureTracker:
     """Counts skipped samples per kind and raises DataError once patience runs out."""
 
     def __init__(self, patience: int, where: str) -> None:
@@ -323,7 +323,7 @@ class ImageTextShards(IterableDataset):
         rank_urls = self.urls[self.cfg.rank::ws] if ws > 1 and len(self.urls) >= ws else self.urls
         urls = rank_urls[logical::num_workers] if num_workers > 1 and len(rank_urls) >= num_workers else rank_urls
         share = f" (its share: {len(rank_urls)} of the {len(self.urls)} shards)" if len(rank_urls) < len(self.urls) else ""
-        tracker = _FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
+        tracker = FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
         draws = [iter(wds.ResampledShards(u, seed=seed + i, worker_seed=_no_worker_seed, deterministic=True)) for i, u in enumerate((urls, rank_urls))]
         for shard_idx in itertools.count():
             shard = next(draws[wide_at is not None and shard_idx >= wide_at])
@@ -342,7 +342,7 @@ class ImageTextShards(IterableDataset):
                 wide_at = shard_idx + 1
                 tracker.restart("worker_share_widened")
 
-    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: _FailureTracker) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: FailureTracker) -> Iterator[dict[str, Any]]:
         """Yield the usable samples of one shard after its first `skip` raw samples, recording every failure."""
         shard_failed = False
 
