@@ -53,6 +53,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved, found or loaded."""
 
 
+def checkpoint_hint(path: Path) -> str:
+    """'; <why>' when `path` is a training checkpoint folder (resume state, which no loader takes), else ''."""
+    if path.is_dir() and (_CKPT_RE.match(path.name) or (path / MARKER).is_file()):
+        return (f"; {path.name} is a training checkpoint (resume state for --resume_from_checkpoint), not a model: pass the "
+                f"output folder {path.parent} that the run saves at its end")
+    return ""
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint; all tensors are on the CPU."""

@@ -22,21 +22,12 @@ from typing import Any, Sequence
 
 import torch
 
+from .checkpoint import atomic_file, checkpoint_hint
 from .config import DefaultsHelpFormatter
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-
-
-def checkpoint_hint(path: Path) -> str:
-    """'; <why>' when `path` is a training checkpoint folder (resume state, which no loader takes), else ''."""
-    from .checkpoint import _CKPT_RE, MARKER
-
-    if path.is_dir() and (_CKPT_RE.match(path.name) or (path / MARKER).is_file()):
-        return (f"; {path.name} is a training checkpoint (resume state for --resume_from_checkpoint), not a model: pass the "
-                f"output folder {path.parent} that the run saves at its end")
-    return ""
 
 
 def lora_file(path: str | os.PathLike) -> Path:
@@ -209,8 +200,6 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
     `unet_config`: the LoRA's UNet config (default: an SDXL run's teacher's, `run_unet_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from .checkpoint import atomic_file
 
     f = lora_file(src)
     dst = Path(dst) if dst else f.with_name(KOHYA_WEIGHT_NAME)

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .checkpoint import checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
-from .export import LORA_WEIGHT_NAME, checkpoint_hint, load_unet_lora, lora_file
+from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import pipeline_variant, unet_family, unet_sample_hw
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
