@@ -139,13 +139,12 @@ def _uncond_layout(family: ModelFamily, batch: dict[str, Any], device: torch.dev
 def fill_family_defaults(args: argparse.Namespace) -> None:
     """--resolution, --min_image_size, --max_pwatermark left unset: the defaults of the family's training scripts (SDXL:
     1024 px, 700, 0.5), so a cache made with the defaults holds what a run with the defaults would train on."""
-    from .families import flag_defaults
+    from .families import script_defaults
 
-    defaults = {"resolution": 512, "min_image_size": 0, "max_pwatermark": 1.0}
-    defaults.update({k: v for k, v in flag_defaults(args.model_family).items() if k in defaults})
-    for key, value in defaults.items():
+    defaults = script_defaults(args.model_family)
+    for key in ("resolution", "min_image_size", "max_pwatermark"):
         if getattr(args, key, None) is None:
-            setattr(args, key, value)
+            setattr(args, key, defaults[key])
 
 
 def run_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,10 +268,10 @@ def train_flags(meta: dict[str, Any]) -> list[str]:
     """The training flags that match the cache `meta` describes: its pattern, resolution and family, plus each data
     setting it fixed that the family's scripts would not (their defaults left out). A run given them gets neither a
     "has no effect" warning nor the --use_fix_crop_and_size refusal of `data_cached.prepare_cached_training`."""
-    from .families import flag_defaults
+    from .families import script_defaults
 
     family = meta.get("model_family", "sd")
-    defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items()} | flag_defaults(family)
+    defaults = script_defaults(family)
     flags = [f"--train_latents_path_or_url={shlex.quote(meta['pattern'])}", f"--resolution={meta['resolution']}"]
     if family != defaults["model_family"]:  # the SDXL scripts take it as given; `tcdistill train-*` needs it
         flags.append(f"--model_family={family}")

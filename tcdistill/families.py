@@ -5,6 +5,7 @@ The training loop sees only this interface, so SD 1.x/2.x and SDXL share one loo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,11 @@ SDXL_FLAG_DEFAULTS: dict[str, Any] = {"resolution": 1024, "w_min": 3.0, "min_ima
 def flag_defaults(family: str) -> dict[str, Any]:
     """The flag defaults a family's entry scripts set over TrainConfig's own (SDXL_FLAG_DEFAULTS; none for SD)."""
     return dict(SDXL_FLAG_DEFAULTS) if family == "sdxl" else {}
+
+
+def script_defaults(family: str) -> dict[str, Any]:
+    """Every flag's default in a family's entry scripts: TrainConfig's, with `flag_defaults(family)` over them."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)} | flag_defaults(family)
 
 
 def teacher_index(cfg: TrainConfig) -> dict[str, Any] | None:

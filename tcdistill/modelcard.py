@@ -32,13 +32,13 @@ def latest_validation_grids(output_dir: str | os.PathLike) -> list[str]:
 
 def changed_flags(cfg: TrainConfig) -> dict[str, object]:
     """Flags whose values differ from the entry script's defaults (secrets and the script-set variant/family left out)."""
-    from .families import flag_defaults
+    from .families import script_defaults
 
-    script_defaults = flag_defaults(cfg.model_family)
+    defaults = script_defaults(cfg.model_family)
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name not in (*_SECRET_FLAGS, "variant", "model_family") and value != script_defaults.get(f.name, f.default):
+        if f.name not in (*_SECRET_FLAGS, "variant", "model_family") and value != defaults[f.name]:
             out[f.name] = value
     return out
 
