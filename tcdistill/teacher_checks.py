@@ -149,8 +149,9 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     # in_channels) failed in the first step's x0/eps conversion with a broadcast traceback.
     unet_out = unet_cfg.get("out_channels")
     if unet_in is not None and unet_out is not None and unet_out != unet_in:
-        raise ConfigError(f"the teacher's UNet outputs {unet_out} channels but takes {unet_in} (out_channels != in_channels, e.g. a "
-                          "learned-variance UNet): TCD needs one predicting epsilon, v or x0 of its input latents; not supported.")
+        raise ConfigError(f"--pretrained_teacher_model {cfg.pretrained_teacher_model}: the teacher's UNet outputs {unet_out} channels "
+                          f"but takes {unet_in} (out_channels != in_channels in unet/config.json, e.g. a learned-variance UNet); use "
+                          "a teacher whose UNet predicts epsilon, v or x0 of its input latents.")
     # A UNet that already takes a guidance embedding (time_cond_proj_dim) is a guidance-distilled student (LCM/TCD), not
     # a diffusion teacher: training runs it without that input (no w to give it), while its pipeline feeds it
     # guidance_scale - 1, so a LoRA on it sampled another function than it was trained as, and the full student with

@@ -184,7 +184,8 @@ def _edit_json(path: Path, **fields) -> None:
     ("unet/config.json", dict(class_embed_type="timestep"), "needs class labels \\(class_embed_type=timestep"),
     ("unet/config.json", dict(addition_embed_type="image", encoder_hid_dim=32), "needs image embeddings \\(addition_embed_type='image'\\)"),
     # a learned-variance UNet (eps + variance): "The size of tensor a (4) must match the size of tensor b (8)" in the first step
-    ("unet/config.json", dict(out_channels=8), "UNet outputs 8 channels but takes 4 \\(out_channels != in_channels"),
+    ("unet/config.json", dict(out_channels=8), "--pretrained_teacher_model .*: the teacher's UNet outputs 8 channels but takes 4 "
+                                                  "\\(out_channels != in_channels in unet/config.json.*; use a teacher whose"),
     # a text encoder of another width than cross_attention_dim: "mat1 and mat2 shapes cannot be multiplied" in the first step
     ("text_encoder/config.json", dict(hidden_size=48), "width 32 \\(cross_attention_dim\\), but its text encoder hidden size is text_encoder 48"),
     ("unet/config.json", dict(encoder_hid_dim=48), "width 48 \\(encoder_hid_dim\\), but its text encoder hidden size is text_encoder 32"),
