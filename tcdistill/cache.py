@@ -40,8 +40,10 @@ EXACT_KEYS = ("time_ids",)
 
 
 class _OnePass(ImageTextShards):
-    """The training loader's shard reader (decode/crop/caption transform and failure kinds), reading each shard exactly
-    once, in order: a sample the cache skips is one training would skip, and the other way round."""
+    """The training loader's shard reader, reading each shard exactly once, in order."""
+
+    # Training's reader (decode/crop/caption transform, failure kinds) as it is: a sample the cache skips is one training
+    # would skip, and the other way round.
 
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
@@ -265,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def train_flags(meta: dict[str, Any]) -> list[str]:
-    """The training flags that match the cache `meta` describes: its pattern, resolution and family, plus each data
-    setting it fixed that the family's scripts would not (their defaults left out). A run given them gets neither a
-    "has no effect" warning nor the --use_fix_crop_and_size refusal of `data_cached.prepare_cached_training`."""
+    """The training flags that match the cache `meta` describes (pattern, resolution, family, fixed data settings)."""
+    # Each data setting the cache fixed that the family's scripts would not is named (their defaults left out): a run given
+    # them gets neither a "has no effect" warning nor the --use_fix_crop_and_size refusal of prepare_cached_training.
     from .families import script_defaults
 
     family = meta.get("model_family", "sd")

@@ -19,8 +19,9 @@ SUBCOMMANDS = {
 
 
 def error_line(e: BaseException) -> str:
-    """The message of a training error as one line. A DataLoader worker's error arrives wrapped with its traceback text,
-    whose last line is `module.Class: message`; the class path is dropped, as a main-process error shows none."""
+    """The message of a training error as one line."""
+    # A DataLoader worker's error arrives wrapped with its traceback text, whose last line is `module.Class: message`; the
+    # class path is dropped, as a main-process error shows none.
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ") if lines else type(e).__name__
 

@@ -295,9 +295,7 @@ class TrainConfig:
                 "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
     def changed_since(self, saved: dict[str, Any]) -> list[str]:
-        """`--flag now (checkpoint: then)` for each flag that shapes what is trained (teacher, data, batch, loss, TCD
-        draw, EMA, adapters, precision) and differs from `saved`, a checkpoint's config. A resume with another teacher or
-        batch size loaded and trained on without a word, though the run then continues none that was started."""
+        """`--flag now (checkpoint: then)` for each RUN_DEFINING flag that differs from `saved`, a checkpoint's config."""
         now = self.to_dict()
         # A checkpoint from before model folders were recorded absolute holds the relative path: the same folder.
         return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING
@@ -326,8 +324,10 @@ def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to an option's help where the text does not already speak of its default and there is one
-    to show (not None, False or empty): the subcommands' --help then shows their defaults, as the training scripts' does."""
+    """An argparse formatter that appends "(default: X)" to an option's help, for the subcommands' --help."""
+
+    # As the training scripts' --help does; left out where the text already speaks of its default or there is none to
+    # show (None, False or empty).
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -177,8 +177,8 @@ def run_unet_config(lora: Path) -> dict[str, Any] | None:
 
 
 def _sdxl_like(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether the LoRA's attention layers sit where SDXL's do (none in down block 0, some in block 1); SD 1.x/2.x's
-    have attention in down block 0. Only a hint: a small SD-family UNet may be laid out so too."""
+    """Whether the LoRA's attention layers sit where SDXL's do (none in down block 0, some in block 1)."""
+    # SD 1.x/2.x have attention in down block 0. Only a hint: a small SD-family UNet may be laid out so too.
     return (any(k.startswith("unet.down_blocks.1.attentions.") for k in state_dict)
             and not any(k.startswith("unet.down_blocks.0.attentions.") for k in state_dict))
 

@@ -130,8 +130,9 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def check_trackers(cfg: TrainConfig) -> None:
-    """Refuse a --report_to tracker that is not installed, in one line. accelerate only warns about one and then logs
-    nowhere; this runs before the Accelerator is made, so that its warning does not come before the error line."""
+    """Refuse a --report_to tracker that is not installed, in one line."""
+    # accelerate only warns about one and then logs nowhere; this runs before the Accelerator is made, so that its warning
+    # does not come before the error line.
     for tracker in ("wandb", "comet_ml"):  # each tracker's package has the tracker's name
         if cfg.report_to == tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"--report_to {tracker} needs the {tracker} package: pip install {tracker} (or use --report_to tensorboard).")

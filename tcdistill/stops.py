@@ -71,8 +71,8 @@ def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
 
 
 def weight_groups(strategy: Any, family: Any) -> list[tuple[str, Iterable[tuple[str, torch.Tensor]]]]:
-    """(what, named weights) of a run for `first_nonfinite_weight`: the frozen teacher first (the full student starts as
-    its copy, so a damaged teacher is named as such), then the trained weights and the full variant's EMA target."""
+    """(what, named weights) of a run for `first_nonfinite_weight`: teacher, trained weights, EMA target."""
+    # The frozen teacher first: the full student starts as its copy, so a damaged teacher is named as such.
     encoders = [(f"teacher {n}'s", getattr(family, n).named_parameters()) for n in ("text_encoder", "text_encoder_2", "vae")
                 if getattr(family, n, None) is not None]
     teacher = [(n, p) for n, p in strategy.teacher_unet.named_parameters() if not p.requires_grad]
@@ -82,8 +82,7 @@ def weight_groups(strategy: Any, family: Any) -> list[tuple[str, Iterable[tuple[
 
 
 def first_nonfinite_weight(groups: Iterable[tuple[str, Iterable[tuple[str, torch.Tensor]]]]) -> str | None:
-    """`what weight 'name'` of the first floating-point weight holding NaN/inf among `groups` ((what, named weights)), else
-    None. Run once, when the step guard stops a run: a damaged teacher or checkpoint is then named, not a learning rate."""
+    """`what weight 'name'` of the first floating-point weight holding NaN/inf among `groups`, else None."""
     for what, named in groups:
         for name, t in named:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -92,10 +91,9 @@ def first_nonfinite_weight(groups: Iterable[tuple[str, Iterable[tuple[str, torch
 
 
 def nonfinite_stop_message(streak: int, step: int, applied_step: int, checkpoints: list[tuple[int, Path]], bad_weight: str | None) -> str:
-    """The step guard's one-line stop: which weights are non-finite, and which checkpoint is worth resuming. A checkpoint
-    saved at `applied_step` holds the very weights the failing steps started from (an exploded learning rate's,
-    or a resumed damaged one): it was called "last good" and `--resume_from_checkpoint latest` failed again on it, the
-    more so as a resume keeps the checkpoint's learning rate whatever --learning_rate says."""
+    """The step guard's one-line stop: which weights are non-finite, and which checkpoint is worth resuming."""
+    # A checkpoint saved at `applied_step` holds the very weights the failing steps started from (an exploded learning
+    # rate's, or a resumed damaged one), and a resume keeps its learning rate: it is not called "last good".
     text = f"{streak} consecutive non-finite steps at step {step}; stopping."
     if bad_weight:
         text += f" The {bad_weight} holds non-finite values."
