@@ -33,6 +33,7 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
 # The seeds each consumer takes: numpy's legacy generator, which accelerate's set_seed seeds (with random and torch)
 # from --seed, takes [0, 2**32 - 1]; torch generators take [-2**63, 2**64 - 1] (a negative seed is mapped to 2**64 + seed).
 NUMPY_SEEDS = (0, 2**32 - 1)
+TORCH_SEEDS = (-2**63, 2**64 - 1)
 # Flags a resumed run is expected to keep (TrainConfig.changed_since); the rest (length, logging, checkpointing, speed
 # options, loader workers) may change on a resume. Optimizer settings come from the checkpoint itself.
 RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "revision",
@@ -40,7 +41,6 @@ RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path",
                 "random_flip", "train_batch_size", "gradient_accumulation_steps", "proportion_empty_prompts", "seed", "w_min",
                 "w_max", "num_ddim_timesteps", "loss_type", "huber_c", "timestep_scaling_factor", "distill_mode", "ema_decay",
                 "lora_alpha", "lora_dropout", "lora_target_modules", "mixed_precision", "max_grad_norm")
-TORCH_SEEDS = (-2**63, 2**64 - 1)
 
 
 def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, uses: str = "") -> None:
