@@ -151,7 +151,6 @@ def test_cache_resolution_mismatch_is_a_config_error(tiny_teacher: Path, fp32_ca
         _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache, resolution=16)
 
 
-
 def test_missing_cached_shards_are_named_by_their_flag(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: cached shards that do not exist were reported as "--train_shards_path_or_url: none of the ... exists"."""
     with pytest.raises(ConfigError, match=r"^--train_latents_path_or_url: none of the 2 shard file\(s\) exists"):
@@ -161,6 +160,7 @@ def test_missing_cached_shards_are_named_by_their_flag(tiny_teacher: Path, tmp_p
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"^tcdistill cache: error: --train_shards_path_or_url: none of the 1 .* join several"):
         _cache(tiny_teacher, f"{tmp_path}/a.tar,{tmp_path}/a.tar", tmp_path / "cache")
+
 
 def test_cache_faults_are_one_line_or_counted(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
     """An unwritable --output_dir is one error line; a failing pipe: source is one skipped shard, not the end of the

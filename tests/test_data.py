@@ -330,7 +330,6 @@ def test_single_bad_shard_kinds(tmp_path: Path, url_of, kind: str) -> None:
     assert Path(url.split()[-1]).name in str(info.value)
 
 
-
 def test_dots_in_a_members_basename_are_named_in_the_skip_reason(tmp_path: Path) -> None:
     """QA: "img.v2.jpg" is field "v2.jpg" of sample "img" to webdataset (its key ends at the first dot), so a dataset named
     so was all `missing_image`, and the error said only "no image among ['v2.jpg', 'v2.txt']"."""
@@ -347,6 +346,7 @@ def test_bytes_that_are_no_image_are_described_in_the_skip_reason(tmp_path: Path
     with pytest.raises(DataError, match=re.escape(f"decode_error=1; shards: {shard}; last error: k: not an image PIL reads: "
                                                   f"{len(data)} bytes starting {data[:12]!r}")):
         next(iter(build_train_dataloader(cfg_for(shard, failure_patience=1))))
+
 
 def test_invalid_config_rejected(mixed_shard: str) -> None:
     for bad in (
@@ -394,7 +394,6 @@ def test_resume_continues_the_stream_exactly(tmp_path: Path, workers: int) -> No
     assert batches(cfg, 1)[0]["captions"] == full[0]["captions"] != full[5]["captions"]
 
 
-
 def test_a_worker_whose_shards_are_all_bad_reads_the_whole_share_and_resumes_exactly(tmp_path: Path) -> None:
     """QA: with 2 loader workers and the shards [good, missing], worker 1 read the missing shard alone (each worker reads
     its part of the shards) and stopped the run with a data error, where 0 workers trained on the good shard. It now
@@ -415,6 +414,7 @@ def test_a_worker_whose_shards_are_all_bad_reads_the_whole_share_and_resumes_exa
         resumed = batches(cfg_for(urls, resume_state=tracker.state(), **kw), 3)
     for a, b in zip(full[3:], resumed):
         assert a["captions"] == b["captions"] and torch.equal(a["pixel_values"], b["pixel_values"])
+
 
 def test_a_stalled_pipe_shard_is_given_up_and_counted(tmp_path: Path) -> None:
     """QA: a `pipe:` shard whose command sends nothing (a hung curl) blocked the loader forever, whatever
@@ -523,7 +523,6 @@ def test_cache_gives_up_a_stalled_pipe_shard(tmp_path: Path) -> None:
     assert list(ds.read_once(f"pipe:sleep 60 && cat {good}", skipped)) == [] and skipped == {"stalled": 1}
     assert time.monotonic() - start < 10
     assert [k for k, _ in ds.read_once(good, skipped)] == ["k0", "k1"]
-
 
 
 def test_cache_reads_a_shard_as_training_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
