@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import DefaultsHelpFormatter
+from .config import DefaultsHelpFormatter, first_line
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -43,8 +43,6 @@ def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str) -> Path:
     """`pipe.load_lora_weights` of `lora_file(lora)`, with its failures as one ValueError (a size mismatch: a LoRA of
     another base model) and a file that gave the UNet no adapter refused: diffusers only warns ("No LoRA keys associated
     to UNet2DConditionModel found") and the base model would sample as if it were the student. Returns the file."""
-    from .config import first_line
-
     f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
     try:
         pipe.load_lora_weights(str(f.parent), weight_name=f.name)
@@ -186,8 +184,6 @@ def _sdxl_like(state_dict: dict[str, torch.Tensor]) -> bool:
 def base_unet_config(base: str) -> dict[str, Any]:
     """The UNet config of the pipeline `base` (a diffusers folder or hub id), for naming an SDXL LoRA's modules."""
     from diffusers import UNet2DConditionModel
-
-    from .config import first_line
 
     try:
         return dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
