@@ -12,18 +12,24 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pytest
 import torch
 
+if TYPE_CHECKING:
+    from tcdistill.data import DataConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"full": ROOT / "train_tcd_distill_sd_wds.py", "lora": ROOT / "train_tcd_distill_lora_sd_wds.py"}
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 PROMPT = "a red circle on a blue background"
+# TrainConfig flags that pass its checks without a teacher or shards being read (test_flags.py, test_strategy_flags.py).
+BASE = dict(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1)
 
 # The seed README's flags, verbatim (the `export`ed variables and the shard url are substituted by `seed_flags`).
 SEED_README_FLAGS = {
@@ -331,3 +337,71 @@ def full_output(teacher: Path, out: Path) -> Path:
     student.save_pretrained(out / "unet_target")
     (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(teacher), "num_ddim_timesteps": 50}))
     return out
+
+
+# The webdataset loader at test size (test_data.py, test_shard_streams.py).
+R = 16
+
+
+def cfg_for(urls, **kw) -> DataConfig:
+    """A small, seeded config for tests."""
+    from tcdistill.data import DataConfig
+
+    kw.setdefault("resolution", R)
+    kw.setdefault("train_batch_size", 4)
+    kw.setdefault("seed", 0)
+    kw.setdefault("failure_patience", 50)
+    return DataConfig(train_shards_path_or_url=urls, **kw)
+
+
+def batches(cfg: DataConfig, n: int) -> list[dict]:
+    """The first n batches of a fresh loader."""
+    from tcdistill.data import build_train_dataloader
+
+    return list(islice(iter(build_train_dataloader(cfg)), n))
+
+
+def total_skipped(bs: list[dict]) -> Counter:
+    """Sum of the per-batch skipped counts."""
+    out: Counter = Counter()
+    for b in bs:
+        out.update(b["skipped"])
+    return out
+
+
+# `tcdistill cache` at test size (test_cache.py, test_cache_refusals.py).
+CACHE_RES = 32
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One 4-sample shard of 40x48 images (so the loader resizes and crops)."""
+    from tcdistill.tiny import shard_pattern, write_tiny_shards
+
+    path = tmp_path_factory.mktemp("cache_src")
+    write_tiny_shards(path, n_shards=1, per_shard=4, image_size=(40, 48), seed=3)
+    return shard_pattern(path, 1)
+
+
+def make_cache(teacher: Path, shards: str, out: Path, *extra: str) -> str:
+    """Run `tcdistill cache` at CACHE_RES into `out`; the path of its first shard."""
+    from tcdistill.cache import main as cache_main
+
+    cache_main(["--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", shards, "--output_dir", str(out),
+                "--resolution", str(CACHE_RES), "--center_crop", "--batch_size", "3", *extra])
+    return str(out / "00000.tar")
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(tiny_teacher: Path, one_shard: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_cache(tiny_teacher, one_shard, tmp_path_factory.mktemp("cache32"), "--storage_dtype", "fp32")
+
+
+def cache_trainer(teacher: Path, shards: str, out: Path, **kw: Any) -> Any:
+    """A Trainer at CACHE_RES for `shards` (pixels, or cached latents with train_latents_path_or_url)."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    cfg = dict(pretrained_teacher_model=str(teacher), output_dir=str(out), train_shards_path_or_url=shards, resolution=CACHE_RES,
+               train_batch_size=4, max_train_steps=10, report_to="none", seed=0, mixed_precision="no", center_crop=True)
+    return Trainer(TrainConfig(**{**cfg, **kw}))

@@ -13,33 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import check_ok, run_train, seed_flags
+from conftest import CACHE_RES, cache_trainer, check_ok, make_cache, run_train, seed_flags
 
-from tcdistill.cache import main as cache_main
 from tcdistill.config import ConfigError, TrainConfig
 from tcdistill.data_cached import META_NAME, UNCOND_NAME, read_sidecar
-from tcdistill.tiny import shard_pattern, write_tiny_shards
-
-RES = 32
-
-
-@pytest.fixture(scope="module")
-def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One 4-sample shard of 40x48 images (so the loader resizes and crops)."""
-    path = tmp_path_factory.mktemp("cache_src")
-    write_tiny_shards(path, n_shards=1, per_shard=4, image_size=(40, 48), seed=3)
-    return shard_pattern(path, 1)
-
-
-def _cache(teacher: Path, shards: str, out: Path, *extra: str) -> str:
-    cache_main(["--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", shards, "--output_dir", str(out),
-                "--resolution", str(RES), "--center_crop", "--batch_size", "3", *extra])
-    return str(out / "00000.tar")
-
-
-@pytest.fixture(scope="module")
-def fp32_cache(tiny_teacher: Path, one_shard: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _cache(tiny_teacher, one_shard, tmp_path_factory.mktemp("cache32"), "--storage_dtype", "fp32")
+from tcdistill.tiny import shard_pattern
 
 
 def _read_tar(path: str) -> dict[str, dict[str, np.ndarray | str]]:
@@ -53,14 +31,6 @@ def _read_tar(path: str) -> dict[str, dict[str, np.ndarray | str]]:
     return out
 
 
-def _trainer(teacher: Path, shards: str, out: Path, **kw: Any) -> Any:
-    from tcdistill.trainer import Trainer
-
-    cfg = dict(pretrained_teacher_model=str(teacher), output_dir=str(out), train_shards_path_or_url=shards, resolution=RES,
-               train_batch_size=4, max_train_steps=10, report_to="none", seed=0, mixed_precision="no", center_crop=True)
-    return Trainer(TrainConfig(**{**cfg, **kw}))
-
-
 def test_cache_holds_vae_posterior_and_prompt_embeddings(tiny_teacher: Path, one_shard: str, fp32_cache: str) -> None:
     """Per key: latents = posterior mean x scaling, latents_std = posterior std x scaling, embeddings = text encoder."""
     from diffusers import AutoencoderKL
@@ -72,10 +42,10 @@ def test_cache_holds_vae_posterior_and_prompt_embeddings(tiny_teacher: Path, one
     cached = _read_tar(fp32_cache)
     assert len(cached) == 4
     meta, uncond = read_sidecar(fp32_cache)
-    assert meta["num_samples"] == 4 and meta["resolution"] == RES and meta["cond_keys"] == ["encoder_hidden_states"]
+    assert meta["num_samples"] == 4 and meta["resolution"] == CACHE_RES and meta["cond_keys"] == ["encoder_hidden_states"]
     vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae").eval()
     fam = SDFamily.load(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=one_shard, max_train_steps=1))
-    src = _OnePass(DataConfig(train_shards_path_or_url=one_shard, resolution=RES, center_crop=True, seed=0))
+    src = _OnePass(DataConfig(train_shards_path_or_url=one_shard, resolution=CACHE_RES, center_crop=True, seed=0))
     seen = 0
     for key, sample in src.read_once(src.urls[0], Counter()):
         with torch.no_grad():
@@ -99,7 +69,7 @@ def test_cache_holds_vae_posterior_and_prompt_embeddings(tiny_teacher: Path, one
 
 def test_loss_from_cache_equals_loss_from_pixels(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
     """Same seed: the cached batch draws the same VAE noise, (t, t_n, s), w and eps, so the TCD loss agrees to float precision."""
-    losses = _loss_pixels_vs_cached(_trainer(tiny_teacher, one_shard, tmp_path / "out"), one_shard, fp32_cache)
+    losses = _loss_pixels_vs_cached(cache_trainer(tiny_teacher, one_shard, tmp_path / "out"), one_shard, fp32_cache)
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
     # The tolerance is far tighter than what a different draw changes.
     assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
@@ -110,7 +80,7 @@ def _loss_pixels_vs_cached(trainer: Any, shards: str, cached: str) -> dict[str, 
     from tcdistill.data import DataConfig, build_train_dataloader
     from tcdistill.data_cached import build_cached_dataloader
 
-    common = dict(resolution=RES, train_batch_size=4, center_crop=True, seed=0)
+    common = dict(resolution=CACHE_RES, train_batch_size=4, center_crop=True, seed=0)
     # One shard of 4 samples and a batch of 4: both loaders return the whole shard, in tar order.
     pixel_batch = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shards, **common))))
     cached_batch = next(iter(build_cached_dataloader(DataConfig(train_shards_path_or_url=cached, **common))))
@@ -131,69 +101,19 @@ def test_sdxl_cache_keeps_per_sample_time_ids_and_the_loss(one_shard: str, tmp_p
     teacher = tmp_path / "sdxl"
     build_tiny_sdxl_pipeline(teacher)
     # the filters of the trainer below (TrainConfig's own defaults; the SDXL scripts' 700 px would drop these 32 px images)
-    cached = _cache(teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+    cached = make_cache(teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
                     "--min_image_size", "0", "--max_pwatermark", "1")
     meta, uncond = read_sidecar(cached)
     assert meta["uncond_from_cond"] == ["time_ids"] and "time_ids" not in uncond
     assert not uncond["encoder_hidden_states"].any() and not uncond["text_embeds"].any()
     assert uncond["empty.encoder_hidden_states"].any()
-    losses = _loss_pixels_vs_cached(_trainer(teacher, one_shard, tmp_path / "out", model_family="sdxl"), one_shard, cached)
+    losses = _loss_pixels_vs_cached(cache_trainer(teacher, one_shard, tmp_path / "out", model_family="sdxl"), one_shard, cached)
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
     assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
     # The cached time ids were made without --use_fix_crop_and_size: training with it is refused, not silently ignored.
     with pytest.raises(ConfigError, match="use_fix_crop_and_size"):
-        _trainer(teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl",
+        cache_trainer(teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl",
                  use_fix_crop_and_size=True)
-
-
-def test_cache_resolution_mismatch_is_a_config_error(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="differs from the cache"):
-        _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache, resolution=16)
-
-
-def test_missing_cached_shards_are_named_by_their_flag(tiny_teacher: Path, tmp_path: Path) -> None:
-    """QA: cached shards that do not exist were reported as "--train_shards_path_or_url: none of the ... exists"."""
-    with pytest.raises(ConfigError, match=r"^--train_latents_path_or_url: none of the 2 shard file\(s\) exists"):
-        _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None,
-                 train_latents_path_or_url=str(tmp_path / "gone" / "{00000..00001}.tar"))
-    # `tcdistill cache` runs the same check (it read each missing shard as a shard error, then said "no usable sample").
-    (tmp_path / "a.tar").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"^tcdistill cache: error: --train_shards_path_or_url: none of the 1 .* join several"):
-        _cache(tiny_teacher, f"{tmp_path}/a.tar,{tmp_path}/a.tar", tmp_path / "cache")
-
-
-def test_cache_faults_are_one_line_or_counted(tiny_teacher: Path, one_shard: str, fp32_cache: str, tmp_path: Path) -> None:
-    """An unwritable --output_dir is one error line; a failing pipe: source is one skipped shard, not the end of the
-    run; an unreadable or incomplete sidecar is a ConfigError."""
-    import json
-    import shutil
-
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")  # an --output_dir below a regular file cannot be made, as on a read-only filesystem
-    with pytest.raises(SystemExit) as info:
-        _cache(tiny_teacher, one_shard, blocker / "cache")
-    assert str(info.value.code).startswith("tcdistill cache: error:") and "\n" not in str(info.value.code), info.value.code
-    out = tmp_path / "piped"
-    _cache(tiny_teacher, f"pipe:false::{one_shard}", out)
-    meta = json.loads((out / META_NAME).read_text())
-    # No empty shard for the failed source: the written shards are what meta's pattern names.
-    assert meta["skipped"] == {"shard_error": 1} and meta["num_samples"] == 4 and meta["shards"] == ["00000.tar"], meta
-    assert sorted(p.name for p in out.glob("*.tar*")) == ["00000.tar"]
-    broken = tmp_path / "broken"
-    shutil.copytree(Path(fp32_cache).parent, broken)
-    (broken / UNCOND_NAME).write_bytes((broken / UNCOND_NAME).read_bytes()[:100])  # truncated
-    with pytest.raises(ConfigError, match="cannot read"):
-        read_sidecar(str(broken / "00000.tar"))
-    shutil.copy(Path(fp32_cache).parent / UNCOND_NAME, broken / UNCOND_NAME)
-    bad_meta = {k: v for k, v in json.loads((broken / META_NAME).read_text()).items() if k != "resolution"}
-    (broken / META_NAME).write_text(json.dumps(bad_meta))
-    with pytest.raises(ConfigError, match="resolution"):
-        read_sidecar(str(broken / "00000.tar"))
-    (broken / META_NAME).write_text(json.dumps({**bad_meta, "format": "another"}))  # another layout: not read as this one
-    with pytest.raises(ConfigError, match="format 'another'"):
-        read_sidecar(str(broken / "00000.tar"))
-    with pytest.raises(ConfigError, match="pipe: urls are not supported"):  # no folder to find the sidecar files in
-        read_sidecar(f"pipe:cat {fp32_cache}")
 
 
 def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str], tmp_path: Path,
@@ -205,7 +125,7 @@ def test_seed_scripts_train_from_cache(tiny_teacher: Path, tiny_shards: str, run
     from tcdistill.families import SDFamily
 
     cache_dir = tmp_path / "cache"
-    _cache(tiny_teacher, tiny_shards, cache_dir)
+    make_cache(tiny_teacher, tiny_shards, cache_dir)
     assert (cache_dir / META_NAME).is_file() and (cache_dir / UNCOND_NAME).is_file()
     latents = shard_pattern(cache_dir, 2)
     over = dict(train_shards_path_or_url=None, train_latents_path_or_url=latents, max_train_steps=2, validation_steps=0,
@@ -243,98 +163,6 @@ def test_fp16_cache_batches_are_fp32_and_run_under_cpu_bf16_autocast() -> None:
     assert both["encoder_hidden_states"].shape == (4, 3, 8)
 
 
-def test_cache_with_another_vae_is_a_config_error(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
-    """QA: training from a cache with a --pretrained_vae_model_name_or_path whose scaling factor is not the cache's
-    was silently accepted (latents of one VAE, validation decoding with another)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
-    vae.register_to_config(scaling_factor=0.13025)
-    vae.save_pretrained(tmp_path / "vae")
-    with pytest.raises(ConfigError, match="scaling_factor"):
-        _trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache,
-                 pretrained_vae_model_name_or_path=str(tmp_path / "vae"))
-
-
-def test_cache_accepts_a_per_block_cross_attention_dim(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
-    """QA: a teacher UNet config giving cross_attention_dim per block ([32, 32], as diffusers allows) trained from pixels
-    but its cache was refused ("cached prompt embeddings are 32-dim; the teacher UNet wants [32, 32]")."""
-    import json
-    import shutil
-
-    teacher = tmp_path / "teacher"
-    shutil.copytree(tiny_teacher, teacher)
-    cfg_path = teacher / "unet" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["cross_attention_dim"] = [cfg["cross_attention_dim"]] * len(cfg["down_block_types"])
-    cfg_path.write_text(json.dumps(cfg))
-    trainer = _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
-    assert trainer.family.vae.encoder is None  # the cache was accepted: its VAE encoder was dropped
-
-
-def test_cache_from_a_teacher_with_another_vae_depth_is_a_config_error(fp32_cache: str, tmp_path: Path) -> None:
-    """QA: a cache made with a VAE of another downscale factor (same channels, text width, scaling factor and
-    resolution) trained silently on latents of another size (16x16 where this teacher's VAE makes 8x8 at 32 px)."""
-    from tcdistill.tiny import build_tiny_sd_pipeline
-
-    teacher = tmp_path / "teacher_f4"
-    build_tiny_sd_pipeline(teacher, vae_block_out_channels=(16, 32, 32))  # factor 4 where the cache's VAE has 2
-    with pytest.raises(ConfigError, match="8x8 latents"):
-        _trainer(teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache)
-
-
-def test_image_filters_of_a_cached_run_warn_where_the_cache_did_not_apply_them(tiny_teacher: Path, fp32_cache: str, tmp_path: Path,
-                                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """QA: cached samples keep no image size or watermark score, so --min_image_size/--max_pwatermark (the SDXL scripts'
-    700/0.5) could not filter them and were silently ignored. The cache records its own filters; training warns where
-    the run's differ, as it does for --center_crop. A cache that recorded none (made before it did) was unfiltered."""
-    import json
-    import logging
-    import shutil
-
-    from tcdistill.data_cached import prepare_cached_training
-    from tcdistill.families import load_family
-
-    meta, _ = read_sidecar(fp32_cache)
-    assert (meta["min_image_size"], meta["max_pwatermark"]) == (0, 1.0)
-    older = tmp_path / "older"
-    shutil.copytree(Path(fp32_cache).parent, older)
-    (older / META_NAME).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("min_image_size", "max_pwatermark")}))
-    both, unrecorded = dict(min_image_size=700, max_pwatermark=0.5), str(older / "00000.tar")
-    for cache, filters, warned in ((fp32_cache, dict(), []), (fp32_cache, both, ["min_image_size", "max_pwatermark"]),
-                                   (unrecorded, dict(), []), (unrecorded, dict(min_image_size=700), ["min_image_size"])):
-        cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=cache, resolution=RES,
-                          center_crop=True, max_train_steps=1, report_to="none", **filters)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="tcdistill"):
-            prepare_cached_training(cfg, load_family(cfg))
-        said = [r.getMessage() for r in caplog.records]
-        assert [k for k in ("min_image_size", "max_pwatermark") if any(m.startswith(f"--{k} ") and "has no effect" in m for m in said)] == warned, said
-
-
-def test_cached_sample_lacking_a_member_or_misshapen_is_skipped_by_kind() -> None:
-    """A sample without its latents or a prompt embedding is a `missing_member` skip, not an unreadable one; a
-    posterior std of another shape than its mean is a `shape_mismatch` (it would fail the batch's stack, or broadcast)."""
-    import random
-    from types import SimpleNamespace
-
-    from tcdistill.data import SkipSample
-    from tcdistill.data_cached import LATENTS, LATENTS_STD, CachedLatentShards
-
-    def npy(shape: tuple[int, ...]) -> bytes:
-        buf = io.BytesIO()
-        np.save(buf, np.zeros(shape, np.float32))
-        return buf.getvalue()
-
-    shards = SimpleNamespace(cond_keys=["encoder_hidden_states"], latent_shape=(4, 4, 4))
-    for raw, kind in (({LATENTS: npy((4, 4, 4))}, "missing_member"),
-                      ({LATENTS: npy((4, 4, 4)), LATENTS_STD: npy((4, 4, 1)), "encoder_hidden_states.npy": npy((8, 32))},
-                       "shape_mismatch")):
-        with pytest.raises(SkipSample) as info:
-            CachedLatentShards._process(shards, raw, random.Random(0))
-        assert info.value.kind == kind, info.value
-
-
 def test_cache_defaults_follow_the_family_scripts() -> None:
     """Unset --resolution/--min_image_size/--max_pwatermark take the family's training-script defaults (SDXL: 1024 px,
     700, 0.5), so a cache made with the defaults holds what the SDXL scripts' defaults would train on."""
@@ -355,7 +183,7 @@ def test_sdxl_cache_with_fp16_encoding_keeps_the_vae_fp32(sdxl_teacher: Path, on
     batch ("Input type (c10::Half) and bias type (float) should be the same"): SDXL's VAE stays fp32 under fp16 (its
     `force_upcast`, as in training) but the pixels were cast to fp16. The pixels follow the VAE's own dtype, as training
     encodes them; the latents equal those of an fp32 encode, and the text embeddings come from the fp16 encoders."""
-    caches = {dtype: _read_tar(_cache(sdxl_teacher, one_shard, tmp_path / dtype, "--model_family", "sdxl", "--encode_dtype", dtype,
+    caches = {dtype: _read_tar(make_cache(sdxl_teacher, one_shard, tmp_path / dtype, "--model_family", "sdxl", "--encode_dtype", dtype,
                                       "--storage_dtype", "fp32", "--min_image_size", "0", "--max_pwatermark", "1"))
               for dtype in ("fp32", "fp16")}
     assert caches["fp16"].keys() == caches["fp32"].keys() and len(caches["fp16"]) == 4
@@ -378,11 +206,11 @@ def test_sdxl_time_ids_are_cached_exactly_in_an_fp16_cache(sdxl_teacher: Path, t
     # 33 px high: resized to 32 x ~2000, so the crop's left edge is past 2048 too (under --center_crop: 978, 979).
     shard = write_shard(tmp_path / "wide.tar", [(f"k{i}", {"png": image_bytes(solid("RGB", (2051 + 2 * i, 33), (200, 30, 30)), "PNG"),
                                                         "txt": "a wide red band"}) for i in range(2)])
-    cached = _read_tar(_cache(sdxl_teacher, shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
+    cached = _read_tar(make_cache(sdxl_teacher, shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
                               "--max_pwatermark", "1"))
     cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url=shard, max_train_steps=1,
-                      model_family="sdxl", resolution=RES, center_crop=True)
-    live = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shard, resolution=RES, center_crop=True,
+                      model_family="sdxl", resolution=CACHE_RES, center_crop=True)
+    live = next(iter(build_train_dataloader(DataConfig(train_shards_path_or_url=shard, resolution=CACHE_RES, center_crop=True,
                                                        train_batch_size=2, seed=0))))
     want = load_family(cfg).time_ids(live, torch.device("cpu"))
     assert want[:, 1].tolist() == [2051, 2053]
@@ -395,21 +223,21 @@ def test_sdxl_cache_with_fix_crop_and_size(sdxl_teacher: Path, one_shard: str, t
     """SDXL --use_fix_crop_and_size through the cache: the cached time ids are (R, R, 0, 0, R, R) whatever the image's size
     and crop (here 48x40 px, center-cropped at top 3), the run with the flag accepts the cache, and its loss equals the
     live path's under the same flag; a run without the flag is refused (the cached time ids cannot change)."""
-    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+    cached = make_cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
                     "--min_image_size", "0", "--max_pwatermark", "1", "--use_fix_crop_and_size")
     meta, uncond = read_sidecar(cached)
     assert meta["use_fix_crop_and_size"] is True and meta["uncond_from_cond"] == ["time_ids"] and "time_ids" not in uncond
     rows = [v["time_ids.npy"].tolist() for v in _read_tar(cached).values()]
-    assert rows == [[RES, RES, 0, 0, RES, RES]] * 4, rows
-    trainer = _trainer(sdxl_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached,
+    assert rows == [[CACHE_RES, CACHE_RES, 0, 0, CACHE_RES, CACHE_RES]] * 4, rows
+    trainer = cache_trainer(sdxl_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached,
                        model_family="sdxl", use_fix_crop_and_size=True)
     assert trainer.family.vae.encoder is None  # the cache was accepted
-    live = _trainer(sdxl_teacher, one_shard, tmp_path / "live", model_family="sdxl", use_fix_crop_and_size=True)
+    live = cache_trainer(sdxl_teacher, one_shard, tmp_path / "live", model_family="sdxl", use_fix_crop_and_size=True)
     losses = _loss_pixels_vs_cached(live, one_shard, cached)
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4, abs=1e-7)
     assert abs(losses["cached_other_seed"] - losses["pixels"]) > 100 * abs(losses["cached"] - losses["pixels"])
     with pytest.raises(ConfigError, match="use_fix_crop_and_size"):
-        _trainer(sdxl_teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached,
+        cache_trainer(sdxl_teacher, "", tmp_path / "out2", train_shards_path_or_url=None, train_latents_path_or_url=cached,
                  model_family="sdxl")
 
 
@@ -422,11 +250,11 @@ def test_proportion_empty_prompts_in_a_cached_run(sdxl_teacher: Path, one_shard:
     from tcdistill.data_cached import build_cached_dataloader
     from tcdistill.families import load_family
 
-    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
+    cached = make_cache(sdxl_teacher, one_shard, tmp_path / "cache", "--storage_dtype", "fp32", "--model_family", "sdxl",
                     "--min_image_size", "0", "--max_pwatermark", "1")
     family = load_family(TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url=one_shard,
-                                     max_train_steps=1, model_family="sdxl", resolution=RES))
-    common = dict(train_shards_path_or_url=cached, resolution=RES, train_batch_size=4, seed=0)
+                                     max_train_steps=1, model_family="sdxl", resolution=CACHE_RES))
+    common = dict(train_shards_path_or_url=cached, resolution=CACHE_RES, train_batch_size=4, seed=0)
     kept = next(iter(build_cached_dataloader(DataConfig(**common))))
     dropped = next(iter(build_cached_dataloader(DataConfig(**common, proportion_empty_prompts=1.0))))
     assert dropped["captions"] == [""] * 4 and "" not in kept["captions"]
@@ -453,7 +281,7 @@ def test_resumed_cached_run_continues_the_stream_exactly(tiny_teacher: Path, tin
     from accelerate.state import AcceleratorState
 
     cache = tmp_path / "cache"
-    _cache(tiny_teacher, tiny_shards, cache)  # the default fp16 storage
+    make_cache(tiny_teacher, tiny_shards, cache)  # the default fp16 storage
     kw = dict(train_shards_path_or_url=None, train_latents_path_or_url=shard_pattern(cache, 2), train_batch_size=3,
               max_train_steps=5, checkpointing_steps=2, validation_steps=0, dataloader_num_workers=1, proportion_empty_prompts=0.3,
               learning_rate=1e-3)
@@ -461,10 +289,10 @@ def test_resumed_cached_run_continues_the_stream_exactly(tiny_teacher: Path, tin
     def losses(out: Path) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
-    _trainer(tiny_teacher, "", tmp_path / "a", **kw).train()
+    cache_trainer(tiny_teacher, "", tmp_path / "a", **kw).train()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     AcceleratorState._reset_state(True)
-    _trainer(tiny_teacher, "", tmp_path / "b", resume_from_checkpoint="latest", **kw).train()
+    cache_trainer(tiny_teacher, "", tmp_path / "b", resume_from_checkpoint="latest", **kw).train()
     ref, got = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(got) == [3, 4, 5] and len(set(ref.values())) == 5
     assert got == {s: ref[s] for s in got}, (got, ref)
@@ -484,7 +312,7 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
     from tcdistill.tiny import write_tiny_shards
 
     write_tiny_shards(tmp_path / "src", n_shards=1, per_shard=4, image_size=32, seed=1)
-    cached = _cache(sdxl_teacher, shard_pattern(tmp_path / "src", 1), tmp_path / "cache", "--model_family", "sdxl",
+    cached = make_cache(sdxl_teacher, shard_pattern(tmp_path / "src", 1), tmp_path / "cache", "--model_family", "sdxl",
                     "--encode_dtype", "bf16", "--min_image_size", "0", "--max_pwatermark", "1")
     finite: list[bool] = []
     call = StableDiffusionXLPipeline.__call__
@@ -497,7 +325,7 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", checked)
     out = tmp_path / "out"
     train_main(variant, ["--pretrained_teacher_model", str(sdxl_teacher), "--output_dir", str(out), "--train_latents_path_or_url",
-                         cached, "--resolution", str(RES), "--center_crop", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                         cached, "--resolution", str(CACHE_RES), "--center_crop", "--mixed_precision", "bf16", "--gradient_checkpointing",
                          "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts",
                          "a red circle", "--validation_inference_steps", "2", "--report_to", "none", "--seed", "0",
                          "--min_image_size", "0", "--max_pwatermark", "1", *(["--lora_rank", "4"] if variant == "lora" else [])],
@@ -515,116 +343,6 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
         assert pipe.get_list_adapters() == {"unet": ["default_0"]}
 
 
-def test_a_rerun_into_the_same_folder_leaves_no_cache_that_mixes_runs(tiny_teacher: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A smaller re-run leaves the earlier run's higher-numbered shards: a pattern reaching them is refused; a re-run
-    interrupted after overwriting a shard leaves no metadata (it is the completion marker), so training refuses it."""
-    import tcdistill.cache as cache_mod
-
-    src = tmp_path / "src"
-    write_tiny_shards(src, n_shards=2, per_shard=4, image_size=(32, 32), seed=5)
-    out = tmp_path / "cache"
-    _cache(tiny_teacher, shard_pattern(src, 2), out)
-    read_sidecar(str(out / "{00000..00001}.tar"))  # the complete cache is accepted
-    _cache(tiny_teacher, str(src / "00000.tar"), out)  # 1 shard now; the old 00001.tar stays on disk
-    assert (out / "00001.tar").exists()
-    read_sidecar(str(out / "00000.tar"))
-    with pytest.raises(ConfigError, match=r"00001\.tar' is not one of the 1 shard"):
-        read_sidecar(str(out / "{00000..00001}.tar"))
-
-    read_once = cache_mod._OnePass.read_once
-
-    def killed_at_the_second_shard(self: Any, url: str, skipped: Counter[str]) -> Any:
-        if url.endswith("00001.tar"):
-            raise KeyboardInterrupt  # Ctrl-C mid-run, after 00000.tar was overwritten
-        return read_once(self, url, skipped)
-
-    monkeypatch.setattr(cache_mod._OnePass, "read_once", killed_at_the_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        _cache(tiny_teacher, shard_pattern(src, 2), out)
-    with pytest.raises(ConfigError, match="cannot read"):
-        read_sidecar(str(out / "00000.tar"))
-
-
-def test_a_full_disk_is_one_line_and_leaves_no_cache_training_accepts(tiny_teacher: Path, one_shard: str, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOSPC while writing a shard or the metadata (over an earlier complete cache): one error line, no partial file,
-    and no metadata left over the new shards."""
-    import errno
-    import webdataset as wds
-
-    def full(*_: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    out = tmp_path / "cache"
-    for where in ("shard", "metadata"):
-        _cache(tiny_teacher, one_shard, out)  # a complete cache first, which the failing re-run writes over
-        with monkeypatch.context() as m:
-            if where == "shard":
-                m.setattr(wds.TarWriter, "write", full)
-            else:
-                write_bytes = Path.write_bytes
-                # a partial file, then ENOSPC
-                m.setattr(Path, "write_bytes", lambda p, data: (write_bytes(p, data[:9]), full()) if META_NAME in p.name else write_bytes(p, data))
-            with pytest.raises(SystemExit) as info:
-                _cache(tiny_teacher, one_shard, out)
-        msg = str(info.value.code)
-        assert msg.startswith("tcdistill cache: error:") and "No space left" in msg and "\n" not in msg, (where, msg)
-        assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*")), (where, sorted(p.name for p in out.iterdir()))
-        if where == "shard":
-            read_sidecar(str(out / "00000.tar"))  # no new shard landed: the earlier cache is still whole
-        else:
-            with pytest.raises(ConfigError, match="cannot read"):
-                read_sidecar(str(out / "00000.tar"))
-
-
-def test_sdxl_cache_from_a_teacher_with_another_pooled_width_is_a_config_error(sdxl_teacher: Path, one_shard: str,
-                                                                              tmp_path: Path) -> None:
-    """Same cross-attention width, another text_encoder_2 projection: refused in one line, not a matmul traceback in
-    the first step."""
-    from tcdistill.tiny import build_tiny_sdxl_pipeline
-
-    cached = _cache(sdxl_teacher, one_shard, tmp_path / "cache", "--model_family", "sdxl", "--min_image_size", "0",
-                    "--max_pwatermark", "1")
-    other = tmp_path / "other"
-    build_tiny_sdxl_pipeline(other, projection_dim=24)
-    with pytest.raises(ConfigError, match=r"text_embeds\) are 16-dim; .* wants 24"):
-        _trainer(other, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=cached, model_family="sdxl")
-
-
-def test_cache_metadata_that_does_not_fit_the_run_is_refused(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
-    """A cache of another family, latent channel count or prompt width, and a shard pattern reaching into another folder (whose
-    shards the metadata does not describe, even under the same names), are one-line ConfigErrors, not a run on them."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from tcdistill.data_cached import prepare_cached_training
-    from tcdistill.families import load_family
-
-    cache = tmp_path / "cache"
-    shutil.copytree(Path(fp32_cache).parent, cache)
-    other = tmp_path / "other"
-    shutil.copytree(Path(fp32_cache).parent, other)
-    with pytest.raises(ConfigError, match="is not one of the 1 shard"):
-        read_sidecar(f"{cache}/00000.tar::{other}/00000.tar")
-    meta = json.loads((cache / META_NAME).read_text())
-    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_latents_path_or_url=str(cache / "00000.tar"), resolution=RES,
-                      center_crop=True, max_train_steps=1, report_to="none")
-    family = load_family(cfg)
-    for edit, needle in ((dict(model_family="sdxl"), "made for a 'sdxl' teacher"),
-                         (dict(latent_shape=[meta["latent_shape"][0] + 1, *meta["latent_shape"][1:]]), "channels")):
-        (cache / META_NAME).write_text(json.dumps({**meta, **edit}))
-        with pytest.raises(ConfigError, match=needle):
-            prepare_cached_training(cfg, family)
-    (cache / META_NAME).write_text(json.dumps(meta))
-    uncond = load_file(cache / UNCOND_NAME)
-    save_file({**uncond, "encoder_hidden_states": uncond["encoder_hidden_states"][..., :-1].contiguous()}, cache / UNCOND_NAME)
-    with pytest.raises(ConfigError, match="cached prompt embeddings are"):
-        prepare_cached_training(cfg, family)
-
-
 def test_the_printed_train_flags_fit_the_cache(sdxl_teacher: Path, one_shard: str, tmp_path: Path, capsys: pytest.CaptureFixture,
                                               caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """QA: `tcdistill cache` ended with "train with: --train_latents_path_or_url=... --resolution=N" only, so a user who
@@ -639,7 +357,7 @@ def test_the_printed_train_flags_fit_the_cache(sdxl_teacher: Path, one_shard: st
     from tcdistill.families import flag_defaults, load_family
 
     monkeypatch.chdir(sdxl_teacher.parent)  # the teacher given relative: recorded absolute, as training records it
-    cached = _cache(Path(sdxl_teacher.name), one_shard, tmp_path / "cache", "--model_family", "sdxl", "--random_flip",
+    cached = make_cache(Path(sdxl_teacher.name), one_shard, tmp_path / "cache", "--model_family", "sdxl", "--random_flip",
                     "--use_fix_crop_and_size", "--min_image_size", "0", "--max_pwatermark", "1", "--interpolation_type", "bicubic")
     assert read_sidecar(cached)[0]["teacher"] == str(sdxl_teacher)
     hint = capsys.readouterr().out.splitlines()[-1]

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tcdistill.config import ConfigError, TrainConfig, build_parser, parse_config
-from tcdistill.families import SDXL_FLAG_DEFAULTS, flag_defaults
+from conftest import BASE
 
-BASE = dict(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1)
+from tcdistill.config import ConfigError, TrainConfig, build_parser, parse_config
+from tcdistill.families import flag_defaults
+
 
 # The reference scripts' argparse defaults (rootonchair/consistency_models_distill tcd/*, i.e. diffusers' LCM scripts).
 REFERENCE_DEFAULTS = dict(
@@ -30,6 +30,8 @@ REFERENCE_DEFAULTS = dict(
     gradient_checkpointing=False, validation_steps=200, pretrained_vae_model_name_or_path=None, teacher_revision=None,
     revision=None, use_fix_crop_and_size=False,
 )
+
+
 SDXL_REFERENCE = {"resolution": 1024, "w_min": 3.0, "vae_encode_batch_size": 8}
 
 
@@ -322,214 +324,6 @@ def test_teacher_of_the_other_family_is_refused_before_loading(tiny_teacher: Pat
         check_teacher_config(TrainConfig(**base))
 
 
-def _lora_strategy(tmp_path: Path, weight_dtype: torch.dtype = torch.float32, **cfg):
-    from conftest import small_unet
-
-    from tcdistill.families import SDFamily
-    from tcdistill.strategy import LoraStrategy
-
-    family = SDFamily.__new__(SDFamily)  # only .unet and .save_lora_weights are used
-    family.unet = small_unet()
-    return LoraStrategy(TrainConfig(**BASE, variant="lora", lora_rank=2, output_dir=str(tmp_path), **cfg), family, weight_dtype)
-
-
-def test_channels_last_converts_each_unet() -> None:
-    """--channels_last: each UNet the trainer hands over (student, target, teacher) gets channels_last weights."""
-    from conftest import small_unet
-
-    from tcdistill.models import speed_up_unets
-
-    unets = [small_unet(), small_unet()]
-    speed_up_unets(unets, TrainConfig(**BASE, channels_last=True))
-    for w in (u.conv_in.weight for u in unets):
-        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-
-
-def test_lora_saves_under_channels_last(tmp_path: Path) -> None:
-    """--channels_last made the conv adapters' weights non-contiguous: the final LoRA save failed (safetensors)."""
-    import safetensors.torch
-
-    strategy = _lora_strategy(tmp_path)
-    strategy.student.to(memory_format=torch.channels_last)  # what speed_up_unets does
-    assert any(not p.is_contiguous() for p in strategy.trainable_parameters())
-    (path,) = strategy.save_outputs(str(tmp_path))
-    saved = safetensors.torch.load_file(path)
-    assert saved and all(torch.equal(saved[f"unet.{k}"], v) for k, v in strategy.lora_state_dict().items())
-
-
-def test_no_lora_merged_target_runs_the_target_through_the_adapter_branch(tmp_path: Path) -> None:
-    """--no_lora_merged_target runs the target as the adapters-on UNet (the reference's form), e.g. to rule the merged
-    weights out; the default runs the merged-weights view."""
-    from tcdistill.unet_views import MergedAdapters
-
-    merged = _lora_strategy(tmp_path / "m")
-    assert isinstance(merged.denoisers(merged.student)[1], MergedAdapters)
-    plain = _lora_strategy(tmp_path / "p", lora_merged_target=False)
-    assert not isinstance(plain.denoisers(plain.student)[1], MergedAdapters)
-
-
-def test_lora_checkpoint_with_foreign_keys_is_refused(tmp_path: Path) -> None:
-    """A resumed LoRA whose keys name no adapter here (another rank/targets) must not load silently as partly fresh."""
-    strategy = _lora_strategy(tmp_path)
-    tensors = strategy.lora_state_dict()
-    strategy.load_state_tensors({"lora": tensors})  # its own keys load
-    with pytest.raises(RuntimeError, match="unexpected keys"):
-        strategy.load_state_tensors({"lora": {**tensors, "down_blocks.9.attentions.0.to_q.lora_A.weight": torch.zeros(2, 4)}})
-
-
-@pytest.mark.parametrize("teacher_dtype,dtype,native", [("fp32", torch.float32, False), ("weight", torch.bfloat16, True)])
-def test_separate_teacher_follows_teacher_dtype(tmp_path: Path, teacher_dtype: str, dtype: torch.dtype, native: bool) -> None:
-    """--teacher_dtype fp32 (the reference's teacher): fp32 weights under autocast; 'weight': bf16 outside it."""
-    strategy = _lora_strategy(tmp_path, torch.bfloat16, lora_separate_teacher=True, teacher_dtype=teacher_dtype)
-    assert {p.dtype for p in strategy.separate_teacher.parameters()} == {dtype}
-    teacher = strategy.denoisers(strategy.student)[2]
-    assert (teacher.unet, teacher.dtype, teacher.native) == (strategy.separate_teacher, dtype, native)
-    assert strategy.teacher_unet is strategy.separate_teacher  # what the trainer sets up (channels_last, compile, xformers)
-
-
-@pytest.mark.parametrize("target_dtype", ["weight", "fp32"])
-def test_full_target_runs_the_weight_dtype_shadow(target_dtype: str) -> None:
-    """--target_dtype weight: the target forward reads the bf16 copy of the EMA weights, outside autocast (the copy is
-    what after_optimizer_step refreshes); fp32: the EMA UNet itself under autocast."""
-    from conftest import small_unet
-
-    from tcdistill.strategy import FullStrategy
-
-    family = type("F", (), {"unet": small_unet()})()
-    strategy = FullStrategy(TrainConfig(**BASE, unet_time_cond_proj_dim=8, target_dtype=target_dtype), family, torch.bfloat16)
-    target = strategy.denoisers(strategy.student)[1]
-    want = ((strategy.target_shadow, torch.bfloat16, True) if target_dtype == "weight" else (strategy.target, None, False))
-    assert want[0] is not None and (target.unet, target.dtype, target.native) == want
-    for frozen in (want[0], strategy.teacher_unet):  # the EMA weights and the teacher are never trained
-        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
-
-
-@pytest.mark.parametrize("dtype,flags,copies", [(torch.bfloat16, {}, True), (torch.float32, {}, False),
-                                                 (torch.bfloat16, dict(compile_unet=True), False),
-                                                 (torch.bfloat16, dict(student_weight_copy=False), False)])
-def test_student_weight_copies_only_eager_under_mixed_precision(dtype: torch.dtype, flags: dict, copies: bool) -> None:
-    """--student_weight_copy runs the eager, unwrapped student from weight-dtype copies; a compiled UNet, fp32, or a
-    wrapper (DDP keeps its per-weight hooks) runs the module itself."""
-    from conftest import small_unet
-
-    from tcdistill.strategy import FullStrategy
-    from tcdistill.unet_views import WeightCopies
-
-    family = type("F", (), {"unet": small_unet()})()
-    strategy = FullStrategy(TrainConfig(**BASE, unet_time_cond_proj_dim=8, **flags), family, dtype)
-    net = strategy.denoisers(strategy.student)[0].unet
-    assert isinstance(net, WeightCopies) if copies else net is strategy.student
-    wrapper = torch.nn.Sequential(strategy.student)  # stands in for a DDP wrapper
-    assert strategy.denoisers(wrapper)[0].unet is wrapper
-
-
-def test_lora_export_kohya_saves_the_kohya_file_too(tmp_path: Path) -> None:
-    """--export_kohya: the final save writes the kohya-format file next to the diffusers one."""
-    from tcdistill.export import KOHYA_WEIGHT_NAME
-
-    paths = _lora_strategy(tmp_path, export_kohya=True).save_outputs(str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME]
-    assert all(os.path.isfile(p) for p in paths)
-
-
-def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--lora_target_modules 'no_such_module'"):
-        _lora_strategy(tmp_path, lora_target_modules="no_such_module")
-
-
-def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`tcdistill train-full --model_family sdxl` trained with SD's defaults (512 px, w_min 5, no image filters)."""
-    import tcdistill.trainer
-    from tcdistill.cli import main
-
-    seen = []
-
-    class FakeTrainer:
-        def __init__(self, cfg: TrainConfig) -> None:
-            seen.append(cfg)
-
-        def train(self) -> None:
-            pass
-
-    monkeypatch.setattr(tcdistill.trainer, "Trainer", FakeTrainer)
-    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1"]
-    main(["train-lora", *flags, "--model_family", "sdxl"])
-    main(["train-full", *flags])
-    assert [(c.variant, c.model_family) for c in seen] == [("lora", "sdxl"), ("full", "sd")]
-    assert {k: getattr(seen[0], k) for k in SDXL_FLAG_DEFAULTS} == SDXL_FLAG_DEFAULTS
-    assert seen[1].resolution == 512
-
-
-def test_python_dash_m_runs_the_cli() -> None:
-    """`python -m tcdistill` and `python -m tcdistill.cli` are the console script (QA: the second silently did nothing)."""
-    import subprocess
-    import sys
-
-    for mod in ("tcdistill", "tcdistill.cli"):
-        proc = subprocess.run([sys.executable, "-m", mod, "nonsense"], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1 and "usage: tcdistill {train-full" in proc.stderr, (mod, proc.stderr[-500:])
-
-
-def test_tcdistill_help_is_usage_on_stdout_and_status_0(capsys: pytest.CaptureFixture) -> None:
-    """QA: `tcdistill --help` printed the usage to stderr and exited 1, as for an unknown subcommand."""
-    from tcdistill.cli import main
-
-    for flag in ("--help", "-h"):
-        main([flag])  # returns: no SystemExit
-        assert capsys.readouterr().out.startswith("usage: tcdistill {train-full,train-lora,demo,")
-    with pytest.raises(SystemExit) as e:
-        main([])
-    assert str(e.value).startswith("usage: tcdistill {")
-
-
-def test_resume_says_when_it_keeps_the_checkpoints_optimizer_settings(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """QA: a resumed run takes lr, betas, eps and weight decay from the checkpoint's optimizer state (the LR schedule its base
-    LR): --learning_rate/--scale_lr/--adam_* of the resuming command were dropped silently. The same flags say nothing."""
-    import logging
-
-    from tcdistill.trainer import Trainer
-
-    base = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path), resolution=32,
-                train_batch_size=2, report_to="none", mixed_precision="no", validation_steps=0, variant="lora", lora_rank=2, seed=0)
-    Trainer(TrainConfig(**base, max_train_steps=1, learning_rate=1e-3)).train()
-    for flags, warned in ((dict(learning_rate=1e-3), False), (dict(learning_rate=1e-5, adam_weight_decay=0.5), True)):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="tcdistill"):
-            trainer = Trainer(TrainConfig(**base, max_train_steps=2, resume_from_checkpoint="latest", **flags))
-            trainer.maybe_resume()
-        said = [r.getMessage() for r in caplog.records if "optimizer settings" in r.getMessage()]
-        assert trainer.global_step == 1 and trainer.optimizer.param_groups[0]["initial_lr"] == 1e-3
-        assert bool(said) == warned, said
-        if warned:
-            assert "initial_lr 0.001 (flags: 1e-05)" in said[0] and "weight_decay 0.01 (flags: 0.5)" in said[0], said
-
-
-def test_a_scheduler_that_refuses_the_learning_rate_is_a_config_error(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
-    """--lr_scheduler polynomial decays to 1e-7: a learning rate at or below it raised diffusers' ValueError traceback."""
-    from tcdistill.trainer import Trainer
-
-    with pytest.raises(ConfigError, match="--lr_scheduler polynomial with learning rate 1e-08: lr_end"):
-        Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
-                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", lr_scheduler="polynomial",
-                            learning_rate=1e-8))
-
-
-def test_validation_guidance_outside_the_trained_w_range_is_warned(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """A full run trained on w in [1, 3] validated at the default scale 8 (w = 7, never trained on) without a word."""
-    from tcdistill.trainer import Trainer
-
-    kw = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1,
-              report_to="none", mixed_precision="no", validation_steps=1, w_min=1.0, w_max=3.0)
-    with caplog.at_level("WARNING", logger="tcdistill"):
-        Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "a")))
-        assert "embeds w = 7, outside the trained range" in caplog.text
-        caplog.clear()
-        Trainer(TrainConfig(**kw, output_dir=str(tmp_path / "b"), validation_guidance_scale=3.0))
-        assert "outside the trained range" not in caplog.text
-
-
 def test_tilde_in_path_flags_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`--output_dir=~/run` reaches the script unexpanded (bash expands `~` only at a word's start): it wrote to a
     folder literally named `~` in the working directory, while `~` in the shard urls was already expanded."""
@@ -567,43 +361,6 @@ def test_out_of_range_seed_is_one_line_at_parse_time(seed: int, capsys: pytest.C
         assert parse_config([*argv, f"--seed={ok}"]).seed == ok
 
 
-def test_seed_range_counts_every_rank(tiny_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each rank seeds with --seed + its rank (accelerate's device_specific seeding): on 2 processes the top seed is
-    2**32 - 2, refused in one line before any weights load instead of failing on rank 1 only."""
-    import accelerate
-
-    import tcdistill.trainer as trainer_mod
-
-    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(trainer_mod, "load_family", lambda *a, **k: pytest.fail("weights loaded before the seed check"))
-    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "o"),
-                      resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", seed=2**32 - 1)
-    with pytest.raises(ConfigError, match=r"--seed must be in \[0, 4294967294\] with 2 processes"):
-        trainer_mod.Trainer(cfg)
-
-
-def test_start_up_reads_the_teachers_tokenizer_once(tiny_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """QA: the pre-load tokenizer check loaded the teacher's tokenizer(s), then the family load loaded them again
-    (~0.6 s each for SD's 49k-token BPE on this VM, and hub requests for a hub id): the load now keeps the checked ones."""
-    import tcdistill.families as families
-    import tcdistill.trainer as trainer_mod
-
-    loads: list[str] = []
-    real = families.from_pretrained_checked
-
-    def counting(cls, src, subfolder, *args, **kw):
-        if cls.__name__.endswith(("Tokenizer", "TokenizerFast")):
-            loads.append(subfolder)
-        return real(cls, src, subfolder, *args, **kw)
-
-    monkeypatch.setattr(families, "from_pretrained_checked", counting)
-    tr = trainer_mod.Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards,
-                                         output_dir=str(tmp_path / "o"), resolution=32, max_train_steps=1, report_to="none",
-                                         mixed_precision="no", validation_steps=0))
-    assert loads == ["tokenizer"]
-    assert tr.family.tokenizer.pad_token is not None
-
-
 def test_out_of_range_validation_seed_is_a_config_error() -> None:
     """QA: validation prompt i samples with --validation_seed + i (a torch generator): --validation_seed 2**64-1 trained
     a step, then ended the run at the first validation with "Overflow when unpacking long long" (a traceback)."""
@@ -613,117 +370,3 @@ def test_out_of_range_validation_seed_is_a_config_error() -> None:
         TrainConfig(**BASE, validation_seed=2**64 - 1, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 2, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 1, validation_steps=0)  # no validation, no seed used
-
-
-def test_flags_the_reference_ignored_reach_the_run(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reference defect 2: --center_crop, --random_flip, --scale_lr, --cache_dir and --proportion_empty_prompts were
-    parsed and ignored. The trainer loads the teacher through --cache_dir, scales the LR, and hands every data flag to
-    the loader (test_data.py tests what the loader does with them)."""
-    import dataclasses
-    import shutil
-
-    import huggingface_hub.constants
-
-    import tcdistill.trainer as trainer_mod
-    from tcdistill.data import DataConfig
-
-    # A hub id that only the --cache_dir folder holds (hub cache layout); offline, so nothing is asked of the network.
-    repo = tmp_path / "hub" / "models--tiny--teacher"
-    shutil.copytree(tiny_teacher, repo / "snapshots" / ("0" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    # No `.no_exist` record of the tokenizer's absent config.json (an online run leaves one, snapshot_download does not):
-    # offline, AutoTokenizer failed on such a cache; the tokenizer class model_index.json names loads from it.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    loaders = []
-    monkeypatch.setattr(trainer_mod, "build_train_dataloader", lambda dcfg: loaders.append(dcfg))
-    cfg = TrainConfig(pretrained_teacher_model="tiny/teacher", cache_dir=str(tmp_path / "hub"), train_shards_path_or_url=tiny_shards,
-                      output_dir=str(tmp_path / "out"), resolution=24, train_batch_size=3, gradient_accumulation_steps=2,
-                      learning_rate=1e-4, scale_lr=True, center_crop=True, random_flip=True, proportion_empty_prompts=0.25,
-                      interpolation_type="bicubic", min_image_size=8, max_pwatermark=0.5, dataloader_num_workers=1, seed=3,
-                      max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, variant="lora", lora_rank=2)
-    tr = trainer_mod.Trainer(cfg)
-    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 3 * 2)  # x batch x accumulation x processes (1)
-    tr.data_loader()
-    shared = {f.name for f in dataclasses.fields(DataConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    assert {"center_crop", "random_flip", "proportion_empty_prompts", "interpolation_type"} <= shared
-    assert {n: getattr(loaders[0], n) for n in shared} == {n: getattr(cfg, n) for n in shared}
-
-
-def test_validation_images_reach_every_tracker_under_their_own_tags(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
-    """Reference defect 8: its validation logged images to the first tracker only, and the full model's online and EMA
-    images under one tensorboard tag (each overwrote the other)."""
-    from accelerate.tracking import TensorBoardTracker
-    from conftest import event_files
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from tcdistill.trainer import Trainer
-
-    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
-                             resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", validation_prompts="a red circle",
-                             validation_inference_steps="1"))
-    tr.accelerator.trackers = [TensorBoardTracker("run", str(tmp_path / name)) for name in ("a", "b")]  # as --report_to all
-    for tracker in tr.accelerator.trackers:
-        tracker.start()
-    tr.validate()
-    for tracker in tr.accelerator.trackers:
-        tracker.finish()
-    for name in ("a", "b"):
-        tags = set()
-        for f in event_files(tmp_path / name):
-            events = EventAccumulator(str(f), size_guidance={"images": 0})
-            events.Reload()
-            tags |= set(events.Tags()["images"])
-        assert tags == {"validation/online", "validation/ema"}, (name, tags)
-
-
-def test_validation_and_outputs_take_the_online_and_ema_students_and_the_lora_student_without_cfg(tiny_teacher: Path, tiny_shards: str,
-                                                                                         tmp_path: Path) -> None:
-    """The full run's `ema` images come from the EMA target (the deliverable), `online` from the trained student; the LoRA
-    student (no w input: its guidance is distilled in) samples without CFG whatever --validation_guidance_scale says.
-    The saved `unet_target` is the EMA, `unet` the online student."""
-    from safetensors.torch import load_file
-
-    from tcdistill.trainer import Trainer
-
-    base = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, resolution=32, max_train_steps=1,
-                report_to="none", mixed_precision="no", validation_guidance_scale=5.0)
-    full = Trainer(TrainConfig(output_dir=str(tmp_path / "full"), **base)).strategy
-    views = [(tag, id(unet), gs) for tag, unet, gs in full.validation_unets()]
-    assert views == [("online", id(full.student), 5.0), ("ema", id(full.target), 5.0)]
-    with torch.no_grad():
-        next(full.student.parameters()).add_(1.0)  # online and EMA weights differ, as after training
-    online, ema = full.save_outputs(str(tmp_path / "saved"))
-    for path, unet in ((online, full.student), (ema, full.target)):
-        saved = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
-        assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items()), path
-    lora = Trainer(TrainConfig(output_dir=str(tmp_path / "lora"), variant="lora", **base)).strategy
-    assert [(tag, id(unet), gs) for tag, unet, gs in lora.validation_unets()] == [("lora", id(lora.student), 0.0)]
-
-
-@pytest.mark.parametrize("cmd", ["demo", "eval", "bench", "cache", "generate", "export"])
-def test_subcommand_help_shows_every_default(cmd: str, capsys: pytest.CaptureFixture) -> None:
-    """QA: `tcdistill eval --help` gave no default for --steps, --gamma, --reference_steps or --batch_size (nor demo for
-    --output_dir, cache for --batch_size ...), where the training scripts' --help shows every default. Each option whose
-    default is a value now shows it in its help line."""
-    import argparse
-    import importlib
-
-    from tcdistill.cli import SUBCOMMANDS, main
-
-    with pytest.raises(SystemExit) as exc:
-        main([cmd, "--help"])
-    assert exc.value.code == 0
-    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also after a hyphen): compare without spaces
-    mod = importlib.import_module(SUBCOMMANDS[cmd])
-    if cmd == "export":  # its parser is built inside main: the flag with a default is --output
-        assert "--outputOUTPUTOutputfile(default:" in text
-        return
-    parser = mod.build_parser()
-    for action in parser._actions:
-        d = action.default
-        if action.help in (None, argparse.SUPPRESS) or not action.option_strings or d in (None, argparse.SUPPRESS) or d is False or d == []:
-            continue
-        help_text = "".join(parser._get_formatter()._expand_help(action).split())
-        assert "default" in help_text.lower() and help_text in text, (action.option_strings, help_text)

@@ -1,0 +1,81 @@
+"""The `tcdistill` command line: `tcdistill train-*` with a family's script defaults, `python -m`, and the --help of the
+dispatcher and of each subcommand."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcdistill.config import TrainConfig
+from tcdistill.families import SDXL_FLAG_DEFAULTS
+
+
+def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tcdistill train-full --model_family sdxl` trained with SD's defaults (512 px, w_min 5, no image filters)."""
+    import tcdistill.trainer
+    from tcdistill.cli import main
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg: TrainConfig) -> None:
+            seen.append(cfg)
+
+        def train(self) -> None:
+            pass
+
+    monkeypatch.setattr(tcdistill.trainer, "Trainer", FakeTrainer)
+    flags = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1"]
+    main(["train-lora", *flags, "--model_family", "sdxl"])
+    main(["train-full", *flags])
+    assert [(c.variant, c.model_family) for c in seen] == [("lora", "sdxl"), ("full", "sd")]
+    assert {k: getattr(seen[0], k) for k in SDXL_FLAG_DEFAULTS} == SDXL_FLAG_DEFAULTS
+    assert seen[1].resolution == 512
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """`python -m tcdistill` and `python -m tcdistill.cli` are the console script (QA: the second silently did nothing)."""
+    import subprocess
+    import sys
+
+    for mod in ("tcdistill", "tcdistill.cli"):
+        proc = subprocess.run([sys.executable, "-m", mod, "nonsense"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "usage: tcdistill {train-full" in proc.stderr, (mod, proc.stderr[-500:])
+
+
+def test_tcdistill_help_is_usage_on_stdout_and_status_0(capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill --help` printed the usage to stderr and exited 1, as for an unknown subcommand."""
+    from tcdistill.cli import main
+
+    for flag in ("--help", "-h"):
+        main([flag])  # returns: no SystemExit
+        assert capsys.readouterr().out.startswith("usage: tcdistill {train-full,train-lora,demo,")
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert str(e.value).startswith("usage: tcdistill {")
+
+
+@pytest.mark.parametrize("cmd", ["demo", "eval", "bench", "cache", "generate", "export"])
+def test_subcommand_help_shows_every_default(cmd: str, capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill eval --help` gave no default for --steps, --gamma, --reference_steps or --batch_size (nor demo for
+    --output_dir, cache for --batch_size ...), where the training scripts' --help shows every default. Each option whose
+    default is a value now shows it in its help line."""
+    import argparse
+    import importlib
+
+    from tcdistill.cli import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also after a hyphen): compare without spaces
+    mod = importlib.import_module(SUBCOMMANDS[cmd])
+    if cmd == "export":  # its parser is built inside main: the flag with a default is --output
+        assert "--outputOUTPUTOutputfile(default:" in text
+        return
+    parser = mod.build_parser()
+    for action in parser._actions:
+        d = action.default
+        if action.help in (None, argparse.SUPPRESS) or not action.option_strings or d in (None, argparse.SUPPRESS) or d is False or d == []:
+            continue
+        help_text = "".join(parser._get_formatter()._expand_help(action).split())
+        assert "default" in help_text.lower() and help_text in text, (action.option_strings, help_text)
