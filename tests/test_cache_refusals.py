@@ -267,3 +267,27 @@ def test_cache_metadata_that_does_not_fit_the_run_is_refused(tiny_teacher: Path,
     save_file({**uncond, "encoder_hidden_states": uncond["encoder_hidden_states"][..., :-1].contiguous()}, cache / UNCOND_NAME)
     with pytest.raises(ConfigError, match="cached prompt embeddings are"):
         prepare_cached_training(cfg, family)
+
+
+def test_an_older_cache_naming_the_teacher_folder_relative_names_the_same_teacher(tiny_teacher: Path, fp32_cache: str, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """QA: a cache made before local teachers were recorded absolute names the folder as given ("teacher"); training,
+    which now records it absolute, warned "Cache was made with teacher 'teacher'; training with '/abs/teacher'"."""
+    import json
+    import logging
+    import shutil
+
+    from tcdistill.data_cached import prepare_cached_training
+    from tcdistill.families import load_family
+
+    older = tmp_path / "older"
+    shutil.copytree(Path(fp32_cache).parent, older)
+    meta, _ = read_sidecar(fp32_cache)
+    (older / META_NAME).write_text(json.dumps({**meta, "teacher": tiny_teacher.name}))
+    monkeypatch.chdir(tiny_teacher.parent)
+    cfg = TrainConfig(pretrained_teacher_model=tiny_teacher.name, train_latents_path_or_url=str(older / "00000.tar"), resolution=CACHE_RES,
+                      center_crop=True, max_train_steps=1, report_to="none")
+    with caplog.at_level(logging.WARNING, logger="tcdistill"):
+        prepare_cached_training(cfg, load_family(cfg))
+    assert not [r.getMessage() for r in caplog.records if "Cache was made" in r.getMessage()]
