@@ -57,8 +57,19 @@ class _StallGuard:
             _kill_tree(self.pipe.proc.pid)
             raise TimeoutError(f"no data for {self.timeout:g} s (--data_timeout)")
         data = os.read(self.fd, size)  # unbuffered, so select() sees every byte not yet read; tarfile takes short reads
-        self.pipe.check_status()  # a command that exited non-zero raises, as Pipe.read does
+        self._raise_on_failure(self.pipe.check_status)  # a command that exited non-zero raises, as Pipe.read does
         return data
+
+    def _raise_on_failure(self, check: Any) -> None:
+        """Run webdataset's status `check`, re-raising its failure as one plain line naming the command and its status."""
+        try:
+            check()
+        except OSError:
+            # webdataset says "(('curl -L -s URL',), {'shell': True, 'bufsize': 8192}): exit 37 (read) {}": the repr
+            # of its Popen arguments, which hides the command a user has to fix.
+            args = getattr(self.pipe, "args", None)  # webdataset's (Popen args, Popen kwargs)
+            command = args[0][0] if isinstance(args, tuple) and args and args[0] else args
+            raise OSError(f"pipe: command {command!r} exited with status {self.pipe.status}") from None
 
     def close(self) -> None:
         """Close the stream, kill the command if it still runs, reap it. webdataset's `Pipe.close` waits up to 2 hours for
@@ -73,7 +84,7 @@ class _StallGuard:
             _kill_tree(self.pipe.proc.pid)
             self.pipe.status = self.pipe.proc.wait()  # reaps it; -9 is the kill's status, not a failed download
             return
-        self.pipe.wait_for_child()  # reaps it; a non-zero exit of its own raises, as Pipe.close does
+        self._raise_on_failure(self.pipe.wait_for_child)  # reaps it; a non-zero exit of its own raises, as Pipe.close does
 
 
 def open_shard(url: str, stall_timeout: float) -> Any:
