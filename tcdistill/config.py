@@ -38,9 +38,10 @@ TORCH_SEEDS = (-2**63, 2**64 - 1)
 # options, loader workers) may change on a resume. Optimizer settings come from the checkpoint itself.
 RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "revision",
                 "train_shards_path_or_url", "train_latents_path_or_url", "resolution", "interpolation_type", "center_crop",
-                "random_flip", "train_batch_size", "gradient_accumulation_steps", "proportion_empty_prompts", "seed", "w_min",
-                "w_max", "num_ddim_timesteps", "loss_type", "huber_c", "timestep_scaling_factor", "distill_mode", "ema_decay",
-                "lora_alpha", "lora_dropout", "lora_target_modules", "mixed_precision", "max_grad_norm")
+                "random_flip", "use_fix_crop_and_size", "min_image_size", "max_pwatermark", "train_batch_size",
+                "gradient_accumulation_steps", "proportion_empty_prompts", "seed", "w_min", "w_max", "num_ddim_timesteps",
+                "loss_type", "huber_c", "timestep_scaling_factor", "distill_mode", "ema_decay", "lora_alpha", "lora_dropout",
+                "lora_target_modules", "mixed_precision", "max_grad_norm")
 
 
 def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, uses: str = "") -> None:

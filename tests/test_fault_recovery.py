@@ -119,3 +119,47 @@ def test_a_relative_teacher_folder_saved_by_an_older_run_is_not_another_teacher(
     assert cfg.changed_since(dict(cfg.to_dict(), pretrained_teacher_model="teacher")) == []
     assert cfg.changed_since(dict(cfg.to_dict(), pretrained_teacher_model="other"))  # no such folder: another teacher
     assert local_model_path("teacher") == str(tmp_path / "teacher") and local_model_path("org/model") == "org/model"
+
+
+def test_the_nonfinite_stop_names_vae_and_ema_target_weights_and_the_newest_earlier_checkpoint() -> None:
+    """Mutation QA: a non-finite weight in the teacher's VAE or in the full variant's EMA target was not named by any
+    test (dropping either group from weight_groups passed), nor was the choice of the newest of several earlier checkpoints."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tcdistill.stops import first_nonfinite_weight, nonfinite_stop_message, weight_groups
+
+    teacher, student, target, vae, text = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    for frozen in (teacher, target, vae, text):
+        frozen.requires_grad_(False)
+    strategy = SimpleNamespace(teacher_unet=teacher, student=student, target=target)
+    family = SimpleNamespace(text_encoder=text, text_encoder_2=None, vae=vae)
+    assert first_nonfinite_weight(weight_groups(strategy, family)) is None
+    with torch.no_grad():
+        target.bias[0] = float("inf")
+        assert first_nonfinite_weight(weight_groups(strategy, family)) == "EMA target UNet's weight 'bias'"
+        vae.weight[0, 0] = float("nan")  # the teacher's files come before the trained weights
+        assert first_nonfinite_weight(weight_groups(strategy, family)) == "teacher vae's weight 'weight'"
+    ckpts = [(s, Path(f"/o/checkpoint-{s}")) for s in (2, 4, 6)]
+    assert "(an earlier one: /o/checkpoint-4)" in nonfinite_stop_message(3, 7, 6, ckpts, None)
+
+
+def test_changed_since_names_each_run_defining_flag_and_reads_an_older_checkpoints_config() -> None:
+    """Mutation QA: only the teacher, batch size and accumulation were pinned; dropping the data, loss, TCD, EMA, seed or
+    precision flags from config.RUN_DEFINING passed every test. A checkpoint config without a newer flag is no error."""
+    from tcdistill.config import TrainConfig
+
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="a.tar", max_train_steps=1)
+    changes = dict(pretrained_teacher_model="t2", pretrained_vae_model_name_or_path="v", teacher_revision="r", revision="r",
+                   train_shards_path_or_url="b.tar", train_latents_path_or_url="c.tar", resolution=256, interpolation_type="bicubic",
+                   center_crop=not cfg.center_crop, random_flip=not cfg.random_flip, train_batch_size=3,
+                   gradient_accumulation_steps=3, proportion_empty_prompts=0.5, seed=7, w_min=1.5, w_max=9.0, num_ddim_timesteps=25,
+                   loss_type="huber", huber_c=0.5, timestep_scaling_factor=5.0, distill_mode="lcm", ema_decay=0.9, lora_alpha=3,
+                   lora_dropout=0.1, lora_target_modules="to_q", mixed_precision="bf16", max_grad_norm=2.0,
+                   use_fix_crop_and_size=not cfg.use_fix_crop_and_size, min_image_size=7, max_pwatermark=0.1)
+    for flag, then in changes.items():
+        assert then != getattr(cfg, flag), flag
+        assert cfg.changed_since(dict(cfg.to_dict(), **{flag: then})) == [f"--{flag} {getattr(cfg, flag)} (checkpoint: {then})"], flag
+    assert cfg.changed_since(dict(cfg.to_dict(), max_train_steps=9, dataloader_num_workers=4, learning_rate=1.0)) == []
+    assert cfg.changed_since({"resolution": cfg.resolution}) == []  # the other keys missing: an older version's checkpoint
