@@ -1,0 +1,74 @@
+"""Which shards a stream reads: the --train_shards_path_or_url list syntax, and a loader worker's share of the shards
+(when it reads its rank's whole share instead, worker_share_widened, from which shard draw, and when a stream whose share
+is already the whole one stops, with no widening to fall back on)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from shards_util import good_sample, write_shard
+
+import tcdistill.data as data_mod
+from tcdistill.data import DataConfig, DataError, ImageTextShards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def scripted_draws(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the shard resampler: the first draw a stream makes (its own part of the share) cycles its urls in order,
+    the second (the rank's whole share, read after widening) gives its last url forever. Returns the lists drawn from."""
+    made: list[list[str]] = []
+
+    def resampled(urls: list[str], **kw: object):
+        made.append(list(urls))
+        return ({"url": u} for u in (itertools.cycle(urls) if len(made) == 1 else itertools.repeat(urls[-1])))
+
+    monkeypatch.setattr(data_mod.wds, "ResampledShards", resampled)
+    return made
+
+
+def _stream(urls: list[str], worker: int | None, monkeypatch: pytest.MonkeyPatch, patience: int = 2):
+    info = None if worker is None else SimpleNamespace(id=worker, num_workers=2)
+    monkeypatch.setattr(data_mod, "get_worker_info", lambda: info)
+    cfg = DataConfig(train_shards_path_or_url=urls, resolution=16, train_batch_size=1, seed=0, failure_patience=patience)
+    return iter(ImageTextShards(cfg))
+
+
+def test_a_widened_worker_reads_the_whole_share_from_the_very_next_draw(tmp_path: Path, scripted_draws: list[list[str]],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation QA: reading the worker's own (bad) part once more after the widening draw passed every test. Worker 0 of
+    2 holds only the missing shard: its 2 failures (patience 2) widen it at draw 2, whose sample is the good shard's."""
+    good, missing = write_shard(tmp_path / "good.tar", [good_sample("k0", "good")]), str(tmp_path / "missing.tar")
+    first = next(_stream([missing, good], 0, monkeypatch))
+    assert scripted_draws == [[missing], [missing, good]]
+    assert first["caption"] == "good" and first["skipped"] == {"shard_error": 2, "worker_share_widened": 1}, first["skipped"]
+    assert first["stream_pos"][2:] == (2, 1, 2)  # shard draw 2, next raw sample 1, widened from draw 2
+
+
+def test_a_stream_reading_its_whole_share_stops_without_widening(tmp_path: Path, scripted_draws: list[list[str]],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation QA: with 0 workers (the stream reads the rank's whole share already) nothing is left to widen to: the
+    patience's failures stop it, and the error names no share. Widening there passed every test, and so did naming one."""
+    good = write_shard(tmp_path / "good.tar", [good_sample("k0", "good")])
+    with pytest.raises(DataError, match="no usable sample in 2 consecutive failures") as info:
+        next(_stream([str(tmp_path / "missing.tar"), str(tmp_path / "missing2.tar"), good], None, monkeypatch))
+    assert "its share" not in str(info.value) and "worker_share_widened" not in str(info.value), info.value
+
+
+def test_shards_listed_with_spaces_get_the_join_hint(tmp_path: Path) -> None:
+    """Mutation QA: the "join several shards with '::'" hint was pinned for a comma-listed --train_shards_path_or_url
+    only; shards listed with spaces (other tools' syntax, e.g. an unquoted shell glob pasted in quotes) lost it unnoticed."""
+    from tcdistill.config import ConfigError
+    from tcdistill.preflight import check_shards
+
+    a, b = write_shard(tmp_path / "a.tar", [good_sample("k", "x")]), write_shard(tmp_path / "b.tar", [good_sample("k", "x")])
+    for spec in (f"{a} {b}", f"{a},\t{b}"):
+        with pytest.raises(ConfigError, match=r"^--train_shards_path_or_url: none of the 1 shard file\(s\) exists: .*join several shards with '::'"):
+            check_shards(spec)
+    with pytest.raises(ConfigError) as info:
+        check_shards(str(tmp_path / "c.tar"))
+    assert "join several" not in str(info.value)
