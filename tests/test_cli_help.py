@@ -3,8 +3,12 @@ dispatcher and of each subcommand."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+
 import pytest
 
+from tcdistill.cli import SUBCOMMANDS, main
 from tcdistill.config import TrainConfig
 from tcdistill.families import SDXL_FLAG_DEFAULTS
 
@@ -59,11 +63,6 @@ def test_subcommand_help_shows_every_default(cmd: str, capsys: pytest.CaptureFix
     """QA: `tcdistill eval --help` gave no default for --steps, --gamma, --reference_steps or --batch_size (nor demo for
     --output_dir, cache for --batch_size ...), where the training scripts' --help shows every default. Each option whose
     default is a value now shows it in its help line."""
-    import argparse
-    import importlib
-
-    from tcdistill.cli import SUBCOMMANDS, main
-
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
     assert exc.value.code == 0
@@ -79,3 +78,21 @@ def test_subcommand_help_shows_every_default(cmd: str, capsys: pytest.CaptureFix
             continue
         help_text = "".join(parser._get_formatter()._expand_help(action).split())
         assert "default" in help_text.lower() and help_text in text, (action.option_strings, help_text)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "eval", "bench", "cache", "generate"])
+def test_help_shows_a_default_once_and_none_for_switches(cmd: str, capsys: pytest.CaptureFixture) -> None:
+    """Mutation QA: DefaultsHelpFormatter adding "(default: 4)" to generate's "TCD sampling steps (default: 4).", a
+    "(default: False)" to every switch or "(default: None)" to an option without a default, or eval's --steps as
+    "[1, 2, 4, 8, 20]" (not what one types) passed every test."""
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: False)" not in text and "(default: None)" not in text and "(default: [" not in text
+    parser = importlib.import_module(SUBCOMMANDS[cmd]).build_parser()
+    for action in parser._actions:
+        if action.help not in (None, argparse.SUPPRESS):
+            assert parser._get_formatter()._expand_help(action).lower().count("default") <= 1, action.option_strings
+    if cmd == "eval":
+        assert "(default: 1 2 4 8 20)" in text and "(default: 0.0 0.3)" in text
