@@ -251,3 +251,23 @@ def test_an_sdxl_lora_file_outside_its_run_folder_exports_with_base(sdxl_teacher
     with pytest.raises(SystemExit) as exc:
         main(["export", "--lora", str(bare), "--base", str(tmp_path / "missing")])
     assert exc.value.code == 2 and "error: --base " in capsys.readouterr().err
+
+
+def test_only_an_sdxl_like_lora_without_a_named_family_warns(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Mutation QA: the "pass --base" warning was pinned for an SDXL file only: taking any LoRA with attention in down
+    block 1 (SD 1.x's too), or one with no attention layers, as SDXL-like, or warning for a run folder whose config names
+    the SD family, passed every test."""
+    import json
+
+    from tcdistill.export import _sdxl_like
+
+    t = torch.zeros(1)
+    attn = {b: f"unet.down_blocks.{b}.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" for b in (0, 1, 2)}
+    conv = "unet.down_blocks.0.resnets.0.conv1.lora_A.weight"
+    assert _sdxl_like({attn[1]: t, attn[2]: t, conv: t})
+    assert not _sdxl_like({attn[0]: t, attn[1]: t, conv: t})  # SD 1.x/2.x: attention in down block 0 too
+    assert not _sdxl_like({conv: t})  # no attention layers: nothing says SDXL
+    run = make_lora(tiny_teacher, tmp_path / "run")  # the tiny SD UNet keeps attention off block 0: laid out like SDXL
+    (run / "tcdistill_config.json").write_text(json.dumps({"model_family": "sd", "pretrained_teacher_model": str(tiny_teacher)}))
+    export_kohya(run)
+    assert capsys.readouterr().err == ""

@@ -304,3 +304,18 @@ def test_a_checkpoint_folder_is_named_as_resume_state(tiny_teacher: Path, tmp_pa
             main([*argv, *(["--output_dir", str(tmp_path / "gen")] if argv[0] == "generate" else [])])
         err = f"{exc.value.code}{capsys.readouterr().err}"
         assert "checkpoint-3 is a training checkpoint" in err and f"output folder {tmp_path / 'out'} " in err, err
+
+
+def test_a_renamed_or_unfinished_checkpoint_folder_is_named_as_resume_state(tmp_path: Path) -> None:
+    """Mutation QA: the checkpoint hint was pinned only for a folder both named checkpoint-N and marked complete; one
+    copied under another name (its COMPLETE marker kept) or cut short before its marker lost the hint unnoticed."""
+    from tcdistill.export import checkpoint_hint
+
+    renamed, unfinished, plain = tmp_path / "out" / "best", tmp_path / "out" / "checkpoint-7", tmp_path / "out" / "unet"
+    for d in (renamed, unfinished, plain):
+        d.mkdir(parents=True)
+    (renamed / "COMPLETE").write_text("{}")
+    for d in (renamed, unfinished):
+        assert checkpoint_hint(d) == (f"; {d.name} is a training checkpoint (resume state for --resume_from_checkpoint), "
+                                      f"not a model: pass the output folder {tmp_path / 'out'} that the run saves at its end")
+    assert checkpoint_hint(plain) == checkpoint_hint(tmp_path / "checkpoint-8") == ""  # not a checkpoint; not a folder
