@@ -123,7 +123,8 @@ def test_a_relative_teacher_folder_saved_by_an_older_run_is_not_another_teacher(
 
 def test_the_nonfinite_stop_names_vae_and_ema_target_weights_and_the_newest_earlier_checkpoint() -> None:
     """Mutation QA: a non-finite weight in the teacher's VAE or in the full variant's EMA target was not named by any
-    test (dropping either group from weight_groups passed), nor was the choice of the newest of several earlier checkpoints."""
+    test (dropping either group from weight_groups passed), nor was the choice of the newest of several earlier checkpoints,
+    nor that a stop with no non-finite weight names none."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -142,7 +143,9 @@ def test_the_nonfinite_stop_names_vae_and_ema_target_weights_and_the_newest_earl
         vae.weight[0, 0] = float("nan")  # the teacher's files come before the trained weights
         assert first_nonfinite_weight(weight_groups(strategy, family)) == "teacher vae's weight 'weight'"
     ckpts = [(s, Path(f"/o/checkpoint-{s}")) for s in (2, 4, 6)]
-    assert "(an earlier one: /o/checkpoint-4)" in nonfinite_stop_message(3, 7, 6, ckpts, None)
+    message = nonfinite_stop_message(3, 7, 6, ckpts, None)  # no weight found non-finite: none named
+    assert message.startswith("3 consecutive non-finite steps at step 7; stopping. The checkpoint /o/checkpoint-6 holds"), message
+    assert "(an earlier one: /o/checkpoint-4)" in message
 
 
 def test_changed_since_names_each_run_defining_flag_and_reads_an_older_checkpoints_config() -> None:
