@@ -16,7 +16,6 @@ from tcdistill.families import SDXL_FLAG_DEFAULTS
 def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """`tcdistill train-full --model_family sdxl` trained with SD's defaults (512 px, w_min 5, no image filters)."""
     import tcdistill.trainer
-    from tcdistill.cli import main
 
     seen = []
 
@@ -48,7 +47,6 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 def test_tcdistill_help_is_usage_on_stdout_and_status_0(capsys: pytest.CaptureFixture) -> None:
     """QA: `tcdistill --help` printed the usage to stderr and exited 1, as for an unknown subcommand."""
-    from tcdistill.cli import main
 
     for flag in ("--help", "-h"):
         main([flag])  # returns: no SystemExit
