@@ -331,7 +331,7 @@ class ImageTextShards(IterableDataset):
                 continue  # replaying the shard draws is cheap: RNG only, nothing is opened
             skip = raw_skip if shard_idx == shard_skip else 0
             try:
-                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker):
+                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker, wide_at is not None and shard_idx >= wide_at):
                     out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"), wide_at)
                     yield out
             except DataError:
@@ -342,7 +342,7 @@ class ImageTextShards(IterableDataset):
                 wide_at = shard_idx + 1
                 tracker.restart("worker_share_widened")
 
-    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: FailureTracker) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: FailureTracker, widened: bool = False) -> Iterator[dict[str, Any]]:
         """Yield the usable samples of one shard after its first `skip` raw samples, recording every failure."""
         shard_failed = False
 
@@ -369,7 +369,10 @@ class ImageTextShards(IterableDataset):
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
             files = tar_file_expander([dict(url=url, stream=stream)], handler=tar_handler)
-            for raw in group_by_keys(files, handler=group_handler):
+            raws = group_by_keys(files, handler=group_handler)
+            # A widened worker reads shards its sibling reads, in step with it: in tar order both yield the same batch a step
+            # apart. It reads them through a 32-sample shuffle seeded by the draw, which a resume's `skip` replays exactly.
+            for raw in (wds.filters.shuffle(32, 32, rng=random.Random(f"{key}:{shard_idx}:order"))(raws) if widened else raws):
                 n_raw += 1
                 if n_raw <= skip:
                     continue  # already consumed before the checkpoint: read past it without decoding

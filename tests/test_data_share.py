@@ -72,3 +72,17 @@ def test_shards_listed_with_spaces_get_the_join_hint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         check_shards(str(tmp_path / "c.tar"))
     assert "join several" not in str(info.value)
+
+
+def test_a_widened_worker_does_not_repeat_its_sibling_workers_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: 2 ranks x 2 loader workers on 4 shards, one bad: the widened worker read the good shard in tar order in step
+    with its sibling, so every second step on that rank trained on the batch of the step before. Worker 0 of 2 holds only
+    the missing shard here, worker 1 the good one: their first 8 samples must not come in the same order."""
+    good = write_shard(tmp_path / "good.tar", [good_sample(f"k{j}", f"good {j}") for j in range(8)])
+    urls = [str(tmp_path / "missing.tar"), good]
+    widened = [s for s in itertools.islice(_stream(urls, 0, monkeypatch, patience=20), 8)]
+    sibling = [s["caption"] for s in itertools.islice(_stream(urls, 1, monkeypatch, patience=20), 8)]
+    assert sum(s["skipped"].get("worker_share_widened", 0) for s in widened) == 1
+    assert sibling == [f"good {j}" for j in range(8)]
+    captions = [s["caption"] for s in widened]
+    assert sorted(captions) == sorted(sibling) and captions != sibling, captions
