@@ -290,8 +290,9 @@ class Trainer:
             return loss_value, True
         self.nonfinite_streak += 1
         self.skipped["nonfinite_step"] += 1
-        logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
-                       "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
+        if acc.is_main_process:  # every rank decides the same: one line per skipped step, not one per rank
+            logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
+                           "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
         if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
             raise NonFiniteError(nonfinite_stop_message(self.nonfinite_streak, self.global_step + 1, self.global_step,
                                                         self.ckpt.complete(), first_nonfinite_weight(weight_groups(self.strategy, self.family))))

@@ -288,3 +288,17 @@ def test_ddp_gradient_accumulation_syncs_once_and_matches_one_process_with_the_d
     # Equal up to float rounding (the forwards run other batch shapes): 7.5e-6 measured.
     error = ((grads[0] - one).norm() / one.norm()).item()
     assert one.abs().max() > 0 and error < 1e-4, error
+
+
+def test_ddp_non_finite_stop_warns_once_per_step_and_stops_every_rank(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    """QA: with --learning_rate 1e9 on 2 processes every skipped step's warning came once per rank (the ranks decide
+    together from one all-reduce, so the lines were twins). One line per skipped step now; every rank still stops."""
+    proc = _run_ddp("full", tmp_path / "out", tiny_teacher, tiny_shards, run_env, max_train_steps=8, validation_steps=0,
+                    learning_rate=1e9, max_nonfinite_steps=3)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    skipped = re.findall(r"step \d+: non-finite \w+; step skipped \((\d) in a row, limit 3\)", proc.stdout)
+    assert skipped == ["1", "2", "3"], proc.stdout[-3000:]
+    stop = "error: 3 consecutive non-finite steps at step "
+    assert proc.stdout.count(stop) == 2, proc.stdout[-3000:]  # each rank's exit says why (one line each)
+    assert "[rank0]" not in proc.stdout and "[rank1]" not in proc.stdout and "Connection closed" not in proc.stdout, proc.stdout[-3000:]
