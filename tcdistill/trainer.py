@@ -167,7 +167,7 @@ class Trainer:
 
     def data_loader(self) -> Any:
         c = self.cfg
-        if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers):
+        if self.global_step and self.stream.num_workers != max(1, c.dataloader_num_workers) and self.accelerator.is_main_process:
             logger.warning("The checkpoint's data stream was read by %d loader worker(s), this run uses %d: "
                            "the shard stream starts fresh instead of continuing exactly.", self.stream.num_workers, c.dataloader_num_workers)
         ws = self.accelerator.num_processes

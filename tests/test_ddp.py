@@ -302,3 +302,20 @@ def test_ddp_non_finite_stop_warns_once_per_step_and_stops_every_rank(tiny_teach
     stop = "error: 3 consecutive non-finite steps at step "
     assert proc.stdout.count(stop) == 2, proc.stdout[-3000:]  # each rank's exit says why (one line each)
     assert "[rank0]" not in proc.stdout and "[rank1]" not in proc.stdout and "Connection closed" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_ddp_resume_with_changed_flags_warns_once_and_both_ranks_go_on_from_the_step(tiny_teacher: Path, tiny_shards: str, run_env: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
+    """QA: resuming a 2-process run with another --dataloader_num_workers printed the 'starts fresh' warning once per
+    rank (the changed-flags warning, once). Each warning comes once now, and both ranks train on from the saved step."""
+    out, batches = tmp_path / "out", tmp_path / "batches"
+    batches.mkdir()
+    recorder = tmp_path / "record_batches.py"
+    recorder.write_text(BATCH_RECORDER)
+    _launch("full", out, tiny_teacher, tiny_shards, run_env, validation_steps=0, dataloader_num_workers=2)
+    log = _launch("full", out, tiny_teacher, tiny_shards, run_env, recorder=recorder, extra_env={"TCD_BATCH_LOG_DIR": str(batches)},
+                  validation_steps=0, max_train_steps=3, dataloader_num_workers=1, w_min=2, resume_from_checkpoint="latest")
+    assert log.count("with flags other than the run that saved it: --w_min 2.0 (checkpoint: ") == 1, log[-3000:]
+    assert log.count("The checkpoint's data stream was read by 2 loader worker(s), this run uses 1") == 1, log[-3000:]
+    steps = {r: [json.loads(line)["step"] for line in (batches / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert steps == {0: [2], 1: [2]}, steps
