@@ -138,7 +138,8 @@ class Trainer:
             raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler} with learning rate {lr:g}: {first_line(e)}") from None
         self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.global_step = 0
-        self.skipped: Counter[str] = Counter()
+        # Skipped samples: every process's (each step adds all ranks' pending ones), and this process's not yet added.
+        self.skipped, self.pending_skips = Counter[str](), Counter[str]()
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
         self.nonfinite_streak = 0
         self.stream = StreamTracker()
@@ -279,11 +280,17 @@ class Trainer:
         grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
         loss = loss.reshape(()).float()
         bad = (~torch.isfinite(loss)).float()
-        stop = torch.full((), float(self.stop_signal is not None), device=loss.device)
+        stop, skips = (torch.full((), float(v), device=loss.device) for v in (self.stop_signal is not None, bool(self.pending_skips)))
         if acc.num_processes > 1:  # one collective: the loss of the global batch (not rank 0's share), and any bad rank
-            loss, bad, stop = acc.reduce(torch.stack([loss, bad, stop]), reduction="mean").unbind()
+            loss, bad, stop, skips = acc.reduce(torch.stack([loss, bad, stop, skips]), reduction="mean").unbind()
         norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
-        loss_value, n_bad, grad_ok, stops = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float(), stop]).tolist()
+        loss_value, n_bad, grad_ok, stops, any_skips = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float(), stop, skips]).tolist()
+        if any_skips:  # a rank skipped samples: every rank counts every rank's (rank 0 logs and saves the counts)
+            from accelerate.utils import gather_object
+
+            for counts in gather_object([dict(self.pending_skips)]) if acc.num_processes > 1 else [self.pending_skips]:
+                self.skipped.update(counts)
+            self.pending_skips.clear()
         self.stop_requested = stops > 0
         if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):
             self.nonfinite_streak = 0
@@ -368,7 +375,7 @@ class Trainer:
                 batch = next(data)
             if "stream_pos" in batch:
                 self.stream.consumed(batch)
-            self.skipped.update(batch.get("skipped", {}))
+            self.pending_skips.update(batch.get("skipped", {}))
             with acc.accumulate(self.student):
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()

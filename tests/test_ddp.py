@@ -319,3 +319,25 @@ def test_ddp_resume_with_changed_flags_warns_once_and_both_ranks_go_on_from_the_
     assert log.count("The checkpoint's data stream was read by 2 loader worker(s), this run uses 1") == 1, log[-3000:]
     steps = {r: [json.loads(line)["step"] for line in (batches / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
     assert steps == {0: [2], 1: [2]}, steps
+
+
+def test_ddp_counts_every_ranks_skips_and_a_widened_worker_repeats_no_batch(tiny_teacher: Path, run_env: dict[str, str], tmp_path: Path) -> None:
+    """QA, 2 processes x 2 loader workers on 4 shards, one truncated (rank 1's worker 0 reads it alone, then widens):
+    the skips were counted on rank 1 only, so the logs, trackers and the final line said nothing of them; and the
+    widened worker read the good shard in its sibling's order, so rank 1 trained each batch twice, a step apart."""
+    from tcdistill.tiny import shard_pattern, write_tiny_shards
+
+    shards, batches = tmp_path / "shards", tmp_path / "batches"
+    write_tiny_shards(shards, n_shards=4, per_shard=8, image_size=32, seed=0)
+    (shards / "00001.tar").write_bytes((shards / "00001.tar").read_bytes()[:3000])
+    batches.mkdir()
+    recorder = tmp_path / "record_batches.py"
+    recorder.write_text(BATCH_RECORDER)
+    out = tmp_path / "out"
+    log = _launch("full", out, tiny_teacher, shard_pattern(shards, 4), run_env, recorder=recorder, extra_env={"TCD_BATCH_LOG_DIR": str(batches)},
+                  max_train_steps=4, checkpointing_steps=4, validation_steps=0, dataloader_num_workers=2, data_failure_patience=20)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last.get("data/skipped_worker_share_widened") == 1 and last.get("data/skipped_shard_error", 0) >= 1, last
+    assert "Skipped samples by kind: {" in log and "'worker_share_widened': 1" in log, log[-3000:]
+    seen = [json.loads(line)["captions"] for line in (batches / "rank1.jsonl").read_text().splitlines()]
+    assert len(seen) == 4 and all(a != b for a, b in zip(seen, seen[1:])), seen
