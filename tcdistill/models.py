@@ -109,6 +109,31 @@ def enable_memory_efficient_attention(unet: nn.Module) -> bool:
         return False
 
 
+def keep_channels_last(optimizer: torch.optim.Optimizer, channels_last: bool) -> torch.optim.Optimizer:
+    """Under --channels_last, hand each 4-D parameter its own channels_last storage back after every step of an
+    optimizer that makes parameters contiguous as it steps them (bitsandbytes' 8-bit AdamW: `p.data =
+    p.data.contiguous()`). Else the student's conv weights leave --channels_last after the first step, a resumed run
+    (its weights load back channels_last) computes in another layout than the uninterrupted one, and a view taken of a
+    weight before the step (the fp32 merged LoRA target's adapter factors) goes stale."""
+    if not channels_last:
+        return optimizer
+    held: dict[nn.Parameter, torch.Tensor] = {}
+
+    def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        held.update((p, p.data) for g in opt.param_groups for p in g["params"] if p.dim() == 4)
+
+    def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, data in held.items():
+            if p.data_ptr() != data.data_ptr():  # copied back in place: views of `data` stay live
+                data.copy_(p.data)
+                p.data = data
+        held.clear()
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
 def speed_up_unets(unets: Iterable[nn.Module], cfg: TrainConfig) -> None:
     """--channels_last / --compile_unet on each of the (distinct) UNets; `Module.compile` keeps state-dict keys unchanged."""
     for m in unets:

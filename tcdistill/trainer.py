@@ -19,7 +19,7 @@ from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
 from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_seed, first_line, one_line
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
-from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, latent_normalization, speed_up_unets
+from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_output_dir, check_process_count, check_shards, check_trackers, create_hub_repo, lock_run_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, first_nonfinite_weight, nonfinite_stop_message, stop_on_signals, weight_groups
@@ -153,7 +153,7 @@ class Trainer:
         if c.use_8bit_adam:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, **kw)
+            return keep_channels_last(bnb.optim.AdamW8bit(params, **kw), c.channels_last)
         return torch.optim.AdamW(params, fused=c.fused_adam and self.device.type in ("cuda", "cpu"), **kw)
 
     # ------------------------------------------------------------------ state

@@ -127,3 +127,28 @@ def test_lora_export_kohya_saves_the_kohya_file_too(tmp_path: Path) -> None:
 def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--lora_target_modules 'no_such_module'"):
         _lora_strategy(tmp_path, lora_target_modules="no_such_module")
+
+
+def test_8bit_adam_keeps_channels_last_weights_and_views_of_them() -> None:
+    """QA: bitsandbytes' 8-bit AdamW makes each parameter contiguous as it steps it (`p.data = p.data.contiguous()`), so
+    under --channels_last the student's conv weights left channels_last after step 1 (a resumed run, its weights loaded
+    back channels_last, then drifted from the uninterrupted run) and a view taken before the step (the fp32 merged LoRA
+    target's adapter factor) went stale. The optimizer now hands each weight its own channels_last storage back."""
+    pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    from tcdistill.trainer import Trainer
+
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    params = [torch.nn.Parameter(w.clone().to(memory_format=torch.channels_last)), torch.nn.Parameter(w.clone())]
+    view = params[0].detach()
+    opts = [Trainer._make_optimizer(SimpleNamespace(cfg=TrainConfig(**BASE, use_8bit_adam=True, channels_last=cl), device=torch.device("cpu")),
+                                    [p], 1e-2) for p, cl in zip(params, (True, False))]
+    for s in range(2):
+        g = torch.randn(w.shape, generator=torch.Generator().manual_seed(s + 1))
+        for p, opt in zip(params, opts):
+            p.grad = g.clone().contiguous(memory_format=torch.channels_last if p is params[0] else torch.contiguous_format)
+            opt.step()
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(params[0].detach(), params[1].detach()) and not torch.equal(params[1].detach(), w)
+    assert torch.equal(view, params[0].detach())
