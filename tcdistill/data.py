@@ -326,12 +326,13 @@ class ImageTextShards(IterableDataset):
         tracker = FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
         draws = [iter(wds.ResampledShards(u, seed=seed + i, worker_seed=_no_worker_seed, deterministic=True)) for i, u in enumerate((urls, rank_urls))]
         for shard_idx in itertools.count():
-            shard = next(draws[wide_at is not None and shard_idx >= wide_at])
+            widened = wide_at is not None and shard_idx >= wide_at
+            shard = next(draws[widened])
             if shard_idx < shard_skip:
                 continue  # replaying the shard draws is cheap: RNG only, nothing is opened
             skip = raw_skip if shard_idx == shard_skip else 0
             try:
-                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker, wide_at is not None and shard_idx >= wide_at):
+                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker, widened):
                     out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"), wide_at)
                     yield out
             except DataError:
