@@ -167,6 +167,12 @@ def complete_checkpoints(output_dir: Path) -> dict[int, Path]:
     return out
 
 
+def save_small_checkpoint(io: Any, step: int) -> Path:
+    """Save a small checkpoint through a `CheckpointIO` whose contents are derived from ``step``."""
+    return io.save(step, tensors={"model": {"w": torch.full((4, 4), float(step))}},
+                   states={"counters": {"step": step}}, meta={"step": step})
+
+
 def saved_tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, name: str, sdxl: bool = False, **kw: Any) -> Path:
     """A randomly initialised tiny SD (or SDXL) pipeline saved as a diffusers folder under a new temp dir `name`."""
     from tcdistill.tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline

@@ -256,7 +256,7 @@ def test_damaged_checkpoints_stop_the_resume_in_one_line_naming_the_file(tiny_te
     proc = run_train("full", [*flags, "--max_train_steps=3", f"--resume_from_checkpoint={out / 'checkpoint-2'}"], run_env)
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
-    assert "error:" in last and "checkpoint-2" in last and "optimizer.pt is unreadable" in last, last
+    assert "error:" in last and "checkpoint-2" in last and "optimizer.pt changed after the save" in last, last
 
     shutil.rmtree(out / "checkpoint-2")
     with open(out / "checkpoint-1" / "student.safetensors", "r+b") as f:
