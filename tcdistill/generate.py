@@ -24,6 +24,7 @@ from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import pipeline_variant, unet_family, unet_sample_hw
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
+from .validation import sampling_size
 
 FULL_MODEL_GUIDANCE = 8.0
 
@@ -217,10 +218,12 @@ def generate(args: argparse.Namespace) -> list[str]:
     pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling)
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
-    # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does.
-    # A non-square UNet config gives sample_size as [height, width]: each side defaults to its own entry.
-    size_h, size_w = unet_sample_hw(pipe.unet.config)
-    height, width = args.height or size_h * pipe.vae_scale_factor, args.width or size_w * pipe.vae_scale_factor
+    # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
+    # the size the run trained at; without a run config, the pipeline's (a non-square UNet config gives sample_size as
+    # [height, width]: each side defaults to its own entry).
+    size = sampling_size(run.get("resolution"))
+    size_h, size_w = (size, size) if size else (s * pipe.vae_scale_factor for s in unet_sample_hw(pipe.unet.config))
+    height, width = args.height or size_h, args.width or size_w
     gs = args.guidance_scale
     if gs is None:
         gs = run_guidance(run, FULL_MODEL_GUIDANCE) if unet and pipe.unet.config.time_cond_proj_dim else 0.0
@@ -283,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the fused LoRA (default: 1).")
     p.add_argument("--seed", type=int, default=0, help="Image i uses seed + i (default: 0).")
     p.add_argument("--batch_size", type=int, default=1, help="Prompts per pipeline call (default: 1).")
-    p.add_argument("--height", type=int, default=None, help="Image height (default: the pipeline's).")
-    p.add_argument("--width", type=int, default=None, help="Image width (default: the pipeline's).")
+    size = ("the run's --resolution (rounded down to a multiple of 8) from the tcdistill_config.json next to --unet/--lora, "
+            "else the base pipeline's UNet sample_size x VAE factor")
+    p.add_argument("--height", type=int, default=None, help=f"Image height (default: {size}).")
+    p.add_argument("--width", type=int, default=None, help=f"Image width (default: {size}).")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Weights dtype (default: fp16 on CUDA, fp32 elsewhere).")
     p.add_argument("--output_dir", default="tcd-samples", help="Where the PNGs and metadata.jsonl go (default: tcd-samples).")

@@ -55,7 +55,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm); `schedule`:
     the trained noise schedule's scheduler config, whose fields the sampler's own defaults would replace are spelled out."""
     from .families import sampler_overrides
-    from .validation import UNCLIPPED
+    from .validation import UNCLIPPED, sampling_size
 
     pipe_cls = _PIPELINES[cfg.model_family]
     name = "LCMScheduler" if cfg.distill_mode == "lcm" else "TCDScheduler"  # as validation.sampling_scheduler
@@ -72,6 +72,9 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
         extra += [f"{k}=False" for k in UNCLIPPED if schedule.get(k)]
     sched = f"{name}.from_config(pipe.scheduler.config{''.join(', ' + e for e in extra)})"
     eta = "" if cfg.distill_mode == "lcm" else f", eta={RECOMMENDED_GAMMA}"
+    # At the trained size: the pipeline's default (the teacher's UNet sample_size x VAE factor) may be another.
+    size = sampling_size(cfg.resolution)
+    prompt = f"\"a photo of a cat\", height={size}, width={size}"
     head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"
     vae = ""
     rev = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
@@ -81,13 +84,13 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     if cfg.variant == "lora":
         return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\")\npipe.fuse_lora()\n"
-                f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
+                f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
             f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
-            f"image = pipe(\"a photo of a cat\", num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={full_guidance(cfg)}"
+            f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={full_guidance(cfg)}"
             f"{eta}).images[0]\n")
 
 

@@ -28,6 +28,13 @@ def make_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def sampling_size(resolution: int | None) -> int | None:
+    """The square pixel size a run's student samples at, from its --resolution (None: unknown): that size rounded down to
+    the multiple of 8 pipelines need. Validation grids, `tcdistill generate` and `eval` defaults and the card's code all
+    sample there; a teacher's own default (UNet sample_size x VAE factor) need not be the size the student trained at."""
+    return None if resolution is None else max(8, int(resolution) // 8 * 8)
+
+
 UNCLIPPED = {"clip_sample": False, "thresholding": False}  # LCMScheduler fields that would alter x0
 
 
@@ -101,8 +108,7 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
         pipe = build_pipeline(trainer.family, unet, cfg)
         pipe.set_progress_bar_config(disable=True)
         with trainer.accelerator.autocast(), eager_unets(cfg):  # eager even under --compile_unet
-            # Pipelines need sizes divisible by 8; sample at the nearest such size to the training resolution.
-            size = max(8, cfg.resolution // 8 * 8)
+            size = sampling_size(cfg.resolution)
             rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size)
         unet.train(was_training)
         path = os.path.join(out_dir, f"{tag}-step{step:06d}.png")

@@ -319,3 +319,21 @@ def test_a_renamed_or_unfinished_checkpoint_folder_is_named_as_resume_state(tmp_
         assert checkpoint_hint(d) == (f"; {d.name} is a training checkpoint (resume state for --resume_from_checkpoint), "
                                       f"not a model: pass the output folder {tmp_path / 'out'} that the run saves at its end")
     assert checkpoint_hint(plain) == checkpoint_hint(tmp_path / "checkpoint-8") == ""  # not a checkpoint; not a folder
+
+
+def test_generate_defaults_to_the_runs_resolution(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: without --height/--width, generate sampled at the pipeline's default (the tiny teacher's UNet sample_size 16 x
+    VAE factor 2 = 32 px), not at the --resolution the run trained at (64 here). It now takes the run's size from the
+    tcdistill_config.json beside the LoRA file (rounded down to a multiple of 8, as validation); --height alone still
+    wins on its side; and --help says what the default is."""
+    lora = make_lora(tiny_teacher, tmp_path / "run")
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "resolution": 64}))
+    argv = ["generate", "--lora", str(lora / "pytorch_lora_weights.safetensors"), "--prompt", "x", "--steps", "1"]
+    main([*argv, "--output_dir", str(tmp_path / "run_size")])
+    main([*argv, "--height", "48", "--output_dir", str(tmp_path / "height")])
+    assert next(iter(pngs(tmp_path / "run_size").values())).shape == (64, 64, 3)
+    assert next(iter(pngs(tmp_path / "height").values())).shape == (48, 64, 3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "run's --resolution" in " ".join(capsys.readouterr().out.split())

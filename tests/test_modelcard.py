@@ -200,7 +200,7 @@ def test_pushed_cards_command_line_runs(variant: str, tiny_teacher: Path, tmp_pa
         make_lora(tiny_teacher, out)
     (out / "unet").mkdir()  # the online student, which sampling does not need
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out),
-                      max_train_steps=10, variant=variant, num_ddim_timesteps=20)
+                      max_train_steps=10, variant=variant, num_ddim_timesteps=20, resolution=48)
     (out / "tcdistill_config.json").write_text(json.dumps(cfg.to_dict()))
 
     def snapshot_download(repo_id: str, allow_patterns: list[str], **kw) -> str:
@@ -219,6 +219,7 @@ def test_pushed_cards_command_line_runs(variant: str, tiny_teacher: Path, tmp_pa
     main([*argv[1:], "--device", "cpu", "--output_dir", str(tmp_path / "samples")])
     meta = json.loads((tmp_path / "samples" / "metadata.jsonl").read_text())
     assert meta[variant if variant == "lora" else "unet"] == repo and meta["guidance_scale"] == (8.0 if variant == "full" else 0.0)
+    assert (meta["height"], meta["width"]) == (48, 48)  # the run's --resolution, from the repo's tcdistill_config.json
     assert (tmp_path / "samples" / meta["file_name"]).is_file()
     # `tcdistill eval` takes the same repo (on the run's saved grid: N = 20)
     (tmp_path / "p.txt").write_text("a red circle\n")
@@ -275,3 +276,13 @@ def test_a_relative_teacher_folder_is_recorded_absolute(tiny_teacher: Path, tmp_
         assert f'from_pretrained("{tiny_teacher}"' in code and f'"{tiny_teacher.parent / "out"}"' in code, code
     hub = TrainConfig(pretrained_teacher_model="org/sd", train_shards_path_or_url="s/{0..9}.tar", max_train_steps=10)
     assert hub.pretrained_teacher_model == "org/sd"
+
+
+def test_card_code_samples_at_the_trained_size(tmp_path: Path) -> None:
+    """QA: the card's code called the pipeline without a size, i.e. at the teacher's default (UNet sample_size x VAE
+    factor), which need not be the run's --resolution (SD 2.1's 768 px default for a run at 512; the tiny teacher's 32 px
+    for a run at 64). It now passes the run's size (rounded down to a multiple of 8, as validation samples)."""
+    for variant, resolution, size in (("lora", 64, 64), ("full", 515, 512)):
+        cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                          max_train_steps=10, variant=variant, resolution=resolution)
+        assert f'pipe("a photo of a cat", height={size}, width={size}, num_inference_steps=4' in render_model_card(cfg, [])
