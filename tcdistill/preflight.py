@@ -34,16 +34,23 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
         raise ConfigError(f"{flag}: none of the {len(local)} shard file(s) exists: {shown}{hint}")
 
 
-def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+def check_output_dir(path: str, flag: str = "--output_dir", make: bool = True) -> None:
     """Fail before any weights load when the folder `path` (named `flag` in the message) cannot be created or written
-    (read-only, no permission), instead of after the work whose results it was to hold."""
+    (read-only, no permission), instead of after the work whose results it was to hold. `make=False`: the same refusals
+    without making anything (a missing folder is probed in the nearest existing one above it)."""
     import tempfile
 
     if os.path.exists(path) and not os.path.isdir(path):  # makedirs says "File exists", read as "not writable: File exists"
         raise ConfigError(f"{flag} {path!r} is a file, not a folder.")
+    probe = path
+    while not make and not os.path.exists(probe) and os.path.dirname(os.path.abspath(probe)) != os.path.abspath(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if make:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isdir(probe):  # below a file: what makedirs would say
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), probe)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise ConfigError(f"{flag} {path!r} is not writable: {e.strerror or e}") from None
@@ -88,13 +95,22 @@ def lock_output_dir(path: str) -> None:
     _held_locks[key] = fd
 
 
-def lock_run_output_dir(path: str, accelerator: Any) -> None:
-    """`lock_output_dir` for a run of any number of processes: the main process holds the lock (it saves; the other
-    ranks only write into its staging), and its refusal stops every rank. The others went on to load the teacher and
-    crashed in DDP's first collective with a traceback."""
-    refusal = None
+def claim_output_dir(cfg: TrainConfig, accelerator: Any) -> str | None:
+    """--output_dir made and locked for a run of any number of processes, with --push_to_hub's repo created (the main
+    process's; its id returned there, else None). Every refusal of the folder (a file, not writable, held by another run)
+    comes before the repo is created, which left an empty hub repo behind, and the repo before the folder is made, which
+    left an empty folder behind a hub that could not be reached. The main process holds the lock (it saves; the other
+    ranks only write into its staging), and any refusal of its stops every rank: the others went on to load the teacher
+    and crashed in DDP's first collective with a traceback."""
+    path = cfg.output_dir
+    check_output_dir(path, make=False)
+    refusal, repo = None, None
     if accelerator.is_main_process:
         try:
+            if os.path.isdir(path):
+                lock_output_dir(path)  # a folder another run holds: refused before the repo
+            repo = create_hub_repo(cfg) if cfg.push_to_hub else None
+            check_output_dir(path)
             lock_output_dir(path)
         except ConfigError as e:
             refusal = str(e)
@@ -104,6 +120,7 @@ def lock_run_output_dir(path: str, accelerator: Any) -> None:
         refusal = broadcast_object_list([refusal])[0]
     if refusal:
         raise ConfigError(refusal)
+    return repo
 
 
 def check_process_count(num_processes: int) -> None:

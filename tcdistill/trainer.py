@@ -20,7 +20,7 @@ from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_see
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
-from .preflight import check_environment, check_output_dir, check_process_count, check_shards, check_trackers, create_hub_repo, lock_run_output_dir
+from .preflight import check_environment, check_process_count, check_shards, check_trackers, claim_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import Interrupted, first_nonfinite_weight, nonfinite_stop_message, stop_on_signals, weight_groups
 from .strategy import make_strategy
@@ -68,9 +68,7 @@ class Trainer:
         # A path that is no complete checkpoint: one line, before any weights load and before the output dir is made
         # (a mistyped path used to leave an empty --output_dir behind).
         self.ckpt.resolve(cfg.resume_from_checkpoint)
-        self.hub_repo_id = create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None  # no dir made yet
-        check_output_dir(cfg.output_dir)
-        lock_run_output_dir(cfg.output_dir, acc)
+        self.hub_repo_id = claim_output_dir(cfg, acc)  # the folder's refusals, then the hub repo, then the folder
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
             set_seed(cfg.seed, device_specific=True)  # different noise per rank, reproducible per rank

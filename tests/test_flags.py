@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BASE
+from conftest import BASE, lock_holder
 
 from tcdistill.config import ConfigError, TrainConfig, build_parser, parse_config
 from tcdistill.families import flag_defaults
@@ -202,6 +202,33 @@ def test_a_push_that_cannot_reach_the_hub_leaves_no_output_dir(tiny_teacher: Pat
         Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(out),
                             max_train_steps=1, report_to="none", mixed_precision="no", push_to_hub=True, hub_model_id="me/x"))
     assert not out.exists()
+
+
+def test_a_refused_output_dir_creates_no_hub_repo(config_only_teacher: Path, tiny_shards: str, tmp_path: Path, run_env: dict[str, str],
+                                                monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None) -> None:
+    """QA: `--push_to_hub` created the hub repo before --output_dir's checks: an output dir that is a file, lies below a
+    file, or is held by another run was refused only after an empty hub repo had been made. Each refusal comes first now
+    (and makes no folder); the repo is still created before the folder is made (an offline hub leaves no folder)."""
+    import huggingface_hub
+
+    from tcdistill.trainer import Trainer
+
+    created: list[dict] = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda **kw: created.append(kw) or huggingface_hub.RepoUrl("https://huggingface.co/me/x"))
+    (tmp_path / "afile").write_text("x")
+    held = tmp_path / "held"
+    held.mkdir()
+
+    def train(out: Path) -> None:
+        Trainer(TrainConfig(pretrained_teacher_model=str(config_only_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(out),
+                            max_train_steps=1, report_to="none", mixed_precision="no", push_to_hub=True, hub_model_id="me/x"))
+
+    for out, needle in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "out", "is not writable: Not a directory")):
+        with pytest.raises(ConfigError, match=needle):
+            train(out)
+    with lock_holder(held, run_env), pytest.raises(ConfigError, match="is in use by another training run"):
+        train(held)
+    assert created == [] and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "held"]
 
 
 def test_push_to_hub_repo_is_named_after_the_output_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
