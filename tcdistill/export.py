@@ -153,12 +153,9 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     return out
 
 
-def run_unet_config(lora: Path) -> dict[str, Any] | None:
-    """The UNet config of the teacher an SDXL training output was distilled from (its tcdistill_config.json beside or
-    above the LoRA file names it); None for an SD run or a file without a run config."""
-    from .generate import run_config
-
-    run = run_config(str(lora))
+def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The UNet config of the teacher an SDXL training output was distilled from, named by its saved flags `run` (the
+    tcdistill_config.json beside or above the LoRA file, `generate.run_config`); None for an SD run or no run config."""
     if run.get("model_family") != "sdxl":
         return None
     from diffusers import UNet2DConditionModel
@@ -212,8 +209,9 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
     if unet_config is None:
         from .generate import run_config
 
-        unet_config = run_unet_config(f)
-        if unet_config is None and _sdxl_like(state_dict) and not run_config(str(f)).get("model_family"):
+        run = run_config(str(f))
+        unet_config = run_unet_config(run)
+        if unet_config is None and _sdxl_like(state_dict) and not run.get("model_family"):
             print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)

@@ -219,8 +219,8 @@ def test_an_sd_runs_export_reads_no_teacher_config(tmp_path: Path, capsys: pytes
 
     from tcdistill.export import run_unet_config
 
-    (tmp_path / "tcdistill_config.json").write_text(json.dumps({"model_family": "sd", "pretrained_teacher_model": str(tmp_path / "gone")}))
-    assert run_unet_config(tmp_path / LORA_WEIGHT_NAME) is None and capsys.readouterr().err == ""
+    assert run_unet_config({"model_family": "sd", "pretrained_teacher_model": str(tmp_path / "gone")}) is None
+    assert capsys.readouterr().err == ""
 
 
 def test_an_sdxl_lora_file_outside_its_run_folder_exports_with_base(sdxl_teacher: Path, tmp_path: Path,
@@ -271,3 +271,18 @@ def test_only_an_sdxl_like_lora_without_a_named_family_warns(tiny_teacher: Path,
     (run / "tcdistill_config.json").write_text(json.dumps({"model_family": "sd", "pretrained_teacher_model": str(tiny_teacher)}))
     export_kohya(run)
     assert capsys.readouterr().err == ""
+
+
+def test_export_reads_the_run_config_once(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: without a UNet config, export read the run's tcdistill_config.json twice: once for an SDXL run's teacher and
+    again for the SDXL-like warning. It is read once and handed to both."""
+    import json
+
+    import tcdistill.generate as generate
+
+    reads = []
+    real = generate.run_config
+    monkeypatch.setattr(generate, "run_config", lambda path: reads.append(path) or real(path))
+    make_lora(tiny_teacher, tmp_path)
+    (tmp_path / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher)}))
+    assert Path(export_kohya(tmp_path)).name == KOHYA_WEIGHT_NAME and len(reads) == 1
