@@ -226,11 +226,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill export --lora DIR_OR_FILE [--output PATH]`."""
     p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lora", required=True, help=f"A LoRA training output folder (with {LORA_WEIGHT_NAME}) or a diffusers LoRA .safetensors file.")
-    p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input).")
+    p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input). Written into a "
+                   "training output folder, it is added to the file list of the model card (README.md) there.")
     p.add_argument("--base", default=None, help="Base pipeline (diffusers folder or hub id) of an SDXL LoRA, whose UNet names "
                    "its modules as kohya's SDXL LoRAs (default: the teacher in the run's tcdistill_config.json).")
     args = p.parse_args(argv)
     try:
-        print(export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None))
+        from .modelcard import list_in_card
+
+        dst = export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None)
+        list_in_card(dst)
+        print(dst)
     except (OSError, ValueError) as e:  # OSError: an unwritable --output
         p.exit(2, f"{p.prog}: error: {e}\n")

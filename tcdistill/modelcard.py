@@ -168,6 +168,24 @@ def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = No
     return path
 
 
+def list_in_card(path: str | os.PathLike) -> bool:
+    """Add the file `path` to the "Files:" list of the model card that training wrote beside it (its folder's README.md),
+    unless listed; False where there is no such card. `tcdistill export` writes a kohya file into an output folder whose
+    card was written at the end of training, and the card (uploaded as it is by a later push) did not name it."""
+    from .checkpoint import atomic_file
+
+    p = Path(path)
+    card = p.parent / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    listed = re.search(r"^Files:\n((?:- `[^`\n]+`\n)+)", text, re.M)  # render_model_card's list, in a card it tagged
+    entry = f"- `{p.name}`\n"
+    if listed is None or "\n- tcdistill\n" not in text or entry in listed.group(1):
+        return False
+    with atomic_file(card) as tmp:
+        tmp.write_text(text[:listed.end()] + entry + text[listed.end():], encoding="utf-8")
+    return True
+
+
 def push_to_hub(cfg: TrainConfig, outputs: list[str], repo_id: str, schedule: Any = None) -> str:
     """Point the card's usage code at the hub repo `repo_id` (created before training: `preflight.create_hub_repo`) and
     upload output_dir without checkpoints."""

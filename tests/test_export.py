@@ -286,3 +286,26 @@ def test_export_reads_the_run_config_once(tiny_teacher: Path, tmp_path: Path, mo
     make_lora(tiny_teacher, tmp_path)
     (tmp_path / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher)}))
     assert Path(export_kohya(tmp_path)).name == KOHYA_WEIGHT_NAME and len(reads) == 1
+
+
+def test_export_into_an_output_folder_lists_the_kohya_file_in_its_card(tiny_teacher: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """QA: after a later `tcdistill export`, the output folder's model card (uploaded as it is by a later push) still
+    listed only the diffusers LoRA file. Export now adds the kohya file to the card's file list, once; a README that is
+    not a tcdistill card, or a kohya file written elsewhere, leaves the README as it was."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.export import main
+    from tcdistill.modelcard import write_model_card
+
+    out, other = make_lora(tiny_teacher, tmp_path / "out"), make_lora(tiny_teacher, tmp_path / "other")
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out),
+                      max_train_steps=1, variant="lora", model_family="sd")
+    write_model_card(cfg, [str(out / LORA_WEIGHT_NAME)])
+    (other / "README.md").write_text(f"Files:\n- `{LORA_WEIGHT_NAME}`\n")
+    main(["--lora", str(out)])
+    main(["--lora", str(out)])
+    main(["--lora", str(out), "--output", str(tmp_path / "elsewhere.safetensors")])
+    main(["--lora", str(other)])
+    card = (out / "README.md").read_text()
+    assert f"Files:\n- `{LORA_WEIGHT_NAME}`\n- `{KOHYA_WEIGHT_NAME}`\n\n" in card and card.count(KOHYA_WEIGHT_NAME) == 1
+    assert (other / "README.md").read_text() == f"Files:\n- `{LORA_WEIGHT_NAME}`\n"
