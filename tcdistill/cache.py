@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import json
 import os
@@ -179,6 +180,10 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                              random_flip=args.random_flip, seed=args.seed, min_image_size=args.min_image_size,
                              max_pwatermark=args.max_pwatermark, stall_timeout=args.data_timeout))
     os.makedirs(args.output_dir, exist_ok=True)
+    # A killed run (SIGKILL, power loss: no chance to remove it) leaves its shard in progress as NNNNN.tar.tmp, which no
+    # metadata lists and training refuses; one this run would not overwrite stayed in the folder for good.
+    for stale in glob.glob(os.path.join(glob.escape(args.output_dir), "[0-9]" * 5 + ".tar.tmp")):
+        os.remove(stale)
     skipped: Counter[str] = Counter()
     n_samples, shards, latent_shape, cond_keys, uncond, from_cond = 0, [], None, None, None, None
     t0 = time.perf_counter()

@@ -291,3 +291,19 @@ def test_an_older_cache_naming_the_teacher_folder_relative_names_the_same_teache
     with caplog.at_level(logging.WARNING, logger="tcdistill"):
         prepare_cached_training(cfg, load_family(cfg))
     assert not [r.getMessage() for r in caplog.records if "Cache was made" in r.getMessage()]
+
+
+def test_a_killed_runs_partial_shard_is_removed_by_the_next_run(tiny_teacher: Path, one_shard: str, tmp_path: Path) -> None:
+    """QA: a `tcdistill cache` killed with SIGKILL mid-shard leaves NNNNN.tar.tmp (its in-progress shard), and a re-run
+    into the folder that writes fewer shards left it there for good. Training refuses it (no metadata lists it); the next
+    run removes it. Another file that only looks alike is kept."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "00003.tar.tmp").write_bytes(b"\0" * 1024)  # what a SIGKILL during the 4th shard's writes leaves
+    (out / "notes.tar.tmp").write_text("mine")
+    with pytest.raises(ConfigError, match="cannot read"):  # no metadata yet: the folder is no cache for training
+        read_sidecar(str(out / "00003.tar.tmp"))
+    make_cache(tiny_teacher, one_shard, out)
+    with pytest.raises(ConfigError, match=r"00003\.tar\.tmp' is not one of the 1 shard"):
+        read_sidecar(str(out / "00003.tar.tmp"))
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tar.tmp"]
