@@ -1,20 +1,30 @@
 """Stopping a run on SIGTERM (a SLURM preemption, `kill`) or SIGINT (Ctrl-C) at a step boundary, after a checkpoint,
-instead of losing every step since the last periodic one."""
+instead of losing every step since the last periodic one; and the step guard that skips non-finite steps and stops
+after too many in a row (`StepGuard`, a base of the Trainer)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import torch
 
-from .config import first_line
+from .checkpoint import CheckpointError, CheckpointIO
+from .config import TrainConfig, first_line
+
+logger = logging.getLogger("tcdistill")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class Interrupted(RuntimeError):
@@ -108,3 +118,81 @@ def nonfinite_stop_message(streak: int, step: int, applied_step: int, checkpoint
         return text + " The teacher's files are damaged: repair or re-download --pretrained_teacher_model."
     return text + (" Lower --learning_rate in a new --output_dir (a resume keeps its checkpoint's learning rate), or check "
                    "the data and --mixed_precision.")
+
+
+class StepGuard:
+    """The Trainer's step guard and stop handling: skip non-finite steps (stop after too many in a row), and on a
+    SIGTERM/SIGINT to any process save and stop every rank at the same step."""
+
+    # Set by the Trainer.
+    accelerator: Any
+    cfg: TrainConfig
+    ckpt: CheckpointIO
+    strategy: Any
+    family: Any
+    global_step: int
+    skipped: Counter[str]
+    pending_skips: Counter[str]
+    nonfinite_streak: int
+    stop_signal: int | None
+    stop_requested: bool
+    save_checkpoint: Callable[[], None]
+
+    def _finite_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
+
+        `loss` is this rank's step loss on the device. Gradients are already all-reduced here, so their norm is the
+        same on every rank; the loss and the non-finite-loss flag are averaged over ranks. The loss, the flag and the norm's
+        finiteness come to the host in one transfer, not four syncs (each sync stalls the host until the GPU
+        drains, and the GPU step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
+        (it skips and lowers the scale). The same collective and transfer carry whether any rank received a stop
+        signal (`stop_requested`), so that all ranks save and stop after the same step. Returns (loss value, apply the step).
+        """
+        acc = self.accelerator
+        grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
+        loss = loss.reshape(()).float()
+        bad = (~torch.isfinite(loss)).float()
+        stop, skips = (torch.full((), float(v), device=loss.device) for v in (self.stop_signal is not None, bool(self.pending_skips)))
+        if acc.num_processes > 1:  # one collective: the loss of the global batch (not rank 0's share), and any bad rank
+            loss, bad, stop, skips = acc.reduce(torch.stack([loss, bad, stop, skips]), reduction="mean").unbind()
+        norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
+        loss_value, n_bad, grad_ok, stops, any_skips = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float(), stop, skips]).tolist()
+        if any_skips:  # a rank skipped samples: every rank counts every rank's (rank 0 logs and saves the counts)
+            from accelerate.utils import gather_object
+
+            for counts in gather_object([dict(self.pending_skips)]) if acc.num_processes > 1 else [self.pending_skips]:
+                self.skipped.update(counts)
+            self.pending_skips.clear()
+        self.stop_requested = stops > 0
+        if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):
+            self.nonfinite_streak = 0
+            return loss_value, True
+        self.nonfinite_streak += 1
+        self.skipped["nonfinite_step"] += 1
+        if acc.is_main_process:  # every rank decides the same: one line per skipped step, not one per rank
+            logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
+                           "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(nonfinite_stop_message(self.nonfinite_streak, self.global_step + 1, self.global_step,
+                                                        self.ckpt.complete(), first_nonfinite_weight(weight_groups(self.strategy, self.family))))
+        return loss_value, False
+
+    def _try_checkpoint(self) -> None:
+        """Save a checkpoint; a failed save (disk full, permissions) keeps the older ones and training goes on."""
+        try:
+            self.save_checkpoint()
+        except CheckpointError as e:
+            logger.error("%s", e)
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def _stop_for_signal(self) -> NoReturn:
+        """Every rank, once `stop_requested`: save the finished steps (unless this step's checkpoint is already saved) and
+        stop, so that a preempted job resumes where it was stopped instead of at the last periodic checkpoint."""
+        if self.global_step % self.cfg.checkpointing_steps:
+            self._try_checkpoint()
+        self.accelerator.end_training()  # flush the trackers' last steps
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal to another process"
+        raise Interrupted(f"stopped by {name} at step {self.global_step}; newest checkpoint: {self.ckpt.latest() or 'none'} "
+                          "(--resume_from_checkpoint latest continues from it)", self.stop_signal or signal.SIGTERM)

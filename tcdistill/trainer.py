@@ -7,10 +7,9 @@ import logging
 import math
 import os
 import secrets
-import signal
 import time
 from collections import Counter
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_process_count, check_shards, check_trackers, claim_output_dir
 from .schedule import NoiseSchedule, ddim_grid
-from .stops import Interrupted, first_nonfinite_weight, nonfinite_stop_message, stop_on_signals, weight_groups
+from .stops import NonFiniteError, StepGuard, stop_on_signals  # noqa: F401 - NonFiniteError: imported from here
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
 from .teacher_checks import check_teacher_config, check_teacher_schedule
@@ -30,11 +29,7 @@ from .timing import StepTimer
 
 logger = logging.getLogger("tcdistill")
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Trainer:
+class Trainer(StepGuard):
     """Owns the accelerator, models, data, optimizer and checkpoints of one distillation run."""
 
     def __init__(self, cfg: TrainConfig):
@@ -264,52 +259,6 @@ class Trainer:
         logger.info("Resumed from %s at step %d.", path, self.global_step)
         return ck.rng
 
-    def _finite_step(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """Decide, identically on every rank, whether to apply this step; stop after too many bad ones in a row.
-
-        `loss` is this rank's step loss on the device. Gradients are already all-reduced here, so their norm is the
-        same on every rank; the loss and the non-finite-loss flag are averaged over ranks. The loss, the flag and the norm's
-        finiteness come to the host in one transfer, not four syncs (each sync stalls the host until the GPU
-        drains, and the GPU step is host-bound). Under fp16 an overflowing gradient is the GradScaler's business
-        (it skips and lowers the scale). The same collective and transfer carry whether any rank received a stop
-        signal (`stop_requested`), so that all ranks save and stop after the same step. Returns (loss value, apply the step).
-        """
-        acc = self.accelerator
-        grad_norm = acc.clip_grad_norm_(self.strategy.trainable_parameters(), self.cfg.max_grad_norm)
-        loss = loss.reshape(()).float()
-        bad = (~torch.isfinite(loss)).float()
-        stop, skips = (torch.full((), float(v), device=loss.device) for v in (self.stop_signal is not None, bool(self.pending_skips)))
-        if acc.num_processes > 1:  # one collective: the loss of the global batch (not rank 0's share), and any bad rank
-            loss, bad, stop, skips = acc.reduce(torch.stack([loss, bad, stop, skips]), reduction="mean").unbind()
-        norm_ok = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float()) if grad_norm is not None else torch.ones((), device=loss.device)
-        loss_value, n_bad, grad_ok, stops, any_skips = torch.stack([loss, bad.reshape(()), norm_ok.reshape(()).float(), stop, skips]).tolist()
-        if any_skips:  # a rank skipped samples: every rank counts every rank's (rank 0 logs and saves the counts)
-            from accelerate.utils import gather_object
-
-            for counts in gather_object([dict(self.pending_skips)]) if acc.num_processes > 1 else [self.pending_skips]:
-                self.skipped.update(counts)
-            self.pending_skips.clear()
-        self.stop_requested = stops > 0
-        if n_bad == 0 and (grad_ok or acc.mixed_precision == "fp16"):
-            self.nonfinite_streak = 0
-            return loss_value, True
-        self.nonfinite_streak += 1
-        self.skipped["nonfinite_step"] += 1
-        if acc.is_main_process:  # every rank decides the same: one line per skipped step, not one per rank
-            logger.warning("step %d: non-finite %s; step skipped (%d in a row, limit %d).", self.global_step + 1,
-                           "loss" if n_bad else "gradient", self.nonfinite_streak, self.cfg.max_nonfinite_steps)
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteError(nonfinite_stop_message(self.nonfinite_streak, self.global_step + 1, self.global_step,
-                                                        self.ckpt.complete(), first_nonfinite_weight(weight_groups(self.strategy, self.family))))
-        return loss_value, False
-
-    def _try_checkpoint(self) -> None:
-        """Save a checkpoint; a failed save (disk full, permissions) keeps the older ones and training goes on."""
-        try:
-            self.save_checkpoint()
-        except CheckpointError as e:
-            logger.error("%s", e)
-
     def _log_step(self, loss_sum: float, sps: float) -> None:
         """The step's loss, LR, throughput and data-skip counts to the trackers and (main process) metrics.jsonl."""
         logs = {"loss": loss_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": sps}
@@ -323,19 +272,6 @@ class Trainer:
                 f.write(json.dumps({"step": self.global_step, **logs}) + "\n")
         except OSError as e:  # disk full, read-only: like a failed checkpoint save, training goes on
             logger.error("step %d: writing metrics.jsonl failed (%s)", self.global_step, one_line(e))
-
-    def _on_signal(self, signum: int) -> None:
-        self.stop_signal = signum
-
-    def _stop_for_signal(self) -> NoReturn:
-        """Every rank, once `stop_requested`: save the finished steps (unless this step's checkpoint is already saved) and
-        stop, so that a preempted job resumes where it was stopped instead of at the last periodic checkpoint."""
-        if self.global_step % self.cfg.checkpointing_steps:
-            self._try_checkpoint()
-        self.accelerator.end_training()  # flush the trackers' last steps
-        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal to another process"
-        raise Interrupted(f"stopped by {name} at step {self.global_step}; newest checkpoint: {self.ckpt.latest() or 'none'} "
-                          "(--resume_from_checkpoint latest continues from it)", self.stop_signal or signal.SIGTERM)
 
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
