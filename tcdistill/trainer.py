@@ -33,10 +33,28 @@ class Trainer(StepGuard):
     """Owns the accelerator, models, data, optimizer and checkpoints of one distillation run."""
 
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
         self.cfg = cfg
+        tokenizers = self._check_inputs()
+        self._set_up_run()
+        self._load_models(tokenizers)
+        self._set_up_unets()
+        self._build_loss()
+        self._build_optimizer()
+        self.global_step = 0
+        # Skipped samples: every process's (each step adds all ranks' pending ones), and this process's not yet added.
+        self.skipped, self.pending_skips = Counter[str](), Counter[str]()
+        self.timer = StepTimer(enabled=False)  # the benchmark turns it on
+        self.nonfinite_streak = 0
+        self.stream = StreamTracker()
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
+        self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
+
+    def _check_inputs(self) -> dict[str, Any]:
+        """The accelerator, then every refusal that needs no weights and makes no folder; returns the checked tokenizers."""
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        cfg = self.cfg
         trackers = None if cfg.report_to == "none" else cfg.report_to
         check_trackers(cfg)
         self.accelerator = Accelerator(
@@ -63,6 +81,14 @@ class Trainer(StepGuard):
         # A path that is no complete checkpoint: one line, before any weights load and before the output dir is made
         # (a mistyped path used to leave an empty --output_dir behind).
         self.ckpt.resolve(cfg.resume_from_checkpoint)
+        return tokenizers
+
+    def _set_up_run(self) -> None:
+        """After the refusals: the output dir (its refusals, the hub repo, then the folder locked), logging, seeds, TF32,
+        weight dtype."""
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
         self.hub_repo_id = claim_output_dir(cfg, acc)  # the folder's refusals, then the hub repo, then the folder
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
         if cfg.seed is not None:
@@ -73,6 +99,9 @@ class Trainer(StepGuard):
         self.weight_dtype = DTYPES.get(acc.mixed_precision, torch.float32)  # "no" -> fp32
         self.device = acc.device
 
+    def _load_models(self, tokenizers: dict[str, Any]) -> None:
+        """The teacher family (encoders on the device in the weight dtype), its noise schedule, and the student strategy."""
+        cfg = self.cfg
         try:
             self.family = family = load_family(cfg, tokenizers)
         except (OSError, ValueError) as e:
@@ -89,10 +118,14 @@ class Trainer(StepGuard):
         self.strategy = make_strategy(cfg, family, self.weight_dtype)
         self.strategy.to(self.device)
         w_val = cfg.validation_guidance_scale - 1.0
-        if cfg.variant == "full" and cfg.validation_steps and acc.is_main_process and not cfg.w_min <= w_val <= cfg.w_max:
+        if cfg.variant == "full" and cfg.validation_steps and self.accelerator.is_main_process and not cfg.w_min <= w_val <= cfg.w_max:
             logger.warning("--validation_guidance_scale %g embeds w = %g, outside the trained range [--w_min %g, --w_max %g]: "
                            "the validation images show a w the student never trained on.", cfg.validation_guidance_scale, w_val,
                            cfg.w_min, cfg.w_max)
+
+    def _set_up_unets(self) -> None:
+        """Gradient checkpointing in the student; xformers, channels_last and torch.compile in every distinct UNet."""
+        cfg = self.cfg
         student = self.strategy.student
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student, cfg.gradient_checkpointing_policy)
@@ -105,9 +138,12 @@ class Trainer(StepGuard):
                 enable_memory_efficient_attention(m)
         if cfg.channels_last or cfg.compile_unet:
             speed_up_unets(unets.values(), cfg)
-
         # CUDA-graph modes: each micro-batch starts a new graph iteration (outputs of the last one may be reused).
         self.cudagraphs = cfg.compile_unet and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def _build_loss(self) -> None:
+        """The DDIM grid (skip k) and the TCD loss on the teacher's schedule."""
+        cfg = self.cfg
         self.num_ddim = cfg.num_ddim_timesteps
         self.grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim).to(self.device)
         self.k = int(self.grid[0]) + 1  # the skip: grid[0] = k - 1
@@ -118,26 +154,21 @@ class Trainer(StepGuard):
             timestep_scaling=cfg.timestep_scaling_factor,
         )
 
+    def _build_optimizer(self) -> None:
+        """Run length, optimizer and LR schedule; then the student and optimizer prepared by accelerate."""
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
         self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(cfg.max_train_samples / self.global_batch)
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
         self.optimizer = self._make_optimizer(self.strategy.trainable_parameters(), lr)
-        from diffusers.optimization import get_scheduler
-
         # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps).
         try:
             self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
         except ValueError as e:  # e.g. polynomial: the learning rate must exceed its end value (1e-7)
             raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler} with learning rate {lr:g}: {first_line(e)}") from None
-        self.student, self.optimizer = acc.prepare(student, self.optimizer)
-        self.global_step = 0
-        # Skipped samples: every process's (each step adds all ranks' pending ones), and this process's not yet added.
-        self.skipped, self.pending_skips = Counter[str](), Counter[str]()
-        self.timer = StepTimer(enabled=False)  # the benchmark turns it on
-        self.nonfinite_streak = 0
-        self.stream = StreamTracker()
-        self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
-        self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
+        self.student, self.optimizer = acc.prepare(self.strategy.student, self.optimizer)
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """AdamW (fused on CUDA and CPU unless --no_fused_adam) or bitsandbytes' 8-bit AdamW."""
