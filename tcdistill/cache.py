@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -152,25 +153,12 @@ def fill_family_defaults(args: argparse.Namespace) -> None:
 
 def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Encode every usable sample of every source shard once; returns the summary also written to the sidecar."""
-    import webdataset as wds
     from safetensors.torch import save
 
     from .families import load_family
-    from .teacher_checks import check_teacher_config
-    from .preflight import check_shards, resolve_device
 
     fill_family_defaults(args)
-
-    cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
-                      pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
-                      cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
-                      model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
-                      data_timeout=args.data_timeout)  # its checks are this command's too
-    check_shards(args.train_shards_path_or_url)  # as training does: after the flags, before the teacher loads
-    tokenizers = check_teacher_config(cfg)
-    if args.batch_size < 1:
-        raise ConfigError("--batch_size must be >= 1.")
-    device = resolve_device(args.device)
+    cfg, tokenizers, device = _check_cache_flags(args)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
     family = load_family(cfg, tokenizers)
     family.unet = None  # only the encoders are needed here
@@ -185,61 +173,17 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     for stale in glob.glob(os.path.join(glob.escape(args.output_dir), "[0-9]" * 5 + ".tar.tmp")):
         os.remove(stale)
     skipped: Counter[str] = Counter()
-    n_samples, shards, latent_shape, cond_keys, uncond, from_cond = 0, [], None, None, None, None
+    layout = _Layout()
     t0 = time.perf_counter()
-    for url in expand_urls(args.train_shards_path_or_url):
-        # Sequential names: source shards from several folders may share a basename.
-        name, n_before = f"{len(shards):05d}.tar", n_samples
-        tmp = os.path.join(args.output_dir, name + ".tmp")
-        try:
-            with wds.TarWriter(tmp) as sink:
-                pending: list[tuple[str, dict[str, Any]]] = []
-
-                def flush() -> None:
-                    nonlocal n_samples, latent_shape, cond_keys, uncond, from_cond
-                    if not pending:
-                        return
-                    batch = _batch([s for _, s in pending])
-                    captions = batch["captions"]
-                    mean, std, cond = _encode(family, batch, device)
-                    latent_shape, cond_keys = list(mean.shape[1:]), sorted(cond)
-                    if uncond is None:
-                        uncond, from_cond = _uncond_layout(family, batch, device)
-                    for j, (key, _) in enumerate(pending):
-                        rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
-                               "txt": captions[j].encode("utf-8")}
-                        rec.update({f"{k}.npy": _npy_bytes(cond[k][j], np.float32 if k in EXACT_KEYS else store) for k in cond_keys})
-                        sink.write(rec)
-                    n_samples += len(pending)
-                    pending.clear()
-
-                for key, sample in ds.read_once(url, skipped):
-                    pending.append((key, sample))
-                    if len(pending) >= args.batch_size:
-                        flush()
-                flush()
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)  # a partial shard (disk full, an error) is not left behind
-            raise
-        if n_samples == n_before:  # a missing or failing source (counted in skipped): no empty shard for the loader
-            os.remove(tmp)
-            continue
-        if not shards:
-            # The metadata is the completion marker, written last: drop an earlier run's before overwriting its shards, so
-            # a run killed or failing from here leaves a folder training refuses, not old metadata over old and new shards.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(args.output_dir, META_NAME))
-        os.replace(tmp, os.path.join(args.output_dir, name))  # a killed run leaves only *.tmp, never a short shard
-        shards.append(name)
+    shards, n_samples = _cache_shards(args, ds, store, family, device, skipped, layout)
     if n_samples == 0:
         raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}).")
     elapsed = time.perf_counter() - t0
-    uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in uncond.items()}
+    uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in layout.uncond.items()}
     meta = {
         "format": FORMAT, "teacher": cfg.pretrained_teacher_model, "vae": cfg.pretrained_vae_model_name_or_path,
-        "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": latent_shape,
-        "cond_keys": cond_keys, "uncond_from_cond": from_cond, "model_family": args.model_family,
+        "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": layout.latent_shape,
+        "cond_keys": layout.cond_keys, "uncond_from_cond": layout.from_cond, "model_family": args.model_family,
         "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
         "min_image_size": args.min_image_size, "max_pwatermark": args.max_pwatermark,
@@ -250,6 +194,98 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     _atomic_write(os.path.join(args.output_dir, META_NAME), json.dumps(meta, indent=2).encode("utf-8"))
     meta["pattern"] = os.path.join(args.output_dir, f"{{00000..{len(shards) - 1:05d}}}.tar")
     return meta
+
+
+def _check_cache_flags(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], torch.device]:
+    """The refusals before the teacher loads (training's own checks of these flags); returns the config, the checked
+    tokenizers and the device."""
+    from .preflight import check_shards, resolve_device
+    from .teacher_checks import check_teacher_config
+
+    cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
+                      pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
+                      cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
+                      model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
+                      data_timeout=args.data_timeout)  # its checks are this command's too
+    check_shards(args.train_shards_path_or_url)  # as training does: after the flags, before the teacher loads
+    tokenizers = check_teacher_config(cfg)
+    if args.batch_size < 1:
+        raise ConfigError("--batch_size must be >= 1.")
+    return cfg, tokenizers, resolve_device(args.device)
+
+
+@dataclass
+class _Layout:
+    """What the encoded batches tell the sidecar: latent shape, conditioning keys, the shared unconditional tensors and
+    the keys whose unconditional value is the sample's own conditioning (the last two from the first batch)."""
+
+    latent_shape: list[int] | None = None
+    cond_keys: list[str] | None = None
+    uncond: dict[str, Tensor] | None = None
+    from_cond: list[str] | None = None
+
+
+def _cache_shards(args: argparse.Namespace, ds: _OnePass, store: Any, family: ModelFamily, device: torch.device,
+                  skipped: Counter[str], layout: _Layout) -> tuple[list[str], int]:
+    """Each source shard with a usable sample becomes the next cached shard, published whole; returns (names, samples)."""
+    shards, n_samples = [], 0
+    for url in expand_urls(args.train_shards_path_or_url):
+        # Sequential names: source shards from several folders may share a basename.
+        name = f"{len(shards):05d}.tar"
+        tmp = os.path.join(args.output_dir, name + ".tmp")
+        written = _write_shard(tmp, ds.read_once(url, skipped), args.batch_size, store, family, device, layout)
+        if written == 0:  # a missing or failing source (counted in skipped): no empty shard for the loader
+            os.remove(tmp)
+            continue
+        n_samples += written
+        if not shards:
+            # The metadata is the completion marker, written last: drop an earlier run's before overwriting its shards, so
+            # a run killed or failing from here leaves a folder training refuses, not old metadata over old and new shards.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, META_NAME))
+        os.replace(tmp, os.path.join(args.output_dir, name))  # a killed run leaves only *.tmp, never a short shard
+        shards.append(name)
+    return shards, n_samples
+
+
+def _write_shard(tmp: str, samples: Iterator[tuple[str, dict[str, Any]]], batch_size: int, store: Any, family: ModelFamily,
+                 device: torch.device, layout: _Layout) -> int:
+    """Encode `samples` in batches of `batch_size` into the tar `tmp`; returns how many it wrote."""
+    import webdataset as wds
+
+    written = 0
+    try:
+        with wds.TarWriter(tmp) as sink:
+            pending: list[tuple[str, dict[str, Any]]] = []
+            for key, sample in samples:
+                pending.append((key, sample))
+                if len(pending) >= batch_size:
+                    written += _write_batch(sink, pending, store, family, device, layout)
+                    pending = []
+            if pending:
+                written += _write_batch(sink, pending, store, family, device, layout)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a partial shard (disk full, an error) is not left behind
+        raise
+    return written
+
+
+def _write_batch(sink: Any, pending: list[tuple[str, dict[str, Any]]], store: Any, family: ModelFamily, device: torch.device,
+                 layout: _Layout) -> int:
+    """Encode one batch and write its records (latent mean/std, conditioning, caption) to `sink`; returns its size."""
+    batch = _batch([s for _, s in pending])
+    captions = batch["captions"]
+    mean, std, cond = _encode(family, batch, device)
+    layout.latent_shape, layout.cond_keys = list(mean.shape[1:]), sorted(cond)
+    if layout.uncond is None:
+        layout.uncond, layout.from_cond = _uncond_layout(family, batch, device)
+    for j, (key, _) in enumerate(pending):
+        rec = {"__key__": key, LATENTS: _npy_bytes(mean[j], store), LATENTS_STD: _npy_bytes(std[j], store),
+               "txt": captions[j].encode("utf-8")}
+        rec.update({f"{k}.npy": _npy_bytes(cond[k][j], np.float32 if k in EXACT_KEYS else store) for k in layout.cond_keys})
+        sink.write(rec)
+    return len(pending)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
