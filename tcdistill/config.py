@@ -52,6 +52,12 @@ def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, us
         raise ConfigError(f"{flag} must be in [{low}, {high - (count - 1)}]{' ' + uses if uses else ''}, got {seed}.")
 
 
+def _need(cond: bool, msg: str) -> None:
+    """TrainConfig's checks: refuse with the one-line `msg` unless `cond`."""
+    if not cond:
+        raise ConfigError(msg)
+
+
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of a red fox sitting in the snow",
     "a watercolor painting of a lighthouse at sunset",
@@ -195,77 +201,93 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Cross-field checks; raise ConfigError with a one-line message."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
+        """Cross-field checks; raise ConfigError with a one-line message (the first failing check, in this order)."""
+        self._check_choices_and_inputs()
+        self._check_training()
+        self._check_combinations()
+        self._check_ranges()
+        self._check_outputs_and_validation()
 
+    def _check_choices_and_inputs(self) -> None:
+        """Flag choices, --seed, the teacher and the data, resolution and batch flags."""
         for f in dataclasses.fields(self):  # the parser checks choices; configs built in code are checked here
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            need(not choices or value in choices or (value is None and f.default is None), f"--{f.name} must be one of {', '.join(map(str, choices or []))}; got {value!r}.")
+            _need(not choices or value in choices or (value is None and f.default is None), f"--{f.name} must be one of {', '.join(map(str, choices or []))}; got {value!r}.")
         if self.seed is not None:
             check_seed("--seed", self.seed, NUMPY_SEEDS)
-        need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
-        need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
-             "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
-        need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
-        need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
-        need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
-        need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+        _need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
+        _need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
+              "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
+        _need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
+        _need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
+        _need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
+        _need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+
+    def _check_training(self) -> None:
+        """The guidance range, optimizer, EMA, DDIM grid, checkpointing and run-length flags, --lora_rank."""
         # inf passed the order check and made every loss non-finite: 10 skipped steps, then "lower --learning_rate"
-        need(math.isfinite(self.w_min) and math.isfinite(self.w_max), f"--w_min/--w_max must be finite, got {self.w_min}, {self.w_max}.")
-        need(self.w_min <= self.w_max, f"--w_min ({self.w_min}) must be <= --w_max ({self.w_max}).")
-        need(self.w_min >= 0, f"--w_min must be >= 0 (LCM form: w = CFG scale - 1), got {self.w_min}.")
-        need(self.learning_rate > 0, "--learning_rate must be > 0.")
-        need(0.0 <= self.ema_decay <= 1.0, f"--ema_decay must be in [0, 1], got {self.ema_decay}.")
-        need(0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be in [0, 1].")
-        need(0.0 <= self.validation_gamma <= 1.0, "--validation_gamma must be in [0, 1].")
-        need(self.num_ddim_timesteps >= 1, "--num_ddim_timesteps must be >= 1.")
-        need(self.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1.")
-        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1.")
-        need(self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1.")
-        need(self.max_train_samples is None or self.max_train_samples >= 1, "--max_train_samples must be >= 1.")
-        need(self.max_train_steps is not None or self.max_train_samples is not None,
-             "Set --max_train_steps (or --max_train_samples with --num_train_epochs): the shard stream is endless.")
-        need(self.lora_rank >= 1, "--lora_rank must be >= 1.")
-        need(not (self.variant == "lora" and self.teacher_dtype == "fp32" and not self.lora_separate_teacher),
-             "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
-        need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
-             "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
+        _need(math.isfinite(self.w_min) and math.isfinite(self.w_max), f"--w_min/--w_max must be finite, got {self.w_min}, {self.w_max}.")
+        _need(self.w_min <= self.w_max, f"--w_min ({self.w_min}) must be <= --w_max ({self.w_max}).")
+        _need(self.w_min >= 0, f"--w_min must be >= 0 (LCM form: w = CFG scale - 1), got {self.w_min}.")
+        _need(self.learning_rate > 0, "--learning_rate must be > 0.")
+        _need(0.0 <= self.ema_decay <= 1.0, f"--ema_decay must be in [0, 1], got {self.ema_decay}.")
+        _need(0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be in [0, 1].")
+        _need(0.0 <= self.validation_gamma <= 1.0, "--validation_gamma must be in [0, 1].")
+        _need(self.num_ddim_timesteps >= 1, "--num_ddim_timesteps must be >= 1.")
+        _need(self.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1.")
+        _need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1.")
+        _need(self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1.")
+        _need(self.max_train_samples is None or self.max_train_samples >= 1, "--max_train_samples must be >= 1.")
+        _need(self.max_train_steps is not None or self.max_train_samples is not None,
+              "Set --max_train_steps (or --max_train_samples with --num_train_epochs): the shard stream is endless.")
+        _need(self.lora_rank >= 1, "--lora_rank must be >= 1.")
+
+    def _check_combinations(self) -> None:
+        """Flags that need or contradict another flag; the loss's --huber_c and --timestep_scaling_factor."""
+        _need(not (self.variant == "lora" and self.teacher_dtype == "fp32" and not self.lora_separate_teacher),
+              "--teacher_dtype fp32 with LoRA needs --lora_separate_teacher (the adapters-off teacher shares the student's weight-dtype base).")
+        _need(self.gradient_checkpointing or self.gradient_checkpointing_policy == "full",
+              "--gradient_checkpointing_policy selective needs --gradient_checkpointing.")
         # SD UNets take no size/crop micro-conditioning, so the flag would change nothing (the reference SD scripts lack it).
-        need(self.model_family == "sdxl" or not self.use_fix_crop_and_size,
-             "--use_fix_crop_and_size applies only to SDXL teachers (--model_family sdxl); an SD teacher would ignore it.")
-        need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
-        need(self.compile_unet or self.compile_mode == "default", f"--compile_mode {self.compile_mode} needs --compile_unet.")
-        need(self.huber_c > 0, "--huber_c must be > 0.")
-        need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
-        need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,
-             "--revision picks the full student's starting UNet; a LoRA adapts the teacher's own UNet, chosen with --teacher_revision.")
-        need(not (self.cast_teacher_unet and self.teacher_dtype == "fp32"),
-             "--cast_teacher_unet casts the teacher to the weight dtype; it contradicts --teacher_dtype fp32 (pass one of them).")
-        need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
-        need(self.data_timeout >= 0, f"--data_timeout must be >= 0 (0 = wait forever), got {self.data_timeout}.")
-        need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")
-        need(0.0 <= self.max_pwatermark <= 1.0, f"--max_pwatermark must be in [0, 1], got {self.max_pwatermark}.")
-        need(self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1.")
-        need(self.validation_steps >= 0, "--validation_steps must be >= 0.")
-        need(self.vae_encode_batch_size >= 1, "--vae_encode_batch_size must be >= 1.")
+        _need(self.model_family == "sdxl" or not self.use_fix_crop_and_size,
+              "--use_fix_crop_and_size applies only to SDXL teachers (--model_family sdxl); an SD teacher would ignore it.")
+        _need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
+        _need(self.compile_unet or self.compile_mode == "default", f"--compile_mode {self.compile_mode} needs --compile_unet.")
+        _need(self.huber_c > 0, "--huber_c must be > 0.")
+        _need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
+        _need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,
+              "--revision picks the full student's starting UNet; a LoRA adapts the teacher's own UNet, chosen with --teacher_revision.")
+        _need(not (self.cast_teacher_unet and self.teacher_dtype == "fp32"),
+              "--cast_teacher_unet casts the teacher to the weight dtype; it contradicts --teacher_dtype fp32 (pass one of them).")
+
+    def _check_ranges(self) -> None:
+        """The data, step-guard, VAE-batch, w-embedding, LoRA, optimizer and tracker ranges."""
+        _need(self.data_failure_patience >= 1, "--data_failure_patience must be >= 1.")
+        _need(self.data_timeout >= 0, f"--data_timeout must be >= 0 (0 = wait forever), got {self.data_timeout}.")
+        _need(self.min_image_size >= 0, f"--min_image_size must be >= 0, got {self.min_image_size}.")
+        _need(0.0 <= self.max_pwatermark <= 1.0, f"--max_pwatermark must be in [0, 1], got {self.max_pwatermark}.")
+        _need(self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1.")
+        _need(self.validation_steps >= 0, "--validation_steps must be >= 0.")
+        _need(self.vae_encode_batch_size >= 1, "--vae_encode_batch_size must be >= 1.")
         # The sinusoidal w embedding divides by (dim // 2 - 1): below 4 it is a division by zero (diffusers: inf).
-        need(self.unet_time_cond_proj_dim >= 4, f"--unet_time_cond_proj_dim must be >= 4, got {self.unet_time_cond_proj_dim}.")
-        need(self.lora_alpha > 0, "--lora_alpha must be > 0.")
-        need(0.0 <= self.lora_dropout < 1.0, "--lora_dropout must be in [0, 1).")
-        need(self.max_grad_norm > 0, "--max_grad_norm must be > 0.")
-        need(self.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0.")
-        need(self.num_train_epochs >= 1, "--num_train_epochs must be >= 1.")
-        need(self.adam_epsilon > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1) and --adam_epsilon > 0.")
-        need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
-        need(not self.push_to_hub or bool(self.hub_repo_name),
-             f"--push_to_hub needs --hub_model_id: the output folder {self.output_dir!r} has no name to call the repo.")
-        need(self.lora_target_modules is None or bool(self.lora_modules), "--lora_target_modules lists no module names.")
-        need(self.validation_steps == 0 or bool(self.inference_steps),
-             "--validation_inference_steps lists no step counts (or pass --validation_steps 0 for no validation).")
+        _need(self.unet_time_cond_proj_dim >= 4, f"--unet_time_cond_proj_dim must be >= 4, got {self.unet_time_cond_proj_dim}.")
+        _need(self.lora_alpha > 0, "--lora_alpha must be > 0.")
+        _need(0.0 <= self.lora_dropout < 1.0, "--lora_dropout must be in [0, 1).")
+        _need(self.max_grad_norm > 0, "--max_grad_norm must be > 0.")
+        _need(self.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0.")
+        _need(self.num_train_epochs >= 1, "--num_train_epochs must be >= 1.")
+        _need(self.adam_epsilon > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1) and --adam_epsilon > 0.")
+        _need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
+
+    def _check_outputs_and_validation(self) -> None:
+        """--push_to_hub's repo name, --lora_target_modules, and the validation steps and seeds."""
+        _need(not self.push_to_hub or bool(self.hub_repo_name),
+              f"--push_to_hub needs --hub_model_id: the output folder {self.output_dir!r} has no name to call the repo.")
+        _need(self.lora_target_modules is None or bool(self.lora_modules), "--lora_target_modules lists no module names.")
+        _need(self.validation_steps == 0 or bool(self.inference_steps),
+              "--validation_inference_steps lists no step counts (or pass --validation_steps 0 for no validation).")
         for n in self.inference_steps:
-            need(1 <= n <= self.num_ddim_timesteps, f"--validation_inference_steps: {n} not in [1, {self.num_ddim_timesteps}].")
+            _need(1 <= n <= self.num_ddim_timesteps, f"--validation_inference_steps: {n} not in [1, {self.num_ddim_timesteps}].")
         if self.validation_steps:
             n = len(self.validation_prompt_list)
             check_seed("--validation_seed", self.validation_seed, TORCH_SEEDS, count=n,
