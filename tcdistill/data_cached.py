@@ -99,6 +99,18 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
     The step never encodes; validation still decodes (VAE decoder) and encodes its prompts (text encoder).
     """
     meta, uncond = read_sidecar(cfg.train_latents_path_or_url)
+    _check_cache_shapes(cfg, family, meta, uncond)
+    _check_cache_models(cfg, family, meta)
+    _warn_fixed_data_flags(cfg, meta)
+    vae = family.vae
+    vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
+    if getattr(vae, "quant_conv", None) is not None:
+        vae.quant_conv = None
+    return meta
+
+
+def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
+    """Refuse a cache made for another family, resolution, time-id setting, latent shape or prompt-embedding width."""
     unet_cfg = family.unet.config
     if meta.get("model_family", "sd") != cfg.model_family:
         raise ConfigError(f"the cache was made for a {meta.get('model_family')!r} teacher; this run trains {cfg.model_family!r}.")
@@ -131,6 +143,10 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
         raise ConfigError(f"cached pooled prompt embeddings (text_embeds) are {pooled.shape[-1]}-dim; the teacher UNet's added "
                           f"conditioning wants {want} (the cache was made with another teacher: "
                           f"{meta.get('teacher')!r}; re-run `tcdistill cache`).")
+
+
+def _check_cache_models(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any]) -> None:
+    """Warn on another teacher or VAE name; refuse latents of a VAE with another scaling factor."""
     if local_model_path(meta.get("teacher")) != cfg.pretrained_teacher_model:  # an older cache's relative folder is the same
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
     vae = family.vae
@@ -143,6 +159,10 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
     if local_model_path(meta.get("vae")) != cfg.pretrained_vae_model_name_or_path:
         logger.warning("Cache was made with --pretrained_vae_model_name_or_path %r; training with %r (validation decodes with it).",
                        meta.get("vae"), cfg.pretrained_vae_model_name_or_path)
+
+
+def _warn_fixed_data_flags(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """Warn on crop, flip and filter flags that the cache fixed when it was made (they have no effect here)."""
     for key in ("center_crop", "random_flip", "interpolation_type"):
         if key in meta and meta[key] != getattr(cfg, key):
             logger.warning("--%s %s has no effect: the cache fixed the crops with %s=%s (re-run `tcdistill cache` to change it).",
@@ -154,10 +174,6 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
             logger.warning("--%s %s has no effect: the cache's samples were filtered when it was made (%s=%s); re-run "
                            "`tcdistill cache --%s %s` to filter them so.", key, asked, key,
                            "not recorded" if made is None else made, key, asked)
-    vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
-    if getattr(vae, "quant_conv", None) is not None:
-        vae.quant_conv = None
-    return meta
 
 
 def _npy(data: bytes) -> Tensor:
