@@ -43,8 +43,8 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .stops import Interrupted, peer_failure
-    from .trainer import NonFiniteError, Trainer
+    from .stops import Interrupted, NonFiniteError, peer_failure
+    from .trainer import Trainer
 
     try:
         Trainer(cfg).train()

@@ -21,7 +21,7 @@ from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_process_count, check_shards, check_trackers, claim_output_dir
 from .schedule import NoiseSchedule, ddim_grid
-from .stops import NonFiniteError, StepGuard, stop_on_signals  # noqa: F401 - NonFiniteError: imported from here
+from .stops import StepGuard, stop_on_signals
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
 from .teacher_checks import check_teacher_config, check_teacher_schedule

@@ -215,8 +215,6 @@ def test_export_of_a_failed_write_leaves_no_file(tiny_teacher: Path, tmp_path: P
 
 def test_an_sd_runs_export_reads_no_teacher_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Only an SDXL run's modules get original-UNet names: an SD run's teacher (maybe an uncached hub id) is not read."""
-    import json
-
     from tcdistill.export import run_unet_config
 
     assert run_unet_config({"model_family": "sd", "pretrained_teacher_model": str(tmp_path / "gone")}) is None

@@ -17,7 +17,8 @@ def test_the_nonfinite_stop_names_the_damaged_weights_and_no_exploded_checkpoint
     resumed checkpoint-1 with its own learning rate and failed again. A teacher with an inf weight got the same learning
     rate advice. The line now names the non-finite weights and the checkpoint the failing steps started from."""
     from tcdistill.config import TrainConfig
-    from tcdistill.trainer import NonFiniteError, Trainer
+    from tcdistill.stops import NonFiniteError
+    from tcdistill.trainer import Trainer
 
     tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                              resolution=32, max_train_steps=4, report_to="none", mixed_precision="no", max_nonfinite_steps=1))

@@ -21,7 +21,8 @@ def test_finite_step_guard_reads_loss_and_gradient_in_one_transfer(tiny_teacher,
     import torch
 
     from tcdistill.config import TrainConfig
-    from tcdistill.trainer import NonFiniteError, Trainer
+    from tcdistill.stops import NonFiniteError
+    from tcdistill.trainer import Trainer
 
     tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                              resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", max_nonfinite_steps=3))
