@@ -139,11 +139,26 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
     """Reject settings this machine cannot run, as one line, before any weights load."""
     if cfg.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision no (or bf16).")
+    # torch 2.13's inductor miscompiles 16-bit AVX-512 CPU kernels: `F.layer_norm(a + b.transpose(1, 2), (64,))` on
+    # bf16 [1, 64, 64] tensors returns NaN/garbage (its tile-transpose reduction kernel; right with g++
+    # -fno-tree-slp-vectorize, with 256-bit code, or backend aot_eager). That is a transformer block's residual + norm:
+    # the first step's loss was NaN (--compile_scope blocks). With 256-bit (AVX2) code the compiled UNets gave the
+    # eager outputs (to bf16 rounding), so only AVX-512 machines are refused.
+    if cfg.compile_unet and cfg.mixed_precision == "bf16" and device.type == "cpu" and inductor_cpu_vector_bits() >= 512:
+        raise ConfigError("--compile_unet with --mixed_precision bf16 on this CPU: torch inductor's AVX-512 code for bf16 "
+                          "UNet blocks gives NaN losses; use --mixed_precision no with --compile_unet, or bf16 without it.")
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def inductor_cpu_vector_bits() -> int:
+    """The vector width, in bits, of the C++ kernels torch inductor generates on this CPU (0: scalar code)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width()
 
 
 def check_trackers(cfg: TrainConfig) -> None:
