@@ -155,10 +155,15 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def inductor_cpu_vector_bits() -> int:
-    """The vector width, in bits, of the C++ kernels torch inductor generates on this CPU (0: scalar code)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    """The vector width, in bits, of the C++ kernels torch inductor generates on this CPU (0: scalar code, or no answer)."""
+    # It builds test programs: without a C++ compiler it raised InvalidCxxCompiler (a traceback in preflight); the
+    # compile itself reports that, as it did before this probe.
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return pick_vec_isa().bit_width()
+        return pick_vec_isa().bit_width()
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def check_trackers(cfg: TrainConfig) -> None:

@@ -103,6 +103,23 @@ def test_bf16_compile_on_an_avx512_cpu_is_refused(monkeypatch: pytest.MonkeyPatc
     preflight.check_environment(bf16_compiled, cpu)
 
 
+def test_the_avx512_probe_without_a_cpp_compiler_refuses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the probe behind the AVX-512 refusal builds test programs with inductor's C++ compiler; without one (CXX
+    unset, no g++) it raised InvalidCxxCompiler as a traceback in preflight for every bf16 --compile_unet CPU run.
+    It now reads as scalar code (0 bits): nothing is refused here, and the compile reports the compiler as before."""
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from tcdistill import preflight
+
+    def no_compiler() -> None:
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", no_compiler)
+    assert preflight.inductor_cpu_vector_bits() == 0
+    preflight.check_environment(TrainConfig(**BASE, mixed_precision="bf16", compile_unet=True), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("script_variant,script_family,argv,use", [
     ("full", "sd", ["--variant", "lora"], "train_tcd_distill_lora_sd_wds.py"),  # trained and saved a LoRA
     ("lora", "sdxl", ["--model_family", "sd"], "train_tcd_distill_lora_sd_wds.py"),
