@@ -77,7 +77,11 @@ def lock_output_dir(path: str) -> None:
     key = os.path.realpath(path)
     if key in _held_locks:
         return
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # a folder of that name, another user's file: a ConfigError, which claim_output_dir broadcasts
+        raise ConfigError(f"--output_dir {path!r}: its lock file {LOCK_NAME} cannot be opened ({e.strerror or e}); remove it "
+                          "if no run uses the folder, or pick another --output_dir.") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -136,6 +136,18 @@ def test_the_lock_file_names_only_the_holders_pid(tmp_path):
         os.close(preflight._held_locks.pop(os.path.realpath(tmp_path)))
 
 
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    """Review: a `.tcdistill.lock` that cannot be opened (a folder of that name; another user's file) raised a raw
+    IsADirectoryError/PermissionError inside claim_output_dir's try, which catches ConfigError only: a traceback, and in
+    a multi-process run the main process ended before the broadcast of its refusal that the other ranks waited in."""
+    from tcdistill import preflight
+
+    (tmp_path / preflight.LOCK_NAME).mkdir()
+    with pytest.raises(preflight.ConfigError, match=r"--output_dir .*\.tcdistill\.lock cannot be opened.*pick another --output_dir"):
+        preflight.lock_output_dir(str(tmp_path))
+    assert os.path.realpath(tmp_path) not in preflight._held_locks
+
+
 def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher, tiny_shards, tmp_path, monkeypatch):
     """QA: a disk left full (by an earlier run) passed the output-dir probe (an empty file) and the run ended in a raw
     OSError traceback writing tcdistill_config.json; a disk that filled up after the final weights ended in one writing
