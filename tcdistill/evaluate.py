@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
-from .families import tokenize, unet_family, unet_sample_hw
+from .families import tokenize, unet_family
 from .generate import LORA_HELP, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule
-from .validation import sampling_size
+from .validation import sampling_hw
 
 logger = logging.getLogger("tcdistill.eval")
 Net = Callable[[Tensor, Tensor], Tensor]
@@ -138,7 +138,7 @@ class EvalSettings:
     batch_size: int = 128
     timestep_scaling: float = 10.0  # the LCM sampler's boundary scaling: the run's --timestep_scaling_factor
     device: str = "cpu"
-    size: int | None = None  # square pixel size (the run's, `sampling_size`); None: the teacher UNet's sample_size
+    resolution: int | None = None  # the run's --resolution, sampled at `sampling_size`; None: the teacher UNet's sample_size
 
 
 @dataclass
@@ -164,7 +164,7 @@ class Evaluator:
             self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]
             self.uncond = pipe.text_encoder(tokenize(tok, [""]).to(self.device))[0].expand_as(self.cond)
         # The student is measured where it trained: the run's size, not the teacher's sample_size when they differ.
-        height, width = (s.size // pipe.vae_scale_factor,) * 2 if s.size else unet_sample_hw(pipe.unet.config)
+        height, width = (side // pipe.vae_scale_factor for side in sampling_hw(s.resolution, pipe))
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
         shape = (len(self.prompts), pipe.unet.config.in_channels, height, width)
         self.x_T = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         student = load_student(pipe, args.unet, args.lora)
         settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
                                 reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size,
-                                timestep_scaling=run["timestep_scaling"], size=sampling_size(saved.get("resolution")))
+                                timestep_scaling=run["timestep_scaling"], resolution=saved.get("resolution"))
         ev = Evaluator(pipe, prompts, settings)
         if args.classifier:
             ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)

@@ -21,10 +21,10 @@ import torch
 from .checkpoint import checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import pipeline_variant, unet_family, unet_sample_hw
+from .families import pipeline_variant, unet_family
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
-from .validation import sampling_size
+from .validation import sampling_hw
 
 FULL_MODEL_GUIDANCE = 8.0
 
@@ -219,10 +219,8 @@ def generate(args: argparse.Namespace) -> list[str]:
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
-    # the size the run trained at; without a run config, the pipeline's (a non-square UNet config gives sample_size as
-    # [height, width]: each side defaults to its own entry).
-    size = sampling_size(run.get("resolution"))
-    size_h, size_w = (size, size) if size else (s * pipe.vae_scale_factor for s in unet_sample_hw(pipe.unet.config))
+    # the size the run trained at; without a run config, the pipeline's (each side its own).
+    size_h, size_w = sampling_hw(run.get("resolution"), pipe)
     height, width = args.height or size_h, args.width or size_w
     gs = args.guidance_scale
     if gs is None:

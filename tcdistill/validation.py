@@ -35,6 +35,17 @@ def sampling_size(resolution: int | None) -> int | None:
     return None if resolution is None else max(8, int(resolution) // 8 * 8)
 
 
+def sampling_hw(resolution: int | None, pipe: Any) -> tuple[int, int]:
+    """(height, width) in pixels that `generate` and `eval` sample a run at through `pipe`: the run's `sampling_size`,
+    else (no run config) the pipeline's default, UNet sample_size x VAE factor (a non-square config's [height, width])."""
+    from .families import unet_sample_hw
+
+    if (size := sampling_size(resolution)) is not None:
+        return size, size
+    h, w = unet_sample_hw(pipe.unet.config)
+    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+
+
 UNCLIPPED = {"clip_sample": False, "thresholding": False}  # LCMScheduler fields that would alter x0
 
 
