@@ -40,6 +40,8 @@ def check_output_dir(path: str, flag: str = "--output_dir", make: bool = True) -
     without making anything (a missing folder is probed in the nearest existing one above it)."""
     import tempfile
 
+    if not path:  # makedirs("") fails, while make=False probed the folder above the working directory and passed
+        raise ConfigError(f"{flag} is empty: name a folder ('.' for the working directory).")
     if os.path.exists(path) and not os.path.isdir(path):  # makedirs says "File exists", read as "not writable: File exists"
         raise ConfigError(f"{flag} {path!r} is a file, not a folder.")
     probe = path

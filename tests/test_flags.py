@@ -254,11 +254,14 @@ def test_a_refused_output_dir_creates_no_hub_repo(config_only_teacher: Path, tin
     held = tmp_path / "held"
     held.mkdir()
 
-    def train(out: Path) -> None:
+    def train(out: Path | str) -> None:
         Trainer(TrainConfig(pretrained_teacher_model=str(config_only_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(out),
                             max_train_steps=1, report_to="none", mixed_precision="no", push_to_hub=True, hub_model_id="me/x"))
 
-    for out, needle in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "out", "is not writable: Not a directory")):
+    monkeypatch.chdir(tmp_path)
+    # "": the make=False probe passed (it probed the folder above), makedirs("") failed after the repo was made.
+    for out, needle in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "out", "is not writable: Not a directory"),
+                        ("", "--output_dir is empty")):
         with pytest.raises(ConfigError, match=needle):
             train(out)
     with lock_holder(held, run_env), pytest.raises(ConfigError, match="is in use by another training run"):
