@@ -176,7 +176,10 @@ def list_in_card(path: str | os.PathLike) -> bool:
 
     p = Path(path)
     card = p.parent / "README.md"
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    try:
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    except UnicodeDecodeError:  # another tool's README (UTF-16, latin-1): no card of ours, which are UTF-8
+        return False
     listed = re.search(r"^Files:\n((?:- `[^`\n]+`\n)+)", text, re.M)  # render_model_card's list, in a card it tagged
     entry = f"- `{p.name}`\n"
     if listed is None or "\n- tcdistill\n" not in text or entry in listed.group(1):

@@ -307,3 +307,16 @@ def test_export_into_an_output_folder_lists_the_kohya_file_in_its_card(tiny_teac
     card = (out / "README.md").read_text()
     assert f"Files:\n- `{LORA_WEIGHT_NAME}`\n- `{KOHYA_WEIGHT_NAME}`\n\n" in card and card.count(KOHYA_WEIGHT_NAME) == 1
     assert (other / "README.md").read_text() == f"Files:\n- `{LORA_WEIGHT_NAME}`\n"
+
+
+def test_export_beside_a_readme_that_is_not_utf8_succeeds(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Review: export into a LoRA folder whose README.md is another tool's, in UTF-16 (or latin-1), wrote the kohya file
+    and then exited 2 with `error: 'utf-8' codec can't decode ...` from the card update. Such a README is no tcdistill
+    card (those are UTF-8): it is left as it is and the export succeeds."""
+    from tcdistill.export import main
+
+    lora = make_lora(tiny_teacher, tmp_path)
+    readme = "Files:\n- `a.safetensors`\n".encode("utf-16")
+    (lora / "README.md").write_bytes(readme)
+    main(["--lora", str(lora)])
+    assert capsys.readouterr().out.strip() == str(lora / KOHYA_WEIGHT_NAME) and (lora / "README.md").read_bytes() == readme
