@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -94,10 +95,14 @@ def build_tiny_tokenizer(
     merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     (save_dir / "merges.txt").write_text(merges_txt, encoding="utf-8")
     # transformers 5 CLIPTokenizer takes in-memory vocab/merges (merges as tuples), not file paths,
-    # and passing objects keeps the tokenizer valid even if save_dir is a deleted temp dir.
+    # and passing objects keeps the tokenizer valid even if save_dir is a deleted temp dir;
+    # transformers 4's (vocab_file, merges_file) reads the two files at once, so that holds there too.
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        source: dict[str, Any] = {"vocab_file": str(save_dir / "vocab.json"), "merges_file": str(save_dir / "merges.txt")}
+    else:
+        source = {"vocab": vocab, "merges": list(merges)}
     tokenizer = CLIPTokenizer(
-        vocab=vocab,
-        merges=list(merges),
+        **source,
         model_max_length=model_max_length,
         unk_token=EOS_TOKEN,
         bos_token=BOS_TOKEN,
