@@ -121,7 +121,8 @@ def sd_text_encoder(base: str, dtype: torch.dtype, variant: str | None = None) -
     entry = DiffusionPipeline.load_config(base).get("text_encoder") or [None, None]
     if entry[1] != "CLIPTextModelWithProjection":
         return {}
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype, **({"variant": variant} if variant else {}))
+    # Cast after loading: transformers before 4.56 takes `torch_dtype=`, not `dtype=` (passed on to __init__, a TypeError).
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **({"variant": variant} if variant else {})).to(dtype)
     return {"text_encoder": te}
 
 
