@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SEED_SCRIPTS, TrainConfig
+from .export import LORA_WEIGHT_NAME
 
 # Sampling advice for TCD students (TCD paper: 2-8 steps, gamma 0.2 in its evaluation; the authors recommend 0.3,
 # higher gamma for more steps, lower for fewer).
@@ -83,7 +84,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
         vae = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", torch_dtype=torch.float16), "
     if cfg.variant == "lora":
         return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
-                f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\")\npipe.fuse_lora()\n"
+                f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\", weight_name=\"{LORA_WEIGHT_NAME}\")\npipe.fuse_lora()\n"
                 f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"

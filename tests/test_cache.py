@@ -17,6 +17,7 @@ from conftest import CACHE_RES, cache_trainer, check_ok, make_cache, run_train, 
 
 from tcdistill.config import ConfigError, TrainConfig
 from tcdistill.data_cached import META_NAME, UNCOND_NAME, read_sidecar
+from tcdistill.export import LORA_WEIGHT_NAME
 from tcdistill.tiny import shard_pattern
 
 
@@ -339,7 +340,7 @@ def test_sdxl_bf16_run_from_a_bf16_encoded_cache(variant: str, sdxl_teacher: Pat
         assert UNet2DConditionModel.from_pretrained(out / "unet_target").config.time_cond_proj_dim == 256
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
-        pipe.load_lora_weights(out)
+        pipe.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
         assert pipe.get_list_adapters() == {"unet": ["default_0"]}
 
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import full_output, make_lora  # noqa: E402
 
 from tcdistill.cli import main  # noqa: E402
+from tcdistill.export import LORA_WEIGHT_NAME  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def test_generate_lora_sd(tiny_teacher: Path, tmp_path: Path, capsys: pytest.Cap
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(lora)
+    pipe.load_lora_weights(lora, weight_name=LORA_WEIGHT_NAME)
     ref = pipe("a red square", num_inference_steps=2, guidance_scale=0.0, eta=0.3, generator=torch.Generator().manual_seed(5)).images[0]
     assert np.abs(np.asarray(ref, dtype=np.int16) - b2["00000_a_red_square.png"]).max() <= 1
 

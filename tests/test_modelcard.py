@@ -66,7 +66,7 @@ def test_training_writes_card_and_pushes(tiny_teacher: Path, tmp_path: Path, mon
     for f in hub.uploaded:  # the hub token is in no uploaded file
         assert b"hf_SECRET" not in (out / f).read_bytes(), f
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_teacher}" in card and 'load_lora_weights("me/tcd-lora")' in card
+    assert f"base_model: {tiny_teacher}" in card and 'load_lora_weights("me/tcd-lora", weight_name="pytorch_lora_weights.safetensors")' in card
     assert "![validation/lora-step000002.png](validation/lora-step000002.png)" in card
 
     # The card's usage code runs as written (on CPU in fp32, with the output folder standing in for the hub repo).

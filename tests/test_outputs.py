@@ -13,6 +13,8 @@ import safetensors.torch
 import torch
 from conftest import PROMPT, check_ok, run_train, seed_flags
 
+from tcdistill.export import LORA_WEIGHT_NAME
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -60,7 +62,7 @@ def test_lora_loads_fuses_and_changes_samples(lora_run: Path, tiny_teacher: Path
     """`load_lora_weights(out_dir)` takes the file as is, every tensor lands in the UNet, fuse_lora keeps the function."""
     pipe = _pipeline(tiny_teacher)
     base = _sample(pipe, 4, guidance_scale=0.0)
-    pipe.load_lora_weights(lora_run)
+    pipe.load_lora_weights(lora_run, weight_name=LORA_WEIGHT_NAME)
 
     # Every tensor of the file is in the UNet with the trained scaling (diffusers loads partial files silently).
     cfg = json.loads((lora_run / "tcdistill_config.json").read_text())

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import sample, train_and_resume  # noqa: E402
 
+from tcdistill.export import LORA_WEIGHT_NAME  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -61,6 +63,6 @@ def test_vpred_lora_trains_resumes_and_samples(vpred_teacher: Path, shards: str,
     train_and_resume("train_tcd_distill_lora_sd_wds.py", vpred_teacher, shards, out, caplog, "--lora_rank=4")
     base = sample(StableDiffusionPipeline.from_pretrained(vpred_teacher))
     pipe = StableDiffusionPipeline.from_pretrained(vpred_teacher)
-    pipe.load_lora_weights(out)
+    pipe.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
     assert np.abs(sample(pipe) - base).max() > 1e-3  # the trained adapters load and change the samples
     assert pipe.scheduler.config.prediction_type == "v_prediction"
