@@ -6,11 +6,13 @@ import os
 import re
 import stat
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -157,6 +159,11 @@ def test_sdxl_kohya_file_uses_sgm_names_and_samples_like_diffusers_file(sdxl_tea
     assert {"lora_unet_output_blocks_1_2_conv", "lora_unet_input_blocks_2_0_op", "lora_unet_input_blocks_0_0", "lora_unet_out_2",
             "lora_unet_time_embed_0", "lora_unet_label_emb_0_2", "lora_unet_middle_block_1_proj_in"} <= modules
     assert {float(dst[f"{m}.alpha"]) for m in modules} == {float(ALPHA)} and len(modules) == len(load_file(tmp_path / LORA_WEIGHT_NAME)) // 2
+    if Version(version("diffusers")) < Version("0.39"):
+        # diffusers < 0.39 reads no kohya SDXL module outside the blocks (time_embed, label_emb, input_blocks.0.0, out.2):
+        # "Checkpoint not supported because layer lora_unet_label_emb_0_2.alpha"; ComfyUI and A1111 do. Read back the rest.
+        make_lora(sdxl_teacher, tmp_path)
+        modules = {k.split(".")[0] for k in load_file(export_kohya(tmp_path))}
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     weights = {}
