@@ -7,10 +7,12 @@ import re
 import shutil
 import socket
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from conftest import ACCELERATE, QUICK_VALIDATION, SCRIPTS, check_ok, complete_checkpoints, event_files, lock_holder, read_scalars, run_train, seed_flags
 
 pytestmark = pytest.mark.slow  # two-process launches: tens of seconds each on 2 cores
@@ -234,8 +236,11 @@ def test_ddp_from_an_accelerate_config_file_in_bf16_on_cpu(config_only_teacher: 
     flags = seed_flags("full", teacher=config_only_teacher, shards=tiny_shards, output_dir=out, **over)
     proc = run_train("full", flags, run_env, launcher=launcher)
     refusal = "error: launched as one of 2 processes (WORLD_SIZE=2), but accelerate set up a run of 1 process(es) here"
-    assert proc.returncode != 0 and proc.stdout.count(refusal) == 2, proc.stdout[-3000:]
-    assert "in use by another training run" not in proc.stdout and "cannot load the teacher" not in proc.stdout, proc.stdout[-3000:]
+    # Before accelerate 1.13 the file's use_cpu reached the processes: they form one run of 2 and both reach the teacher.
+    passed_on = Version(version("accelerate")) < Version("1.13")
+    assert proc.returncode != 0 and proc.stdout.count(refusal) == (0 if passed_on else 2), proc.stdout[-3000:]
+    assert "in use by another training run" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("cannot load the teacher") == (2 if passed_on else 0), proc.stdout[-3000:]
 
     launcher[-1] = str(_free_port())
     log = check_ok(run_train("lora", seed_flags("lora", teacher=tiny_teacher, shards=tiny_shards, output_dir=out, **over), run_env,
