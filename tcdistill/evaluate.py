@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
-from .families import tokenize, unet_family
+from .families import sd_prompt_states, unet_family
 from .generate import LORA_HELP, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
 from .models import UNetDenoiser
 from .preflight import check_output_dir
@@ -161,8 +161,8 @@ class Evaluator:
         self.schedule = NoiseSchedule.from_scheduler(ddpm_schedule(pipe.scheduler.config)).to(self.device)
         tok = pipe.tokenizer
         with torch.no_grad():
-            self.cond = pipe.text_encoder(tokenize(tok, self.prompts).to(self.device))[0]
-            self.uncond = pipe.text_encoder(tokenize(tok, [""]).to(self.device))[0].expand_as(self.cond)
+            self.cond = sd_prompt_states(tok, pipe.text_encoder, self.prompts, self.device)
+            self.uncond = sd_prompt_states(tok, pipe.text_encoder, [""], self.device).expand_as(self.cond)
         # The student is measured where it trained: the run's size, not the teacher's sample_size when they differ.
         height, width = (side // pipe.vae_scale_factor for side in sampling_hw(s.resolution, pipe))
         # Noise drawn on the CPU: the same x_T whatever device samples from it.

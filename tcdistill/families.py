@@ -158,9 +158,24 @@ def load_noise_scheduler(cfg: TrainConfig) -> Any:
     return ddpm_schedule(teacher_scheduler_config(cfg))
 
 
+def _tokens(tokenizer: Any, captions: list[str]) -> Any:
+    """The tokenizer's output (ids and padding mask) padded (and truncated) to its own max length, no hard-coded 77: how SD
+    pipelines tokenize."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+
+
 def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
-    """Token ids padded (and truncated) to the tokenizer's own max length, no hard-coded 77: how SD pipelines tokenize."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    """Token ids as SD pipelines tokenize (`_tokens`)."""
+    return _tokens(tokenizer, captions).input_ids
+
+
+def sd_prompt_states(tokenizer: Any, text_encoder: nn.Module, captions: list[str], device: torch.device) -> Tensor:
+    """StableDiffusionPipeline.encode_prompt's prompt states (no clip_skip): the last hidden state of `tokenize`'s ids, with
+    the padding mask passed only where the text encoder's config sets `use_attention_mask`, as that pipeline does (the
+    pad positions' states differ with it: the teacher must be conditioned as it samples)."""
+    enc = _tokens(tokenizer, captions)
+    mask = enc.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
 
 
 def _freeze(*modules: nn.Module) -> None:
@@ -204,8 +219,8 @@ class SDFamily:
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], device: torch.device) -> Tensor:
-        """Tokenize to the tokenizer's own max length and take the last hidden state."""
-        return self.text_encoder(tokenize(self.tokenizer, captions).to(device))[0]
+        """The pipeline's prompt states (`sd_prompt_states`)."""
+        return sd_prompt_states(self.tokenizer, self.text_encoder, captions, device)
 
     def encode(self, batch: dict[str, Any], device: torch.device) -> Cond:
         """Conditioning for a data batch."""

@@ -266,3 +266,20 @@ def test_weights_variant_picks_a_variant_only_where_no_plain_weights_load(tmp_pa
         (tmp_path / "pipe" / sub).mkdir()
         (tmp_path / "pipe" / sub / f).write_bytes(b"")
     assert pipeline_variant(str(tmp_path / "pipe")) == "fp16"
+
+
+@pytest.mark.parametrize("use_attention_mask", [False, True])
+def test_sd_prompt_states_follow_the_pipelines_use_attention_mask(use_attention_mask: bool) -> None:
+    """A text encoder config with `use_attention_mask` true: StableDiffusionPipeline.encode_prompt passes the padding mask,
+    and training (conditional and "" unconditional states) ignored it, so the teacher saw states up to 2.9 off what it
+    samples with (tiny encoder, 77 positions). Both now agree exactly, with the mask and without."""
+    from tcdistill.families import SDFamily, ddpm_schedule
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(None, max_length=24)
+    pipe.text_encoder.config.use_attention_mask = use_attention_mask
+    fam = SDFamily(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, ddpm_schedule(pipe.scheduler.config))
+    prompts, cpu = ["a red circle", "", "a 🐱 on a blue background"], torch.device("cpu")
+    cond, neg = pipe.encode_prompt(prompts, cpu, 1, True)
+    torch.testing.assert_close(fam.encode({"captions": prompts}, cpu)["encoder_hidden_states"], cond, rtol=0, atol=0)
+    torch.testing.assert_close(fam.uncond({"captions": prompts}, cpu)["encoder_hidden_states"], neg, rtol=0, atol=0)
