@@ -160,7 +160,13 @@ def load_noise_scheduler(cfg: TrainConfig) -> Any:
 
 def _tokens(tokenizer: Any, captions: list[str]) -> Any:
     """The tokenizer's output (ids and padding mask) padded (and truncated) to its own max length, no hard-coded 77: how SD
-    pipelines tokenize."""
+    pipelines tokenize. As they do, a multi-vector textual-inversion token the tokenizer holds (`<tok>` with added
+    `<tok>_1`, ...; a fine-tune saved after `load_textual_inversion`) is first expanded to all its vectors."""
+    added = tokenizer.added_tokens_encoder
+    if any(f"{t}_1" in added for t in added):  # else the expansion changes nothing (and its untruncated pass warns)
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        captions = TextualInversionLoaderMixin().maybe_convert_prompt(list(captions), tokenizer)
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
 
 

@@ -283,3 +283,22 @@ def test_sd_prompt_states_follow_the_pipelines_use_attention_mask(use_attention_
     cond, neg = pipe.encode_prompt(prompts, cpu, 1, True)
     torch.testing.assert_close(fam.encode({"captions": prompts}, cpu)["encoder_hidden_states"], cond, rtol=0, atol=0)
     torch.testing.assert_close(fam.uncond({"captions": prompts}, cpu)["encoder_hidden_states"], neg, rtol=0, atol=0)
+
+
+def test_multi_vector_textual_inversion_tokens_expand_as_in_the_pipeline() -> None:
+    """A fine-tune saved after `load_textual_inversion` of a multi-vector embedding holds `<tok>`, `<tok>_1`, ... as added
+    tokens; the pipelines expand "<tok>" in a prompt to all its vectors (`maybe_convert_prompt`), training fed the first
+    alone: the teacher saw other states for every caption naming the concept."""
+    from tcdistill.families import SDFamily, ddpm_schedule
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(None)
+    pipe.tokenizer.add_tokens(["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[-3:] = torch.randn(3, pipe.text_encoder.config.hidden_size,
+                                                                          generator=torch.Generator().manual_seed(0))
+    fam = SDFamily(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, ddpm_schedule(pipe.scheduler.config))
+    prompts, cpu = ["a <cat-toy> on a red square", "a red circle"], torch.device("cpu")
+    cond, _ = pipe.encode_prompt(prompts, cpu, 1, False)
+    torch.testing.assert_close(fam.encode({"captions": prompts}, cpu)["encoder_hidden_states"], cond, rtol=0, atol=0)
