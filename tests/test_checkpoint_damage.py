@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from conftest import save_small_checkpoint
 
-from tcdistill.checkpoint import CheckpointError, CheckpointIO
+from tcdistill.checkpoint import CheckpointError, CheckpointIO, _crc32
 
 
 def _corrupt_same_size(path: Path) -> None:
@@ -87,8 +87,21 @@ def test_a_finite_value_overwritten_in_a_checkpoint_is_found_by_its_checksum(tmp
     assert safetensors.torch.load_file(file)["w"].flatten()[-1] == 7.0  # still a valid, finite file
     with pytest.raises(CheckpointError) as info:
         io.load(tmp_path / "checkpoint-2")
-    assert "model.safetensors changed after the save" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "model.safetensors changed after the save" in message and "\n" not in message
+    assert message.count("cannot load checkpoint") == 1 and "unreadable" not in message, message  # not re-wrapped
     with caplog.at_level("WARNING", logger="tcdistill.checkpoint"):
         ck = io.load_latest()
     assert ck.step == 1 and torch.equal(ck.tensors["model"]["w"], torch.full((4, 4), 1.0))
     assert "checkpoint-2" in caplog.text and "CRC-32" in caplog.text
+
+
+@pytest.mark.parametrize("size", [0, 1, 20, 21, 100])
+def test_the_checksum_covers_every_chunk_of_a_file(tmp_path: Path, size: int) -> None:
+    """Mutation testing: a checkpoint file is read in 16 MiB chunks, so every saved test file fits one chunk and a CRC
+    of the first or last chunk only (or of a stale buffer tail) passed. With 7-byte chunks it is the whole file's."""
+    import zlib
+
+    data = bytes(range(256))[:size]
+    (tmp_path / "f").write_bytes(data)
+    assert _crc32(tmp_path / "f", chunk=7) == _crc32(tmp_path / "f") == zlib.crc32(data)
