@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import QUICK_VALIDATION, ROOT, complete_checkpoints
+from conftest import BASE, QUICK_VALIDATION, ROOT, complete_checkpoints
 
 
 def test_finite_step_guard_reads_loss_and_gradient_in_one_transfer(tiny_teacher, tiny_shards, tmp_path):
@@ -146,6 +146,25 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(preflight.ConfigError, match=r"--output_dir .*\.tcdistill\.lock cannot be opened.*pick another --output_dir"):
         preflight.lock_output_dir(str(tmp_path))
     assert os.path.realpath(tmp_path) not in preflight._held_locks
+
+
+def test_a_new_output_dir_is_made_and_locked(tmp_path):
+    """Mutation testing: claim_output_dir's tests met folders that existed (locked before the hub repo) or refusals; a
+    new --output_dir (the usual case) must still be made, and locked, after the hub repo."""
+    from types import SimpleNamespace
+
+    from tcdistill import preflight
+    from tcdistill.config import TrainConfig
+
+    out = tmp_path / "runs" / "new"
+    main_process = SimpleNamespace(is_main_process=True, num_processes=1)
+    assert preflight.claim_output_dir(TrainConfig(**BASE, output_dir=str(out)), main_process) is None
+    try:
+        assert out.is_dir() and (out / preflight.LOCK_NAME).read_text() == str(os.getpid())
+        assert os.path.realpath(out) in preflight._held_locks
+    finally:
+        if (fd := preflight._held_locks.pop(os.path.realpath(out), None)) is not None:
+            os.close(fd)
 
 
 def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher, tiny_shards, tmp_path, monkeypatch):

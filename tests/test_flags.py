@@ -120,6 +120,29 @@ def test_the_avx512_probe_without_a_cpp_compiler_refuses_nothing(monkeypatch: py
     preflight.check_environment(TrainConfig(**BASE, mixed_precision="bf16", compile_unet=True), torch.device("cpu"))
 
 
+def test_the_avx512_refusal_follows_the_vector_width_inductor_compiles_for() -> None:
+    """Mutation testing: the refusal above was checked with the width monkeypatched only. It reads the width inductor
+    will generate code for, which follows `cpp.simdlen`: 256-bit code on this CPU is allowed, 512-bit code refused."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from tcdistill.preflight import check_environment, inductor_cpu_vector_bits
+
+    cfg, cpu = TrainConfig(**BASE, mixed_precision="bf16", compile_unet=True), torch.device("cpu")
+    for bits in (256, 512):
+        with inductor_config.patch({"cpp.simdlen": bits}):
+            if pick_vec_isa().bit_width() != bits:
+                continue  # a CPU without that vector width: inductor falls back to another
+            assert inductor_cpu_vector_bits() == bits
+            if bits == 512:
+                with pytest.raises(ConfigError, match="--compile_unet with --mixed_precision bf16 on this CPU"):
+                    check_environment(cfg, cpu)
+            else:
+                check_environment(cfg, cpu)
+    with inductor_config.patch({"cpp.simdlen": 1}):  # no vector ISA of that width: scalar code
+        assert inductor_cpu_vector_bits() == 0
+
+
 @pytest.mark.parametrize("script_variant,script_family,argv,use", [
     ("full", "sd", ["--variant", "lora"], "train_tcd_distill_lora_sd_wds.py"),  # trained and saved a LoRA
     ("lora", "sdxl", ["--model_family", "sd"], "train_tcd_distill_lora_sd_wds.py"),
