@@ -164,7 +164,8 @@ def test_evaluator_uses_the_training_schedule() -> None:
 
 def test_eval_samples_at_the_runs_resolution(tiny_teacher, tmp_path, monkeypatch) -> None:
     """QA: `tcdistill eval` drew its noise at the teacher UNet's sample_size (16 latents: 32 px for the tiny teacher), not at
-    the run's --resolution (48 px: 24 latents through the VAE's factor 2) that the student trained at."""
+    the run's --resolution (44 px, sampled at 40, the multiple of 8 below it: 20 latents through the VAE's factor 2) that
+    the student trained at."""
     import tcdistill.evaluate as evaluate
 
     built = []
@@ -179,7 +180,7 @@ def test_eval_samples_at_the_runs_resolution(tiny_teacher, tmp_path, monkeypatch
     run = tmp_path / "run"
     run.mkdir()
     (run / "unet_target").symlink_to(tiny_teacher / "unet")
-    (run / "tcdistill_config.json").write_text('{"num_ddim_timesteps": 20, "resolution": 48}')
+    (run / "tcdistill_config.json").write_text('{"num_ddim_timesteps": 20, "resolution": 44}')
     evaluate.main(["--teacher", str(tiny_teacher), "--unet", str(run), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
                    "--gamma", "0", "--reference_steps", "2"])
-    assert [tuple(ev.x_T.shape) for ev in built] == [(1, 4, 24, 24)]
+    assert [tuple(ev.x_T.shape) for ev in built] == [(1, 4, 20, 20)]

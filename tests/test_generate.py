@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import full_output, make_lora  # noqa: E402
+from conftest import full_output, make_lora, run_script, train_flags  # noqa: E402
 
 from tcdistill.cli import main  # noqa: E402
 from tcdistill.export import LORA_WEIGHT_NAME  # noqa: E402
@@ -324,17 +324,33 @@ def test_a_renamed_or_unfinished_checkpoint_folder_is_named_as_resume_state(tmp_
 
 def test_generate_defaults_to_the_runs_resolution(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: without --height/--width, generate sampled at the pipeline's default (the tiny teacher's UNet sample_size 16 x
-    VAE factor 2 = 32 px), not at the --resolution the run trained at (64 here). It now takes the run's size from the
-    tcdistill_config.json beside the LoRA file (rounded down to a multiple of 8, as validation); --height alone still
-    wins on its side; and --help says what the default is."""
+    VAE factor 2 = 32 px), not at the --resolution the run trained at (68 here: 64 px). It now takes the run's size from
+    the tcdistill_config.json beside the LoRA file (rounded down to a multiple of 8, as validation); --height or --width
+    alone still wins on its side; and --help says what the default is."""
     lora = make_lora(tiny_teacher, tmp_path / "run")
-    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "resolution": 64}))
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "resolution": 68}))
     argv = ["generate", "--lora", str(lora / "pytorch_lora_weights.safetensors"), "--prompt", "x", "--steps", "1"]
     main([*argv, "--output_dir", str(tmp_path / "run_size")])
     main([*argv, "--height", "48", "--output_dir", str(tmp_path / "height")])
+    main([*argv, "--width", "48", "--output_dir", str(tmp_path / "width")])
     assert next(iter(pngs(tmp_path / "run_size").values())).shape == (64, 64, 3)
     assert next(iter(pngs(tmp_path / "height").values())).shape == (48, 64, 3)
+    assert next(iter(pngs(tmp_path / "width").values())).shape == (64, 48, 3)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "run's --resolution" in " ".join(capsys.readouterr().out.split())
+
+
+def test_validation_samples_at_the_resolution_rounded_down_to_8(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """Mutation testing: every run size the tests sampled at was a multiple of 8 (or 16), so validation sampling at the
+    raw --resolution, or rounding to 16, passed. Pipelines need multiples of 8: a run at 36 px (the tiny VAE's factor
+    is 2) samples its grid at 32 px, as generate, eval and the card's code do."""
+    from tcdistill.validation import sampling_size
+
+    assert [sampling_size(r) for r in (None, 3, 8, 15, 36, 44, 515)] == [None, 8, 8, 8, 32, 40, 512]
+    out = tmp_path / "out"
+    run_script("train_tcd_distill_lora_sd_wds.py", train_flags(tiny_teacher, tiny_shards, out, 1, "--resolution=36", "--validation_steps=1",
+                                                               "--validation_inference_steps=1", "--checkpointing_steps=5"))
+    with Image.open(out / "validation" / "lora-step000001.png") as im:
+        assert im.size == (32, 32)
