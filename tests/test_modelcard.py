@@ -286,3 +286,22 @@ def test_card_code_samples_at_the_trained_size(tmp_path: Path) -> None:
         cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
                           max_train_steps=10, variant=variant, resolution=resolution)
         assert f'pipe("a photo of a cat", height={size}, width={size}, num_inference_steps=4' in render_model_card(cfg, [])
+
+
+def test_list_in_card_says_whether_it_listed_the_file(tmp_path: Path) -> None:
+    """Mutation testing: list_in_card's return value (listed or not) was never checked, nor a tcdistill card whose file
+    list is "- (none)" (it has no list to add to: no change, and no AttributeError from the unmatched list)."""
+    from tcdistill.modelcard import list_in_card, write_model_card
+
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s/{0..9}.tar", output_dir=str(tmp_path),
+                      max_train_steps=10, variant="lora")
+    write_model_card(cfg, [str(tmp_path / "pytorch_lora_weights.safetensors")])
+    assert list_in_card(tmp_path / "kohya.safetensors") is True
+    assert list_in_card(tmp_path / "kohya.safetensors") is False  # listed once
+    assert list_in_card(tmp_path / "elsewhere" / "kohya.safetensors") is False  # no card beside it
+    card = (tmp_path / "README.md").read_text()
+    assert "- `pytorch_lora_weights.safetensors`\n- `kohya.safetensors`\n" in card
+    write_model_card(cfg, [])
+    card = (tmp_path / "README.md").read_text()
+    assert "Files:\n- (none)\n" in card and list_in_card(tmp_path / "kohya.safetensors") is False
+    assert (tmp_path / "README.md").read_text() == card
