@@ -296,8 +296,9 @@ def test_an_older_cache_naming_the_teacher_folder_relative_names_the_same_teache
 def test_a_killed_runs_partial_shard_is_removed_by_the_next_run(tiny_teacher: Path, one_shard: str, tmp_path: Path) -> None:
     """QA: a `tcdistill cache` killed with SIGKILL mid-shard leaves NNNNN.tar.tmp (its in-progress shard), and a re-run
     into the folder that writes fewer shards left it there for good. Training refuses it (no metadata lists it); the next
-    run removes it. Another file that only looks alike is kept."""
-    out = tmp_path / "cache"
+    run removes it. Another file that only looks alike is kept. (The folder's name holds glob characters, which name
+    only the folder.)"""
+    out = tmp_path / "cache[0-9]"
     out.mkdir()
     (out / "00003.tar.tmp").write_bytes(b"\0" * 1024)  # what a SIGKILL during the 4th shard's writes leaves
     (out / "notes.tar.tmp").write_text("mine")
@@ -307,3 +308,17 @@ def test_a_killed_runs_partial_shard_is_removed_by_the_next_run(tiny_teacher: Pa
     with pytest.raises(ConfigError, match=r"00003\.tar\.tmp' is not one of the 1 shard"):
         read_sidecar(str(out / "00003.tar.tmp"))
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tar.tmp"]
+
+
+def test_cache_encodes_batches_of_batch_size_and_refuses_0(tiny_teacher: Path, one_shard: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation testing: --batch_size was never checked to set the batches encoded (batches one sample larger passed),
+    nor --batch_size 0 refused (it encoded one sample at a time)."""
+    import tcdistill.cache as cache
+
+    sizes, encode = [], cache._encode
+    monkeypatch.setattr(cache, "_encode", lambda family, batch, device: sizes.append(len(batch["captions"])) or encode(family, batch, device))
+    make_cache(tiny_teacher, one_shard, tmp_path / "cache", "--batch_size", "3")
+    assert sizes == [3, 1]  # the shard's 4 samples
+    with pytest.raises(SystemExit, match="--batch_size must be >= 1"):
+        make_cache(tiny_teacher, one_shard, tmp_path / "cache0", "--batch_size", "0")
