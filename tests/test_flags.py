@@ -434,6 +434,20 @@ def test_output_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
     check_output_dir(str(tmp_path / "new" / "dir"))
 
 
+def test_an_empty_command_line_first_asks_for_the_teacher(capsys: pytest.CaptureFixture) -> None:
+    """Mutation testing: TrainConfig.validate's grouped checks run in a fixed order (the first failing one is reported),
+    and nothing pinned it: with the training checks first, a bare `python train_....py` asked for --max_train_steps
+    before the teacher and the data."""
+    from tcdistill.config import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config([])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pretrained_teacher_model is required" in err[0], err
+    with pytest.raises(ConfigError, match="^--train_shards_path_or_url is required"):
+        TrainConfig(pretrained_teacher_model="t")
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64 - 1])
 def test_out_of_range_seed_is_one_line_at_parse_time(seed: int, capsys: pytest.CaptureFixture) -> None:
     """QA: --seed -1 or 2**64-1 passed the parser and failed at set_seed with numpy's traceback ("Seed must be between
