@@ -37,19 +37,24 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
 def check_output_dir(path: str, flag: str = "--output_dir", make: bool = True) -> None:
     """Fail before any weights load when the folder `path` (named `flag` in the message) cannot be created or written
     (read-only, no permission), instead of after the work whose results it was to hold. `make=False`: the same refusals
-    without making anything (a missing folder is probed in the nearest existing one above it)."""
+    without making anything (a missing folder is probed in the nearest existing one above it). A broken symbolic link
+    on the way (to a disk not mounted) is named: makedirs said "File exists", and `make=False` probed above it."""
     import tempfile
 
     if not path:  # makedirs("") fails, while make=False probed the folder above the working directory and passed
         raise ConfigError(f"{flag} is empty: name a folder ('.' for the working directory).")
     if os.path.exists(path) and not os.path.isdir(path):  # makedirs says "File exists", read as "not writable: File exists"
         raise ConfigError(f"{flag} {path!r} is a file, not a folder.")
-    probe = path
-    while not make and not os.path.exists(probe) and os.path.dirname(os.path.abspath(probe)) != os.path.abspath(probe):
+    probe = path  # the nearest part of `path` that exists (a link counts, broken or not)
+    while not os.path.lexists(probe) and os.path.dirname(os.path.abspath(probe)) != os.path.abspath(probe):
         probe = os.path.dirname(os.path.abspath(probe))
+    if os.path.islink(probe) and not os.path.exists(probe):  # makedirs said "File exists" ("No such file" below it)
+        raise ConfigError(f"{flag} {path!r} goes through the broken symbolic link {probe!r} (to {os.readlink(probe)!r}); "
+                          "create its target or pick another folder.")
     try:
         if make:
             os.makedirs(path, exist_ok=True)
+            probe = path
         elif not os.path.isdir(probe):  # below a file: what makedirs would say
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), probe)
         with tempfile.TemporaryFile(dir=probe):

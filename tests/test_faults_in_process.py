@@ -167,6 +167,33 @@ def test_a_new_output_dir_is_made_and_locked(tmp_path):
             os.close(fd)
 
 
+def test_a_broken_symlink_output_dir_is_refused_before_the_hub_repo(tmp_path, monkeypatch):
+    """QA: an --output_dir that is (or lies below) a symbolic link to a folder that does not exist (a disk not mounted)
+    passed the checks made before --push_to_hub's repo (the link does not "exist", so the folder above it was probed):
+    the repo was created, then the run refused with "is not writable: File exists" (or "No such file or directory").
+    It is refused first now, in one line naming the link and its target."""
+    import re
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from tcdistill import preflight
+    from tcdistill.config import ConfigError, TrainConfig
+
+    created = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda **kw: created.append(kw) or huggingface_hub.RepoUrl("https://huggingface.co/me/x"))
+    link, target = tmp_path / "out", tmp_path / "unmounted" / "run"
+    link.symlink_to(target)
+    needle = re.escape(f"goes through the broken symbolic link {str(link)!r} (to {str(target)!r}); create its target")
+    for out in (link, link / "sub"):
+        cfg = TrainConfig(**BASE, output_dir=str(out), push_to_hub=True, hub_model_id="me/x")
+        with pytest.raises(ConfigError, match=needle):
+            preflight.claim_output_dir(cfg, SimpleNamespace(is_main_process=True, num_processes=1))
+        with pytest.raises(ConfigError, match=needle):
+            preflight.check_output_dir(str(out))  # the folder made at once (generate, eval): the same line
+    assert created == [] and not (tmp_path / "unmounted").exists()
+
+
 def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher, tiny_shards, tmp_path, monkeypatch):
     """QA: a disk left full (by an earlier run) passed the output-dir probe (an empty file) and the run ended in a raw
     OSError traceback writing tcdistill_config.json; a disk that filled up after the final weights ended in one writing
