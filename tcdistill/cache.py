@@ -14,6 +14,7 @@ import glob
 import io
 import json
 import os
+import re
 import random
 import shlex
 import sys
@@ -170,8 +171,9 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.output_dir, exist_ok=True)
     # A killed run (SIGKILL, power loss: no chance to remove it) leaves its shard in progress as NNNNN.tar.tmp, which no
     # metadata lists and training refuses; one this run would not overwrite stayed in the folder for good.
-    for stale in glob.glob(os.path.join(glob.escape(args.output_dir), "[0-9]" * 5 + ".tar.tmp")):
-        os.remove(stale)
+    for stale in glob.glob(os.path.join(glob.escape(args.output_dir), "[0-9]" * 5 + "*.tar.tmp")):
+        if re.fullmatch(r"\d{5,}\.tar\.tmp", os.path.basename(stale)):  # names grow past 5 digits at shard 100000
+            os.remove(stale)
     skipped: Counter[str] = Counter()
     layout = _Layout()
     t0 = time.perf_counter()

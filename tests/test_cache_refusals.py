@@ -301,13 +301,15 @@ def test_a_killed_runs_partial_shard_is_removed_by_the_next_run(tiny_teacher: Pa
     out = tmp_path / "cache[0-9]"
     out.mkdir()
     (out / "00003.tar.tmp").write_bytes(b"\0" * 1024)  # what a SIGKILL during the 4th shard's writes leaves
-    (out / "notes.tar.tmp").write_text("mine")
+    (out / "100000.tar.tmp").write_bytes(b"\0" * 1024)  # the 100001st shard's name has six digits
+    for mine in ("notes.tar.tmp", "00003a.tar.tmp"):
+        (out / mine).write_text("mine")
     with pytest.raises(ConfigError, match="cannot read"):  # no metadata yet: the folder is no cache for training
         read_sidecar(str(out / "00003.tar.tmp"))
     make_cache(tiny_teacher, one_shard, out)
     with pytest.raises(ConfigError, match=r"00003\.tar\.tmp' is not one of the 1 shard"):
         read_sidecar(str(out / "00003.tar.tmp"))
-    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tar.tmp"]
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["00003a.tar.tmp", "notes.tar.tmp"]
 
 
 def test_cache_encodes_batches_of_batch_size_and_refuses_0(tiny_teacher: Path, one_shard: str, tmp_path: Path,
