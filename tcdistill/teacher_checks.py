@@ -123,6 +123,10 @@ def unet_extra_inputs(unet_cfg: Any) -> str | None:
         return f"image embeddings (addition_embed_type={unet_cfg['addition_embed_type']!r})"
     if unet_cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
         return f"image embeddings (encoder_hid_dim_type={unet_cfg['encoder_hid_dim_type']!r})"
+    # Versatile Diffusion's DualTransformer2DModel splits its context into 77 text + 257 image tokens; diffusers'
+    # cross-attention blocks no longer call it as it expects (a TypeError on encoder_attention_mask in every forward).
+    if unet_cfg.get("dual_cross_attention"):
+        return "image tokens beside the prompt's (dual_cross_attention=True)"
     return None
 
 
@@ -144,7 +148,8 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     if latent is not None and unet_in is not None and latent != unet_in:
         vae_name = cfg.pretrained_vae_model_name_or_path or f"{cfg.pretrained_teacher_model}/vae"
         raise ConfigError(f"the VAE {vae_name!r} has {latent} latent channels but the teacher's UNet takes {unet_in} "
-                          "input channels; they must match (inpainting-style UNets are not supported).")
+                          "input channels; they must match (UNets taking extra input channels, such as inpainting or depth-to-image ones, are "
+                          "not supported).")
     # A UNet predicting more channels than it denoises (a learned-variance one: eps plus variance, out_channels = 2 x
     # in_channels) failed in the first step's x0/eps conversion with a broadcast traceback.
     unet_out = unet_cfg.get("out_channels")
@@ -163,7 +168,7 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     extra = unet_extra_inputs(unet_cfg)
     if extra:
         raise ConfigError(f"the teacher's UNet needs {extra}, which SD/SDXL text-to-image pipelines do not give it (an upscaler-, "
-                          "Kandinsky- or unCLIP-style UNet): not supported.")
+                          "Kandinsky-, unCLIP- or Versatile-Diffusion-style UNet): not supported.")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = " / ".join(SEED_SCRIPTS[variant, family] for variant in ("full", "lora"))

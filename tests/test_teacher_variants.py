@@ -183,6 +183,12 @@ def _edit_json(path: Path, **fields) -> None:
     # an upscaler-style class embedding: "class_labels should be provided" traceback in the first step
     ("unet/config.json", dict(class_embed_type="timestep"), "needs class labels \\(class_embed_type=timestep"),
     ("unet/config.json", dict(addition_embed_type="image", encoder_hid_dim=32), "needs image embeddings \\(addition_embed_type='image'\\)"),
+    # Versatile Diffusion's dual attention: "DualTransformer2DModel.forward() got an unexpected keyword argument
+    # 'encoder_attention_mask'" in the first step (diffusers' own pipeline fails the same way)
+    ("unet/config.json", dict(dual_cross_attention=True), "needs image tokens beside the prompt's \\(dual_cross_attention=True\\)"),
+    # inpainting (9) and depth-to-image (5) UNets take extra input channels beside the latents
+    ("unet/config.json", dict(in_channels=9), "takes 9 input channels; .*such as inpainting or depth-to-image ones, are not supported"),
+    ("unet/config.json", dict(in_channels=5), "takes 5 input channels; .*such as inpainting or depth-to-image ones, are not supported"),
     # a learned-variance UNet (eps + variance): "The size of tensor a (4) must match the size of tensor b (8)" in the first step
     ("unet/config.json", dict(out_channels=8), "--pretrained_teacher_model .*: the teacher's UNet outputs 8 channels but takes 4 "
                                                   "\\(out_channels != in_channels in unet/config.json.*; use a teacher whose"),
@@ -212,6 +218,7 @@ def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields
     ({"encoder_hid_dim_type": "text_proj"}, None),  # all fed from the prompt states (+ SDXL's ids) the pipelines give
     ({"num_class_embeds": 10}, "class labels"), ({"addition_embed_type": "image_hint"}, "image embeddings"),
     ({"encoder_hid_dim_type": "image_proj"}, "image embeddings"),
+    ({"dual_cross_attention": True}, "image tokens"), ({"dual_cross_attention": False}, None),
 ])
 def test_unet_extra_inputs_names_only_what_the_pipelines_cannot_give(unet_cfg: dict, needs: str | None) -> None:
     from tcdistill.teacher_checks import unet_extra_inputs
