@@ -117,8 +117,11 @@ def unet_extra_inputs(unet_cfg: Any) -> str | None:
     """What a UNet config needs beyond the prompt states (and SDXL's text_time ids), or None. Training, validation and
     the SD/SDXL pipelines call the UNet with `encoder_hidden_states` (+ SDXL's `text_embeds`/`time_ids`) only, so a
     class embedding (`class_labels`) or an image-conditioned embedding (`image_embeds`) failed inside the first step."""
-    if unet_cfg.get("class_embed_type") is not None or unet_cfg.get("num_class_embeds") is not None:
-        return f"class labels (class_embed_type={unet_cfg.get('class_embed_type')}, num_class_embeds={unet_cfg.get('num_class_embeds')})"
+    # class_embeddings_concat sizes every resnet's time input for [time, class] embeddings side by side: without class
+    # labels its forward fails with a matmul shape error, also in diffusers' own pipeline.
+    if any(unet_cfg.get(k) for k in ("class_embed_type", "num_class_embeds", "class_embeddings_concat")):
+        return (f"class labels (class_embed_type={unet_cfg.get('class_embed_type')}, num_class_embeds={unet_cfg.get('num_class_embeds')}"
+                f"{', class_embeddings_concat=True' if unet_cfg.get('class_embeddings_concat') else ''})")
     if unet_cfg.get("addition_embed_type") not in (None, "text", "text_time"):
         return f"image embeddings (addition_embed_type={unet_cfg['addition_embed_type']!r})"
     if unet_cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):

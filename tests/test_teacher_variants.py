@@ -182,6 +182,8 @@ def _edit_json(path: Path, **fields) -> None:
 @pytest.mark.parametrize("component, fields, message", [
     # an upscaler-style class embedding: "class_labels should be provided" traceback in the first step
     ("unet/config.json", dict(class_embed_type="timestep"), "needs class labels \\(class_embed_type=timestep"),
+    # resnets sized for [time, class] embeddings: "mat1 and mat2 shapes cannot be multiplied" in the first step
+    ("unet/config.json", dict(class_embeddings_concat=True), "needs class labels \\(.*class_embeddings_concat=True\\)"),
     ("unet/config.json", dict(addition_embed_type="image", encoder_hid_dim=32), "needs image embeddings \\(addition_embed_type='image'\\)"),
     # Versatile Diffusion's dual attention: "DualTransformer2DModel.forward() got an unexpected keyword argument
     # 'encoder_attention_mask'" in the first step (diffusers' own pipeline fails the same way)
@@ -216,7 +218,7 @@ def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields
 @pytest.mark.parametrize("unet_cfg, needs", [
     ({}, None), ({"addition_embed_type": "text"}, None), ({"addition_embed_type": "text_time"}, None),
     ({"encoder_hid_dim_type": "text_proj"}, None),  # all fed from the prompt states (+ SDXL's ids) the pipelines give
-    ({"num_class_embeds": 10}, "class labels"), ({"addition_embed_type": "image_hint"}, "image embeddings"),
+    ({"num_class_embeds": 10}, "class labels"), ({"class_embeddings_concat": True}, "class labels"), ({"class_embeddings_concat": False}, None), ({"addition_embed_type": "image_hint"}, "image embeddings"),
     ({"encoder_hid_dim_type": "image_proj"}, "image embeddings"),
     ({"dual_cross_attention": True}, "image tokens"), ({"dual_cross_attention": False}, None),
 ])
