@@ -172,6 +172,13 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
     if extra:
         raise ConfigError(f"the teacher's UNet needs {extra}, which SD/SDXL text-to-image pipelines do not give it (an upscaler-, "
                           "Kandinsky-, unCLIP- or Versatile-Diffusion-style UNet): not supported.")
+    # GLIGEN's gated self-attention (and its box projection) run only on grounding inputs no text-to-image pipeline gives:
+    # their weights (and LoRA adapters on them) got no gradient, so multi-GPU runs failed at the second step with DDP's
+    # unused-parameters error. GLIGEN trains only those layers over a frozen SD UNet, whose weights are that SD model's.
+    if unet_cfg.get("attention_type") in ("gated", "gated-text-image"):
+        raise ConfigError(f"the teacher's UNet has GLIGEN grounding layers (attention_type={unet_cfg['attention_type']!r}), which run "
+                          "only on box inputs that SD/SDXL text-to-image pipelines do not give: not supported; distill the "
+                          "SD model it was built on.")
     family = unet_family(unet_cfg)
     if family != cfg.model_family:
         scripts = " / ".join(SEED_SCRIPTS[variant, family] for variant in ("full", "lora"))

@@ -188,6 +188,8 @@ def _edit_json(path: Path, **fields) -> None:
     # Versatile Diffusion's dual attention: "DualTransformer2DModel.forward() got an unexpected keyword argument
     # 'encoder_attention_mask'" in the first step (diffusers' own pipeline fails the same way)
     ("unet/config.json", dict(dual_cross_attention=True), "needs image tokens beside the prompt's \\(dual_cross_attention=True\\)"),
+    # GLIGEN's grounding layers never run without boxes: their weights got no gradient and DDP runs failed at step 2
+    ("unet/config.json", dict(attention_type="gated"), "GLIGEN grounding layers \\(attention_type='gated'\\).*distill the SD model"),
     # inpainting (9) and depth-to-image (5) UNets take extra input channels beside the latents
     ("unet/config.json", dict(in_channels=9), "takes 9 input channels; .*such as inpainting or depth-to-image ones, are not supported"),
     ("unet/config.json", dict(in_channels=5), "takes 5 input channels; .*such as inpainting or depth-to-image ones, are not supported"),
