@@ -252,3 +252,10 @@ def check_sdxl_components(cfg: TrainConfig) -> None:
         raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} ({index.get('_class_name')}) has no "
                           f"{', '.join(missing)}: SDXL distillation needs both SDXL text encoders and tokenizers "
                           "(a refiner-style teacher with only text_encoder_2 is not supported).")
+    # SDXL's pooled prompt is text_encoder_2's text projection: a CLIPTextModel there has none, so the load as
+    # CLIPTextModelWithProjection trained on a randomly initialised projection, silently (diffusers' SDXL pipeline and
+    # `tcdistill generate` fail on such a teacher with a NoneType traceback).
+    te2 = index["text_encoder_2"][1]
+    if te2 != "CLIPTextModelWithProjection":
+        raise ConfigError(f"the teacher's text_encoder_2 is a {te2} (model_index.json), which has no text projection: SDXL's pooled "
+                          "prompt embedding needs a CLIPTextModelWithProjection with its projection weights (as SDXL base ships).")

@@ -177,6 +177,19 @@ def test_refiner_layout_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     check_teacher_config(dataclasses.replace(cfg, pretrained_teacher_model=str(sdxl_teacher)))  # the full layout passes
 
 
+def test_text_encoder_2_without_projection_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
+    """A text_encoder_2 saved as CLIPTextModel has no text projection: it loaded as CLIPTextModelWithProjection with a
+    randomly initialised one and trained on it silently (diffusers' pipeline and `generate` fail on that teacher)."""
+    from tcdistill.config import ConfigError, TrainConfig
+    from tcdistill.teacher_checks import check_teacher_config
+
+    teacher = _teacher_copy(sdxl_teacher, tmp_path / "t", {"model_index.json": {"text_encoder_2": ["transformers", "CLIPTextModel"]}})
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32,
+                      max_train_steps=1, model_family="sdxl")
+    with pytest.raises(ConfigError, match="text_encoder_2 is a CLIPTextModel \\(model_index.json\\), which has no text projection"):
+        check_teacher_config(cfg)
+
+
 def test_aesthetic_score_unet_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """A UNet whose added conditioning takes five time ids (a refiner's aesthetic score) or another pooled width than
     text_encoder_2 projects to: one line before any load (it was a matmul shape traceback in the first step)."""
