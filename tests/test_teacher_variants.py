@@ -220,7 +220,8 @@ def test_teacher_the_pipeline_cannot_condition_is_refused(component: str, fields
 @pytest.mark.parametrize("unet_cfg, needs", [
     ({}, None), ({"addition_embed_type": "text"}, None), ({"addition_embed_type": "text_time"}, None),
     ({"encoder_hid_dim_type": "text_proj"}, None),  # all fed from the prompt states (+ SDXL's ids) the pipelines give
-    ({"num_class_embeds": 10}, "class labels"), ({"class_embeddings_concat": True}, "class labels"), ({"class_embeddings_concat": False}, None), ({"addition_embed_type": "image_hint"}, "image embeddings"),
+    ({"num_class_embeds": 10}, "class labels"), ({"class_embeddings_concat": True}, "class labels"),
+    ({"class_embeddings_concat": False}, None), ({"addition_embed_type": "image_hint"}, "image embeddings"),
     ({"encoder_hid_dim_type": "image_proj"}, "image embeddings"),
     ({"dual_cross_attention": True}, "image tokens"), ({"dual_cross_attention": False}, None),
 ])
