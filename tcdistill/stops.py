@@ -59,18 +59,32 @@ def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
         yield
         return
     previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
+    received: set[int] = set()
+
+    def give_back(signum: int, frame: Any = None) -> None:
+        signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
 
     def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
+        give_back(signum)
+        received.add(signum)
         record(signum)
 
     for s in previous:
         signal.signal(s, handler)
     try:
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    except BaseException:
+        for s in previous:
+            give_back(s)
+        if signal.SIGTERM in previous and signal.SIGTERM not in received:
+            # The run ends on an error it is about to report in one line. Under torchrun, the process whose error ended
+            # the run gets this one SIGTERMed now, and the default action ended it before its line (2 CPU processes on a
+            # loaded machine, 1 run in 4): the first SIGTERM until the exit is absorbed, a second acts as before.
+            signal.signal(signal.SIGTERM, give_back)
+        raise
+    else:
+        for s in previous:
+            give_back(s)
 
 
 def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:

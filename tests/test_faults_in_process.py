@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -256,6 +257,37 @@ def test_stop_on_signals_gives_the_handlers_back_after_the_block():
     with stop_on_signals(lambda signum: None):
         pass
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_run_ending_on_an_error_absorbs_the_launchers_first_sigterm():
+    """CI: under torchrun, a rank whose collective broke because another rank failed was SIGTERMed by the launcher
+    while it unwound its error, and the default action ended it before its one line (2 CPU processes on a loaded
+    machine, 2 runs in 12). After the block raises, the first SIGTERM is absorbed and the previous handler given back;
+    a SIGTERM already received in the block absorbs nothing more. (In a child: a regression would end the process.)"""
+    code = """if True:
+        import os, signal, time
+        from tcdistill.stops import stop_on_signals
+        def ends_on_error(record, signalled=False):
+            try:
+                with stop_on_signals(record):
+                    if signalled:
+                        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)
+                    raise RuntimeError("peer closed")
+            except RuntimeError:
+                pass
+        got = []
+        ends_on_error(lambda signum: None)
+        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)
+        print("absorbed", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+        ends_on_error(got.append, signalled=True)
+        print("received", got == [signal.SIGTERM], signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)
+        print("not reached", flush=True)
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.splitlines() == ["absorbed True", "received True True"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == -signal.SIGTERM
 
 
 def test_loader_workers_leave_ctrl_c_to_the_trainer_without_passing_an_ignored_sigint_to_pipe_commands():
