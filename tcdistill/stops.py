@@ -54,7 +54,8 @@ def peer_failure(e: BaseException) -> str | None:
 def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
     """In this block SIGTERM and SIGINT call `record(signum)` instead of ending the process, each once: a second one
     acts as before (Ctrl-C twice stops at once). A signal the process was started ignoring (SIGINT in a shell script's
-    background job) stays ignored. Outside the main thread, where signal handlers cannot be set, a no-op."""
+    background job) stays ignored. When the block raises, the first SIGTERM after it is absorbed (see below), also in a
+    caller that goes on. Outside the main thread, where signal handlers cannot be set, a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -79,7 +80,7 @@ def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
         if signal.SIGTERM in previous and signal.SIGTERM not in received:
             # The run ends on an error it is about to report in one line. Under torchrun, the process whose error ended
             # the run gets this one SIGTERMed now, and the default action ended it before its line (2 CPU processes on a
-            # loaded machine, 1 run in 4): the first SIGTERM until the exit is absorbed, a second acts as before.
+            # loaded machine, 2 runs in 12): the first SIGTERM until the exit is absorbed, a second acts as before.
             signal.signal(signal.SIGTERM, give_back)
         raise
     else:
