@@ -72,20 +72,20 @@ def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
 
     for s in previous:
         signal.signal(s, handler)
+    failed = False
     try:
         yield
     except BaseException:
+        failed = True
+        raise
+    finally:
         for s in previous:
             give_back(s)
-        if signal.SIGTERM in previous and signal.SIGTERM not in received:
+        if failed and signal.SIGTERM in previous and signal.SIGTERM not in received:
             # The run ends on an error it is about to report in one line. Under torchrun, the process whose error ended
             # the run gets this one SIGTERMed now, and the default action ended it before its line (2 CPU processes on a
             # loaded machine, 2 runs in 12): the first SIGTERM until the exit is absorbed, a second acts as before.
             signal.signal(signal.SIGTERM, give_back)
-        raise
-    else:
-        for s in previous:
-            give_back(s)
 
 
 def leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
