@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import io
 import json
 import os
@@ -171,9 +170,9 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.output_dir, exist_ok=True)
     # A killed run (SIGKILL, power loss: no chance to remove it) leaves its shard in progress as NNNNN.tar.tmp, which no
     # metadata lists and training refuses; one this run would not overwrite stayed in the folder for good.
-    for stale in glob.glob(os.path.join(glob.escape(args.output_dir), "[0-9]" * 5 + "*.tar.tmp")):
-        if re.fullmatch(r"\d{5,}\.tar\.tmp", os.path.basename(stale)):  # names grow past 5 digits at shard 100000
-            os.remove(stale)
+    for name in os.listdir(args.output_dir):
+        if re.fullmatch(r"\d{5,}\.tar\.tmp", name):  # names grow past 5 digits at shard 100000
+            os.remove(os.path.join(args.output_dir, name))
     skipped: Counter[str] = Counter()
     layout = _Layout()
     t0 = time.perf_counter()
