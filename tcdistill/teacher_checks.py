@@ -84,15 +84,29 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     that TCDScheduler cannot take, and a training grid it cannot give:
     one finer than its timesteps, or one whose top step has zero SNR (`rescale_betas_zero_snr`) under epsilon
     prediction, where `x0 = (x_t - sigma_t eps) / alpha_t` divides by zero: NaN losses (skipped steps) in training and
-    NaN samples from the TCDScheduler, silently. A config that cannot be read is left to the load that follows."""
+    NaN samples from the TCDScheduler, silently. Also a config no DDPMScheduler can build (an unknown beta_schedule: a
+    traceback at the load), and trained_betas of another length than num_train_timesteps (training's grid then was not
+    the sampler's).
+    A config that cannot be read is left to the load that follows."""
     from diffusers import TCDScheduler
-
 
     try:
         raw = teacher_scheduler_config(cfg)
-        sched = ddpm_schedule(raw)  # what the family load builds from the same config
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return
+    where = f"{cfg.pretrained_teacher_model}/scheduler/scheduler_config.json"
+    try:
+        sched = ddpm_schedule(raw)  # what the family load builds from the same config
+    except NotImplementedError as e:  # an unknown beta_schedule
+        raise ConfigError(f"the teacher's scheduler config ({where}) cannot be used: {first_line(e)}") from None
+    except Exception:  # noqa: BLE001 - reported by the load that follows
+        return
+    # trained_betas set the schedule's length, but TCDScheduler (and the teacher's own sampler) take num_train_timesteps
+    # from the config: training's grid would run to t = len - 1 while the outputs sample another grid.
+    n_train, n_betas = int(sched.config.num_train_timesteps), int(sched.alphas_cumprod.shape[0])
+    if n_betas != n_train:
+        raise ConfigError(f"the teacher's scheduler config ({where}) has {n_betas} trained_betas but num_train_timesteps "
+                          f"{n_train}: make them equal.")
     # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,
     # and DDPMScheduler would silently fill in its default linear ones: a schedule the teacher was never trained on.
     # (A DDPM-type class's config may leave beta_schedule to the class default, as the teacher's pipeline then does.)
@@ -103,7 +117,6 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
         TCDScheduler.from_config(sched.config, **schedule_fields(sched.config))
     except NotImplementedError as e:
         raise ConfigError(f"the teacher's scheduler config is not usable by TCDScheduler, which samples the outputs: {first_line(e)}") from None
-    n_train = int(sched.config.num_train_timesteps)
     if cfg.num_ddim_timesteps > n_train:
         raise ConfigError(f"--num_ddim_timesteps {cfg.num_ddim_timesteps} exceeds the teacher scheduler's num_train_timesteps {n_train}.")
     top = int(ddim_grid(n_train, cfg.num_ddim_timesteps)[-1])

@@ -196,6 +196,12 @@ _TEACHER_REFUSALS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
     "edm_scheduler": ("scheduler/scheduler_config.json", lambda c: _as_edm(c), {}, "defines no beta schedule"),
     # trained, then TCDScheduler (validation, the outputs' sampler) raised NotImplementedError
     "sigmoid_betas": ("scheduler/scheduler_config.json", lambda c: c.update(beta_schedule="sigmoid"), {}, "not usable by TCDScheduler"),
+    # trained on 2000 timesteps (k = 40, t up to 1999) while TCDScheduler, which samples the outputs, took the file's
+    # num_train_timesteps (1000: grid 19..999), silently; an unknown beta_schedule was a NotImplementedError traceback
+    "trained_betas_length": ("scheduler/scheduler_config.json", lambda c: c.update(trained_betas=[0.001] * 2000, num_train_timesteps=1000),
+                             {}, "has 2000 trained_betas but num_train_timesteps 1000"),
+    "unknown_beta_schedule": ("scheduler/scheduler_config.json", lambda c: c.update(beta_schedule="cosine"), {},
+                              r"scheduler_config.json.*cosine is not implemented"),
     # "Asking to pad but the tokenizer does not have a padding token", a traceback in the first step
     "no_pad_token": ("tokenizer/tokenizer_config.json", lambda c: c.update(pad_token=None), {}, "no pad_token"),
     # "OverflowError: int too big to convert", a traceback in the first step
