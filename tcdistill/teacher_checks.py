@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import SEED_SCRIPTS, ConfigError, TrainConfig, first_line
 from .families import ddpm_schedule, load_tokenizer, schedule_fields, teacher_index, teacher_scheduler_config, unet_family
-from .schedule import ddim_grid
+from .schedule import PREDICTION_TYPES, ddim_grid
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -84,9 +84,9 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     that TCDScheduler cannot take, and a training grid it cannot give:
     one finer than its timesteps, or one whose top step has zero SNR (`rescale_betas_zero_snr`) under epsilon
     prediction, where `x0 = (x_t - sigma_t eps) / alpha_t` divides by zero: NaN losses (skipped steps) in training and
-    NaN samples from the TCDScheduler, silently. Also a config no DDPMScheduler can build (an unknown beta_schedule: a
-    traceback at the load), and trained_betas of another length than num_train_timesteps (training's grid then was not
-    the sampler's).
+    NaN samples from the TCDScheduler, silently. Also a config no DDPMScheduler can build (an unknown beta_schedule), a
+    prediction_type `NoiseSchedule` cannot convert (both were tracebacks at the load), and trained_betas of
+    another length than num_train_timesteps (training's grid then was not the sampler's).
     A config that cannot be read is left to the load that follows."""
     from diffusers import TCDScheduler
 
@@ -107,6 +107,9 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     if n_betas != n_train:
         raise ConfigError(f"the teacher's scheduler config ({where}) has {n_betas} trained_betas but num_train_timesteps "
                           f"{n_train}: make them equal.")
+    if sched.config.prediction_type not in PREDICTION_TYPES:  # NoiseSchedule refused it only after every weight had loaded
+        raise ConfigError(f"the teacher's scheduler config sets prediction_type {sched.config.prediction_type!r}; TCD distils "
+                          f"{', '.join(PREDICTION_TYPES[:-1])} or {PREDICTION_TYPES[-1]} teachers.")
     # TCD distils a variance-preserving (DDPM-type) teacher. An EDM or flow-matching scheduler config defines no betas,
     # and DDPMScheduler would silently fill in its default linear ones: a schedule the teacher was never trained on.
     # (A DDPM-type class's config may leave beta_schedule to the class default, as the teacher's pipeline then does.)

@@ -200,6 +200,9 @@ _TEACHER_REFUSALS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
     # num_train_timesteps (1000: grid 19..999), silently; an unknown beta_schedule was a NotImplementedError traceback
     "trained_betas_length": ("scheduler/scheduler_config.json", lambda c: c.update(trained_betas=[0.001] * 2000, num_train_timesteps=1000),
                              {}, "has 2000 trained_betas but num_train_timesteps 1000"),
+    # a ValueError traceback from NoiseSchedule after every weight had loaded
+    "unknown_prediction_type": ("scheduler/scheduler_config.json", lambda c: c.update(prediction_type="flow_prediction"), {},
+                                "prediction_type 'flow_prediction'.*epsilon, v_prediction or sample"),
     "unknown_beta_schedule": ("scheduler/scheduler_config.json", lambda c: c.update(beta_schedule="cosine"), {},
                               r"scheduler_config.json.*cosine is not implemented"),
     # "Asking to pad but the tokenizer does not have a padding token", a traceback in the first step
