@@ -28,7 +28,7 @@ from .generate import LORA_HELP, UNET_HELP, base_pipeline, local_output, read_pr
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, zero_snr_top
 from .validation import sampling_hw
 
 logger = logging.getLogger("tcdistill.eval")
@@ -159,6 +159,12 @@ class Evaluator:
         from .families import ddpm_schedule
 
         self.schedule = NoiseSchedule.from_scheduler(ddpm_schedule(pipe.scheduler.config)).to(self.device)
+        for flag, n in (("--reference_steps", s.reference_steps), ("--original_steps", s.original_steps)):
+            top = zero_snr_top(self.schedule, n)
+            if top is not None:  # every row is measured against the reference: a NaN there made the whole table NaN
+                raise ValueError(f"{flag} {n}: the teacher's schedule has zero SNR at t={top}, the top of that grid, but predicts "
+                                 f"epsilon, which cannot give x0 there (NaN samples); choose a value that does not divide "
+                                 f"{self.schedule.num_train_timesteps}, so the grid stops short of it")
         tok = pipe.tokenizer
         with torch.no_grad():
             self.cond = sd_prompt_states(tok, pipe.text_encoder, self.prompts, self.device)

@@ -92,6 +92,13 @@ def ddim_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> 
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * k - 1
 
 
+def zero_snr_top(schedule: NoiseSchedule, num_ddim_timesteps: int) -> int | None:
+    """The top timestep of the `num_ddim_timesteps`-point grid when an epsilon-prediction model cannot give x0 there (zero
+    SNR, `rescale_betas_zero_snr`: `x0 = (x_t - sigma_t eps) / alpha_t` divides by alpha_t = 0, NaN), else None."""
+    top = int(ddim_grid(schedule.num_train_timesteps, num_ddim_timesteps)[-1])
+    return top if schedule.prediction_type == "epsilon" and float(schedule.alphas_cumprod[top]) <= 0.0 else None
+
+
 @dataclass
 class TimestepDraw:
     """One draw of the per-sample TCD variables: `t` (= t_{n+k}), `t_n = t - k`, and the target time `s`."""

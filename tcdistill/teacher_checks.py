@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import SEED_SCRIPTS, ConfigError, TrainConfig, first_line
 from .families import ddpm_schedule, load_tokenizer, schedule_fields, teacher_index, teacher_scheduler_config, unet_family
-from .schedule import PREDICTION_TYPES, ddim_grid
+from .schedule import PREDICTION_TYPES, NoiseSchedule, zero_snr_top
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -122,8 +122,8 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
         raise ConfigError(f"the teacher's scheduler config is not usable by TCDScheduler, which samples the outputs: {first_line(e)}") from None
     if cfg.num_ddim_timesteps > n_train:
         raise ConfigError(f"--num_ddim_timesteps {cfg.num_ddim_timesteps} exceeds the teacher scheduler's num_train_timesteps {n_train}.")
-    top = int(ddim_grid(n_train, cfg.num_ddim_timesteps)[-1])
-    if sched.config.prediction_type == "epsilon" and float(sched.alphas_cumprod[top]) <= 0.0:
+    top = zero_snr_top(NoiseSchedule.from_scheduler(sched), cfg.num_ddim_timesteps)
+    if top is not None:
         raise ConfigError(f"the teacher's scheduler has zero SNR at t={top} (rescale_betas_zero_snr) but predicts epsilon, which "
                           f"cannot give x0 there: distill a v_prediction teacher (zero-SNR schedules need one), or choose a "
                           f"--num_ddim_timesteps that does not divide {n_train} so the grid stops short of t={n_train - 1}.")

@@ -184,3 +184,28 @@ def test_eval_samples_at_the_runs_resolution(tiny_teacher, tmp_path, monkeypatch
     evaluate.main(["--teacher", str(tiny_teacher), "--unet", str(run), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
                    "--gamma", "0", "--reference_steps", "2"])
     assert [tuple(ev.x_T.shape) for ev in built] == [(1, 4, 20, 20)]
+
+
+def test_eval_refuses_a_grid_reaching_zero_snr_under_epsilon(tiny_teacher, tmp_path) -> None:
+    """QA: a zero-SNR epsilon teacher trains on a grid that stops short of t=999 (--num_ddim_timesteps 30), but eval's
+    50-step reference grid reached t=999, where x0 = (x_t - eps) / 0: every row of the table was NaN, exit 0. The grid
+    that reaches it is refused in one line, as training refuses it; a grid that stops short still samples."""
+    import json
+    import shutil
+
+    from tcdistill.evaluate import main
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    sched = teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "rescale_betas_zero_snr": True, "prediction_type": "epsilon"}))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    base = ["--teacher", str(teacher), "--unet", str(teacher / "unet"), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
+            "--gamma", "0", "--original_steps", "30"]
+    with pytest.raises(SystemExit, match=r"--reference_steps 50: .*zero SNR at t=999"):
+        main(base)
+    with pytest.raises(SystemExit, match=r"--original_steps 20: .*zero SNR at t=999"):
+        main(base + ["--reference_steps", "30", "--original_steps", "20"])
+    out = tmp_path / "rows.json"
+    main(base + ["--reference_steps", "30", "--output", str(out)])
+    assert all(r["rmse"] == r["rmse"] for r in json.loads(out.read_text())["rows"])  # no NaN
