@@ -314,3 +314,28 @@ def test_multi_vector_textual_inversion_tokens_expand_as_in_the_pipeline() -> No
     prompts, cpu = ["a <cat-toy> on a red square", "a red circle"], torch.device("cpu")
     cond, _ = pipe.encode_prompt(prompts, cpu, 1, False)
     torch.testing.assert_close(fam.encode({"captions": prompts}, cpu)["encoder_hidden_states"], cond, rtol=0, atol=0)
+
+
+def test_scheduler_class_whose_backend_is_missing_is_refused_when_its_defaults_are_needed(
+        config_only_teacher: Path, tiny_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a config naming a scheduler class diffusers only has as a placeholder here (DPMSolverSDEScheduler without torchsde)
+    gave no class defaults, so the betas the file leaves out silently became DDPMScheduler's (linear 0.0001..0.02, not
+    DPMSolverSDE's 0.00085..0.012) in training; one line now. A file that sets them trains as before."""
+    import diffusers
+    from diffusers.utils import DummyObject
+
+    from tcdistill.config import ConfigError
+    from tcdistill.teacher_checks import check_teacher_schedule
+
+    class DPMSolverSDEScheduler(metaclass=DummyObject):  # what diffusers exports when torchsde is not installed
+        _backends = ["torch", "torchsde"]
+
+    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", DPMSolverSDEScheduler)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    _set_scheduler(teacher, {"_class_name": "DPMSolverSDEScheduler", "beta_schedule": "linear"})
+    cfg = _cfg(teacher, tiny_shards, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"DPMSolverSDEScheduler needs torchsde .*beta_start, beta_end"):
+        check_teacher_schedule(cfg)
+    _set_scheduler(teacher, {"_class_name": "DPMSolverSDEScheduler", "beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012})
+    check_teacher_schedule(cfg)
