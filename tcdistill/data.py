@@ -20,9 +20,9 @@ import torch
 import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from .shard_stream import open_shard
+from .shard_stream import open_shard, tar_members
 from .stops import leave_ctrl_c_to_the_trainer
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -369,7 +369,7 @@ class ImageTextShards(IterableDataset):
         n_raw = 0
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
-            files = tar_file_expander([dict(url=url, stream=stream)], handler=tar_handler)
+            files = tar_members(url, stream, tar_handler)
             raws = group_by_keys(files, handler=group_handler)
             # A widened worker reads shards its sibling reads, in step with it: in tar order both yield the same batch a step
             # apart. It reads them through a 32-sample shuffle seeded by the draw, which a resume's `skip` replays exactly.

@@ -1,13 +1,16 @@
 """Opening one shard url for reading: webdataset's `gopen`, with `pipe:` commands (curl, ...) guarded against stalls, so
-a hung download is one failed shard, not a loader that waits forever."""
+a hung download is one failed shard, not a loader that waits forever; and reading its members, with a shard cut short
+failing as one."""
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
-from typing import Any
+import tarfile
+from typing import Any, Callable, Iterator
 
 from webdataset.gopen import Pipe, gopen
 
@@ -91,3 +94,37 @@ def open_shard(url: str, stall_timeout: float) -> Any:
     """`gopen(url)`; a `pipe:` stream is guarded against stalls (`_StallGuard`) when `stall_timeout` > 0."""
     stream = gopen(url)
     return _StallGuard(stream, stall_timeout) if isinstance(stream, Pipe) and stall_timeout > 0 else stream
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (__key__, __index__/...): not sample fields
+
+
+class _WholeTarInfo(tarfile.TarInfo):
+    """A tar header that is cut short, missing or damaged after the first raises, as one inside a member's data does. Python's
+    tarfile takes it for the end of the archive (only two zero blocks, an end header, mean that): a shard cut inside a
+    header or between two members read as a whole, shorter shard, and its lost samples went uncounted."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exn:
+            if tar.offset == 0:
+                raise  # tarfile's own refusal of the file ("empty file", not a tar)
+            # tarfile's next() raises this one as a ReadError, where it ends the archive on the others.
+            raise tarfile.SubsequentHeaderError(f"unexpected end of data: {exn} at byte {tar.offset}, before the tar's end") from None
+
+
+def tar_members(url: str, stream: Any, handler: Callable[[Exception], Any]) -> Iterator[dict[str, Any]]:
+    """webdataset's `tar_file_expander` for one opened shard (its files as `fname`/`data` dicts, then the `{}` end marker
+    that `group_by_keys` flushes on), reading headers with `_WholeTarInfo`; the first error goes to `handler` and ends it."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WholeTarInfo)
+        for info in tar:
+            if info.isreg() and not _META.match(info.name):
+                yield dict(fname=info.name, data=tar.extractfile(info).read(), __url__=url)
+            tar.members = []  # a stream's TarFile keeps every header read otherwise
+    except Exception as exn:
+        handler(exn)
+        return
+    yield {}
