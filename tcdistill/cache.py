@@ -46,6 +46,7 @@ class _OnePass(ImageTextShards):
 
     # Training's reader (decode/crop/caption transform, failure kinds) as it is: a sample the cache skips is one training
     # would skip, and the other way round.
+    last_failure = ""  # "url: reason" of the last skip, for the error of a run that finds no usable sample
 
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
@@ -54,6 +55,8 @@ class _OnePass(ImageTextShards):
             skipped.update(out.pop("skipped"))
             yield out.pop("key"), out
         skipped.update(tracker.pending)  # the failures after the shard's last usable sample
+        if tracker.last_msg:
+            self.last_failure = f"{url}: {tracker.last_msg}"
 
     def _sample_rng(self, key: str, shard_idx: int, n_raw: int, raw: dict[str, Any]) -> random.Random:
         # One RNG per sample key: the cached crop does not depend on shard order.
@@ -178,7 +181,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     shards, n_samples = _cache_shards(args, ds, store, family, device, skipped, layout)
     if n_samples == 0:
-        raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}).")
+        raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}; "
+                          f"last error: {ds.last_failure}).")
     elapsed = time.perf_counter() - t0
     uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in layout.uncond.items()}
     meta = {

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CACHE_RES, cache_trainer, make_cache
+from shards_util import good_sample, write_shard
 
 from tcdistill.config import ConfigError, TrainConfig
 from tcdistill.data_cached import META_NAME, UNCOND_NAME, read_sidecar
@@ -324,3 +325,12 @@ def test_cache_encodes_batches_of_batch_size_and_refuses_0(tiny_teacher: Path, o
     assert sizes == [3, 1]  # the shard's 4 samples
     with pytest.raises(SystemExit, match="--batch_size must be >= 1"):
         make_cache(tiny_teacher, one_shard, tmp_path / "cache0", "--batch_size", "0")
+
+
+def test_a_cache_with_no_usable_sample_says_why(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: `tcdistill cache` on shards whose keys hold a dot said only "no usable sample in ... (skipped: {'missing_image':
+    1})", where the training loader's error gives the last skip's reason (here the hint to drop the dots)."""
+    shard = write_shard(tmp_path / "dots.tar", [(f"img.{i}", good_sample("x", "c")[1]) for i in range(2)])
+    with pytest.raises(SystemExit, match=r"^tcdistill cache: error: no usable sample in .*missing_image.*; last error: "
+                                         rf"{tmp_path}/dots.tar: img: no image among .*drop the dots before the extension"):
+        make_cache(tiny_teacher, shard, tmp_path / "cache")
