@@ -26,11 +26,18 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     # gopen opens `file:/x.tar` (as `file:///x.tar`) as the local file /x.tar: check that path, not the url text.
     paths = [url2pathname(urlparse(u).path) if u.startswith("file:") else u for u in local]
-    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in paths):
+    # A folder exists too, but reading it is a shard error each time: the run stopped only after the teacher loaded.
+    if local and len(local) == len(urls) and not any(os.path.exists(p) and not os.path.isdir(p) for p in paths):
+        folder = next((p for p in paths if os.path.isdir(p)), None)
+        if folder is not None:
+            raise ConfigError(f"{flag}: {folder} is a folder, not a shard file: name its shards, '::'-joined or as a brace "
+                              f"pattern ({folder.rstrip('/')}/{{00000..00009}}.tar)")
         shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
         # "a.tar,b.tar" or "a.tar b.tar" (other tools' list syntax) is one path, which does not exist.
         listed = any(os.path.exists(piece) for p in paths for piece in re.split(r"[,\s]+", p) if piece and piece != p)
         hint = "; join several shards with '::' or a brace pattern (dir/{00000..00009}.tar)" if listed else ""
+        if any(c in p for p in paths for c in "*?"):  # the shell leaves a flag's `--name=dir/*.tar` as it is
+            hint = "; wildcards (*, ?) are not expanded: name the shards with a brace pattern (dir/{00000..00009}.tar)"
         raise ConfigError(f"{flag}: none of the {len(local)} shard file(s) exists: {shown}{hint}")
 
 

@@ -86,3 +86,19 @@ def test_a_widened_worker_does_not_repeat_its_sibling_workers_batches(tmp_path: 
     assert sibling == [f"good {j}" for j in range(8)]
     captions = [s["caption"] for s in widened]
     assert sorted(captions) == sorted(sibling) and captions != sibling, captions
+
+
+def test_a_folder_or_a_wildcard_as_the_shards_is_refused_before_the_teacher_loads(tmp_path: Path) -> None:
+    """QA: a folder of shards as --train_shards_path_or_url passed the preflight (it exists), so the run loaded the teacher,
+    then stopped on `IsADirectoryError` after --data_failure_patience shard errors; `dir/*.tar` (not expanded: no shell
+    globs in a flag's value) was "none of the shard file(s) exists" with no word on the brace pattern to use instead."""
+    from tcdistill.config import ConfigError
+    from tcdistill.preflight import check_shards
+
+    write_shard(tmp_path / "a.tar", [good_sample("k", "x")])
+    with pytest.raises(ConfigError, match=rf"^--train_shards_path_or_url: {tmp_path} is a folder, not a shard file: .*"
+                                          rf"brace pattern \({tmp_path}/{{00000..00009}}\.tar\)"):
+        check_shards(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"none of the 1 shard file\(s\) exists: .*wildcards .* are not expanded.*brace pattern"):
+        check_shards(str(tmp_path / "*.tar"))
+    check_shards(f"{tmp_path}::{tmp_path / 'a.tar'}")  # a shard file among them: the loader counts the folder's errors
