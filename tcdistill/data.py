@@ -20,9 +20,8 @@ import torch
 import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
-from .shard_stream import open_shard, tar_members
+from .shard_stream import group_samples, missing_hint, open_shard, tar_members
 from .stops import leave_ctrl_c_to_the_trainer
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -167,7 +166,8 @@ def _caption(sample: dict[str, Any]) -> str:
             for field in JSON_CAPTION_FIELDS:
                 if isinstance(meta.get(field), str):
                     return meta[field].strip()
-    raise SkipSample("missing_caption", f"no caption among {sorted(k for k in sample if not k.startswith('__'))}")
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    raise SkipSample("missing_caption", f"no caption among {fields}{missing_hint(sample, (*CAPTION_KEYS, 'json'))}")
 
 
 def _json_numbers(sample: dict[str, Any], fields: tuple[str, ...]) -> list[float | None]:
@@ -370,7 +370,7 @@ class ImageTextShards(IterableDataset):
         try:
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
             files = tar_members(url, stream, tar_handler)
-            raws = group_by_keys(files, handler=group_handler)
+            raws = group_samples(files, group_handler)
             # A widened worker reads shards its sibling reads, in step with it: in tar order both yield the same batch a step
             # apart. It reads them through a 32-sample shuffle seeded by the draw, which a resume's `skip` replays exactly.
             for raw in (wds.filters.shuffle(32, 32, rng=random.Random(f"{key}:{shard_idx}:order"))(raws) if widened else raws):
@@ -406,10 +406,7 @@ class ImageTextShards(IterableDataset):
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
             fields = sorted(k for k in raw if not k.startswith("__"))
-            dotted = [k for k in fields if k.rsplit(".", 1)[-1] in IMAGE_KEYS]  # a key ends at the first dot: a.b.jpg is b.jpg of a
-            hint = (f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots "
-                    "before the extension)") if dotted else ""
-            raise SkipSample("missing_image", f"no image among {fields}{hint}")
+            raise SkipSample("missing_image", f"no image among {fields}{missing_hint(raw, IMAGE_KEYS)}")
         caption = _caption(raw)  # before decoding: cheap checks first
         size_pending = _check_filters(raw, self.cfg)
         img = _decode_image(raw[image_key])

@@ -1,6 +1,6 @@
 """Opening one shard url for reading: webdataset's `gopen`, with `pipe:` commands (curl, ...) guarded against stalls, so
-a hung download is one failed shard, not a loader that waits forever; and reading its members, with a shard cut short
-failing as one."""
+a hung download is one failed shard, not a loader that waits forever; and reading its members into samples, with a shard
+cut short failing as one, and the skip reason of a sample the shard's layout broke saying so."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import tarfile
 from typing import Any, Callable, Iterator
 
 from webdataset.gopen import Pipe, gopen
+from webdataset.tariterators import group_by_keys
 
 CLOSE_GRACE_S = 1.0  # how long a pipe: command may take to exit once its shard is closed before it is killed
 
@@ -128,3 +129,25 @@ def tar_members(url: str, stream: Any, handler: Callable[[Exception], Any]) -> I
         handler(exn)
         return
     yield {}
+
+
+def group_samples(files: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """webdataset's `group_by_keys`; a sample whose key came before in the shard is marked `__split__`: it groups adjacent
+    files only, so a tar not written in name order (`tar cf x.tar -C dir .` stores the folder's listing order) cuts a
+    sample into parts, each lacking the others' files."""
+    seen: set[str] = set()
+    for raw in group_by_keys(files, handler=handler):
+        raw["__split__"] = raw["__key__"] in seen
+        seen.add(raw["__key__"])
+        yield raw
+
+
+def missing_hint(raw: dict[str, Any], exts: tuple[str, ...]) -> str:
+    """Why the sample `raw` has no file with one of `exts`, where its shard's layout tells; else ""."""
+    dotted = [k for k in sorted(raw) if not k.startswith("__") and k.rsplit(".", 1)[-1] in exts]
+    if dotted:  # a key ends at its first dot: a.b.jpg is file b.jpg of sample a
+        return (f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots "
+                "before the extension)")
+    if raw.get("__split__"):
+        return " (its other files came earlier in the shard: a sample's files must be adjacent in the tar; write it with tar --sort=name)"
+    return ""

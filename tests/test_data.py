@@ -317,6 +317,16 @@ def test_dots_in_a_members_basename_are_named_in_the_skip_reason(tmp_path: Path)
         next(iter(build_train_dataloader(cfg_for(shard, failure_patience=2))))
 
 
+def test_a_sample_whose_files_are_not_adjacent_in_the_tar_is_named_so_in_the_skip_reason(tmp_path: Path) -> None:
+    """QA: `tar cf shard.tar -C dir .` stores files in the folder's listing order, not by name; webdataset groups only
+    adjacent files, so each sample fell apart into parts skipped as missing_caption / missing_image with no word why."""
+    _, members = good_sample("x", "split")
+    files = [(f"k{i}", {ext: members[ext]}) for ext in ("jpg", "txt") for i in range(2)]  # k0.jpg k1.jpg k0.txt k1.txt
+    with pytest.raises(DataError, match=r"missing_caption=2, missing_image=2; .* k1: no image among \['txt'\] \(its other "
+                                        r"files came earlier in the shard: .* adjacent .*tar --sort=name"):
+        next(iter(build_train_dataloader(cfg_for(write_shard(tmp_path / "split.tar", files), failure_patience=4))))
+
+
 @pytest.mark.parametrize("data", [b"", b"<html>404 Not Found</html>"], ids=["zero_bytes", "html"])
 def test_bytes_that_are_no_image_are_described_in_the_skip_reason(tmp_path: Path, data: bytes) -> None:
     """QA: the reason was PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>", which said nothing."""
