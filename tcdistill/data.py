@@ -318,11 +318,12 @@ class ImageTextShards(IterableDataset):
         seed = random.Random(key).getrandbits(62)
         # Each rank, then each of its loader workers, resamples from its own share of the shards: two streams drawing
         # the same shard at once would read its samples in the same order and yield identical batches (half the
-        # steps with 2 shards and 2 ranks or 2 workers). With fewer shards than streams, the streams share them.
+        # steps with 2 shards and 2 ranks or 2 workers). With fewer shards than streams, the streams share them (read shuffled).
         ws = self.cfg.world_size
         rank_urls = self.urls[self.cfg.rank::ws] if ws > 1 and len(self.urls) >= ws else self.urls
         urls = rank_urls[logical::num_workers] if num_workers > 1 and len(rank_urls) >= num_workers else rank_urls
         share = f" (its share: {len(rank_urls)} of the {len(self.urls)} shards)" if len(rank_urls) < len(self.urls) else ""
+        shared = (num_workers > 1 and len(rank_urls) < num_workers) or (ws > 1 and len(self.urls) < ws)
         tracker = FailureTracker(self.cfg.failure_patience, f"rank {self.cfg.rank} worker {worker}/{num_workers}{share}")
         draws = [iter(wds.ResampledShards(u, seed=seed + i, worker_seed=_no_worker_seed, deterministic=True)) for i, u in enumerate((urls, rank_urls))]
         for shard_idx in itertools.count():
@@ -332,7 +333,7 @@ class ImageTextShards(IterableDataset):
                 continue  # replaying the shard draws is cheap: RNG only, nothing is opened
             skip = raw_skip if shard_idx == shard_skip else 0
             try:
-                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker, widened):
+                for out in self._shard_samples(shard["url"], key, shard_idx, skip, tracker, widened or shared):
                     out["stream_pos"] = (logical, num_workers, shard_idx, out.pop("raw_next"), wide_at)
                     yield out
             except DataError:
@@ -343,7 +344,7 @@ class ImageTextShards(IterableDataset):
                 wide_at = shard_idx + 1
                 tracker.restart("worker_share_widened")
 
-    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: FailureTracker, widened: bool = False) -> Iterator[dict[str, Any]]:
+    def _shard_samples(self, url: str, key: str, shard_idx: int, skip: int, tracker: FailureTracker, shuffle: bool = False) -> Iterator[dict[str, Any]]:
         """Yield the usable samples of one shard after its first `skip` raw samples, recording every failure."""
         shard_failed = False
 
@@ -371,9 +372,10 @@ class ImageTextShards(IterableDataset):
             # webdataset's own grouping handles the end-of-shard marker that broke old copies.
             files = tar_members(url, stream, tar_handler)
             raws = group_samples(files, group_handler)
-            # A widened worker reads shards its sibling reads, in step with it: in tar order both yield the same batch a step
-            # apart. It reads them through a 32-sample shuffle seeded by the draw, which a resume's `skip` replays exactly.
-            for raw in (wds.filters.shuffle(32, 32, rng=random.Random(f"{key}:{shard_idx}:order"))(raws) if widened else raws):
+            # A widened worker, or a stream sharing its shards, reads shards another stream reads, in step with it: in tar order
+            # both yield the same batch a step apart (a loader takes its workers' batches in turn; ranks train at once). It reads
+            # them through a 32-sample shuffle seeded by the draw, which a resume's `skip` replays exactly.
+            for raw in (wds.filters.shuffle(32, 32, rng=random.Random(f"{key}:{shard_idx}:order"))(raws) if shuffle else raws):
                 n_raw += 1
                 if n_raw <= skip:
                     continue  # already consumed before the checkpoint: read past it without decoding

@@ -212,8 +212,8 @@ class Trainer(StepGuard):
         self.stream.world_size = self.accelerator.num_processes
         n_shards, streams = len(expand_urls(dcfg.train_shards_path_or_url)), ws * max(1, c.dataloader_num_workers)
         if n_shards < streams and self.accelerator.is_main_process:
-            logger.warning("%d shard(s) for %d process(es) x %d loader worker(s): streams that share a shard read it in the "
-                           "same order and repeat each other's batches; use at least %d shards.", n_shards, ws,
+            logger.warning("%d shard(s) for %d process(es) x %d loader worker(s): streams that share a shard read it through "
+                           "small shuffles of its same stretch, so their batches overlap; use at least %d shards.", n_shards, ws,
                            max(1, c.dataloader_num_workers), streams)
         if c.train_latents_path_or_url:
             from .data_cached import build_cached_dataloader

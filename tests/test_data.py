@@ -186,9 +186,10 @@ def test_two_workers_report_skips_to_main(mixed_shard: str) -> None:
     bs = batches(cfg_for(mixed_shard, train_batch_size=2, dataloader_num_workers=2), 6)
     assert all(b["pixel_values"].shape == (2, 3, R, R) for b in bs)
     assert {c for b in bs for c in b["captions"]} == {"good one", "good two"}
-    skipped = total_skipped(bs)
-    # every batch covers one pass over the shard, so each pass contributes its four failures
-    assert skipped == {"decode_error": 6, "missing_caption": 12, "missing_image": 6}
+    skipped, per_pass = total_skipped(bs), {"decode_error": 1, "missing_caption": 2, "missing_image": 1}
+    # Every batch covers one pass over the shard, which the two workers share, each reading it through its own shuffle:
+    # a pass's failures after its last good sample come with the worker's next batch (the last pass's, not yet).
+    assert skipped.keys() == per_pass.keys() and all(4 * n <= skipped[k] <= 6 * n for k, n in per_pass.items()), skipped
 
 
 def test_deterministic_and_distinct_streams(tmp_path: Path) -> None:

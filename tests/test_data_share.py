@@ -102,3 +102,23 @@ def test_a_folder_or_a_wildcard_as_the_shards_is_refused_before_the_teacher_load
     with pytest.raises(ConfigError, match=r"none of the 1 shard file\(s\) exists: .*wildcards .* are not expanded.*brace pattern"):
         check_shards(str(tmp_path / "*.tar"))
     check_shards(f"{tmp_path}::{tmp_path / 'a.tar'}")  # a shard file among them: the loader counts the folder's errors
+
+
+def test_streams_sharing_a_shard_do_not_repeat_each_others_batches_and_resume_exactly(tmp_path: Path) -> None:
+    """QA: with fewer shards than streams (processes x loader workers: one shard and the README's 8 workers), the streams
+    sharing a shard read it in tar order, so every worker's batch was the previous worker's samples again (the trainer
+    only warned); they read it through their own shuffle, as a widened worker does, which a resume replays."""
+    from conftest import batches, cfg_for
+
+    from tcdistill.data import StreamTracker
+
+    url = write_shard(tmp_path / "one.tar", [good_sample(f"k{j:02d}", f"c{j}") for j in range(12)])
+    bs = batches(cfg_for(url, dataloader_num_workers=2, train_batch_size=2), 8)
+    assert [i for i in range(0, 8, 2) if bs[i]["captions"] == bs[i + 1]["captions"]] == []
+    b0, b1 = (batches(cfg_for(url, rank=r, world_size=2, train_batch_size=2), 4) for r in (0, 1))
+    assert [i for i, (x, y) in enumerate(zip(b0, b1)) if x["captions"] == y["captions"]] == []
+    tracker = StreamTracker()
+    for b in bs[:5]:
+        tracker.consumed(b)
+    resumed = batches(cfg_for(url, dataloader_num_workers=2, train_batch_size=2, resume_state=tracker.state()), 3)
+    assert [b["captions"] for b in resumed] == [b["captions"] for b in bs[5:]]
