@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shard_stream import group_samples, missing_hint, open_shard, tar_members
+from .shard_stream import group_samples, missing_reason, open_shard, tar_members
 from .stops import leave_ctrl_c_to_the_trainer
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -166,8 +166,7 @@ def _caption(sample: dict[str, Any]) -> str:
             for field in JSON_CAPTION_FIELDS:
                 if isinstance(meta.get(field), str):
                     return meta[field].strip()
-    fields = sorted(k for k in sample if not k.startswith("__"))
-    raise SkipSample("missing_caption", f"no caption among {fields}{missing_hint(sample, (*CAPTION_KEYS, 'json'))}")
+    raise SkipSample("missing_caption", missing_reason(sample, "caption", (*CAPTION_KEYS, "json")))
 
 
 def _json_numbers(sample: dict[str, Any], fields: tuple[str, ...]) -> list[float | None]:
@@ -407,8 +406,7 @@ class ImageTextShards(IterableDataset):
         """Turn one grouped tar sample into a transformed training sample or raise SkipSample."""
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
-            fields = sorted(k for k in raw if not k.startswith("__"))
-            raise SkipSample("missing_image", f"no image among {fields}{missing_hint(raw, IMAGE_KEYS)}")
+            raise SkipSample("missing_image", missing_reason(raw, "image", IMAGE_KEYS))
         caption = _caption(raw)  # before decoding: cheap checks first
         size_pending = _check_filters(raw, self.cfg)
         img = _decode_image(raw[image_key])

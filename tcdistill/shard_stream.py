@@ -142,12 +142,14 @@ def group_samples(files: Iterator[dict[str, Any]], handler: Callable[[Exception]
         yield raw
 
 
-def missing_hint(raw: dict[str, Any], exts: tuple[str, ...]) -> str:
-    """Why the sample `raw` has no file with one of `exts`, where its shard's layout tells; else ""."""
-    dotted = [k for k in sorted(raw) if not k.startswith("__") and k.rsplit(".", 1)[-1] in exts]
+def missing_reason(raw: dict[str, Any], what: str, exts: tuple[str, ...]) -> str:
+    """The skip reason of the sample `raw`, which has no file with one of `exts` (its `what`): its fields, and why where its
+    shard's layout tells."""
+    fields = sorted(k for k in raw if not k.startswith("__"))
+    dotted = [k for k in fields if k.rsplit(".", 1)[-1] in exts]
+    hint = ""
     if dotted:  # a key ends at its first dot: a.b.jpg is file b.jpg of sample a
-        return (f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots "
-                "before the extension)")
-    if raw.get("__split__"):
-        return " (its other files came earlier in the shard: a sample's files must be adjacent in the tar; write it with tar --sort=name)"
-    return ""
+        hint = f" (a key ends at the first dot: {raw.get('__key__')}.{dotted[0]} is field {dotted[0]!r}; drop the dots before the extension)"
+    elif raw.get("__split__"):
+        hint = " (its other files came earlier in the shard: a sample's files must be adjacent in the tar; write it with tar --sort=name)"
+    return f"no {what} among {fields}{hint}"
