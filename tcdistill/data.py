@@ -115,8 +115,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # PIL's own I->L conversion clips at 255 instead of scaling, turning 16-bit images white.
         # Integer modes come from 16-bit PNG/TIFF in practice, so scale from the 16-bit range.
-        arr = np.asarray(img).astype(np.float32) / 257.0
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        raw, key = np.asarray(img), img.info.get("transparency")  # a PNG's tRNS: the gray value that is transparent
+        gray = np.clip(np.rint(raw.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(gray, "L") if key is None else Image.fromarray(np.dstack([gray, 255 * (raw != key)]).astype(np.uint8), "LA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

@@ -97,6 +97,16 @@ def test_sixteen_bit_is_scaled(tmp_path: Path) -> None:
     assert b["pixel_values"].abs().max() < 0.01  # 32896/257 = 128 -> ~0
 
 
+def test_sixteen_bit_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    """QA: a 16-bit grayscale PNG's tRNS value (its transparent gray) was dropped with the scaling to 8 bits, so its
+    transparent pixels trained as their gray (black here), where an 8-bit image's are composited on white."""
+    img = gray16((20, 20), 0)
+    img.paste(65535, (0, 0, 10, 20))  # left half white, right half transparent black
+    shard = write_shard(tmp_path / "t.tar", [("t", {"png": image_bytes(img, "PNG", transparency=0), "txt": "t"})])
+    (b,) = batches(cfg_for(shard, train_batch_size=1, center_crop=True), 1)
+    assert torch.equal(b["pixel_values"], torch.ones(1, 3, R, R))
+
+
 def test_exif_orientation_applied(tmp_path: Path) -> None:
     img = solid("RGB", (40, 20), (0, 255, 0))
     exif = img.getexif()
