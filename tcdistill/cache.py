@@ -39,6 +39,7 @@ STORAGE = {"fp16": np.float16, "fp32": np.float32}
 # Stored in fp32 whatever --storage_dtype says: SDXL's time ids are pixel counts, embedded sinusoidally per pixel, and fp16
 # holds integers exactly only up to 2048 (an original width of 2051 would cache as 2052: another conditioning than live).
 EXACT_KEYS = ("time_ids",)
+SHARD_NAME = r"\d{5,}\.tar"  # the cached shards' names (00000.tar, ...; past 5 digits at shard 100000)
 
 
 class _OnePass(ImageTextShards):
@@ -174,7 +175,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     # A killed run (SIGKILL, power loss: no chance to remove it) leaves its shard in progress as NNNNN.tar.tmp, which no
     # metadata lists and training refuses; one this run would not overwrite stayed in the folder for good.
     for name in os.listdir(args.output_dir):
-        if re.fullmatch(r"\d{5,}\.tar\.tmp", name):  # names grow past 5 digits at shard 100000
+        if re.fullmatch(SHARD_NAME + r"\.tmp", name):
             os.remove(os.path.join(args.output_dir, name))
     skipped: Counter[str] = Counter()
     layout = _Layout()
@@ -204,7 +205,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
 def _check_cache_flags(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], torch.device]:
     """The refusals before the teacher loads (training's own checks of these flags); returns the config, the checked
     tokenizers and the device."""
-    from .preflight import check_shards, resolve_device
+    from .preflight import check_shards, local_shards, resolve_device
     from .teacher_checks import check_teacher_config
 
     cfg = TrainConfig(pretrained_teacher_model=args.pretrained_teacher_model, train_shards_path_or_url=args.train_shards_path_or_url,
@@ -213,6 +214,12 @@ def _check_cache_flags(args: argparse.Namespace) -> tuple[TrainConfig, dict[str,
                       model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
                       data_timeout=args.data_timeout)  # its checks are this command's too
     check_shards(args.train_shards_path_or_url)  # as training does: after the flags, before the teacher loads
+    out = os.path.realpath(args.output_dir)
+    for url, path in local_shards(expand_urls(args.train_shards_path_or_url)):
+        # Cached shard k was written over the source of that name once read: the images were gone.
+        if os.path.dirname(os.path.realpath(path)) == out and re.fullmatch(SHARD_NAME, os.path.basename(path)):
+            raise ConfigError(f"--output_dir {args.output_dir!r} holds the source shard {url}, which a cached shard of its name "
+                              "would replace; pick another --output_dir.")
     tokenizers = check_teacher_config(cfg)
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1.")

@@ -19,13 +19,9 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
     """Fail early when every local shard of `flag` is missing (pipe:/remote urls are checked by the loader)."""
     from .data import expand_urls
 
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
     urls = expand_urls(spec)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    # gopen opens `file:/x.tar` (as `file:///x.tar`) as the local file /x.tar: check that path, not the url text.
-    paths = [url2pathname(urlparse(u).path) if u.startswith("file:") else u for u in local]
+    pairs = local_shards(urls)
+    local, paths = [u for u, _ in pairs], [p for _, p in pairs]
     # A folder exists too, but reading it is a shard error each time: the run stopped only after the teacher loaded.
     if local and len(local) == len(urls) and not any(os.path.exists(p) and not os.path.isdir(p) for p in paths):
         folder = next((p for p in paths if os.path.isdir(p)), None)
@@ -39,6 +35,15 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
         if any(c in p for p in paths for c in "*?"):  # the shell leaves a flag's `--name=dir/*.tar` as it is
             hint = "; wildcards (*, ?) are not expanded: name the shards with a brace pattern (dir/{00000..00009}.tar)"
         raise ConfigError(f"{flag}: none of the {len(local)} shard file(s) exists: {shown}{hint}")
+
+
+def local_shards(urls: list[str]) -> list[tuple[str, str]]:
+    """(url, file path) of each local shard among `urls`: pipe: commands and remote urls are left out; gopen opens
+    `file:/x.tar` (as `file:///x.tar`) as the local file /x.tar, so its path is that, not the url text."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return [(u, url2pathname(urlparse(u).path) if u.startswith("file:") else u) for u in urls if "://" not in u and not u.startswith("pipe:")]
 
 
 def check_output_dir(path: str, flag: str = "--output_dir", make: bool = True) -> None:

@@ -334,3 +334,15 @@ def test_a_cache_with_no_usable_sample_says_why(tiny_teacher: Path, tmp_path: Pa
     with pytest.raises(SystemExit, match=r"^tcdistill cache: error: no usable sample in .*missing_image.*; last error: "
                                          rf"{tmp_path}/dots.tar: img: no image among .*drop the dots before the extension"):
         make_cache(tiny_teacher, shard, tmp_path / "cache")
+
+
+def test_a_cache_into_the_folder_of_its_source_shards_is_refused_before_it_replaces_them(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: `tcdistill cache --train_shards_path_or_url 'data/{00000..00001}.tar' --output_dir data` wrote its shards
+    (00000.tar, ...) over the source shards of the same names as it went: the images were gone, and no word said so."""
+    data = tmp_path / "data"
+    write_tiny_shards(data, n_shards=2, per_shard=2, image_size=32, seed=0)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    for spec in (shard_pattern(data, 2), f"{tmp_path}/other.tar::file:{data}/00001.tar"):
+        with pytest.raises(SystemExit, match=r"^tcdistill cache: error: --output_dir .* holds the source shard .*0000[01]\.tar"):
+            make_cache(tiny_teacher, spec, data)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
