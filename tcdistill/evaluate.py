@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .families import sd_prompt_states, unet_family
-from .generate import LORA_HELP, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance, run_sampling
+from .generate import (LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config,
+                       run_guidance, run_sampling)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
@@ -85,7 +86,7 @@ def load_teacher(teacher: str) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
-    if name != "StableDiffusionPipeline":
+    if PIPELINE_CLASSES.get(name, ("", ""))[1] != "sd":  # an SD model saved from its img2img pipeline is one
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -294,6 +294,16 @@ def teacher_index(cfg: TrainConfig) -> dict[str, Any] | None:
         return dict(DiffusionPipeline.load_config(cfg.pretrained_teacher_model, revision=cfg.teacher_revision, cache_dir=cfg.cache_dir))
     except Exception:  # noqa: BLE001 - missing, unreadable or not a pipeline folder
         return None
+
+
+# The prompt encoders each family's pipeline needs (an SDXL refiner ships only the second pair).
+PROMPT_COMPONENTS: dict[str, tuple[str, ...]] = {"sd": ("tokenizer", "text_encoder"),
+                                                 "sdxl": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+
+
+def absent_components(index: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The `names` a pipeline's model_index.json does not hold: no entry, or [null, null] (saved without that component)."""
+    return [c for c in names if not isinstance(index.get(c), (list, tuple)) or None in index[c][:2]]
 
 
 def sdxl_force_zeros(cfg: TrainConfig) -> bool:

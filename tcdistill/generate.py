@@ -21,7 +21,7 @@ import torch
 from .checkpoint import checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import pipeline_variant, unet_family
+from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
 from .validation import sampling_hw
@@ -99,15 +99,30 @@ def resolve_unet_dir(path: str) -> str:
     return path  # a hub id
 
 
-def pipeline_class(base: str) -> Any:
-    """StableDiffusionPipeline or StableDiffusionXLPipeline, from the base's model_index.json."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+# model_index.json's pipeline class -> (the text-to-image class that samples it, its family). A model saved from its img2img
+# pipeline holds the same components (training takes it as a teacher) and loads as text-to-image, as the model card shows.
+PIPELINE_CLASSES = {"StableDiffusionPipeline": ("StableDiffusionPipeline", "sd"),
+                    "StableDiffusionImg2ImgPipeline": ("StableDiffusionPipeline", "sd"),
+                    "StableDiffusionXLPipeline": ("StableDiffusionXLPipeline", "sdxl"),
+                    "StableDiffusionXLImg2ImgPipeline": ("StableDiffusionXLPipeline", "sdxl")}
 
-    classes = {c.__name__: c for c in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
-    name = DiffusionPipeline.load_config(base).get("_class_name")
-    if name not in classes:
-        raise ValueError(f"{base}: pipeline class {name!r} is not supported (expected one of {sorted(classes)})")
-    return classes[name]
+
+def pipeline_class(base: str) -> Any:
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, from the base's model_index.json (`PIPELINE_CLASSES`). A base
+    without the family's prompt encoders (an SDXL refiner has no text_encoder) is refused: sampling failed in a matmul."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    index = dict(DiffusionPipeline.load_config(base))
+    name = index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"{base}: pipeline class {name!r} is not supported (expected one of {sorted(PIPELINE_CLASSES)})")
+    cls_name, family = PIPELINE_CLASSES[name]
+    missing = absent_components(index, PROMPT_COMPONENTS[family])
+    if missing:
+        raise ValueError(f"{base}: the {name} has no {', '.join(missing)} (model_index.json); the student samples with every "
+                         f"prompt encoder of its {family.upper()} teacher (a refiner-style pipeline is not a base)")
+    return getattr(diffusers, cls_name)
 
 
 def sd_text_encoder(base: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:

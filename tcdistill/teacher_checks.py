@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import SEED_SCRIPTS, ConfigError, TrainConfig, first_line
-from .families import ddpm_schedule, load_tokenizer, schedule_fields, teacher_index, teacher_scheduler_config, unet_family
+from .families import (PROMPT_COMPONENTS, absent_components, ddpm_schedule, load_tokenizer, schedule_fields, teacher_index,
+                       teacher_scheduler_config, unet_family)
 from .schedule import PREDICTION_TYPES, NoiseSchedule, zero_snr_top
 
 
@@ -271,9 +272,7 @@ def check_sdxl_components(cfg: TrainConfig) -> None:
     index = teacher_index(cfg)
     if index is None:
         return
-    # A component entry is [library, class]; a pipeline saved without that component has [null, null] (or no entry).
-    missing = [c for c in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-               if not isinstance(index.get(c), (list, tuple)) or None in index[c][:2]]
+    missing = absent_components(index, PROMPT_COMPONENTS["sdxl"])
     if missing:
         raise ConfigError(f"the teacher {cfg.pretrained_teacher_model!r} ({index.get('_class_name')}) has no "
                           f"{', '.join(missing)}: SDXL distillation needs both SDXL text encoders and tokenizers "

@@ -354,3 +354,40 @@ def test_validation_samples_at_the_resolution_rounded_down_to_8(tiny_teacher: Pa
                                                                "--validation_inference_steps=1", "--checkpointing_steps=5"))
     with Image.open(out / "validation" / "lora-step000001.png") as im:
         assert im.size == (32, 32)
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_a_base_saved_from_its_img2img_pipeline_samples_as_text_to_image(xl: bool, tiny_teacher: Path, sdxl_teacher: Path,
+                                                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: a teacher folder saved from StableDiffusion(XL)Img2ImgPipeline holds the text-to-image pipeline's components and
+    trains, but generate (and eval) refused it: "pipeline class 'StableDiffusionImg2ImgPipeline' is not supported". It now
+    samples as its text-to-image pipeline, as the model card's snippet loads it. A refiner-style SDXL base (no text_encoder
+    or tokenizer) is refused in one line: it sampled into a "mat1 and mat2 shapes cannot be multiplied" traceback."""
+    import shutil
+
+    from tcdistill.evaluate import load_teacher
+
+    src = sdxl_teacher if xl else tiny_teacher
+    base = tmp_path / "base"
+    shutil.copytree(src, base)
+    index = json.loads((base / "model_index.json").read_text())
+    # what StableDiffusion(XL)Img2ImgPipeline.save_pretrained writes over the same components
+    index.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": False} if xl
+                 else {"_class_name": "StableDiffusionImg2ImgPipeline"})
+    (base / "model_index.json").write_text(json.dumps(index))
+    lora = make_lora(src, tmp_path / "lora")
+    for b, out in ((src, "plain"), (base, "img2img")):
+        main(["generate", "--lora", str(lora), "--base", str(b), "--prompt", "a red circle", "--steps", "1", "--output_dir", str(tmp_path / out)])
+    plain, img2img = pngs(tmp_path / "plain"), pngs(tmp_path / "img2img")
+    assert list(plain) == list(img2img) == ["00000_a_red_circle.png"]
+    assert np.array_equal(plain["00000_a_red_circle.png"], img2img["00000_a_red_circle.png"])
+    if not xl:
+        assert type(load_teacher(str(base))).__name__ == "StableDiffusionPipeline"
+        return
+    (base / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None], "tokenizer": [None, None]}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--lora", str(lora), "--base", str(base), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert "has no tokenizer, text_encoder" in err.strip().splitlines()[-1], err
