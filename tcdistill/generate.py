@@ -175,6 +175,11 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         _check_unet_family(kw["unet"].config, cls, base)
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
+        # Training refuses this mismatch for --pretrained_vae_model_name_or_path; here it failed in the final decode.
+        unet_in = (kw["unet"].config if unet else UNet2DConditionModel.load_config(base, subfolder="unet"))["in_channels"]
+        if kw["vae"].config.latent_channels != unet_in:
+            raise ValueError(f"--vae {vae} has {kw['vae'].config.latent_channels} latent channels but the UNet takes {unet_in} "
+                             "input channels; pass a VAE of the teacher's latent space")
     pipe = base_pipeline(cls, base, dtype, **kw)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
