@@ -28,6 +28,13 @@ def check_teacher_config(cfg: TrainConfig) -> dict[str, Any]:
         vae_cfg = AutoencoderKL.load_config(vae_src, subfolder=sub, revision=revision, cache_dir=cfg.cache_dir)
     except Exception as e:  # noqa: BLE001 - hub/OS errors come in many types; the message is what matters
         raise ConfigError(f"cannot read the teacher's VAE config from {vae_src!r}: {type(e).__name__}: {first_line(e)}") from None
+    # Any config loads as an AutoencoderKL of default shape: a tiny autoencoder (TAESD) then failed the weights load with a
+    # GroupNorm message that named the teacher. Training samples x0 from an AutoencoderKL encoder's latent distribution.
+    name = vae_cfg.get("_class_name")
+    if name not in (None, "AutoencoderKL"):
+        flag = "--pretrained_vae_model_name_or_path" if cfg.pretrained_vae_model_name_or_path else "--pretrained_teacher_model"
+        raise ConfigError(f"{flag} {vae_src}: its VAE is an {name}; training encodes images with an AutoencoderKL (SD/SDXL's "
+                          "VAE, whose encoder gives the latent distribution): pass one, such as the teacher's own VAE.")
     f = vae_scale_factor(vae_cfg)
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")

@@ -339,3 +339,25 @@ def test_scheduler_class_whose_backend_is_missing_is_refused_when_its_defaults_a
         check_teacher_schedule(cfg)
     _set_scheduler(teacher, {"_class_name": "DPMSolverSDEScheduler", "beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012})
     check_teacher_schedule(cfg)
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_vae_that_is_not_an_autoencoder_kl_is_refused(own: bool, config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """QA: --pretrained_vae_model_name_or_path of a tiny autoencoder (TAESD, mistaken for an fp16-safe VAE) was loaded as
+    an AutoencoderKL of default shape: "cannot load the teacher ...: num_channels (8) must be divisible by num_groups (32)",
+    naming the teacher, not the VAE. Training encodes with an AutoencoderKL's latent distribution: any other class is
+    refused in one line naming the flag, before any weights load."""
+    from diffusers import AutoencoderTiny
+
+    from tcdistill.config import ConfigError
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                            num_decoder_blocks=(1, 1))
+    taesd.save_config(teacher / "vae" if own else tmp_path / "taesd")
+    flag = {} if own else {"pretrained_vae_model_name_or_path": str(tmp_path / "taesd")}
+    where = "--pretrained_teacher_model" if own else "--pretrained_vae_model_name_or_path"
+    with pytest.raises(ConfigError, match=f"^{where} .*: its VAE is an AutoencoderTiny; training encodes images with an AutoencoderKL"):
+        Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4, **flag))
