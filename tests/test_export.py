@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import make_lora, sample  # noqa: E402
+from conftest import make_lora, randomize_lora_b, sample  # noqa: E402
 
 from tcdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, _peft_scale, export_kohya  # noqa: E402
 
@@ -327,3 +327,55 @@ def test_export_beside_a_readme_that_is_not_utf8_succeeds(tiny_teacher: Path, tm
     (lora / "README.md").write_bytes(readme)
     main(["--lora", str(lora)])
     assert capsys.readouterr().out.strip() == str(lora / KOHYA_WEIGHT_NAME) and (lora / "README.md").read_bytes() == readme
+
+
+# UNet layouts unlike the tiny teachers' (one layer per level, no attention on the first): attention on every level, two
+# layers per block, linear projections, no mid block (SD); three levels, two layers per block, deeper transformers (SDXL).
+OTHER_LAYOUTS = {
+    "sd": dict(down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2, layers_per_block=2,
+               use_linear_projection=True, mid_block_type=None),
+    "sdxl": dict(layers_per_block=2, transformer_layers_per_block=[1, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lora_of_other_unet_layouts_adapts_every_target_and_loads_back(family: str, tiny_shards: str, tmp_path: Path) -> None:
+    """QA, teachers shaped unlike the tiny ones: the LoRA run adapts every module the spec's target list names, and its
+    diffusers file and its kohya export (SDXL: sgm names) load back through `load_lora_weights` to the student's UNet."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+    from tcdistill.trainer import Trainer
+
+    sdxl = family == "sdxl"
+    pipe = build_tiny_sdxl_pipeline(None, block_out_channels=(16, 32, 32)) if sdxl else build_tiny_sd_pipeline(None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.register_modules(unet=UNet2DConditionModel.from_config(pipe.unet.config, **OTHER_LAYOUTS[family]))
+    pipe.save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    cfg = TrainConfig(pretrained_teacher_model=str(tmp_path / "teacher"), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
+                      resolution=32, max_train_steps=1, variant="lora", lora_rank=RANK, lora_alpha=ALPHA, model_family=family,
+                      min_image_size=0, w_min=3.0)
+    strategy = Trainer(cfg).strategy
+    student = strategy.student
+    randomize_lora_b(student)  # no training needed: random adapters, so that a dropped module shows
+    adapted = {n for n, m in student.named_modules() if isinstance(m, LoraLayer)}
+    named = {n for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+             and any(n == t or n.endswith("." + t) for t in cfg.lora_modules)}
+    mark = "down_blocks.2.attentions.1.transformer_blocks.1." if sdxl else "down_blocks.0.attentions.1."  # the new layout's parts
+    assert named == adapted and any(n.startswith(mark) for n in adapted), sorted(named ^ adapted)
+    strategy.save_outputs(str(tmp_path))
+    export_kohya(tmp_path, unet_config=dict(student.config))
+    gen = torch.Generator().manual_seed(0)
+    x, states = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 16, pipe.unet.config.cross_attention_dim, generator=gen)
+    added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 16, generator=gen), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}}
+    kw = {"encoder_hidden_states": states, **(added if sdxl else {})}
+    with torch.no_grad():
+        want = student.eval()(x, 499, **kw).sample
+        assert (want - pipe.unet(x, 499, **kw).sample).abs().max() > 1e-2  # the adapters change the output
+        for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+            loaded = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(tmp_path / "teacher")
+            loaded.load_lora_weights(tmp_path, weight_name=name)
+            torch.testing.assert_close(loaded.unet(x, 499, **kw).sample, want, rtol=1e-5, atol=1e-5, msg=name)
