@@ -72,18 +72,19 @@ def run_guidance(run: dict[str, Any], default: float) -> float:
     return min(max(default - 1.0, float(run["w_min"])), float(run["w_max"])) + 1.0
 
 
-def check_unet_config(folder: str | Path) -> None:
-    """Refuse, in one line, a folder whose config.json is another diffusers model's (a VAE, a text encoder...): diffusers
-    builds a UNet2DConditionModel from it with no weights loaded, and the first `.to()` is a meta-tensor traceback."""
+def check_model_config(folder: str | Path, cls_name: str = "UNet2DConditionModel", hint: str = "pass the distilled UNet folder") -> None:
+    """Refuse, in one line, a local folder whose config.json is another diffusers model's than `cls_name` (a VAE, a text
+    encoder...): diffusers builds the model from it anyway, and a UNet got no weights (a meta-tensor traceback at the first
+    `.to()`), a VAE failed on the UNet's fields ("cross_attention_dim must be specified for CrossAttnDownBlock2D")."""
     f = Path(folder) / "config.json"
     if not f.is_file():
         return
     try:
         name = json.loads(f.read_text()).get("_class_name")
     except (ValueError, AttributeError):
-        raise ValueError(f"{f} is not a diffusers UNet config") from None
-    if name not in (None, "UNet2DConditionModel"):
-        raise ValueError(f"{folder} holds a {name!r} config, not a UNet2DConditionModel (pass the distilled UNet folder)")
+        raise ValueError(f"{f} is not a diffusers {cls_name} config") from None
+    if name not in (None, cls_name):
+        raise ValueError(f"{folder} holds a {name!r} config where a {cls_name!r} one is expected ({hint})")
 
 
 def resolve_unet_dir(path: str) -> str:
@@ -92,7 +93,7 @@ def resolve_unet_dir(path: str) -> str:
     p = Path(path)
     for cand in (p, p / "unet_target", p / "unet"):
         if (cand / "config.json").is_file():
-            check_unet_config(cand)
+            check_model_config(cand)
             return str(cand)
     if p.exists():
         raise FileNotFoundError(f"no UNet config.json in {p}, {p / 'unet_target'} or {p / 'unet'}{checkpoint_hint(p)}")
@@ -174,6 +175,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
         _check_unet_family(kw["unet"].config, cls, base)
     if vae:
+        check_model_config(vae, "AutoencoderKL", "--vae: pass a VAE folder such as the teacher's vae/")
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
         # Training refuses this mismatch for --pretrained_vae_model_name_or_path; here it failed in the final decode.
         unet_in = (kw["unet"].config if unet else UNet2DConditionModel.load_config(base, subfolder="unet"))["in_channels"]

@@ -393,20 +393,26 @@ def test_a_base_saved_from_its_img2img_pipeline_samples_as_text_to_image(xl: boo
     assert "has no tokenizer, text_encoder" in err.strip().splitlines()[-1], err
 
 
-def test_a_vae_of_another_latent_width_is_one_line(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("kind", ["vae8", "unet"])
+def test_a_vae_that_does_not_fit_is_one_line(kind: str, tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: `generate --vae` with a VAE of 8 latent channels on a UNet of 4 died in the final decode with a conv traceback
-    ("expected input[1, 4, 8, 8] to have 8 channels"), after sampling; training refuses the same mismatch in one line."""
+    ("expected input[1, 4, 8, 8] to have 8 channels"), after sampling (training refuses the same mismatch in one line); a
+    folder of another model (BASE/unet) said "cross_attention_dim must be specified for CrossAttnDownBlock2D"."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
-    AutoencoderKL.from_config(dict(vae.config), latent_channels=8).save_pretrained(tmp_path / "vae8")
+    if kind == "vae8":
+        vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
+        AutoencoderKL.from_config(dict(vae.config), latent_channels=8).save_pretrained(tmp_path / "vae8")
+        folder, needle = tmp_path / "vae8", "has 8 latent channels but the UNet takes 4 input channels"
+    else:
+        folder, needle = tiny_teacher / "unet", "holds a 'UNet2DConditionModel' config where a 'AutoencoderKL' one is expected"
     lora = make_lora(tiny_teacher, tmp_path / "lora")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--vae", str(tmp_path / "vae8"), "--prompt", "x",
+        main(["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--vae", str(folder), "--prompt", "x",
               "--steps", "1", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert exc.value.code == 2 and "Traceback" not in err, err
-    assert "has 8 latent channels but the UNet takes 4 input channels" in last and "--vae" in last, last
+    assert needle in last and "--vae" in last, last
     assert not list((tmp_path / "out").glob("*.png"))
