@@ -20,6 +20,27 @@ if TYPE_CHECKING:
     from .families import ModelFamily
 
 
+# The layer types peft's LoRA adapts. For another type its error is the module's repr over many lines, whose first line
+# ("Target module ModuleList(") says nothing of what is wrong.
+_LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+
+
+def _unadaptable_target(unet: nn.Module, targets: list[str]) -> str | None:
+    """One line on the first of `targets` that matches (as peft matches a list: the whole module name, or its last dotted
+    parts) a module LoRA cannot adapt, with the layers inside it worth naming instead; None when there is none."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # a layer peft adapted before it gave up is no culprit
+
+    for name, module in unet.named_modules():
+        hit = next((t for t in targets if name == t or name.endswith(f".{t}")), None)
+        if hit is None or isinstance(module, (*_LORA_LAYERS, BaseTunerLayer)):
+            continue
+        inner = next((sub for sub, m in module.named_modules() if sub and isinstance(m, _LORA_LAYERS)), None)
+        hint = f"; name the layers inside it instead, such as {hit}.{inner}" if inner else ""
+        return (f"'{hit}' names {type(module).__name__} modules (such as {name}), which LoRA cannot adapt: it adapts "
+                f"Linear, Conv and Embedding layers{hint}")
+    return None
+
+
 class _StudentCopies:
     """What both strategies share: the student's trainable parameters, its forward through weight-dtype copies of its
     trainable weights, and `_copies`, every weight-dtype copy the strategy holds (student, target), refreshed together
@@ -164,8 +185,9 @@ class LoraStrategy(_StudentCopies):
                 LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_modules, init_lora_weights="gaussian")
             )
-        except ValueError as e:  # peft's NoMatchingPeftModuleError: no listed name matches a UNet module
-            raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {first_line(e)}") from None
+        except ValueError as e:  # peft: no listed name matches a UNet module, or one matches a module LoRA cannot adapt
+            problem = _unadaptable_target(unet, cfg.lora_modules) or first_line(e)
+            raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {problem}") from None
         # Trainable adapter weights stay fp32 (master weights); the frozen base runs in the weight dtype.
         for p in unet.parameters():
             if p.requires_grad:

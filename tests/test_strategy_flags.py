@@ -129,6 +129,16 @@ def test_lora_target_modules_matching_nothing_is_a_config_error(tmp_path: Path) 
         _lora_strategy(tmp_path, lora_target_modules="no_such_module")
 
 
+@pytest.mark.parametrize("targets, named, kind", [("to_q,to_out", "to_out", "ModuleList"), ("to_q,norm1", "norm1", "GroupNorm")])
+def test_lora_target_module_of_a_kind_lora_cannot_adapt_is_one_whole_line(tmp_path: Path, targets: str, named: str, kind: str) -> None:
+    """QA: `--lora_target_modules to_q,to_out` (a ModuleList: the layer is to_out.0) stopped with "Target module ModuleList(",
+    the first line of peft's multi-line message, which names neither the flag's culprit nor what is wrong with it."""
+    with pytest.raises(ConfigError) as exc:
+        _lora_strategy(tmp_path, lora_target_modules=targets)
+    msg = str(exc.value)
+    assert "\n" not in msg and f"'{named}'" in msg and kind in msg and "Linear" in msg, msg
+
+
 def test_8bit_adam_keeps_channels_last_weights_and_views_of_them() -> None:
     """QA: bitsandbytes' 8-bit AdamW makes each parameter contiguous as it steps it (`p.data = p.data.contiguous()`), so
     under --channels_last the student's conv weights left channels_last after step 1 (a resumed run, its weights loaded
