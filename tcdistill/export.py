@@ -215,7 +215,10 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
             print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)
-    out = to_kohya(state_dict, metadata, unet_config)
+    try:
+        out = to_kohya(state_dict, metadata, unet_config)
+    except ValueError as e:  # a checkpoint's lora.safetensors (bare PEFT keys) is resume state: say where the LoRA is
+        raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
         save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})

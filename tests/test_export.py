@@ -94,6 +94,18 @@ def test_export_rejects_bad_input(tiny_teacher: Path, tmp_path: Path) -> None:
         export_kohya(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "x.safetensors")
 
 
+def test_export_of_a_checkpoints_lora_file_names_the_output_folder(tmp_path: Path) -> None:
+    """QA: `tcdistill export --lora OUT/checkpoint-3/lora.safetensors` (resume state, bare PEFT keys) said only "not a diffusers
+    UNet LoRA file"; the checkpoint folder itself got the hint to pass the output folder, its file did not."""
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    save_file({"conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "conv_in.lora_B.weight": torch.zeros(8, 4, 1, 1)}, ckpt / "lora.safetensors")
+    with pytest.raises(ValueError, match=rf"not a diffusers UNet LoRA file .*checkpoint-3 is a training checkpoint .*output folder {re.escape(str(tmp_path))}"):
+        export_kohya(ckpt / "lora.safetensors", tmp_path / "k.safetensors")
+
+
 def test_export_refuses_to_overwrite_its_input_or_a_folder(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """QA: --output equal to the input would replace the diffusers LoRA by the kohya copy; --output a folder and a
     file that is not safetensors gave tracebacks (and a left-over .tmp file). All three are one-line errors now."""
