@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,6 +154,28 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     return out
 
 
+# Cross-attention width -> kohya's base-model tags (sd-scripts' ss_base_model_version, and ss_v2 for the SD versions).
+_KOHYA_BASE = {768: {"ss_base_model_version": "sd_v1", "ss_v2": "False"}, 1024: {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
+               2048: {"ss_base_model_version": "sdxl_base_v1-0"}}
+
+
+def kohya_base_tags(state_dict: dict[str, torch.Tensor], unet_config: Any = None) -> dict[str, str]:
+    """The metadata by which A1111 tells an SD 1.x, 2.x and SDXL LoRA apart. Its Lora tab hides, by default, a LoRA of
+    another version than the loaded model's, and it takes a file with metadata but no such tag for SD 1.x: an SDXL or SD 2.x
+    kohya file was hidden while its own base model was loaded. From the UNet config, else from the cross-attention width
+    of the LoRA's attn2.to_k/to_v (768 SD 1.x, 1024 SD 2.x, 2048 SDXL); {} when neither tells."""
+    if unet_config is not None:
+        from .families import unet_family
+
+        if unet_family(unet_config) == "sdxl":
+            return dict(_KOHYA_BASE[2048])
+        dim = unet_config.get("cross_attention_dim")
+        width = {dim} if isinstance(dim, int) else set()  # a per-block list: no single width to go by
+    else:
+        width = {v.shape[1] for k, v in state_dict.items() if re.search(r"attn2\.to_[kv]\.lora(_A|\.down)\.weight$", k)}
+    return dict(_KOHYA_BASE.get(width.pop(), {})) if len(width) == 1 else {}
+
+
 def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:
     """The UNet config of the teacher an SDXL training output was distilled from, named by its saved flags `run` (the
     tcdistill_config.json beside or above the LoRA file, `generate.run_config`); None for an SD run or no run config."""
@@ -221,7 +244,8 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
-        save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+        tags = {"format": "pt", "ss_network_module": "networks.lora", **kohya_base_tags(state_dict, unet_config)}
+        save_file(out, str(tmp), metadata=tags)
     return str(dst)
 
 

@@ -191,6 +191,29 @@ def test_sdxl_kohya_file_uses_sgm_names_and_samples_like_diffusers_file(sdxl_tea
     assert "up_blocks.0.upsamplers.0.conv" in changed and len(changed) == len(modules)  # every LoRA module was applied
 
 
+def test_kohya_file_names_its_base_model_version_as_a1111_reads_it(sdxl_teacher: Path, tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: the kohya file's metadata named no base model, which A1111 takes for SD 1.x: its Lora tab (by default) hid an SDXL
+    run's kohya file while an SDXL model was loaded (and an SD 2.x one under SD 2.x). It now carries kohya's tags."""
+    import json
+
+    from safetensors import safe_open
+
+    xl = make_lora(sdxl_teacher, tmp_path / "xl")
+    (xl / "tcdistill_config.json").write_text(json.dumps({"model_family": "sdxl", "pretrained_teacher_model": str(sdxl_teacher)}))
+    with safe_open(export_kohya(xl), framework="pt") as fh:
+        assert fh.metadata()["ss_base_model_version"] == "sdxl_base_v1-0" and fh.metadata()["ss_network_module"] == "networks.lora"
+    from tcdistill.export import kohya_base_tags
+
+    # Without a config (an SD run's export reads none), the width of the LoRA's cross-attention keys tells the version.
+    for width, tags in ((768, {"ss_base_model_version": "sd_v1", "ss_v2": "False"}), (1024, {"ss_base_model_version": "sd_v2", "ss_v2": "True"}),
+                        (2048, {"ss_base_model_version": "sdxl_base_v1-0"}), (32, {})):
+        for key in ("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight", "unet.x.attn2.to_v.lora.down.weight"):
+            assert kohya_base_tags({key: torch.zeros(4, width), "unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3)}) == tags, (width, key)
+    assert kohya_base_tags({}, {"cross_attention_dim": 1024})["ss_v2"] == "True" and kohya_base_tags({}, {"cross_attention_dim": [768, 768]}) == {}
+    with safe_open(export_kohya(make_lora(tiny_teacher, tmp_path / "sd")), framework="pt") as fh:  # a tiny UNet's width: no tag
+        assert "ss_base_model_version" not in fh.metadata()
+
+
 def test_a_lora_file_missing_half_of_a_pair_is_refused() -> None:
     """A lora_A without its lora_B (a damaged or hand-edited file) was a raw KeyError; now one ValueError naming it."""
     from tcdistill.export import to_kohya
