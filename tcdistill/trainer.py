@@ -281,6 +281,13 @@ class Trainer(StepGuard):
                            "another --output_dir to start one with them.", path, ", ".join(changed))
         self.global_step = int(ck.states["progress"]["global_step"])
         self.skipped.update(ck.states["progress"].get("skipped", {}))
+        newer = [p for s, p in self.ckpt.complete() if s > self.global_step]
+        if newer and str(self.cfg.resume_from_checkpoint) != "latest" and self.accelerator.is_main_process:
+            # Resumed from an earlier checkpoint than the newest: the newer ones, of the run this one branches from, stay
+            # until this run saves their steps again, and a stop before then had `latest` (the seed command's) pick them.
+            logger.warning("Resuming %s, but %s holds newer checkpoints of the run it branches from (newest: %s): "
+                           "--resume_from_checkpoint latest picks them until this run saves their steps again (move them "
+                           "out of --output_dir for a stop to resume this run).", path, self.cfg.output_dir, newer[-1])
         if ck.rng is not None:
             if "data" in ck.rng.get("extra", {}):
                 self.stream = StreamTracker(ck.rng["extra"]["data"])

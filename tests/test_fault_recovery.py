@@ -167,3 +167,26 @@ def test_changed_since_names_each_run_defining_flag_and_reads_an_older_checkpoin
         assert cfg.changed_since(dict(cfg.to_dict(), **{flag: then})) == [f"--{flag} {getattr(cfg, flag)} (checkpoint: {then})"], flag
     assert cfg.changed_since(dict(cfg.to_dict(), max_train_steps=9, dataloader_num_workers=4, learning_rate=1.0)) == []
     assert cfg.changed_since({"resolution": cfg.resolution}) == []  # the other keys missing: an older version's checkpoint
+
+
+def test_a_resume_from_an_earlier_checkpoint_than_the_newest_says_latest_would_pick_the_newer_ones(tiny_teacher, tiny_shards, tmp_path, caplog):
+    """QA: resumed with --resume_from_checkpoint checkpoint-1 (the earlier checkpoint a non-finite stop names) where
+    checkpoint-2 exists, then stopped before step 2: the seed command's `latest` silently resumed the abandoned run's
+    checkpoint-2. The resume now warns, naming it; `latest` and a resume from the newest say nothing."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    kw = dict(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
+              resolution=32, max_train_steps=4, report_to="none", mixed_precision="no")
+    tr = Trainer(TrainConfig(**kw))
+    for step in (1, 2):
+        tr.global_step = step
+        tr.save_checkpoint()
+    for resume, warns in (("checkpoint-1", True), ("latest", False), (str(tmp_path / "checkpoint-2"), False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tcdistill"):
+            Trainer(TrainConfig(**kw, resume_from_checkpoint=resume)).maybe_resume()
+        warned = [r.getMessage() for r in caplog.records if "newer checkpoints" in r.getMessage()]
+        assert len(warned) == int(warns), (resume, caplog.text)
+        if warns:
+            assert f"(newest: {tmp_path / 'checkpoint-2'})" in warned[0] and "latest picks them" in warned[0], warned[0]
