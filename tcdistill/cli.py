@@ -43,7 +43,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
                  f"({variant}, {family}); use {SEED_SCRIPTS[cfg.variant, cfg.model_family]}.")
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .stops import Interrupted, NonFiniteError, peer_failure
+    from .stops import Interrupted, NonFiniteError, loader_worker_death, peer_failure
     from .trainer import Trainer
 
     try:
@@ -56,7 +56,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
     except (DataError, NonFiniteError, CheckpointError) as e:
         sys.exit(f"{name}: error: {error_line(e)}")
     except RuntimeError as e:
-        if (broken := peer_failure(e)) is None:
+        if (broken := peer_failure(e) or loader_worker_death(e)) is None:
             raise
         sys.exit(f"{name}: error: {broken}")
 

@@ -50,6 +50,27 @@ def peer_failure(e: BaseException) -> str | None:
     return f"{rank} stops: another process of this run ended (its own error names the cause), which broke the collective ({detail})."
 
 
+# Why a loader worker died, by the signal torch names ("is killed by signal: <strsignal>"); unknown: both likely causes.
+_WORKER_DEATHS = {
+    "Killed": "a worker the kernel kills is most often out of memory: lower --dataloader_num_workers",
+    "Terminated": "a SIGTERM sent to the whole process group (SLURM's, torchrun's, `kill -- -PGID`) ends the loader workers before the "
+                  "trainer can save: send it to the trainer process only, which saves and stops after its step",
+}
+_WORKER_DEATH = "out of memory (lower --dataloader_num_workers), or a SIGTERM to the whole process group (send it to the trainer only)"
+
+
+def loader_worker_death(e: BaseException) -> str | None:
+    """The one-line error of a run one of whose DataLoader worker processes died, else None. torch raises it as "DataLoader
+    worker (pid N) is killed by signal: Killed." from its SIGCHLD handler, wherever the trainer is (the traceback ended in
+    an unrelated conv2d), or as "DataLoader worker (pid(s) N) exited unexpectedly" from the next batch's wait."""
+    text = first_line(e)
+    if not text.startswith("DataLoader worker (pid"):
+        return None
+    text = text.rstrip(". ")
+    why = next((hint for name, hint in _WORKER_DEATHS.items() if text.endswith(f"by signal: {name}")), f"most often {_WORKER_DEATH}")
+    return f"a data loader worker process ended ({text}): {why}; --resume_from_checkpoint latest continues from the newest checkpoint."
+
+
 @contextlib.contextmanager
 def stop_on_signals(record: Callable[[int], None]) -> Iterator[None]:
     """In this block SIGTERM and SIGINT call `record(signum)` instead of ending the process, each once: a second one

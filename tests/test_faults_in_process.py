@@ -290,6 +290,54 @@ def test_a_run_ending_on_an_error_absorbs_the_launchers_first_sigterm():
     assert proc.returncode == -signal.SIGTERM
 
 
+def test_a_loader_worker_killed_mid_run_ends_it_in_one_line(tmp_path, monkeypatch):
+    """QA: `kill -9` of a loader worker (what the out-of-memory killer does) mid-run ended the trainer with torch's
+    traceback, raised from its SIGCHLD handler inside an unrelated conv2d; so did a SIGTERM to the whole process group.
+    It is one line now, with the likely cause for the signal."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    import tcdistill.trainer
+    from tcdistill.cli import train_main
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            while True:
+                time.sleep(0.01)
+                yield torch.zeros(1)
+
+    batches = iter(DataLoader(Endless(), num_workers=1, batch_size=None))
+    next(batches)
+    os.kill(batches._workers[0].pid, signal.SIGKILL)
+    try:
+        with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid") as died:  # torch's error, whichever of its two
+            for _ in range(1000):
+                next(batches)
+    finally:  # unregisters the dead worker from torch's SIGCHLD handler, which a later test's child exit would trip
+        batches._shutdown_workers()
+
+    class Trainer:
+        def __init__(self, cfg):
+            pass
+
+        def train(self):
+            raise died.value
+
+    monkeypatch.setattr(tcdistill.trainer, "Trainer", Trainer)
+    flags = [f"--{k}={v}" for k, v in BASE.items()] + [f"--output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as info:
+        train_main("full", flags, prog="t")
+    line = str(info.value.code)
+    assert line.startswith("t: error: a data loader worker process ended (DataLoader worker (pid") and "\n" not in line, line
+    assert "lower --dataloader_num_workers" in line and "--resume_from_checkpoint latest" in line, line
+    # A SIGTERM to the process group (SLURM's) ended the workers too: the line said "out of memory" for it.
+    from tcdistill.stops import loader_worker_death
+
+    term = loader_worker_death(RuntimeError("DataLoader worker (pid 995) is killed by signal: Terminated. "))
+    assert "(DataLoader worker (pid 995) is killed by signal: Terminated)" in term and "trainer process only" in term, term
+    assert "out of memory" not in term and loader_worker_death(RuntimeError("Pin memory thread exited unexpectedly")) is None
+
+
 def test_loader_workers_leave_ctrl_c_to_the_trainer_without_passing_an_ignored_sigint_to_pipe_commands():
     """A handler, not SIG_IGN: a `pipe:` command (curl) started by the worker would inherit SIG_IGN and outlive Ctrl-C."""
     from tcdistill.stops import leave_ctrl_c_to_the_trainer
