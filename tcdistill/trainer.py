@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, CheckpointIO, restore_rng_state
+from .checkpoint import CheckpointError, CheckpointIO, atomic_file, restore_rng_state
 from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_seed, first_line, one_line
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
@@ -381,8 +381,8 @@ class Trainer(StepGuard):
             raise CheckpointError(f"the resumed checkpoint is at step {self.global_step}, past --max_train_steps "
                                   f"{self.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint.")
         if acc.is_main_process:  # after the resume, so a refused one leaves the previous run's record as it was
-            try:
-                with open(os.path.join(cfg.output_dir, RUN_CONFIG), "w") as f:
+            try:  # whole or not at all: a full disk or a kill mid-write cut a finished run's record short (generate failed)
+                with atomic_file(os.path.join(cfg.output_dir, RUN_CONFIG)) as tmp, open(tmp, "w") as f:
                     json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
             except OSError as e:  # a disk an earlier run left full passes check_output_dir's empty probe file
                 raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing {RUN_CONFIG} failed "

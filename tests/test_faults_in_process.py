@@ -199,8 +199,8 @@ def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher,
     """QA: a disk left full (by an earlier run) passed the output-dir probe (an empty file) and the run ended in a raw
     OSError traceback writing tcdistill_config.json; a disk that filled up after the final weights ended in one writing
     the model card."""
-    import builtins
     import errno
+    import json
 
     import tcdistill.modelcard
     from tcdistill.checkpoint import CheckpointError
@@ -210,20 +210,23 @@ def test_a_full_disk_at_the_start_or_at_the_model_card_is_one_line(tiny_teacher,
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_open = builtins.open
-
-    def open_(file, mode="r", *args, **kwargs):
-        if str(file).endswith("tcdistill_config.json") and "w" in mode:
-            disk_full()
-        return real_open(file, mode, *args, **kwargs)
+    def fills_up(obj, f, **kwargs):  # the disk fills up part-way through the run's record
+        f.write(json.dumps(obj)[:100])
+        f.flush()
+        disk_full()
 
     cfg = dict(pretrained_teacher_model=str(tiny_teacher), output_dir=str(tmp_path), train_shards_path_or_url=tiny_shards,
                resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", validation_steps=0, train_batch_size=2)
+    # QA: the record of the run that used the folder before was cut short to what fitted, and `tcdistill generate` on
+    # its outputs failed reading it; it stays whole now.
+    (tmp_path / "tcdistill_config.json").write_text('{"resolution": 64}')
     with monkeypatch.context() as m:
-        m.setattr(builtins, "open", open_)
+        m.setattr(json, "dump", fills_up)
         with pytest.raises(ConfigError, match=r"writing tcdistill_config.json failed \(OSError: \[Errno 28\] No space") as info:
             Trainer(TrainConfig(**cfg)).train()
     assert "\n" not in str(info.value)
+    assert (tmp_path / "tcdistill_config.json").read_text() == '{"resolution": 64}'
+    assert not list(tmp_path.glob(".tcdistill_config.json*"))
     monkeypatch.setattr(tcdistill.modelcard, "write_model_card", disk_full)
     with pytest.raises(CheckpointError, match=r"writing the model card .* failed .*No space left.*the trained weights are saved") as info:
         Trainer(TrainConfig(**cfg)).train()
