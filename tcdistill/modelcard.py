@@ -163,9 +163,12 @@ Rows are prompts, columns are step counts ({cfg.validation_inference_steps}){gri
 
 def write_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None, schedule: Any = None) -> str:
     """Write `output_dir/README.md` and return its path."""
+    from .checkpoint import atomic_file
+
     path = os.path.join(cfg.output_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_model_card(cfg, outputs, repo, schedule))
+    # Whole or not at all: a disk that filled up part-way through left the previous card cut short.
+    with atomic_file(path) as tmp:
+        tmp.write_text(render_model_card(cfg, outputs, repo, schedule), encoding="utf-8")
     return path
 
 

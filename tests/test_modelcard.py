@@ -305,3 +305,25 @@ def test_list_in_card_says_whether_it_listed_the_file(tmp_path: Path) -> None:
     card = (tmp_path / "README.md").read_text()
     assert "Files:\n- (none)\n" in card and list_in_card(tmp_path / "kohya.safetensors") is False
     assert (tmp_path / "README.md").read_text() == card
+
+
+def test_a_model_card_cut_short_by_a_full_disk_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: the card was written in place: a disk that filled up part-way through it (here `ulimit -f`) left the previous
+    run's card cut short to what fitted, under an error line saying the trained weights are saved. It is written whole
+    or not at all now."""
+    import resource
+
+    import tcdistill.modelcard as modelcard
+
+    (tmp_path / "README.md").write_text("previous card")
+    monkeypatch.setattr(modelcard, "render_model_card", lambda *args, **kwargs: "x" * 200_000)
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="s.tar", max_train_steps=1, output_dir=str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # Python ignores SIGXFSZ: the write fails with EFBIG
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            modelcard.write_model_card(cfg, [])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (tmp_path / "README.md").read_text() == "previous card"
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
