@@ -279,9 +279,12 @@ class CheckpointIO:
             return None
         if str(resume_from_checkpoint) == "latest":
             return self.latest()
-        path = Path(resume_from_checkpoint)
-        if not path.exists() and not path.is_absolute() and (self.output_dir / path).exists():
-            path = self.output_dir / path  # accept "checkpoint-500" relative to output_dir, like diffusers
+        path, in_output = Path(resume_from_checkpoint), self.output_dir / resume_from_checkpoint
+        if not path.is_absolute() and in_output.exists():  # accept "checkpoint-500" relative to output_dir, like diffusers
+            if path.exists() and not path.samefile(in_output):  # a working directory holding another run's checkpoint-500
+                raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} names both {str(path.absolute())!r} and "
+                                      f"{str(in_output)!r}: pass the one you mean as an absolute path")
+            path = in_output
         if (problem := self._problem(path)) is not None:
             raise CheckpointError(f"cannot resume from {str(path)!r}: it {problem}; newest complete checkpoint "
                                   f"in {str(self.output_dir)!r}: {self.latest() or 'none'}")

@@ -277,7 +277,7 @@ def test_bad_constructor_arguments_are_refused(tmp_path: Path, kwargs: dict) -> 
         CheckpointIO(tmp_path, **kwargs)
 
 
-def test_resolve(tmp_path: Path) -> None:
+def test_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     io = CheckpointIO(tmp_path / "run")
     assert io.resolve(None) is None
     assert io.resolve("latest") is None and io.load_latest() is None  # output dir does not even exist
@@ -286,6 +286,13 @@ def test_resolve(tmp_path: Path) -> None:
     path = save_small_checkpoint(io, 4)
     assert io.resolve("latest") == path and io.resolve(str(path)) == path
     assert io.resolve("checkpoint-4") == path  # relative to output_dir
+    # QA: a checkpoint-4 in the working directory too (another run's output dir) was resumed instead, silently.
+    monkeypatch.chdir(tmp_path / "run")
+    assert io.resolve("checkpoint-4") == path  # the same folder
+    save_small_checkpoint(CheckpointIO(tmp_path / "other"), 4)
+    monkeypatch.chdir(tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"'checkpoint-4' names both .*other/checkpoint-4.* and .*run/checkpoint-4.*absolute path"):
+        io.resolve("checkpoint-4")
     (tmp_path / "run" / "checkpoint-9").mkdir()
     with pytest.raises(CheckpointError, match=r"no valid COMPLETE marker.*newest complete checkpoint.*checkpoint-4"):
         io.resolve("checkpoint-9")
