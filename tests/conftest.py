@@ -237,6 +237,22 @@ def vpred_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return saved_tiny_pipeline(tmp_path_factory, "tiny_vpred", prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def sample_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD teacher predicting x0 (prediction_type "sample"), read-only."""
+    return saved_tiny_pipeline(tmp_path_factory, "tiny_sample", prediction_type="sample")
+
+
+@pytest.fixture(scope="session")
+def zero_snr_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny v-prediction teacher on a zero-terminal-SNR schedule (rescale_betas_zero_snr, trailing spacing, as
+    zero-SNR SD 2.x fine-tunes ship): alpha_999 = 0, so x_999 is pure noise. Read-only."""
+    path = saved_tiny_pipeline(tmp_path_factory, "tiny_zero_snr", prediction_type="v_prediction")
+    conf = path / "scheduler" / "scheduler_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one intra-op thread; two threads on a busy 2-core machine stall each other. Modules

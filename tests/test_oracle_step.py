@@ -50,8 +50,8 @@ MICRO_ROWS = [STEPS[0], STEPS[1], STEPS[1], STEPS[0]]  # one per micro-batch, in
 
 
 @pytest.fixture(scope="module")
-def teachers(tiny_teacher: Path, vpred_teacher: Path, sdxl_teacher: Path) -> dict[str, Path]:
-    return {"sd": tiny_teacher, "vpred": vpred_teacher, "sdxl": sdxl_teacher}
+def teachers(tiny_teacher: Path, vpred_teacher: Path, sdxl_teacher: Path, sample_teacher: Path, zero_snr_teacher: Path) -> dict[str, Path]:
+    return {"sd": tiny_teacher, "vpred": vpred_teacher, "sdxl": sdxl_teacher, "sample": sample_teacher, "zero_snr": zero_snr_teacher}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,8 @@ class Oracle:
         out = out.double()
         if self.prediction_type == "epsilon":
             return (x - s * out) / a, out
+        if self.prediction_type == "sample":
+            return out, (x - a * out) / s
         assert self.prediction_type == "v_prediction"
         return a * x - s * out, a * out + s * x
 
@@ -381,6 +383,10 @@ CASES = {
     "sd-lora": dict(variant="lora"),
     "vpred-full": dict(teacher="vpred"),
     "vpred-lora": dict(teacher="vpred", variant="lora"),
+    # x0-predicting teacher; zero terminal SNR (v-prediction): the t = 999 rows have alpha_t = 0, z = eps, x0_hat = -v,
+    # and the oracle's exponential-integrator TCF meets lambda_999 = -inf there (exp(-h) = 0: the DDIM jump all the same)
+    "sample-lora": dict(teacher="sample", variant="lora"),
+    "zero-snr-full": dict(teacher="zero_snr"),
     "sdxl-full": dict(teacher="sdxl", family="sdxl", w_min=3.0),
     "sdxl-lora": dict(teacher="sdxl", family="sdxl", variant="lora", w_min=3.0),
     # huber_c 0.05, not 0.001: the gradient d / sqrt(d^2 + c^2) amplifies fp32 noise in d by 1/c (2e-4 of the norm at 0.001)
@@ -402,6 +408,11 @@ def test_two_steps_match_the_oracle(case: str, teachers: dict[str, Path], shards
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     kw = dict(CASES[case])
     teacher = teachers[kw.pop("teacher", "sd")]
+    if teacher == teachers["zero_snr"]:  # the case is what it says: alpha = 0 at t = 999, where the steps start rows
+        from diffusers import DDPMScheduler
+
+        assert DDPMScheduler.from_pretrained(teacher, subfolder="scheduler").alphas_cumprod[999] == 0
+        assert 999 in STEPS[0][0] and 999 in STEPS[1][0]
     res = run_case(teacher, shards, tmp_path / "out", monkeypatch, **kw)
     losses = [r["loss"] for r in res["steps"]]
     assert all(loss > 0 for loss in losses)
