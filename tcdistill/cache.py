@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_teacher_model", required=True, help="Teacher pipeline: hub id or local diffusers folder.")
     p.add_argument("--model_family", default="sd", choices=["sd", "sdxl"], help="Teacher family (as the entry script sets it).")
     p.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A different VAE (as for training).")
+    p.add_argument("--clip_skip", type=int, default=None, help="Prompt states this many layers before the text encoder's last "
+                   "(as training's --clip_skip; recorded, and a run with another value is refused). Default: none.")
     p.add_argument("--teacher_revision", default=None)
     p.add_argument("--cache_dir", default=None, help="Download cache for hub models.")
     p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
@@ -189,7 +191,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "format": FORMAT, "teacher": cfg.pretrained_teacher_model, "vae": cfg.pretrained_vae_model_name_or_path,
         "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": layout.latent_shape,
-        "cond_keys": layout.cond_keys, "uncond_from_cond": layout.from_cond, "model_family": args.model_family,
+        "cond_keys": layout.cond_keys, "uncond_from_cond": layout.from_cond, "model_family": args.model_family, "clip_skip": args.clip_skip,
         "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
         "min_image_size": args.min_image_size, "max_pwatermark": args.max_pwatermark,
@@ -212,7 +214,7 @@ def _check_cache_flags(args: argparse.Namespace) -> tuple[TrainConfig, dict[str,
                       pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path, teacher_revision=args.teacher_revision,
                       cache_dir=args.cache_dir, resolution=args.resolution, max_train_steps=1, report_to="none",
                       model_family=args.model_family, use_fix_crop_and_size=args.use_fix_crop_and_size,
-                      data_timeout=args.data_timeout)  # its checks are this command's too
+                      data_timeout=args.data_timeout, clip_skip=args.clip_skip)  # its checks are this command's too
     check_shards(args.train_shards_path_or_url)  # as training does: after the flags, before the teacher loads
     out = os.path.realpath(args.output_dir)
     for url, path in local_shards(expand_urls(args.train_shards_path_or_url)):

@@ -36,7 +36,7 @@ NUMPY_SEEDS = (0, 2**32 - 1)
 TORCH_SEEDS = (-2**63, 2**64 - 1)
 # Flags a resumed run is expected to keep (TrainConfig.changed_since); the rest (length, logging, checkpointing, speed
 # options, loader workers) may change on a resume. Optimizer settings come from the checkpoint itself.
-RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "revision",
+RUN_DEFINING = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "revision", "clip_skip",
                 "train_shards_path_or_url", "train_latents_path_or_url", "resolution", "interpolation_type", "center_crop",
                 "random_flip", "use_fix_crop_and_size", "min_image_size", "max_pwatermark", "train_batch_size",
                 "gradient_accumulation_steps", "proportion_empty_prompts", "seed", "w_min", "w_max", "num_ddim_timesteps",
@@ -92,6 +92,7 @@ class TrainConfig:
     revision: str | None = _f(None, "Revision of the student weights (the teacher's UNet) on the hub.")
     variant: str = _f("full", "What to train: the full UNet ('full') or a LoRA ('lora'). Set by the entry script.", choices=["full", "lora"])
     model_family: str = _f("sd", "Teacher family: 'sd' (SD 1.x/2.x) or 'sdxl'. Set by the entry script.", choices=["sd", "sdxl"])
+    clip_skip: int | None = _f(None, "Condition on the text encoder's hidden state this many layers before the last, as diffusers' `pipe(..., clip_skip=N)` (SD: hidden_states[-(N + 1)] through the final layer norm; SDXL: hidden_states[-(N + 2)] of both encoders, pooled unchanged), for teachers sampled with \"clip skip\" (2: NovelAI-descended anime models). Teacher, student, empty prompts and validation all use it; recorded in tcdistill_config.json, which `tcdistill generate`/`eval` follow. From 1 to the text encoder's layers - 1; unset: the pipelines' default layer.")
     # --- run
     output_dir: str = _f("lcm-xl-distilled", "Where outputs and checkpoints go (the reference scripts' default name).")
     cache_dir: str | None = _f(None, "Download cache for hub models.")
@@ -219,6 +220,7 @@ class TrainConfig:
         _need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
               "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
         _need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
+        _need(self.clip_skip is None or self.clip_skip >= 1, f"--clip_skip must be >= 1 (layers skipped before the last), got {self.clip_skip}.")
         _need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         _need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
         _need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")

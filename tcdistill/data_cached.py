@@ -110,10 +110,17 @@ def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, 
 
 
 def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
-    """Refuse a cache made for another family, resolution, time-id setting, latent shape or prompt-embedding width."""
+    """Refuse a cache made for another family, clip skip, resolution, time-id setting, latent shape or prompt-embedding width."""
     unet_cfg = family.unet.config
     if meta.get("model_family", "sd") != cfg.model_family:
         raise ConfigError(f"the cache was made for a {meta.get('model_family')!r} teacher; this run trains {cfg.model_family!r}.")
+    # The cached prompt states were taken at the cache's layer (a cache from before the flag: the last, None).
+    made, asked = meta.get("clip_skip"), cfg.clip_skip
+    if made != asked:
+        use = "leave --clip_skip out" if made is None else f"pass --clip_skip {made}"
+        rerun = "`tcdistill cache` without --clip_skip" if asked is None else f"`tcdistill cache --clip_skip {asked}`"
+        raise ConfigError(f"--clip_skip {asked or 'unset'}: the cache's prompt states were made with clip skip {made or 'unset'}; "
+                          f"{use} or re-run {rerun}.")
     if int(meta["resolution"]) != cfg.resolution:
         raise ConfigError(f"--resolution {cfg.resolution} differs from the cache's {meta['resolution']} (re-run `tcdistill cache`).")
     if cfg.model_family == "sdxl" and bool(meta.get("use_fix_crop_and_size", False)) != bool(cfg.use_fix_crop_and_size):

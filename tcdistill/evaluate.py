@@ -24,12 +24,13 @@ from torch import Tensor, nn
 
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .families import sd_prompt_states, unet_family
-from .generate import (LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts, resolve_unet_dir, run_config,
-                       run_guidance, run_sampling)
+from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
+                       resolve_unet_dir, run_config, run_guidance, run_sampling)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
+from .teacher_checks import check_clip_skip
 from .validation import sampling_hw
 
 logger = logging.getLogger("tcdistill.eval")
@@ -140,6 +141,7 @@ class EvalSettings:
     timestep_scaling: float = 10.0  # the LCM sampler's boundary scaling: the run's --timestep_scaling_factor
     device: str = "cpu"
     resolution: int | None = None  # the run's --resolution, sampled at `sampling_size`; None: the teacher UNet's sample_size
+    clip_skip: int | None = None  # the run's --clip_skip: teacher and student prompt states (the "" too, as in training)
 
 
 @dataclass
@@ -168,8 +170,8 @@ class Evaluator:
                                  f"{self.schedule.num_train_timesteps}, so the grid stops short of it")
         tok = pipe.tokenizer
         with torch.no_grad():
-            self.cond = sd_prompt_states(tok, pipe.text_encoder, self.prompts, self.device)
-            self.uncond = sd_prompt_states(tok, pipe.text_encoder, [""], self.device).expand_as(self.cond)
+            self.cond = sd_prompt_states(tok, pipe.text_encoder, self.prompts, self.device, s.clip_skip)
+            self.uncond = sd_prompt_states(tok, pipe.text_encoder, [""], self.device, s.clip_skip).expand_as(self.cond)
         # The student is measured where it trained: the run's size, not the teacher's sample_size when they differ.
         height, width = (side // pipe.vae_scale_factor for side in sampling_hw(s.resolution, pipe))
         # Noise drawn on the CPU: the same x_T whatever device samples from it.
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="Teacher CFG scale; full students get w = scale - 1 (default: 3, moved into the run's [--w_min, --w_max] range of w).")
+    p.add_argument("--clip_skip", type=int, default=None, help=CLIP_SKIP_HELP)
     p.add_argument("--reference_steps", type=int, default=50, help="Steps of the teacher's reference guided DDIM.")
     p.add_argument("--original_steps", type=int, default=None,
                    help="N of the training grid (TCDScheduler original_inference_steps; default: the run's --num_ddim_timesteps "
@@ -367,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.original_steps is None:
         args.original_steps = run["original_steps"]
     args.sampler = args.sampler or run["distill_mode"]
+    if args.clip_skip is None:
+        args.clip_skip = saved.get("clip_skip")
     for k in args.steps:
         if not 1 <= k <= min(args.original_steps, args.reference_steps):
             sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {min(args.original_steps, args.reference_steps)}] "
@@ -386,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.output:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts)
+        check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):
@@ -394,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         student = load_student(pipe, args.unet, args.lora)
         settings = EvalSettings(seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps, gammas=args.gamma,
                                 reference_steps=args.reference_steps, original_steps=args.original_steps, batch_size=args.batch_size,
-                                timestep_scaling=run["timestep_scaling"], resolution=saved.get("resolution"))
+                                timestep_scaling=run["timestep_scaling"], resolution=saved.get("resolution"), clip_skip=args.clip_skip)
         ev = Evaluator(pipe, prompts, settings)
         if args.classifier:
             ev.scorers["world"] = world_scorer(args.classifier, prompts, args.seed)

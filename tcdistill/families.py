@@ -175,13 +175,35 @@ def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
     return _tokens(tokenizer, captions).input_ids
 
 
-def sd_prompt_states(tokenizer: Any, text_encoder: nn.Module, captions: list[str], device: torch.device) -> Tensor:
-    """StableDiffusionPipeline.encode_prompt's prompt states (no clip_skip): the last hidden state of `tokenize`'s ids, with
-    the padding mask passed only where the text encoder's config sets `use_attention_mask`, as that pipeline does (the
-    pad positions' states differ with it: the teacher must be conditioned as it samples)."""
+def sd_prompt_states(tokenizer: Any, text_encoder: nn.Module, captions: list[str], device: torch.device,
+                     clip_skip: int | None = None) -> Tensor:
+    """StableDiffusionPipeline.encode_prompt's prompt states: the last hidden state of `tokenize`'s ids, with the padding
+    mask passed only where the text encoder's config sets `use_attention_mask`, as that pipeline does (the pad positions'
+    states differ with it: the teacher must be conditioned as it samples); with `clip_skip` N, the hidden state N layers
+    before the last through the encoder's final layer norm, as that pipeline's `clip_skip`."""
     enc = _tokens(tokenizer, captions)
     mask = enc.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
+    if clip_skip is None:
+        return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
+    out = text_encoder(enc.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    # transformers >= 5.6 flattened CLIPTextModel (no `text_model`: its final_layer_norm is its own); before, nested.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+
+
+def pipeline_prompts(pipe: Any, prompts: str | list[str], clip_skip: int | None) -> dict[str, Any]:
+    """The prompt arguments of a pipeline call that encodes `prompts` under `clip_skip`: the prompts alone without it; SDXL's
+    pipeline with its `clip_skip`; for SD's, the states themselves (`sd_prompt_states`; the negative: those of "", as
+    training's unconditional prompt), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`,
+    which transformers >= 5.6's CLIPTextModel lacks (an AttributeError; diffusers issue 14124)."""
+    if clip_skip is None:
+        return {"prompt": prompts}
+    if "text_encoder_2" in pipe.components:
+        return {"prompt": prompts, "clip_skip": clip_skip}
+    captions, device = [prompts] if isinstance(prompts, str) else list(prompts), pipe._execution_device
+    with torch.no_grad():
+        cond = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip)
+        neg = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, [""], device, clip_skip).expand_as(cond)
+    return {"prompt_embeds": cond, "negative_prompt_embeds": neg}
 
 
 def _freeze(*modules: nn.Module) -> None:
@@ -192,13 +214,16 @@ def _freeze(*modules: nn.Module) -> None:
 
 
 class SDFamily:
-    """SD 1.x / 2.x: one CLIP text encoder; the unconditional prompt is the encoding of ""."""
+    """SD 1.x / 2.x: one CLIP text encoder; the unconditional prompt is the encoding of "" (at --clip_skip's layer too:
+    see SDXLFamily's note)."""
 
     name = "sd"
 
-    def __init__(self, tokenizer: Any, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module, noise_scheduler: Any):
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module, noise_scheduler: Any,
+                 clip_skip: int | None = None):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
         self.noise_scheduler = noise_scheduler
+        self.clip_skip = clip_skip
         self.scheduler_config = dict(noise_scheduler.config)
         self._uncond: Cond | None = None
         _freeze(text_encoder, vae, unet)
@@ -216,6 +241,7 @@ class SDFamily:
             vae=_load_vae(cfg),
             unet=from_pretrained_checked(UNet2DConditionModel, src, "unet", cfg),
             noise_scheduler=load_noise_scheduler(cfg),
+            clip_skip=cfg.clip_skip,
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -225,8 +251,8 @@ class SDFamily:
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], device: torch.device) -> Tensor:
-        """The pipeline's prompt states (`sd_prompt_states`)."""
-        return sd_prompt_states(self.tokenizer, self.text_encoder, captions, device)
+        """The pipeline's prompt states (`sd_prompt_states`) under the run's --clip_skip."""
+        return sd_prompt_states(self.tokenizer, self.text_encoder, captions, device, self.clip_skip)
 
     def encode(self, batch: dict[str, Any], device: torch.device) -> Cond:
         """Conditioning for a data batch."""
@@ -317,16 +343,19 @@ class SDXLFamily:
 
     name = "sdxl"
 
+    # clip_skip (--clip_skip): the prompt states N layers further back, as the pipelines' `clip_skip`. The encoding of ""
+    # (the unconditional prompt, where it is not zeros) takes it too, as the prompt dropout the teacher was trained with
+    # gave it; diffusers' pipelines leave their negative prompt at the default layer (a known asymmetry of their CFG).
     def __init__(self, tokenizers: tuple[Any, Any], text_encoders: tuple[nn.Module, nn.Module], vae: nn.Module, unet: nn.Module,
                  noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False, vae_fp16_safe: bool = False,
-                 force_zeros_for_empty_prompt: bool = True):
+                 force_zeros_for_empty_prompt: bool = True, clip_skip: int | None = None):
         self.tokenizer, self.tokenizer_2 = tokenizers
         self.text_encoder, self.text_encoder_2 = text_encoders
         self.vae, self.unet = vae, unet
         self.noise_scheduler = noise_scheduler
         self.scheduler_config = dict(noise_scheduler.config)
         self.resolution, self.fix_crop_and_size, self.vae_fp16_safe = resolution, fix_crop_and_size, vae_fp16_safe
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt, self.clip_skip = force_zeros_for_empty_prompt, clip_skip
         self._uncond: tuple[Tensor, Tensor] | None = None
         _freeze(*text_encoders, vae, unet)
 
@@ -349,6 +378,7 @@ class SDXLFamily:
             fix_crop_and_size=cfg.use_fix_crop_and_size,
             vae_fp16_safe=bool(cfg.pretrained_vae_model_name_or_path),
             force_zeros_for_empty_prompt=sdxl_force_zeros(cfg),
+            clip_skip=cfg.clip_skip,
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -361,11 +391,12 @@ class SDXLFamily:
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Both encoders' penultimate hidden states, concatenated, and the second's pooled projection (the pipeline's encode_prompt)."""
+        """Both encoders' penultimate hidden states (--clip_skip N: N layers before those), concatenated, and the second's
+        pooled projection (the pipeline's encode_prompt)."""
         states = []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             out = enc(tokenize(tok, captions).to(device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
+            states.append(out.hidden_states[-(2 + (self.clip_skip or 0))])
         return torch.cat(states, dim=-1), out.text_embeds
 
     def time_ids(self, batch: dict[str, Any], device: torch.device) -> Tensor:

@@ -21,9 +21,10 @@ import torch
 from .checkpoint import checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family
+from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
+from .teacher_checks import check_clip_skip
 from .validation import sampling_hw
 
 FULL_MODEL_GUIDANCE = 8.0
@@ -234,6 +235,10 @@ def generate(args: argparse.Namespace) -> list[str]:
     sampling = run_sampling(run)
     if args.scheduler:
         sampling["distill_mode"] = args.scheduler
+    # The prompt states the student was trained on (the run's --clip_skip) unless overridden; refused before any weights load.
+    clip_skip = run.get("clip_skip") if args.clip_skip is None else args.clip_skip
+    if clip_skip is not None:
+        check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base).__name__ == "StableDiffusionXLPipeline" else "sd")
     grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
@@ -252,8 +257,8 @@ def generate(args: argparse.Namespace) -> list[str]:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(args.seed + start + j) for j in range(len(batch))]
-        images = pipe(batch, num_inference_steps=args.steps, guidance_scale=gs, eta=args.gamma, generator=gens,
-                      height=height, width=width).images
+        images = pipe(**pipeline_prompts(pipe, batch, clip_skip), num_inference_steps=args.steps, guidance_scale=gs,
+                      eta=args.gamma, generator=gens, height=height, width=width).images
         for j, (prompt, image) in enumerate(zip(batch, images)):
             name = f"{start + j:05d}_{_slug(prompt)}.png"
             image.save(os.path.join(args.output_dir, name))
@@ -262,7 +267,7 @@ def generate(args: argparse.Namespace) -> list[str]:
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
                             "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
                             "height": height, "width": width, "dtype": dtype_name, "base": base, "unet": args.unet, "lora": args.lora,
-                            "lora_scale": args.lora_scale if args.lora else None, "vae": vae})
+                            "lora_scale": args.lora_scale if args.lora else None, "vae": vae, "clip_skip": clip_skip})
     write_metadata(Path(args.output_dir) / "metadata.jsonl", records)
     return paths
 
@@ -288,6 +293,10 @@ LORA_HELP = (f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors
              "repo of a pushed output.")
 
 
+CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many layers before the last, as diffusers' "
+                  "clip_skip (default: the run's --clip_skip from the tcdistill_config.json next to --unet/--lora, else none).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -305,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Default: 0 for a LoRA (no CFG); {FULL_MODEL_GUIDANCE} for a full UNet with time_cond_proj_dim (embeds w = scale - 1), "
                         "moved into the run's [--w_min, --w_max] range of w.")
     p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the fused LoRA (default: 1).")
+    p.add_argument("--clip_skip", type=int, default=None, help=CLIP_SKIP_HELP)
     p.add_argument("--seed", type=int, default=0, help="Image i uses seed + i (default: 0).")
     p.add_argument("--batch_size", type=int, default=1, help="Prompts per pipeline call (default: 1).")
     size = ("the run's --resolution (rounded down to a multiple of 8) from the tcdistill_config.json next to --unet/--lora, "

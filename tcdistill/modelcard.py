@@ -75,8 +75,13 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     eta = "" if cfg.distill_mode == "lcm" else f", eta={RECOMMENDED_GAMMA}"
     # At the trained size: the pipeline's default (the teacher's UNet sample_size x VAE factor) may be another.
     size = sampling_size(cfg.resolution)
-    prompt = f"\"a photo of a cat\", height={size}, width={size}"
+    # The prompt states it was trained on: the run's --clip_skip (the pipeline's default layer otherwise).
+    skip = "" if cfg.clip_skip is None else f", clip_skip={cfg.clip_skip}"
+    prompt = f"\"a photo of a cat\", height={size}, width={size}{skip}"
     head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"
+    if skip and cfg.model_family == "sd":  # families.pipeline_prompts: what tcdistill generate does instead
+        head = ("# clip_skip: StableDiffusionPipeline's needs transformers < 5.6 (diffusers issue 14124); `tcdistill generate`"
+                f" works with any\n{head}")
     vae = ""
     rev = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
     if cfg.pretrained_vae_model_name_or_path:  # trained with another VAE (e.g. SDXL's fp16-safe one): sample with it too

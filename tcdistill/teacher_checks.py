@@ -39,18 +39,41 @@ def check_teacher_config(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resolution % f:
         raise ConfigError(f"--resolution {cfg.resolution} is not divisible by the VAE's downscale factor {f}.")
     check_teacher_family(cfg, vae_cfg)
+    check_clip_skip(cfg.clip_skip, cfg.pretrained_teacher_model, cfg.model_family, cfg.teacher_revision, cfg.cache_dir)
     return check_teacher_tokenizers(cfg)
 
 
-def text_encoder_config(cfg: TrainConfig, subfolder: str) -> Any:
-    """The teacher's `subfolder` text encoder config (a CLIPTextConfig), or None where it cannot be read (left to the load)."""
+def read_text_encoder_config(src: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None) -> Any:
+    """The `subfolder` text encoder config (a CLIPTextConfig) of the pipeline `src`, or None where it cannot be read (left
+    to the load that follows)."""
     from transformers import CLIPTextConfig
 
     try:
-        return CLIPTextConfig.from_pretrained(cfg.pretrained_teacher_model, subfolder=subfolder, revision=cfg.teacher_revision,
-                                              cache_dir=cfg.cache_dir)
+        return CLIPTextConfig.from_pretrained(src, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return None
+
+
+def text_encoder_config(cfg: TrainConfig, subfolder: str) -> Any:
+    """The teacher's `subfolder` text encoder config (`read_text_encoder_config`)."""
+    return read_text_encoder_config(cfg.pretrained_teacher_model, subfolder, cfg.teacher_revision, cfg.cache_dir)
+
+
+def check_clip_skip(clip_skip: int | None, src: str, family: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """--clip_skip N takes the hidden state N layers before the last of each of the pipeline `src`'s text encoders: refuse,
+    in one line before any weights load, an N outside [1, layers - 1] (past the layers, the first prompt encoding failed
+    with an IndexError; below 1, another layer was taken silently). Configs that cannot be read are left to the load."""
+    if clip_skip is None:
+        return
+    if clip_skip < 1:
+        raise ConfigError(f"--clip_skip must be >= 1 (layers skipped before the last), got {clip_skip}.")
+    subs = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    for sub in subs:
+        te = read_text_encoder_config(src, sub, revision, cache_dir)
+        n = None if te is None else int(te.num_hidden_layers)
+        if n is not None and not 1 <= clip_skip < n:
+            raise ConfigError(f"--clip_skip {clip_skip}: the {sub} of {src} has {n} layers; clip skip must be in [1, {n - 1}] "
+                              "(a hidden state before its last layer).")
 
 
 def check_teacher_tokenizers(cfg: TrainConfig) -> dict[str, Any]:

@@ -184,8 +184,9 @@ def build_tiny_sd_pipeline(
     vae_block_out_channels: Sequence[int] = (16, 32),
     seed: int = 0,
     merges: Sequence[tuple[str, str]] | None = None,
+    text_layers: int = 2,
 ) -> StableDiffusionPipeline:
-    """Build a randomly initialised, tiny StableDiffusionPipeline offline; optionally save it."""
+    """Build a randomly initialised, tiny StableDiffusionPipeline offline (a `text_layers`-layer text encoder); optionally save it."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -204,7 +205,7 @@ def build_tiny_sd_pipeline(
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=cross_attention_dim,
-                num_hidden_layers=2,
+                num_hidden_layers=text_layers,
                 num_attention_heads=_num_groups([cross_attention_dim], cap=4),
                 intermediate_size=64,
                 vocab_size=len(tokenizer),

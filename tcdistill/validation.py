@@ -76,15 +76,19 @@ def build_pipeline(family: ModelFamily, unet: torch.nn.Module, cfg: Any) -> Any:
 
 
 @torch.no_grad()
-def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale: float, gamma: float, seed: int, resolution: int) -> list[list[np.ndarray]]:
-    """Rows = prompts, columns = step counts; the same seed per prompt across columns."""
+def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale: float, gamma: float, seed: int, resolution: int,
+                clip_skip: int | None = None) -> list[list[np.ndarray]]:
+    """Rows = prompts, columns = step counts; the same seed per prompt across columns; prompts encoded under the run's
+    --clip_skip (`clip_skip`), as training conditioned the student."""
+    from .families import pipeline_prompts
+
     rows = []
     for p_idx, prompt in enumerate(prompts):
         row = []
         for n in steps:
             gen = torch.Generator(device="cpu").manual_seed(seed + p_idx)
-            out = pipe(prompt, num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma, generator=gen,
-                       height=resolution, width=resolution, output_type="np").images[0]
+            out = pipe(**pipeline_prompts(pipe, prompt, clip_skip), num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma,
+                       generator=gen, height=resolution, width=resolution, output_type="np").images[0]
             row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
         rows.append(row)
     return rows
@@ -120,7 +124,7 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
         pipe.set_progress_bar_config(disable=True)
         with trainer.accelerator.autocast(), eager_unets(cfg):  # eager even under --compile_unet
             size = sampling_size(cfg.resolution)
-            rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size)
+            rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size, cfg.clip_skip)
         unet.train(was_training)
         path = os.path.join(out_dir, f"{tag}-step{step:06d}.png")
         make_grid(rows).save(path)
