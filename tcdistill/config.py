@@ -231,7 +231,8 @@ class TrainConfig:
         _need(math.isfinite(self.w_min) and math.isfinite(self.w_max), f"--w_min/--w_max must be finite, got {self.w_min}, {self.w_max}.")
         _need(self.w_min <= self.w_max, f"--w_min ({self.w_min}) must be <= --w_max ({self.w_max}).")
         _need(self.w_min >= 0, f"--w_min must be >= 0 (LCM form: w = CFG scale - 1), got {self.w_min}.")
-        _need(self.learning_rate > 0, "--learning_rate must be > 0.")
+        # inf passed `> 0` and ran 10 non-finite steps, then said "lower --learning_rate"
+        _need(0 < self.learning_rate < math.inf, f"--learning_rate must be finite and > 0, got {self.learning_rate}.")
         _need(0.0 <= self.ema_decay <= 1.0, f"--ema_decay must be in [0, 1], got {self.ema_decay}.")
         _need(0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be in [0, 1].")
         _need(0.0 <= self.validation_gamma <= 1.0, "--validation_gamma must be in [0, 1].")
@@ -255,8 +256,9 @@ class TrainConfig:
               "--use_fix_crop_and_size applies only to SDXL teachers (--model_family sdxl); an SD teacher would ignore it.")
         _need(self.compile_unet or self.compile_scope == "unet", "--compile_scope blocks needs --compile_unet.")
         _need(self.compile_unet or self.compile_mode == "default", f"--compile_mode {self.compile_mode} needs --compile_unet.")
-        _need(self.huber_c > 0, "--huber_c must be > 0.")
-        _need(self.timestep_scaling_factor > 0, "--timestep_scaling_factor must be > 0.")
+        # inf made every pseudo-Huber loss inf - inf = nan (10 skipped steps), and LCM's boundary scalings nan at t = 0
+        _need(0 < self.huber_c < math.inf, f"--huber_c must be finite and > 0, got {self.huber_c}.")
+        _need(0 < self.timestep_scaling_factor < math.inf, f"--timestep_scaling_factor must be finite and > 0, got {self.timestep_scaling_factor}.")
         _need(self.variant != "lora" or not self.revision or self.revision == self.teacher_revision,
               "--revision picks the full student's starting UNet; a LoRA adapts the teacher's own UNet, chosen with --teacher_revision.")
         _need(not (self.cast_teacher_unet and self.teacher_dtype == "fp32"),
@@ -278,7 +280,12 @@ class TrainConfig:
         _need(self.max_grad_norm > 0, "--max_grad_norm must be > 0.")
         _need(self.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0.")
         _need(self.num_train_epochs >= 1, "--num_train_epochs must be >= 1.")
-        _need(self.adam_epsilon > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1) and --adam_epsilon > 0.")
+        # an inf epsilon zeroed every Adam update (only weight decay moved the weights); torch refused a negative or nan
+        # weight decay only when it built the optimizer, with a traceback after the weights had loaded
+        _need(0 < self.adam_epsilon < math.inf and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+              "--adam_beta1/2 must be in [0, 1) and --adam_epsilon finite and > 0.")
+        _need(0 <= self.adam_weight_decay < math.inf, f"--adam_weight_decay must be finite and >= 0, got {self.adam_weight_decay}.")
+        _need(math.isfinite(self.validation_guidance_scale), f"--validation_guidance_scale must be finite, got {self.validation_guidance_scale}.")
         _need(self.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"), f"--report_to: unknown tracker {self.report_to!r}.")
 
     def _check_outputs_and_validation(self) -> None:
