@@ -189,6 +189,27 @@ def inductor_cpu_vector_bits() -> int:
         return 0
 
 
+def check_lr_schedule(name: str, lr: float, warmup: int, steps: int) -> None:
+    """Refuse, in one line, an --lr_scheduler that fails with this learning rate, warmup and run length: it is built on a
+    throwaway optimizer and evaluated at the steps where diffusers' schedules compare or divide (0, the warmup's end, the
+    run's end). polynomial refuses a learning rate at or below its end value (1e-7) when built (a traceback after the
+    weights loaded), and with --lr_warmup_steps equal to the run's length divided by zero at the last step: a traceback
+    after the whole run, before its outputs were saved."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    try:
+        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=steps)
+        for step in (0, warmup, steps):
+            for factor in getattr(sched, "lr_lambdas", []):
+                factor(step)
+    except ValueError as e:
+        raise ConfigError(f"--lr_scheduler {name} with learning rate {lr:g}: {first_line(e)}") from None
+    except ZeroDivisionError:
+        raise ConfigError(f"--lr_scheduler {name} with --lr_warmup_steps {warmup} leaves none of the run's {steps} steps to "
+                          "decay over (a division by zero at the last step): lower --lr_warmup_steps.") from None
+
+
 def check_trackers(cfg: TrainConfig) -> None:
     """Refuse a --report_to tracker that is not installed, in one line."""
     # accelerate only warns about one and then logs nowhere; this runs before the Accelerator is made, so that its warning

@@ -19,7 +19,7 @@ from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_see
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
-from .preflight import check_environment, check_process_count, check_shards, check_trackers, claim_output_dir
+from .preflight import check_environment, check_lr_schedule, check_process_count, check_shards, check_trackers, claim_output_dir
 from .schedule import NoiseSchedule, ddim_grid
 from .stops import StepGuard, stop_on_signals
 from .strategy import make_strategy
@@ -70,6 +70,10 @@ class Trainer(StepGuard):
         check_process_count(acc.num_processes)
         cfg.mixed_precision = acc.mixed_precision
         check_environment(cfg, acc.device)
+        self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(cfg.max_train_samples / self.global_batch)
+        self.lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
+        check_lr_schedule(cfg.lr_scheduler, self.lr, cfg.lr_warmup_steps, self.max_train_steps)
         if cfg.seed is not None:  # set_seed(device_specific=True) seeds numpy on rank r with --seed + r
             check_seed("--seed", cfg.seed, NUMPY_SEEDS, count=acc.num_processes,
                        uses=f"with {acc.num_processes} processes (rank r seeds with --seed + r)")
@@ -155,19 +159,14 @@ class Trainer(StepGuard):
         )
 
     def _build_optimizer(self) -> None:
-        """Run length, optimizer and LR schedule; then the student and optimizer prepared by accelerate."""
+        """Optimizer and LR schedule (run length and learning rate: _check_inputs); then the student and optimizer prepared by accelerate."""
         from diffusers.optimization import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
-        self.global_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
-        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(cfg.max_train_samples / self.global_batch)
-        lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
-        self.optimizer = self._make_optimizer(self.strategy.trainable_parameters(), lr)
-        # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps).
-        try:
-            self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
-        except ValueError as e:  # e.g. polynomial: the learning rate must exceed its end value (1e-7)
-            raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler} with learning rate {lr:g}: {first_line(e)}") from None
+        self.optimizer = self._make_optimizer(self.strategy.trainable_parameters(), self.lr)
+        # Stepped once per optimizer step on every rank (not prepared, so accelerate does not multiply steps); its
+        # refusals came in check_lr_schedule, before the weights loaded.
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.max_train_steps)
         self.student, self.optimizer = acc.prepare(self.strategy.student, self.optimizer)
 
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:

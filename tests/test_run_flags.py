@@ -35,14 +35,27 @@ def test_resume_says_when_it_keeps_the_checkpoints_optimizer_settings(tiny_teach
             assert "initial_lr 0.001 (flags: 1e-05)" in said[0] and "weight_decay 0.01 (flags: 0.5)" in said[0], said
 
 
-def test_a_scheduler_that_refuses_the_learning_rate_is_a_config_error(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
-    """--lr_scheduler polynomial decays to 1e-7: a learning rate at or below it raised diffusers' ValueError traceback."""
+@pytest.mark.parametrize("flags,needle", [
+    # polynomial decays to 1e-7: a learning rate at or below it raised diffusers' ValueError traceback after the weights loaded
+    (dict(learning_rate=1e-8), "--lr_scheduler polynomial with learning rate 1e-08: lr_end"),
+    # QA: with the warmup as long as the run its decay divided by zero at the last step: a ZeroDivisionError traceback
+    # after the whole run, before the outputs were saved (the run's length given, or from samples and epochs)
+    (dict(lr_warmup_steps=2, max_train_steps=2), "--lr_scheduler polynomial with --lr_warmup_steps 2 leaves none of the run's 2 steps"),
+    (dict(lr_warmup_steps=4, max_train_steps=None, max_train_samples=4, num_train_epochs=2, train_batch_size=2),
+     "--lr_warmup_steps 4 leaves none of the run's 4 steps"),
+])
+def test_a_scheduler_that_fails_with_the_flags_is_a_config_error_before_weights_load(config_only_teacher: Path, tiny_shards: str,
+                                                                                    tmp_path: Path, flags: dict, needle: str) -> None:
+    from tcdistill.preflight import check_lr_schedule
     from tcdistill.trainer import Trainer
 
-    with pytest.raises(ConfigError, match="--lr_scheduler polynomial with learning rate 1e-08: lr_end"):
-        Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
-                            resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", lr_scheduler="polynomial",
-                            learning_rate=1e-8))
+    base = dict(pretrained_teacher_model=str(config_only_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
+                resolution=32, max_train_steps=1, report_to="none", mixed_precision="no", lr_scheduler="polynomial")
+    with pytest.raises(ConfigError, match=needle):  # a teacher without weight files: any load would fail otherwise
+        Trainer(TrainConfig(**{**base, **flags}))
+    assert not (tmp_path / "out").exists()
+    for warmup in (0, 1, 3):  # shorter or longer warmups run the whole schedule
+        check_lr_schedule("polynomial", 1e-4, warmup, 2)
 
 
 def test_validation_guidance_outside_the_trained_w_range_is_warned(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
