@@ -16,6 +16,9 @@ from webdataset.gopen import Pipe, gopen
 from webdataset.tariterators import group_by_keys
 
 CLOSE_GRACE_S = 1.0  # how long a pipe: command may take to exit once its shard is closed before it is killed
+# The longest wait select() is given: past ~9.2e9 s (int64 nanoseconds) it raised OverflowError, so `--data_timeout inf`
+# (or 1e10) failed every pipe: shard at once; 1e9 s (31 years) is forever.
+MAX_WAIT_S = 1e9
 
 
 def _kill_tree(pid: int) -> None:
@@ -55,7 +58,7 @@ class _StallGuard:
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(1 << 20), b""))
-        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        ready, _, _ = select.select([self.fd], [], [], min(self.timeout, MAX_WAIT_S))
         if not ready:
             self.stalled = True
             _kill_tree(self.pipe.proc.pid)

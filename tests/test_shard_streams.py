@@ -90,6 +90,8 @@ def test_pipe_streams_read_whole_wait_with_timeout_0_and_fail_on_a_command_error
 
     assert len(open_shard("pipe:head -c 3000000 /dev/zero", 5).read()) == 3000000  # read() is every byte, not one chunk
     assert open_shard("pipe:sleep 0.3; printf abc", 0).read() == b"abc"  # --data_timeout 0: wait forever
+    for forever in (float("inf"), 1e10):  # QA: select() raised OverflowError: every pipe: shard failed, the run stopped
+        assert open_shard("pipe:printf abc", forever).read() == b"abc"
     failing = open_shard("pipe:printf abc; exit 3", 5)
     time.sleep(0.5)  # the command has exited: the read sees its status
     with pytest.raises(OSError) as info:
