@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 
 class ConfigError(ValueError):
@@ -371,9 +371,28 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `prog: error: message`: argparse printed the whole usage before it
+    (73 lines for the training scripts, the error last), and an unknown flag names the nearest known one (a typo)."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            import difflib
+
+            known = [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+            hints = [f"{arg} (did you mean {near[0]}?)" if arg.startswith("--") and (near := difflib.get_close_matches(
+                arg.split("=")[0], known, n=1)) else arg for arg in extra]
+            self.error(f"unrecognized arguments: {' '.join(hints)}; --help lists the flags")
+        return ns
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(cls: type = TrainConfig, prog: str | None = None, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per dataclass field (bools are store_true; negatable ones get --no_flag)."""
-    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    p = OneLineParser(prog=prog, description=cls.__doc__)
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if not f.init:

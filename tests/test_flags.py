@@ -424,3 +424,17 @@ def test_out_of_range_validation_seed_is_a_config_error() -> None:
         TrainConfig(**BASE, validation_seed=2**64 - 1, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 2, validation_prompts="a|b")
     TrainConfig(**BASE, validation_seed=2**64 - 1, validation_steps=0)  # no validation, no seed used
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--learnig_rate=1e-3"], "unrecognized arguments: --learnig_rate=1e-3 (did you mean --learning_rate?); --help lists the flags"),
+    (["--mixed-precision", "no"], "--mixed-precision (did you mean --mixed_precision?) no;"),
+    (["--loss_type=L2"], "argument --loss_type: invalid choice: 'L2' (choose from 'l2', 'huber')"),
+    (["--max_train_steps=1e3"], "argument --max_train_steps: invalid int value: '1e3'"),
+])
+def test_a_flag_the_parser_refuses_is_one_line_naming_the_nearest_flag(bad: list, needle: str, capsys: pytest.CaptureFixture) -> None:
+    """QA: argparse printed the whole usage (73 lines) before its error line, and a mistyped flag named no flag."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s.tar", "--max_train_steps=1", *bad], prog="train.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and needle in err[0], err
