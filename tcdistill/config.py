@@ -188,6 +188,10 @@ class TrainConfig:
     validation_seed: int = _f(0, "Seed of the validation noise.")
 
     def __post_init__(self) -> None:
+        # `--resume_from_checkpoint=$RESUME` with RESUME unset: no resume, as the reference's truthiness test and the other
+        # empty optional flags here (it was the path '.': "cannot resume from '.'").
+        if self.resume_from_checkpoint == "":
+            self.resume_from_checkpoint = None
         # A shell leaves `~` unexpanded after `--flag=` (the README's form): expand it here, as the shard urls are, instead
         # of writing to (or loading from) a folder literally named `~` under the working directory.
         for name in _PATH_FLAGS:

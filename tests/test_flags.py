@@ -376,6 +376,13 @@ def test_tilde_in_path_flags_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert TrainConfig(**BASE, output_dir="out~", resume_from_checkpoint="latest").output_dir == "out~"
 
 
+def test_an_empty_resume_from_checkpoint_is_no_resume() -> None:
+    """QA: `--resume_from_checkpoint=$RESUME` with RESUME unset was the path '.' ("cannot resume from '.'"); the reference's
+    truthiness test, and the other empty optional flags here (--pretrained_vae_model_name_or_path=, --cache_dir=), read it
+    as not given."""
+    assert parse_config([*(f"--{k}={v}" for k, v in BASE.items()), "--resume_from_checkpoint="]).resume_from_checkpoint is None
+
+
 def test_output_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
     """QA: an existing file as --output_dir was refused as "is not writable: File exists"."""
     from tcdistill.preflight import check_output_dir
