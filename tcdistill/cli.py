@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import Sequence
@@ -69,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cmd in train:
         # The family comes from its flag, and `--model_family sdxl` gets the SDXL scripts' flag defaults too
         # (resolution 1024, w_min 3, filters), as train_tcd_distill_*sdxl_wds.py do.
-        pre = argparse.ArgumentParser(add_help=False)
+        from .config import OneLineParser
+
+        pre = OneLineParser(prog=f"tcdistill {cmd}", add_help=False)  # its errors are the training parser's one line
         pre.add_argument("--model_family", default="sd")
         family = pre.parse_known_args(argv[1:])[0].model_family
         return train_main(train[cmd], argv[1:], prog=f"tcdistill {cmd}", family=family)

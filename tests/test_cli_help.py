@@ -35,6 +35,14 @@ def test_tcdistill_train_with_sdxl_family_gets_the_sdxl_script_defaults(monkeypa
     assert seen[1].resolution == 512
 
 
+def test_a_model_family_without_a_value_is_one_line_naming_the_command(capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill train-lora --model_family` (no value) was the family pre-parser's usage and error, as `__main__.py`."""
+    with pytest.raises(SystemExit):
+        main(["train-lora", "--pretrained_teacher_model=t", "--model_family"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tcdistill train-lora: error: argument --model_family: expected one argument"], err
+
+
 def test_python_dash_m_runs_the_cli() -> None:
     """`python -m tcdistill` and `python -m tcdistill.cli` are the console script (QA: the second silently did nothing)."""
     import subprocess
