@@ -55,10 +55,14 @@ def device_peak_tflops(name: str, override: float | None = None) -> tuple[float 
     return None, f"no table entry for {name!r} (pass --peak_tflops)"
 
 
-# TrainConfig fields that the bench sets from its own flags
+# TrainConfig fields that the bench sets from its own flags (a --set of one trained what the header and the JSON do not
+# say: --set variant=lora ran LoRA under "variant full", and --opt-set variant=lora compared a LoRA with a full model)
 _BENCH_FLAGS = dict(train_batch_size="--batch_size", resolution="--resolution", mixed_precision="--mixed_precision",
                     dataloader_num_workers="--workers", seed="--seed", compile_unet="--compile_unet", compile_scope="--compile_scope",
-                    channels_last="--channels_last")
+                    channels_last="--channels_last", variant="--variant", pretrained_teacher_model="--preset",
+                    train_shards_path_or_url="--preset", train_latents_path_or_url="--no-cache")
+# The pixel sizes each preset's teacher takes: tiny, a VAE factor of 2 over a two-level UNet; sd15, SD's VAE factor 8.
+RESOLUTION_MULTIPLE = {"tiny": 4, "sd15": 8}
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -90,8 +94,8 @@ def mode_config(args: argparse.Namespace, assets: Assets, variant: str, mode: st
         learning_rate=4e-6, max_nonfinite_steps=1_000_000,
         compile_unet=mode == "compiled", compile_scope=args.compile_scope if mode == "compiled" else "unet", channels_last=args.channels_last,
     )
-    kw.update(_overrides(args.set))
-    kw.update(REFERENCE_LIKE if ref else _overrides(args.opt_set))
+    kw.update(args.set_fields)
+    kw.update(REFERENCE_LIKE if ref else args.opt_set_fields)
     return TrainConfig(**kw)
 
 
@@ -346,15 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line and before any asset is built, a value that would crash later or be silently ignored."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("resolution", 1), ("warmup", 0), ("split_steps", 0), ("data_batches", 1),
+                      ("profile", 0), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:  # --threads -1 was torch's traceback
+            raise SystemExit(f"tcdistill bench: --{name.replace('_', '-') if name in ('split_steps', 'data_batches') else name} must be >= {low}, got {getattr(args, name)}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:  # 0 fell back to the table; a negative one gave a negative MFU
+        raise SystemExit(f"tcdistill bench: --peak_tflops must be > 0, got {args.peak_tflops}")
+    if args.resolution % (m := RESOLUTION_MULTIPLE[args.preset]):  # the tiny teacher's build failed with a traceback
+        raise SystemExit(f"tcdistill bench: --resolution {args.resolution}: the {args.preset} preset needs a multiple of {m}")
+    ignored = [f for f, on in (("--compile_unet", args.compile_unet), ("--channels_last", args.channels_last), ("--opt-set", args.opt_set)) if on]
+    if args.reference_like and ignored:
+        raise SystemExit(f"tcdistill bench: {', '.join(ignored)} only change the optimised mode, which --reference-like does not run")
+    args.set_fields, args.opt_set_fields = _overrides(args.set), _overrides(args.opt_set)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the tables, optionally write JSON; returns the results."""
     args = build_parser().parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for name, low in (("steps", 1), ("batch_size", 1), ("resolution", 1), ("warmup", 0), ("split_steps", 0), ("data_batches", 1)):
-        if getattr(args, name) < low:
-            raise SystemExit(f"tcdistill bench: --{name.replace('_', '-') if name in ('split_steps', 'data_batches') else name} must be >= {low}, got {getattr(args, name)}")
+    check_bench_args(args)
     if args.json and Path(args.json).is_dir():
         raise SystemExit(f"tcdistill bench: --json {args.json} is a directory (give the file to write)")
     if args.threads:

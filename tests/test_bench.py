@@ -313,3 +313,20 @@ def test_bench_flag_errors_are_one_line(tmp_path: Path) -> None:
                          (["--set", "lora_rank=0", "--variant", "lora", "--no-cache", "--steps", "1", "--warmup", "0"], "--lora_rank must be >= 1")):
         with pytest.raises(SystemExit, match=needle):
             bench_main([*argv, "--workdir", str(tmp_path / "w")])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "variant=lora"], "--set/--opt-set variant: use --variant"),  # ran LoRA under a "variant full" header
+    (["--compare", "--opt-set", "variant=lora"], "use --variant"),  # compared a LoRA with the full reference-like model
+    (["--set", "train_shards_path_or_url=x.tar"], "use --preset"),
+    (["--threads", "-1"], "--threads must be >= 1"),  # torch's RuntimeError traceback
+    (["--profile", "-1"], "--profile must be >= 0"),  # printed a profile of no steps
+    (["--peak_tflops", "-3"], "--peak_tflops must be > 0"),
+    (["--resolution", "30"], "--resolution 30: the tiny preset needs a multiple of 4"),  # the teacher build's traceback
+    (["--reference-like", "--compile_unet", "--opt-set", "fused_adam=false"], "--compile_unet, --opt-set only change the optimised mode"),
+])
+def test_bench_refuses_mislabelled_crashing_or_ignored_flags_before_building(argv: list[str], needle: str, tmp_path: Path) -> None:
+    """QA: these ran (or crashed after minutes of building an sd15 teacher) instead of stopping in one line at once."""
+    with pytest.raises(SystemExit, match=needle):
+        bench_main([*argv, "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()  # refused before the teacher, shards or cache were built
