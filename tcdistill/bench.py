@@ -266,7 +266,11 @@ def data_throughput(args: argparse.Namespace, assets: Assets) -> list[dict[str, 
         loader = build_train_dataloader(DataConfig(train_shards_path_or_url=assets.shards, resolution=args.resolution,
                                                    train_batch_size=args.batch_size, dataloader_num_workers=w, seed=args.seed))
         it = iter(loader)
-        next(it)  # worker start-up is not throughput
+        # Worker start-up is not throughput: the workers start one after another (one batch from each first), and while
+        # the later ones start the earlier ones fill their prefetch queues, so take every worker's first batch and its
+        # queue before timing (after one batch, the others' start-up was timed: 2 tiny workers showed a third of their rate).
+        for _ in range(max(w, 1) * (1 + (loader.prefetch_factor or 0))):
+            next(it)
         t0 = time.perf_counter()
         n = sum(len(next(it)["captions"]) for _ in range(args.data_batches))
         sps = n / (time.perf_counter() - t0)

@@ -330,3 +330,33 @@ def test_bench_refuses_mislabelled_crashing_or_ignored_flags_before_building(arg
     with pytest.raises(SystemExit, match=needle):
         bench_main([*argv, "--workdir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()  # refused before the teacher, shards or cache were built
+
+
+@pytest.mark.parametrize("workers, untimed", [(0, 1), (2, 6)])
+def test_data_only_times_no_worker_start_up(workers: int, untimed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: --data-only timed from the first batch on, so every worker but the first started inside the timed batches
+    (2 tiny workers: ~90 ms of start-up in ~130 ms timed). The clock now starts after each worker's first batch and the
+    prefetch queues they filled meanwhile (prefetch_factor 2: 3 batches a worker); then --data-batches batches are timed."""
+    import time
+
+    from tcdistill import bench, data
+
+    pulled: list[int] = []
+
+    class Loader:  # a DataLoader's worker count and prefetch queue depth, batches of 4
+        prefetch_factor = 2 if workers else None
+
+        def __iter__(self) -> Iterator[dict[str, list[str]]]:
+            while True:
+                pulled.append(1)
+                yield {"captions": ["c"] * 4}
+
+    monkeypatch.setattr(data, "build_train_dataloader", lambda cfg: Loader())
+    started: list[int] = []
+    clock = time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: started.append(len(pulled)) or clock())
+    args = bench.build_parser().parse_args(["--data-workers", str(workers), "--data-batches", "3", "--batch_size", "4", "--resolution", "32"])
+    args.data_workers = [workers]
+    (res,) = bench.data_throughput(args, bench.Assets(teacher="t", shards="s.tar"))
+    assert started[0] == untimed and len(pulled) == untimed + 3
+    assert res["workers"] == workers and res["samples_per_s"] > 0
