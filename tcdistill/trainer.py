@@ -404,9 +404,8 @@ class Trainer(StepGuard):
                     samples += n
                     if not step_ok:
                         continue
-                    now = time.perf_counter()
-                    sps = samples / max(now - t_last, 1e-9)
-                    t_last, samples = now, 0
+                    sps = samples / max(time.perf_counter() - t_last, 1e-9)
+                    samples = 0
                     self._log_step(loss_sum, sps)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum:.4g}", samples_s=f"{sps:.2f}")
@@ -416,6 +415,8 @@ class Trainer(StepGuard):
                     # save, in the grace time a preemption's SIGTERM leaves (torchrun SIGKILLs 30 s after forwarding it).
                     if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 and acc.is_main_process and not self.stop_requested:
                         self.validate()
+                    # The next step's throughput is its own: this step's save and validation (a minute for SDXL) are not in it.
+                    t_last = time.perf_counter()
         finally:
             bar.close()  # before any error message, so the message is the last line
         acc.wait_for_everyone()

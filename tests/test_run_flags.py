@@ -195,3 +195,31 @@ def test_validation_and_outputs_take_the_online_and_ema_students_and_the_lora_st
         assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items()), path
     lora = Trainer(TrainConfig(output_dir=str(tmp_path / "lora"), variant="lora", **base)).strategy
     assert [(tag, id(unet), gs) for tag, unet, gs in lora.validation_unets()] == [("lora", id(lora.student), 0.0)]
+
+
+def test_logged_throughput_leaves_out_the_previous_steps_checkpoint_and_validation(tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a step's samples_per_s (metrics.jsonl, the trackers, the progress bar) counted the checkpoint save and the
+    validation of the step before it: at the seed command's settings step 201 showed step 200's save and 24 validation
+    samples as a collapse of throughput. A clock that ticks 1 s a reading, and 1000 s in each validation and save, must
+    give every step 2 samples in 1 s."""
+    import json
+
+    from tcdistill import trainer as trainer_module
+    from tcdistill.trainer import Trainer
+
+    clock = [0.0]
+
+    def tick(seconds: float = 1.0) -> float:
+        clock[0] += seconds
+        return clock[0]
+
+    monkeypatch.setattr(trainer_module, "time", type("Clock", (), {"perf_counter": staticmethod(tick)}))
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path),
+                             resolution=32, train_batch_size=2, max_train_steps=3, validation_steps=1, checkpointing_steps=1,
+                             report_to="none", mixed_precision="no", seed=0))
+    monkeypatch.setattr(tr, "validate", lambda: tick(1000.0))
+    monkeypatch.setattr(tr, "_try_checkpoint", lambda: tick(1000.0))
+    tr.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples_per_s"]) for r in rows] == [(1, 2.0), (2, 2.0), (3, 2.0)]
