@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import ConfigError, DefaultsHelpFormatter, TrainConfig, field_type
+from .config import ConfigError, DefaultsHelpFormatter, TrainConfig, field_type, one_line
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -55,8 +55,7 @@ def device_peak_tflops(name: str, override: float | None = None) -> tuple[float 
     return None, f"no table entry for {name!r} (pass --peak_tflops)"
 
 
-# TrainConfig fields that the bench sets from its own flags (a --set of one trained what the header and the JSON do not
-# say: --set variant=lora ran LoRA under "variant full", and --opt-set variant=lora compared a LoRA with a full model)
+# TrainConfig fields the bench sets from its own flags (--set variant=lora ran LoRA under a "variant full" header)
 _BENCH_FLAGS = dict(train_batch_size="--batch_size", resolution="--resolution", mixed_precision="--mixed_precision",
                     dataloader_num_workers="--workers", seed="--seed", compile_unet="--compile_unet", compile_scope="--compile_scope",
                     channels_last="--channels_last", variant="--variant", pretrained_teacher_model="--preset",
@@ -266,9 +265,8 @@ def data_throughput(args: argparse.Namespace, assets: Assets) -> list[dict[str, 
         loader = build_train_dataloader(DataConfig(train_shards_path_or_url=assets.shards, resolution=args.resolution,
                                                    train_batch_size=args.batch_size, dataloader_num_workers=w, seed=args.seed))
         it = iter(loader)
-        # Worker start-up is not throughput: the workers start one after another (one batch from each first), and while
-        # the later ones start the earlier ones fill their prefetch queues, so take every worker's first batch and its
-        # queue before timing (after one batch, the others' start-up was timed: 2 tiny workers showed a third of their rate).
+        # Worker start-up is not throughput: workers start one after another (a batch from each first) and meanwhile fill
+        # their prefetch queues; after one batch, the others' start-up was timed (2 tiny workers: a third of their rate).
         for _ in range(max(w, 1) * (1 + (loader.prefetch_factor or 0))):
             next(it)
         t0 = time.perf_counter()
@@ -368,6 +366,12 @@ def check_bench_args(args: argparse.Namespace) -> None:
     if args.reference_like and ignored:
         raise SystemExit(f"tcdistill bench: {', '.join(ignored)} only change the optimised mode, which --reference-like does not run")
     args.set_fields, args.opt_set_fields = _overrides(args.set), _overrides(args.opt_set)
+    if args.json and Path(args.json).is_dir():
+        raise SystemExit(f"tcdistill bench: --json {args.json} is a directory (give the file to write)")
+    try:  # its folder now, not after the runs: a file in the way ended a finished benchmark in a traceback, results lost
+        Path(args.json or ".").parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"tcdistill bench: --json {args.json}: cannot make its folder ({one_line(e)})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -377,8 +381,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if getattr(args, k) is None:
             setattr(args, k, v)
     check_bench_args(args)
-    if args.json and Path(args.json).is_dir():
-        raise SystemExit(f"tcdistill bench: --json {args.json} is a directory (give the file to write)")
     if args.threads:
         torch.set_num_threads(args.threads)
     raw = args.data_workers
@@ -413,8 +415,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["runs"] = [bench_variant(args, assets, v, modes, work, peak, peak_src, name) for v in variants]
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+            try:
+                Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+            except OSError as e:  # a full disk: the tables above are printed
+                raise SystemExit(f"tcdistill bench: writing --json {args.json} failed ({one_line(e)})") from None
         return result
     except ConfigError as e:  # a --set value the trainer refuses, --mixed_precision fp16 on a CPU, an odd --resolution...
         raise SystemExit(f"tcdistill bench: error: {e}") from None

@@ -360,3 +360,12 @@ def test_data_only_times_no_worker_start_up(workers: int, untimed: int, tmp_path
     (res,) = bench.data_throughput(args, bench.Assets(teacher="t", shards="s.tar"))
     assert started[0] == untimed and len(pulled) == untimed + 3
     assert res["workers"] == workers and res["samples_per_s"] > 0
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_runs(tmp_path: Path) -> None:
+    """QA: `--json FILE/x.json` (a file where its folder should be) ran the whole benchmark, then ended in a
+    FileExistsError traceback and lost the results; it is refused at the start, in one line."""
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit, match=r"--json .*taken/x.json: cannot make its folder \(FileExistsError"):
+        bench_main(["--data-only", "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "taken" / "x.json")])
+    assert not (tmp_path / "w").exists()
