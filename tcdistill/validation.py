@@ -94,11 +94,14 @@ def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale:
     return rows
 
 
-def log_images(accelerator: Any, tag: str, images: list[np.ndarray], captions: list[str], step: int) -> None:
-    """Send images to every active tracker, each under its own tag."""
+def log_images(accelerator: Any, tag: str, grid: Image.Image, images: list[np.ndarray], captions: list[str], step: int) -> None:
+    """Send the validation samples to every active tracker, each under its own tag: tensorboard the grid (rows = prompts,
+    columns = step counts, as the PNG), wandb the captioned images."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, np.stack(images), step, dataformats="NHWC")
+            # The grid, not the batch: tensorboard tiles a batch 8 to a row without captions (3 prompts x 2 step counts
+            # made one row of 6), so no one could tell which sample was which.
+            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
@@ -127,10 +130,11 @@ def run_validation(trainer: "Trainer", step: int) -> list[str]:
             rows = sample_grid(pipe, prompts, steps, gs, cfg.validation_gamma, cfg.validation_seed, size, cfg.clip_skip)
         unet.train(was_training)
         path = os.path.join(out_dir, f"{tag}-step{step:06d}.png")
-        make_grid(rows).save(path)
+        grid = make_grid(rows)
+        grid.save(path)
         written.append(path)
         flat = [im for row in rows for im in row]
         caps = [f"{p} | {n} steps" for p in prompts for n in steps]
-        log_images(trainer.accelerator, f"validation/{tag}", flat, caps, step)
+        log_images(trainer.accelerator, f"validation/{tag}", grid, flat, caps, step)
     logger.info("validation at step %d: %s", step, ", ".join(written))
     return written

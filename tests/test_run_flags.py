@@ -3,9 +3,11 @@ and seeds across ranks, the teacher's tokenizer read once, the reference's ignor
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +225,31 @@ def test_logged_throughput_leaves_out_the_previous_steps_checkpoint_and_validati
     tr.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["samples_per_s"]) for r in rows] == [(1, 2.0), (2, 2.0), (3, 2.0)]
+
+
+def test_tensorboard_shows_the_validation_grid_of_the_png(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """QA: tensorboard got the validation samples as a batch, which it tiles 8 to a row: 3 prompts x 2 step counts came
+    out as one row of 6 (16 x 96 px) with no caption, so no one could tell which sample was which prompt or step count.
+    It now gets the grid written to validation/<tag>-step<N>.png (rows = prompts, columns = step counts), pixel for pixel."""
+    from accelerate.tracking import TensorBoardTracker
+    from conftest import event_files
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tcdistill.trainer import Trainer
+
+    tr = Trainer(TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
+                             resolution=16, max_train_steps=1, report_to="none", mixed_precision="no", variant="lora", lora_rank=2,
+                             validation_prompts="a|b|c", validation_inference_steps="1,2"))
+    tracker = TensorBoardTracker("run", str(tmp_path / "tb"))
+    getattr(tracker, "start", lambda: None)()  # accelerate < 1.8 starts a tracker in __init__, no start()
+    tr.accelerator.trackers = [tracker]
+    tr.validate()
+    tracker.finish()
+    (f,) = event_files(tmp_path / "tb")
+    events = EventAccumulator(str(f), size_guidance={"images": 0})
+    events.Reload()
+    (logged,) = events.Images("validation/lora")
+    with Image.open(io.BytesIO(logged.encoded_image_string)) as im, Image.open(tmp_path / "out" / "validation" / "lora-step000000.png") as on_disk:
+        assert (im.width, im.height) == (2 * 16, 3 * 16)
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(on_disk.convert("RGB")))
