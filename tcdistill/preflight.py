@@ -127,6 +127,8 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Any) -> str | None:
     and crashed in DDP's first collective with a traceback."""
     path = cfg.output_dir
     check_output_dir(path, make=False)
+    if cfg.report_to != "none":  # the trackers make it at the run's start: a file in the way was a traceback after the loads
+        check_output_dir(os.path.join(path, cfg.logging_dir), "--logging_dir", make=False)
     refusal, repo = None, None
     if accelerator.is_main_process:
         try:

@@ -253,3 +253,23 @@ def test_tensorboard_shows_the_validation_grid_of_the_png(tiny_teacher: Path, ti
     with Image.open(io.BytesIO(logged.encoded_image_string)) as im, Image.open(tmp_path / "out" / "validation" / "lora-step000000.png") as on_disk:
         assert (im.width, im.height) == (2 * 16, 3 * 16)
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(on_disk.convert("RGB")))
+
+
+def test_a_tracker_log_folder_that_cannot_be_made_is_refused_before_the_teacher_loads(tiny_teacher: Path, tiny_shards: str,
+                                                                                       tmp_path: Path) -> None:
+    """QA: `--logging_dir` naming a file (or a folder below one, or on a read-only disk) loaded the teacher, wrote the run's
+    record, then ended at the trackers' start in tensorboard's NotADirectoryError traceback. Refused in one line first,
+    as --output_dir is; --report_to none writes no tracker logs, so it does not mind."""
+    from tcdistill import trainer as trainer_module
+    from tcdistill.trainer import Trainer
+
+    (tmp_path / "taken").write_text("")
+    base = dict(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(tmp_path / "out"),
+                resolution=32, max_train_steps=1, mixed_precision="no", validation_steps=0)
+    for logging_dir, why in ((tmp_path / "taken", "is a file, not a folder"), (tmp_path / "taken" / "tb", "is not writable: Not a directory")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trainer_module, "load_family", lambda *a: pytest.fail("the teacher loaded before the refusal"))
+            with pytest.raises(ConfigError, match=f"--logging_dir '{logging_dir}.*' {why}"):
+                Trainer(TrainConfig(**base, report_to="tensorboard", logging_dir=str(logging_dir)))
+    assert not (tmp_path / "out").exists()
+    Trainer(TrainConfig(**base, report_to="none", logging_dir=str(tmp_path / "taken")))
