@@ -354,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_bench_args(args: argparse.Namespace) -> None:
     """Refuse, in one line and before any asset is built, a value that would crash later or be silently ignored."""
-    for name, low in (("steps", 1), ("batch_size", 1), ("resolution", 1), ("warmup", 0), ("split_steps", 0), ("data_batches", 1),
-                      ("profile", 0), ("threads", 1)):
+    for name, low in (("steps", 1), ("batch_size", 1), ("resolution", 1), ("warmup", 0), ("split_steps", 0), ("data_batches", 1), ("profile", 0), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:  # --threads -1 was torch's traceback
             raise SystemExit(f"tcdistill bench: --{name.replace('_', '-') if name in ('split_steps', 'data_batches') else name} must be >= {low}, got {getattr(args, name)}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:  # 0 fell back to the table; a negative one gave a negative MFU
@@ -399,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tcdistill-bench-") if owned else args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        assets = prepare_assets(args.preset, work, args.resolution, need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
+        assets = prepare_assets(args.preset, work, args.resolution, need_teacher=not args.data_only,
+                                need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
         cuda = torch.cuda.is_available()
         name = torch.cuda.get_device_name() if cuda else "cpu"
         peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda else (None, "CPU: no MFU")

@@ -71,12 +71,14 @@ def build_sd15_pipeline(save_dir: Path, resolution: int) -> None:
     pipe.save_pretrained(str(save_dir), safe_serialization=True)
 
 
-def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool) -> Assets:
-    """Teacher, synthetic shards at the preset's resolution and (if needed) their cache; reused when already in `work`."""
+def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool, need_teacher: bool = True) -> Assets:
+    """Teacher (if needed: `--data-only` reads only the shards), synthetic shards at the preset's resolution and (if
+    needed) their cache; reused when already in `work`."""
     from .tiny import build_tiny_sd_pipeline, shard_pattern, write_tiny_shards
 
     teacher = work / f"{preset}-teacher-{resolution}"
-    if not (teacher / ".complete").exists():
+    # sd15's random SD 1.5 (1.1B weights, ~4 GB written) was built for a data-loader benchmark that never loads it
+    if (need_teacher or need_cache) and not (teacher / ".complete").exists():
         shutil.rmtree(teacher, ignore_errors=True)
         if preset == "sd15":
             build_sd15_pipeline(teacher, resolution)
