@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
         cuda = torch.cuda.is_available()
         name = torch.cuda.get_device_name() if cuda else "cpu"
-        peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda else (None, "CPU: no MFU")
+        peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda or args.peak_tflops else (None, "CPU: no MFU (pass --peak_tflops)")
         result: dict[str, Any] = dict(
             preset=args.preset, device=name, mixed_precision=args.mixed_precision, batch_size=args.batch_size, resolution=args.resolution,
             torch=torch.__version__, threads=torch.get_num_threads(), peak_tflops=peak, peak_source=peak_src, cache=assets.cache_info, argv=list(argv or sys.argv[1:]),

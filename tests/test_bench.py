@@ -377,3 +377,14 @@ def test_data_only_builds_no_teacher(tmp_path: Path) -> None:
     res = bench_main(["--preset", "tiny", "--data-only", "--data-workers", "0", "--data-batches", "1", "--workdir", str(tmp_path)])
     assert res["data"][0]["samples_per_s"] > 0
     assert {p.name for p in tmp_path.iterdir()} == {"shards-32"}
+
+
+def test_an_explicit_peak_gives_the_mfu_on_cpu_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: --peak_tflops was dropped without a word on a machine without a GPU (MFU n/a); the help offers it as the peak
+    for the MFU, and a CPU's peak is the user's to know."""
+    res = bench_main(["--reference-like", "--steps", "1", "--warmup", "0", "--split-steps", "0", "--batch_size", "2", "--threads", "1",
+                      "--peak_tflops", "0.5", "--workdir", str(tmp_path)])
+    ref = res["runs"][0]["modes"]["reference-like"]
+    assert res["peak_tflops"] == 0.5 and res["peak_source"] == "--peak_tflops"
+    assert ref["mfu"] == pytest.approx(ref["achieved_tflops"] / 0.5)
+    assert f"{100 * ref['mfu']:.1f}%" in capsys.readouterr().out
