@@ -31,6 +31,7 @@ from .config import ConfigError, DefaultsHelpFormatter, TrainConfig
 from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
+from .preflight import lock_output_dir
 
 if TYPE_CHECKING:
     from .families import ModelFamily
@@ -166,6 +167,10 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     fill_family_defaults(args)
     cfg, tokenizers, device = _check_cache_flags(args)
     dtype, store = DTYPES[args.encode_dtype], STORAGE[args.storage_dtype]
+    os.makedirs(args.output_dir, exist_ok=True)
+    # Two caches into one folder wrote the same NNNNN.tar.tmp names, and each removes the ones it finds at its start: one
+    # run published the other's shard in progress as whole, under its own metadata. Locked as a training run's folder is.
+    lock_output_dir(args.output_dir, role="`tcdistill cache` run")
     family = load_family(cfg, tokenizers)
     family.unet = None  # only the encoders are needed here
     family.to(device, dtype)
@@ -173,7 +178,6 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
                              interpolation_type=args.interpolation_type, center_crop=args.center_crop,
                              random_flip=args.random_flip, seed=args.seed, min_image_size=args.min_image_size,
                              max_pwatermark=args.max_pwatermark, stall_timeout=args.data_timeout))
-    os.makedirs(args.output_dir, exist_ok=True)
     # A killed run (SIGKILL, power loss: no chance to remove it) leaves its shard in progress as NNNNN.tar.tmp, which no
     # metadata lists and training refuses; one this run would not overwrite stayed in the folder for good.
     for name in os.listdir(args.output_dir):

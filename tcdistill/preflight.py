@@ -79,9 +79,9 @@ LOCK_NAME = ".tcdistill.lock"
 _held_locks: dict[str, int] = {}  # real path of an output dir -> the open lock file's descriptor, kept for the process's life
 
 
-def lock_output_dir(path: str) -> None:
+def lock_output_dir(path: str, role: str = "training run") -> None:
     """Hold an exclusive lock on the output dir (`LOCK_NAME` in it) for the rest of this process, or raise a one-line
-    ConfigError naming the process that holds it. Two runs on one --output_dir interleaved their checkpoints and
+    ConfigError naming the process that holds it (and its `role`, which the lock file records). Two runs on one --output_dir interleaved their checkpoints and
     metrics.jsonl, and each save deletes the staging folders it finds as a killed save's leftovers, the other run's
     in-flight one included ("save failed"). A POSIX record lock (lockf), not an flock: the kernel drops it when this
     process ends, SIGKILL included, so a killed run leaves no stale lock and its resume takes the lock again; an flock
@@ -109,12 +109,12 @@ def lock_output_dir(path: str) -> None:
             logging.getLogger("tcdistill").warning("--output_dir %s cannot be locked (%s): nothing stops a second run on it "
                                                    "from mixing its checkpoints with this one's.", path, e.strerror or e)
             return
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        holder, _, other = (os.read(fd, 128).decode(errors="replace").strip() or "unknown").partition(" ")
         os.close(fd)
-        raise ConfigError(f"--output_dir {path!r} is in use by another training run (pid {holder}, holding {LOCK_NAME}); "
-                          "wait for it to end, or pick another --output_dir.") from None
+        raise ConfigError(f"--output_dir {path!r} is in use by another {other or 'training run'} (pid {holder}, holding "
+                          f"{LOCK_NAME}); wait for it to end, or pick another --output_dir.") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the refusal message of a second run
+    os.pwrite(fd, f"{os.getpid()} {role}".encode(), 0)  # for the refusal message of a second run
     _held_locks[key] = fd
 
 

@@ -108,10 +108,12 @@ def run_train(variant: str, flags: list[str], env: dict[str, str], *, launcher: 
 
 
 @contextlib.contextmanager
-def lock_holder(output_dir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Another process holding `output_dir`'s run lock (as a concurrent training run would) for the block; killed after."""
-    hold = "import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(output_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+def lock_holder(output_dir: Path, env: dict[str, str], role: str = "training run") -> Iterator[subprocess.Popen]:
+    """Another process holding `output_dir`'s run lock (as a concurrent training run, or a `role`, would) for the block;
+    killed after."""
+    hold = ("import sys, time; from tcdistill.preflight import lock_output_dir; lock_output_dir(sys.argv[1], sys.argv[2]); "
+            "print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(output_dir), role], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         yield holder

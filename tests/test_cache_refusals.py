@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CACHE_RES, cache_trainer, make_cache
+from conftest import CACHE_RES, cache_trainer, lock_holder, make_cache
 from shards_util import good_sample, write_shard
 
 from tcdistill.config import ConfigError, TrainConfig
@@ -346,3 +346,22 @@ def test_a_cache_into_the_folder_of_its_source_shards_is_refused_before_it_repla
         with pytest.raises(SystemExit, match=r"^tcdistill cache: error: --output_dir .* holds the source shard .*0000[01]\.tar"):
             make_cache(tiny_teacher, spec, data)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+def test_a_second_cache_into_a_folder_in_use_is_refused_before_it_touches_the_first_ones_shards(
+        tiny_teacher: Path, one_shard: str, tmp_path: Path, run_env: dict[str, str]) -> None:
+    """QA: two caches into one --output_dir wrote the same NNNNN.tar.tmp names, and each removes those it finds at its
+    start: the first run's shard in progress was deleted under it, and one run published the other's half-written shard
+    under its own metadata. The folder is locked as a training run's is: the second run is refused in one line, naming
+    the holder's pid and what it is, and leaves the first run's files alone."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "00000.tar.tmp").write_bytes(b"\0" * 1024)  # the first run's shard in progress
+    with lock_holder(out, run_env, role="`tcdistill cache` run") as holder, pytest.raises(SystemExit) as info:
+        make_cache(tiny_teacher, one_shard, out)
+    msg = str(info.value.code)
+    assert msg.startswith("tcdistill cache: error: --output_dir") and "\n" not in msg, msg
+    assert f"in use by another `tcdistill cache` run (pid {holder.pid}" in msg, msg
+    assert (out / "00000.tar.tmp").exists() and not (out / "00000.tar").exists()
+    make_cache(tiny_teacher, one_shard, out)  # the lock ends with its holder: a run now goes ahead
+    read_sidecar(str(out / "00000.tar"))

@@ -132,7 +132,7 @@ def test_the_lock_file_names_only_the_holders_pid(tmp_path):
     (tmp_path / preflight.LOCK_NAME).write_text("9999999999")
     preflight.lock_output_dir(str(tmp_path))
     try:
-        assert (tmp_path / preflight.LOCK_NAME).read_text() == str(os.getpid())
+        assert (tmp_path / preflight.LOCK_NAME).read_text() == f"{os.getpid()} training run"  # pid, then its role
     finally:
         os.close(preflight._held_locks.pop(os.path.realpath(tmp_path)))
 
@@ -161,7 +161,7 @@ def test_a_new_output_dir_is_made_and_locked(tmp_path):
     main_process = SimpleNamespace(is_main_process=True, num_processes=1)
     assert preflight.claim_output_dir(TrainConfig(**BASE, output_dir=str(out)), main_process) is None
     try:
-        assert out.is_dir() and (out / preflight.LOCK_NAME).read_text() == str(os.getpid())
+        assert out.is_dir() and (out / preflight.LOCK_NAME).read_text() == f"{os.getpid()} training run"
         assert os.path.realpath(out) in preflight._held_locks
     finally:
         if (fd := preflight._held_locks.pop(os.path.realpath(out), None)) is not None:
