@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import checkpoint_hint
+from .checkpoint import atomic_file, checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family
@@ -253,31 +253,42 @@ def generate(args: argparse.Namespace) -> list[str]:
     gs = args.guidance_scale
     if gs is None:
         gs = run_guidance(run, FULL_MODEL_GUIDANCE) if unet and pipe.unet.config.time_cond_proj_dim else 0.0
-    paths, records = [], []
+    paths = []
+    meta_path = Path(args.output_dir) / "metadata.jsonl"
+    # An earlier run's lines of the images this one writes (by name) go first: a run killed part-way left its new images
+    # described by the old run's lines (another seed, steps, model). Each batch's lines are added once its images are.
+    drop_metadata_lines(meta_path, {_image_name(i, p) for i, p in enumerate(prompts)})
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(args.seed + start + j) for j in range(len(batch))]
         images = pipe(**pipeline_prompts(pipe, batch, clip_skip), num_inference_steps=args.steps, guidance_scale=gs,
                       eta=args.gamma, generator=gens, height=height, width=width).images
+        records = []
         for j, (prompt, image) in enumerate(zip(batch, images)):
-            name = f"{start + j:05d}_{_slug(prompt)}.png"
-            image.save(os.path.join(args.output_dir, name))
+            name = _image_name(start + j, prompt)
+            with atomic_file(os.path.join(args.output_dir, name)) as tmp:  # a kill mid-save leaves no cut-short PNG
+                image.save(tmp, format="PNG")
             paths.append(os.path.join(args.output_dir, name))
             # What sets the image (with the run's saved flags next to --unet/--lora): a line says how to make it again.
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
                             "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
                             "height": height, "width": width, "dtype": dtype_name, "base": base, "unet": args.unet, "lora": args.lora,
                             "lora_scale": args.lora_scale if args.lora else None, "vae": vae, "clip_skip": clip_skip})
-    write_metadata(Path(args.output_dir) / "metadata.jsonl", records)
+        with open(meta_path, "a", encoding="utf-8") as f:  # one write call: a kill leaves whole lines
+            f.write("".join(json.dumps(r) + "\n" for r in records))
     return paths
 
 
-def write_metadata(path: Path, records: list[dict[str, Any]]) -> None:
-    """Add `records` to a metadata.jsonl (the imagefolder layout); a re-run's image replaces its file's old line."""
-    names = {r["file_name"] for r in records}
+def drop_metadata_lines(path: Path, names: set[str]) -> None:
+    """Rewrite a metadata.jsonl (the imagefolder layout) without the lines of the files `names`, whole or not at all
+    (a file made by hand may end without a newline: the lines appended next start on their own)."""
     old = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
-    kept = [ln for ln in old if _file_name(ln) not in names]
-    path.write_text("".join(ln + "\n" for ln in kept) + "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in old if _file_name(ln) not in names), encoding="utf-8")
+
+
+def _image_name(i: int, prompt: str) -> str:
+    return f"{i:05d}_{_slug(prompt)}.png"
 
 
 def _file_name(line: str) -> Any:

@@ -1,0 +1,49 @@
+"""Faults of the non-training commands `generate`, `eval` and `export`: a run killed part-way, a prompt file that cannot
+be read, an output folder that a live training run holds or whose run record is damaged. Expected: one line naming the
+file and the fix, and no output that looks whole but is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_lora
+
+from tcdistill.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_rerun_killed_part_way_leaves_no_metadata_line_of_another_image(tiny_teacher: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: metadata.jsonl was written once, after the last image: a re-run killed part-way had replaced its first images
+    while the earlier run's lines (its seed, steps, model) still described them. The lines of the images a run rewrites
+    go first and each batch's lines follow its images; no half-written PNG or temporary file is left."""
+    from diffusers import StableDiffusionPipeline
+
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    out = tmp_path / "imgs"
+    out.mkdir()
+    (out / "metadata.jsonl").write_text('{"file_name": "mine.png", "prompt": "kept"}')  # no final newline
+    argv = ["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--steps", "1", "--output_dir", str(out)]
+    main(argv)
+    before = (out / "00000_a_red_circle.png").read_bytes()
+    call = StableDiffusionPipeline.__call__
+    calls = []
+
+    def killed_at_the_second_batch(self: Any, *a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return call(self, *a, **kw)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", killed_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--seed", "5"])
+    assert (out / "00000_a_red_circle.png").read_bytes() != before  # rewritten (seed 5)
+    lines = [json.loads(ln) for ln in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r.get("seed")) for r in lines] == [("mine.png", None), ("00000_a_red_circle.png", 5)]
+    assert sorted(p.name for p in out.iterdir()) == ["00000_a_red_circle.png", "00001_a_blue_square.png", "metadata.jsonl"]
