@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_seed("--seed", args.seed, TORCH_SEEDS, count=2, uses="(the noise uses --seed, the re-noising --seed + 1)")
         if args.output:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
-        prompts = read_prompts(None, args.prompts)
+        prompts = read_prompts(None, args.prompts, flag="--prompts")
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)

@@ -201,14 +201,20 @@ def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
                          "pipeline (pass the teacher the UNet was distilled from)")
 
 
-def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """`--prompt` values, then the non-empty lines of `--prompt_file`."""
+def read_prompts(prompts: list[str] | None, prompt_file: str | None, flag: str = "--prompt_file") -> list[str]:
+    """`--prompt` values, then the non-empty lines of `prompt_file` (given as `flag`)."""
     out = list(prompts or [])
     if prompt_file:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
-        out += [ln.strip() for ln in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+            text = Path(prompt_file).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:  # the bare codec message named neither the file nor the flag
+            raise ValueError(f"{flag} {prompt_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ValueError(f"{flag} {prompt_file} cannot be read: {e.strerror or e}") from None
+        out += [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not out:
-        raise ValueError(f"no prompts in {prompt_file}" if prompt_file else "no prompts: pass --prompt (repeatable) or --prompt_file")
+        raise ValueError(f"no prompts in {flag} {prompt_file}" if prompt_file else "no prompts: pass --prompt (repeatable) or --prompt_file")
     return out
 
 

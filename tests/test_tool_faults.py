@@ -5,6 +5,7 @@ file and the fix, and no output that looks whole but is not."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,21 @@ def test_a_rerun_killed_part_way_leaves_no_metadata_line_of_another_image(tiny_t
     lines = [json.loads(ln) for ln in (out / "metadata.jsonl").read_text().splitlines()]
     assert [(r["file_name"], r.get("seed")) for r in lines] == [("mine.png", None), ("00000_a_red_circle.png", 5)]
     assert sorted(p.name for p in out.iterdir()) == ["00000_a_red_circle.png", "00001_a_blue_square.png", "metadata.jsonl"]
+
+
+def test_a_prompt_file_not_utf8_or_unreadable_is_one_line_naming_its_flag(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: a Latin-1 prompt file gave "error: 'utf-8' codec can't decode byte 0xe9 in position 3: invalid continuation
+    byte", naming neither the file nor the flag; a missing one a bare "[Errno 2]". Eval reads its --prompts alike."""
+    from tcdistill.evaluate import main as eval_main
+    from tcdistill.generate import read_prompts
+
+    latin1 = tmp_path / "p.txt"
+    latin1.write_bytes("caf\xe9 red circle\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^--prompt_file {re.escape(str(latin1))} is not UTF-8 text \(.* at byte 3\); save it as UTF-8$"):
+        read_prompts(None, str(latin1))
+    for path in (tmp_path / "missing.txt", tmp_path):
+        with pytest.raises(ValueError, match=rf"^--prompt_file {re.escape(str(path))} cannot be read: \w"):
+            read_prompts(["x"], str(path))
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--steps", "1", "--prompts", str(latin1)])
+    assert str(info.value.code).startswith(f"tcdistill eval: error: --prompts {latin1} is not UTF-8 text")
