@@ -360,10 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # the hub repo a pushed output went to, as for `tcdistill generate`
         args.unet, args.lora = local_output(args.unet), local_output(args.lora)
-    except FileNotFoundError as e:
+        # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
+        saved = run_config(args.unet or args.lora)
+    except (FileNotFoundError, ValueError) as e:  # a damaged run record, an output a live training run holds
         sys.exit(f"tcdistill eval: error: {first_line(e)}")
-    # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
-    saved = run_config(args.unet or args.lora)
     if args.guidance_scale is None:
         args.guidance_scale = run_guidance(saved, EvalSettings.guidance_scale)
     run = run_sampling(saved)

@@ -23,7 +23,7 @@ from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, 
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family
 from .models import DTYPES
-from .preflight import check_output_dir, resolve_device
+from .preflight import check_output_dir, output_dir_holder, resolve_device
 from .teacher_checks import check_clip_skip
 from .validation import sampling_hw
 
@@ -31,13 +31,26 @@ FULL_MODEL_GUIDANCE = 8.0
 
 
 def run_config(path: str | None) -> dict[str, Any]:
-    """The training run's saved flags next to an output (its folder or the folder above), or {}."""
+    """The training run's saved flags next to an output (its folder or the folder above), or {}. An output folder that a
+    live training run holds is refused: that run wrote its flags at its start, over those of the weights there (an earlier
+    run's, sampled on the new run's grid), and writes its own weights only at its end."""
     if not path:
         return {}
     p = Path(path)
     for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+        holder = output_dir_holder(d)
+        if holder:
+            raise ValueError(f"{d} is in use by a {holder}): its {RUN_CONFIG} is that run's and its weights are not yet; "
+                             "wait for the run to end, or pass a finished output")
         if (d / RUN_CONFIG).is_file():
-            return json.loads((d / RUN_CONFIG).read_text())
+            try:
+                run = json.loads((d / RUN_CONFIG).read_text(encoding="utf-8"))
+            except (ValueError, OSError) as e:  # JSON and decoding errors: the bare parser message named no file
+                raise ValueError(f"{d / RUN_CONFIG} cannot be read as the run's flags ({first_line(e)}); restore it from the "
+                                 "training run, or remove it and pass --base") from None
+            if not isinstance(run, dict):
+                raise ValueError(f"{d / RUN_CONFIG} is not a JSON object of the run's flags; restore it from the training run")
+            return run
     return {}
 
 

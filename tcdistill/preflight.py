@@ -109,13 +109,41 @@ def lock_output_dir(path: str, role: str = "training run") -> None:
             logging.getLogger("tcdistill").warning("--output_dir %s cannot be locked (%s): nothing stops a second run on it "
                                                    "from mixing its checkpoints with this one's.", path, e.strerror or e)
             return
-        holder, _, other = (os.read(fd, 128).decode(errors="replace").strip() or "unknown").partition(" ")
+        holder = _holder(fd)
         os.close(fd)
-        raise ConfigError(f"--output_dir {path!r} is in use by another {other or 'training run'} (pid {holder}, holding "
-                          f"{LOCK_NAME}); wait for it to end, or pick another --output_dir.") from None
+        raise ConfigError(f"--output_dir {path!r} is in use by another {holder}, holding {LOCK_NAME}); wait for it to end, "
+                          "or pick another --output_dir.") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {role}".encode(), 0)  # for the refusal message of a second run
     _held_locks[key] = fd
+
+
+def _holder(fd: int) -> str:
+    """'<role> (pid N' of the process that wrote the lock file `fd` ("PID ROLE"; older runs wrote the pid alone)."""
+    pid, _, role = (os.read(fd, 128).decode(errors="replace").strip() or "unknown").partition(" ")
+    return f"{role or 'training run'} (pid {pid}"
+
+
+def output_dir_holder(path: str | os.PathLike) -> str | None:
+    """'<role> (pid N' of another live process holding the run lock of the folder `path` (`lock_output_dir`), else None:
+    no lock file, a free one (its run ended, or was killed), or this process's own."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if os.path.realpath(path) in _held_locks:  # closing a second descriptor of the file would drop this process's lock
+        return None
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a read lock: refused while a run holds its write lock
+    except OSError as e:
+        return _holder(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+    finally:
+        os.close(fd)  # drops the read lock taken here, if any
+    return None
 
 
 def claim_output_dir(cfg: TrainConfig, accelerator: Any) -> str | None:

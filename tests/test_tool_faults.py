@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_lora
+from conftest import lock_holder, make_lora
 
 from tcdistill.cli import main
+from tcdistill.export import LORA_WEIGHT_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,3 +67,36 @@ def test_a_prompt_file_not_utf8_or_unreadable_is_one_line_naming_its_flag(tiny_t
     with pytest.raises(SystemExit) as info:
         eval_main(["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--steps", "1", "--prompts", str(latin1)])
     assert str(info.value.code).startswith(f"tcdistill eval: error: --prompts {latin1} is not UTF-8 text")
+
+
+def test_an_output_a_live_training_run_holds_or_with_a_damaged_run_record_is_one_line(
+        tiny_teacher: Path, tmp_path: Path, run_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a training run started on a finished output folder writes its tcdistill_config.json at its start, its weights
+    at its end: meanwhile generate sampled the earlier run's LoRA on the new run's grid (--num_ddim_timesteps 10 where
+    the weights were trained on 50), and refused --steps past it. generate, eval and export now refuse a folder a live run
+    holds, naming its pid; a run record that is not JSON was a bare parser message (eval: a traceback)."""
+    from tcdistill.evaluate import main as eval_main
+
+    out = make_lora(tiny_teacher, tmp_path / "run")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "num_ddim_timesteps": 10}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    gen = ["generate", "--lora", str(out), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
+    runs = {"generate": lambda: main(gen), "export": lambda: main(["export", "--lora", str(out / LORA_WEIGHT_NAME)]),
+            "eval": lambda: eval_main(["--teacher", str(tiny_teacher), "--lora", str(out), "--prompts", str(prompts), "--steps", "1"])}
+    with lock_holder(out, run_env) as holder:
+        for name, run in runs.items():
+            with pytest.raises(SystemExit) as info:
+                run()
+            msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
+            assert f"{out} is in use by a training run (pid {holder.pid}): its tcdistill_config.json is that run's" in msg, (name, msg)
+            assert msg.strip().count("\n") == 0, (name, msg)
+    assert not (tmp_path / "imgs").exists() and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    runs["export"]()  # the run ended: the folder is its own again
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
+    (out / "tcdistill_config.json").write_text('{"pretrained_teacher_model": "/some/tea')  # cut short
+    for name, run in runs.items():
+        with pytest.raises(SystemExit) as info:
+            run()
+        msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
+        assert f"{out / 'tcdistill_config.json'} cannot be read as the run's flags (Unterminated string" in msg, (name, msg)
