@@ -74,6 +74,34 @@ def test_world_shards_feed_the_trainer_data_loader(tmp_path: Path) -> None:
     assert all(c in captions for c in batch["captions"])
 
 
+def test_a_demo_stopped_while_writing_its_world_rewrites_it_on_the_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: the world's shards were written under their final names, and a rerun rewrites them only when the last one is
+    missing: a demo stopped (Ctrl-C) during the last shard left it short but whole-looking, and the rerun distilled from
+    part of the world. Each shard now appears whole or not at all."""
+    import webdataset as wds
+
+    from tcdistill.demo import Budget
+    from tcdistill.demo.stages import PER_SHARD, build_world
+
+    budget = Budget(n_train=PER_SHARD + 3, n_eval=2)
+    render, calls = W.render, []
+
+    def stopped_in_the_last_shard(*a: object, **kw: object) -> object:
+        calls.append(1)
+        if len(calls) == budget.n_train + PER_SHARD + 2:  # images_array renders every scene first
+            raise KeyboardInterrupt
+        return render(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(W, "render", stopped_in_the_last_shard)
+        with pytest.raises(KeyboardInterrupt):
+            build_world(tmp_path, budget, 0, lambda msg: None)
+    world = build_world(tmp_path, budget, 0, lambda msg: None)
+    keys = [s["__key__"] for s in wds.WebDataset(world.shards, shardshuffle=False, empty_check=False)]
+    assert len(keys) == budget.n_train, len(keys)
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary file left beside the shards
+
+
 def test_classifier_reads_the_world(tmp_path: Path) -> None:
     """A short training run already reads most attributes of fresh renders; save/load round-trips."""
     from tcdistill.demo.classifier import accuracy, labels_of, load_classifier, save_classifier, to_tensor, train_classifier

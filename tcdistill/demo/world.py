@@ -129,15 +129,19 @@ def images_array(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
 
 
 def write_world_shards(out_dir: str | Path, scenes: Sequence[Scene], per_shard: int, size: int = 32) -> list[str]:
-    """Write the scenes as webdataset shards of png + txt (lossless: flat colours stay flat)."""
+    """Write the scenes as webdataset shards of png + txt (lossless: flat colours stay flat), each whole or not at all."""
     import webdataset as wds
+
+    from ..checkpoint import atomic_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, start in enumerate(range(0, len(scenes), per_shard)):
         path = out_dir / f"{s:05d}.tar"
-        with wds.TarWriter(str(path)) as sink:
+        # A demo stopped while writing the last shard left it short (a valid tar after Ctrl-C, a cut one after a kill), and
+        # a rerun, finding it, took the world as written and distilled its students from part of it.
+        with atomic_file(path) as tmp, wds.TarWriter(str(tmp)) as sink:
             for i, scene in enumerate(scenes[start:start + per_shard]):
                 buf = io.BytesIO()
                 render(scene, size).save(buf, format="PNG")
