@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import atomic_file
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .families import sd_prompt_states, unet_family
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
@@ -410,4 +411,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = ev.teacher_rows() + ev.student_rows("lora" if args.lora else "unet", student, args.sampler)
     print(format_table(rows))
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": json_rows(rows)}, indent=1))
+        try:
+            with atomic_file(args.output) as tmp:  # a full disk left an earlier JSON cut short, under a traceback
+                tmp.write_text(json.dumps({"settings": vars(args), "rows": json_rows(rows)}, indent=1))
+        except OSError as e:
+            sys.exit(f"tcdistill eval: error: writing --output {args.output} failed ({type(e).__name__}: {first_line(e)}); "
+                     "the table above is complete")

@@ -100,3 +100,29 @@ def test_an_output_a_live_training_run_holds_or_with_a_damaged_run_record_is_one
             run()
         msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
         assert f"{out / 'tcdistill_config.json'} cannot be read as the run's flags (Unterminated string" in msg, (name, msg)
+
+
+def test_an_eval_output_that_cannot_be_written_is_one_line_and_keeps_the_earlier_file(
+        tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `eval --output` was written in place after the sampling: a full disk cut an earlier JSON short under a
+    traceback. It is written whole or not at all, and the failure is one line."""
+    import errno
+
+    from tcdistill.evaluate import main as eval_main
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "rows.json"
+    prompts.write_text("a red circle\n")
+    out.write_text('{"earlier": 1}')
+    write_text = Path.write_text
+
+    def full(path: Path, data: str, *a: Any, **kw: Any) -> int:
+        write_text(path, data[:9], *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--prompts", str(prompts),
+                   "--steps", "1", "--gamma", "0", "--reference_steps", "2", "--output", str(out)])
+    assert str(info.value.code) == (f"tcdistill eval: error: writing --output {out} failed (OSError: [Errno 28] No space left on "
+                                    "device); the table above is complete")
+    assert out.read_text() == '{"earlier": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "rows.json"]
