@@ -102,6 +102,20 @@ def test_a_demo_stopped_while_writing_its_world_rewrites_it_on_the_rerun(tmp_pat
     assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary file left beside the shards
 
 
+def test_a_stage_marker_cut_short_redoes_the_stage(tmp_path: Path) -> None:
+    """QA: a demo killed while writing a stage's demo_stage.json (written in place) left it cut short, and every rerun
+    stopped on a JSONDecodeError traceback; the marker is now written whole or not at all, and one that cannot be read
+    means the stage is redone."""
+    from tcdistill.demo import _cached, _mark
+
+    _mark(tmp_path, "k1", {"spec": 1})
+    assert _cached(tmp_path, "k1") and not _cached(tmp_path, "k2") and not _cached(tmp_path / "none", "k1")
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_stage.json"]
+    for text in ('{"key": "k1", "sp', "[]"):
+        (tmp_path / "demo_stage.json").write_text(text)
+        assert not _cached(tmp_path, "k1")
+
+
 def test_classifier_reads_the_world(tmp_path: Path) -> None:
     """A short training run already reads most attributes of fresh renders; save/load round-trips."""
     from tcdistill.demo.classifier import accuracy, labels_of, load_classifier, save_classifier, to_tensor, train_classifier

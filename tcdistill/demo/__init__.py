@@ -77,11 +77,17 @@ def _key(obj: Any) -> str:
 def _cached(path: Path, key: str) -> bool:
     """True when `path` holds a finished stage made with the same settings (its marker file matches)."""
     marker = path / "demo_stage.json"
-    return marker.exists() and json.loads(marker.read_text()).get("key") == key
+    try:
+        return json.loads(marker.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):  # none, or cut short / not an object (an older demo's): redo the stage
+        return False
 
 
 def _mark(path: Path, key: str, info: dict[str, Any]) -> None:
-    (path / "demo_stage.json").write_text(json.dumps({"key": key, **info}, indent=1, default=str))
+    from ..checkpoint import atomic_file
+
+    with atomic_file(path / "demo_stage.json") as tmp:  # whole or not at all: a cut-short marker failed the next run
+        tmp.write_text(json.dumps({"key": key, **info}, indent=1, default=str))
 
 
 def _log(msg: str) -> None:
