@@ -53,6 +53,12 @@ def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str) -> Path:
     if not getattr(pipe.unet, "peft_config", None):
         raise ValueError(f"{f} has no UNet LoRA weights in diffusers or kohya form (a training checkpoint's "
                          f"lora.safetensors is resume state, not a LoRA to load; use an output's {LORA_WEIGHT_NAME})")
+    # A file lacking some modules' lora_A or lora_B loads without a word, those weights left on the meta device: sampling
+    # then failed in `pipe.to()` with a "Cannot copy out of meta tensor" traceback.
+    missing = [n for n, t in [*pipe.unet.named_parameters(), *pipe.unet.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{f} is not a complete LoRA file: {len(missing)} adapter weight(s) are missing from it, such as "
+                         f"{missing[:2]}; copy it again from its training output")
     return f
 
 

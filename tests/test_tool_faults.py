@@ -126,3 +126,32 @@ def test_an_eval_output_that_cannot_be_written_is_one_line_and_keeps_the_earlier
     assert str(info.value.code) == (f"tcdistill eval: error: writing --output {out} failed (OSError: [Errno 28] No space left on "
                                     "device); the table above is complete")
     assert out.read_text() == '{"earlier": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "rows.json"]
+
+
+def test_a_lora_file_lacking_some_weights_is_one_line_in_generate_and_eval(tiny_teacher: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a LoRA file missing some modules' lora_B weights (a damaged or cut-down copy) loaded silently with those weights
+    on the meta device; generate and eval then stopped in `pipe.to()` on a "Cannot copy out of meta tensor" traceback.
+    (`export` already refused it: test_a_lora_file_missing_half_of_a_pair_is_refused.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tcdistill.evaluate import main as eval_main
+
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    f = lora / LORA_WEIGHT_NAME
+    with safe_open(str(f), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    dropped = [k for k in tensors if ".lora_B." in k][:3]
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(f), metadata=meta)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit):
+        main(["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--prompt", "x", "--steps", "1",
+              "--output_dir", str(tmp_path / "imgs")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"tcdistill generate: error: {f} is not a complete LoRA file: 3 adapter weight(s) are missing"), err
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--teacher", str(tiny_teacher), "--lora", str(lora), "--prompts", str(prompts), "--steps", "1"])
+    assert f"{f} is not a complete LoRA file: 3 adapter weight(s)" in str(info.value.code)
