@@ -200,6 +200,8 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
         "min_image_size": args.min_image_size, "max_pwatermark": args.max_pwatermark,
         "seed": args.seed, "num_samples": n_samples, "skipped": dict(skipped), "shards": shards,
+        # Training refuses a listed shard of another size: one cut short later was read in part, its loss only counted.
+        "shard_bytes": {name: os.path.getsize(os.path.join(args.output_dir, name)) for name in shards},
         "seconds": round(elapsed, 3), "samples_per_s": round(n_samples / max(elapsed, 1e-9), 3),
     }
     _atomic_write(os.path.join(args.output_dir, UNCOND_NAME), save(uncond, metadata={"format": FORMAT}))

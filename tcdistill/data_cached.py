@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from collections import Counter
 from functools import partial
@@ -90,7 +91,28 @@ def read_sidecar(spec: str | list[str]) -> tuple[dict[str, Any], dict[str, Tenso
             raise ConfigError(f"--train_latents_path_or_url: {foreign[0]!r} is not one of the {len(listed)} shard(s) that "
                               f"{root}/{META_NAME} lists ({', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}): "
                               "a leftover of an earlier `tcdistill cache` run, or another cache; use the pattern it printed.")
+    _check_shard_sizes(spec, meta.get("shard_bytes") or {})
     return meta, uncond
+
+
+def _check_shard_sizes(spec: str | list[str], sizes: dict[str, int]) -> None:
+    """Refuse a local cached shard whose size is not the one `tcdistill cache` wrote (caches from before it recorded the
+    sizes are not checked): a shard cut short or deleted after caching was read in part, or not at all, as shard errors
+    counted among the skipped samples, and the run trained on part of the cache."""
+    from .preflight import local_shards
+
+    for url, path in local_shards(expand_urls(spec)):
+        want = sizes.get(_split(url)[1])
+        if want is None:
+            continue
+        try:
+            have: int | None = os.path.getsize(path)
+        except OSError:
+            have = None
+        if have != want:
+            state = "is missing" if have is None else f"holds {have} bytes"
+            raise ConfigError(f"--train_latents_path_or_url: {url} {state} where `tcdistill cache` wrote {want} (deleted, cut "
+                              "short or replaced since); re-run `tcdistill cache`.")
 
 
 def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:
