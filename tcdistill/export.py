@@ -121,6 +121,33 @@ def sgm_module_name(module: str, unet_config: Any) -> str:
     raise ValueError(f"no original-UNet name for the LoRA module {module!r}")
 
 
+def _peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files written through convert_state_dict_to_diffusers name the attention projections `.lora.down/.lora.up`: the
+    state dict with PEFT's `lora_A/lora_B` names throughout."""
+    return {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
+            for k, v in state_dict.items()}
+
+
+def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base: str) -> None:
+    """Refuse a diffusers UNet LoRA whose modules are not in the UNet of `unet_config` (the model `base`), or have other
+    in/out widths there: an SD LoRA exported with an SDXL --base got SDXL's module names and base tag, silently."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # the layout only: no weights allocated
+        modules = dict(UNet2DConditionModel.from_config(unet_config).named_modules())
+    state_dict = _peft_keys(state_dict)
+    for key, down in state_dict.items():
+        if not (key.startswith("unet.") and key.endswith(".lora_A.weight")):
+            continue  # to_kohya names what it cannot convert
+        name = key[len("unet."):-len(".lora_A.weight")]
+        weight = getattr(modules.get(name), "weight", None)
+        up = state_dict.get(key.replace(".lora_A.", ".lora_B."))
+        if weight is None or down.shape[1] != weight.shape[1] or (up is not None and up.shape[0] != weight.shape[0]):
+            found = "no such module" if weight is None else f"weight {list(weight.shape)}"
+            raise ValueError(f"the LoRA does not fit the UNet of {base}: its module {name} ({found} there) belongs to another "
+                             "base model; pass the model it was trained on as --base")
+
+
 def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
              unet_config: Any = None) -> dict[str, torch.Tensor]:
     """Diffusers/PEFT UNet LoRA state dict -> kohya keys with per-module `alpha` = PEFT scale x rank. With an SDXL
@@ -130,9 +157,7 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     conf = _unet_adapter_config(metadata)
     if conf.get("use_dora"):
         raise ValueError("DoRA adapters have no faithful kohya LoRA form; export the plain LoRA only")
-    # Files written through convert_state_dict_to_diffusers name the attention projections `.lora.down/.lora.up`.
-    state_dict = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-                  for k, v in state_dict.items()}
+    state_dict = _peft_keys(state_dict)
     bad = [k for k in state_dict if not k.startswith("unet.") or not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad:
         raise ValueError(f"not a diffusers UNet LoRA file (unexpected keys such as {bad[:3]})")
@@ -217,9 +242,10 @@ def base_unet_config(base: str) -> dict[str, Any]:
         raise ValueError(f"--base {base}: cannot read its unet/config.json ({first_line(e)})") from None
 
 
-def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, unet_config: Any = None) -> str:
+def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, unet_config: Any = None,
+                 base: str = "the given UNet config") -> str:
     """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it).
-    `unet_config`: the LoRA's UNet config (default: an SDXL run's teacher's, `run_unet_config`)."""
+    `unet_config`: the LoRA's UNet config, of the model `base` (default: an SDXL run's teacher's, `run_unet_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -239,12 +265,14 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         from .generate import run_config
 
         run = run_config(str(f))
-        unet_config = run_unet_config(run)
+        unet_config, base = run_unet_config(run), f"the run's teacher {run.get('pretrained_teacher_model')}"
         if unet_config is None and _sdxl_like(state_dict) and not run.get("model_family"):
             print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)
     try:
+        if unet_config is not None:
+            check_lora_fits(state_dict, unet_config, base)
         out = to_kohya(state_dict, metadata, unet_config)
     except ValueError as e:  # a checkpoint's lora.safetensors (bare PEFT keys) is resume state: say where the LoRA is
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
@@ -267,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         from .modelcard import list_in_card
 
-        dst = export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None)
+        dst = export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None, f"--base {args.base}")
         list_in_card(dst)
         print(dst)
     except (OSError, ValueError) as e:  # OSError: an unwritable --output

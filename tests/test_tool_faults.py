@@ -155,3 +155,21 @@ def test_a_lora_file_lacking_some_weights_is_one_line_in_generate_and_eval(tiny_
     with pytest.raises(SystemExit) as info:
         eval_main(["--teacher", str(tiny_teacher), "--lora", str(lora), "--prompts", str(prompts), "--steps", "1"])
     assert f"{f} is not a complete LoRA file: 3 adapter weight(s)" in str(info.value.code)
+
+
+def test_export_with_a_base_the_lora_does_not_fit_is_one_line(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: `export --lora SD_LORA --base SDXL_MODEL` wrote a kohya file without a word: the SD LoRA's modules got SDXL's
+    original-UNet names and the `sdxl_base_v1-0` tag (A1111 then hides it from the SD model it belongs to). A LoRA whose
+    modules are not in --base's UNet, or have other widths there, is refused, either way round; its own base exports."""
+    sd_lora, xl_lora = make_lora(tiny_teacher, tmp_path / "sd"), make_lora(sdxl_teacher, tmp_path / "xl")
+    for lora, base in ((sd_lora, sdxl_teacher), (xl_lora, tiny_teacher)):
+        with pytest.raises(SystemExit) as info:
+            main(["export", "--lora", str(lora), "--base", str(base), "--output", str(tmp_path / "k.safetensors")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith(f"tcdistill export: error: the LoRA does not fit the UNet of --base {base}: "
+                                                       "its module "), err
+        assert "belongs to another base model; pass the model it was trained on as --base" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "k.safetensors").exists()
+    main(["export", "--lora", str(xl_lora), "--base", str(sdxl_teacher), "--output", str(tmp_path / "k.safetensors")])
+    assert (tmp_path / "k.safetensors").is_file()
