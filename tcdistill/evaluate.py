@@ -250,7 +250,12 @@ def world_scorer(classifier_dir: str, prompts: list[str], seed: int) -> Scorer:
     from .demo.classifier import accuracy, labels_of, load_classifier, to_tensor
     from .demo.world import images_array, parse_caption, scene_for
 
-    model = load_classifier(classifier_dir)
+    try:
+        model = load_classifier(classifier_dir)
+    except Exception as e:  # noqa: BLE001 - OSError, JSON errors, safetensors' SafetensorError (neither), a missing key
+        # a cut-short classifier.safetensors was a SafetensorError traceback, a damaged classifier.json a bare parser line
+        raise ValueError(f"--classifier {classifier_dir}: cannot load it ({type(e).__name__}: {first_line(e)}); pass the "
+                         "classifier/ folder that `tcdistill demo` wrote") from None
     attrs = [parse_caption(p) for p in prompts]
     rng = random.Random(seed)
     real = to_tensor(images_array([scene_for(a, rng) for a in attrs]))

@@ -173,3 +173,27 @@ def test_export_with_a_base_the_lora_does_not_fit_is_one_line(tiny_teacher: Path
         assert not (tmp_path / "k.safetensors").exists()
     main(["export", "--lora", str(xl_lora), "--base", str(sdxl_teacher), "--output", str(tmp_path / "k.safetensors")])
     assert (tmp_path / "k.safetensors").is_file()
+
+
+def test_a_damaged_demo_classifier_is_one_line_naming_the_flag(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: `eval --classifier DIR` with a cut-short classifier.safetensors stopped on a SafetensorError traceback, and with
+    a damaged classifier.json on a bare JSON parser line naming no file."""
+    from tcdistill.demo.classifier import AttributeClassifier, save_classifier
+    from tcdistill.evaluate import main as eval_main
+
+    clf = tmp_path / "classifier"
+    save_classifier(AttributeClassifier(), clf)
+    weights = (clf / "classifier.safetensors").read_bytes()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    argv = ["--teacher", str(tiny_teacher), "--unet", str(tiny_teacher / "unet"), "--prompts", str(prompts), "--steps", "1",
+            "--gamma", "0", "--reference_steps", "2", "--classifier", str(clf)]
+    (clf / "classifier.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(SystemExit) as info:
+        eval_main(argv)
+    assert str(info.value.code).startswith(f"tcdistill eval: error: --classifier {clf}: cannot load it (SafetensorError: ")
+    (clf / "classifier.safetensors").write_bytes(weights)
+    (clf / "classifier.json").write_text('{"attributes": {')
+    with pytest.raises(SystemExit) as info:
+        eval_main(argv)
+    assert str(info.value.code).startswith(f"tcdistill eval: error: --classifier {clf}: cannot load it (JSONDecodeError: ")
