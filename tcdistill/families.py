@@ -459,4 +459,26 @@ ModelFamily = SDFamily | SDXLFamily
 def load_family(cfg: TrainConfig, tokenizers: dict[str, Any] | None = None) -> ModelFamily:
     """Load the teacher through the adapter for its family (SD 1.x/2.x by default, or SDXL); `tokenizers`: those
     `teacher_checks.check_teacher_config` already read, by subfolder (the rest load here)."""
-    return FAMILIES[cfg.model_family].load(cfg, tokenizers)
+    from safetensors import SafetensorError
+
+    try:
+        return FAMILIES[cfg.model_family].load(cfg, tokenizers)
+    except SafetensorError as e:  # transformers lets it through: a cut-short text encoder file was a traceback
+        folders = [f for f in (cfg.pretrained_teacher_model, cfg.pretrained_vae_model_name_or_path) if f]
+        raise ConfigError(unreadable_weights(folders, e)) from None
+
+
+def unreadable_weights(folders: Sequence[str], error: Exception) -> str:
+    """The one-line error for a SafetensorError while loading the model folders `folders`: names the first .safetensors file
+    in them whose header cannot be read (else the first folder)."""
+    from safetensors import safe_open
+
+    bad = folders[0]
+    for f in (f for d in folders if Path(d).is_dir() for f in sorted(Path(d).rglob("*.safetensors"))):
+        try:
+            with safe_open(str(f), framework="pt"):
+                continue
+        except Exception:  # noqa: BLE001 - SafetensorError, OSError
+            bad = str(f)
+            break
+    return f"{bad} cannot be read ({first_line(error)}): a weight file cut short or damaged; copy or download it again"

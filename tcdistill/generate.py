@@ -21,7 +21,7 @@ import torch
 from .checkpoint import atomic_file, checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family
+from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family, unreadable_weights
 from .models import DTYPES
 from .preflight import check_output_dir, output_dir_holder, resolve_device
 from .teacher_checks import check_clip_skip
@@ -169,10 +169,15 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
     """`cls.from_pretrained(base, **kw)` in `dtype`: from the base's variant files where it holds only those (a base saved
     with fp16 variant files loads only when asked for them), and with an SD base's projection text encoder as the
     CLIPTextModel training conditions on (`sd_text_encoder`)."""
+    from safetensors import SafetensorError
+
     variant = pipeline_variant(base)
-    if cls.__name__ == "StableDiffusionPipeline":
-        kw.update(sd_text_encoder(base, dtype, variant))
-    return cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
+    try:
+        if cls.__name__ == "StableDiffusionPipeline":
+            kw.update(sd_text_encoder(base, dtype, variant))
+        return cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
+    except SafetensorError as e:  # transformers lets it through: a cut-short text encoder file was a traceback
+        raise ValueError(unreadable_weights([base], e)) from None
 
 
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,

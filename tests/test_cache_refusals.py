@@ -393,3 +393,18 @@ def test_a_cached_shard_cut_short_or_deleted_after_caching_is_refused(tiny_teach
     del meta["shard_bytes"]  # a cache made before the sizes were recorded: not checked
     (out / META_NAME).write_text(json.dumps(meta))
     read_sidecar(both)
+
+
+def test_a_teacher_with_a_cut_short_weight_file_is_one_line_naming_it(tiny_teacher: Path, one_shard: str, tmp_path: Path) -> None:
+    """QA: a teacher whose text encoder weights were cut short (an interrupted copy or download) stopped `tcdistill cache`
+    (and training, which loads it the same way) on a SafetensorError traceback: transformers lets it through."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    damaged = teacher / "text_encoder" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as info:
+        make_cache(teacher, one_shard, tmp_path / "cache")
+    assert str(info.value.code) == (f"tcdistill cache: error: {damaged} cannot be read (Error while deserializing header: invalid "
+                                    "header length): a weight file cut short or damaged; copy or download it again")

@@ -197,3 +197,28 @@ def test_a_damaged_demo_classifier_is_one_line_naming_the_flag(tiny_teacher: Pat
     with pytest.raises(SystemExit) as info:
         eval_main(argv)
     assert str(info.value.code).startswith(f"tcdistill eval: error: --classifier {clf}: cannot load it (JSONDecodeError: ")
+
+
+def test_a_base_with_a_cut_short_weight_file_is_one_line_naming_it(tiny_teacher: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a base (generate --base, eval --teacher) whose text encoder weights were cut short (an interrupted copy or
+    download) stopped on a SafetensorError traceback: transformers lets it through. One line names the file now."""
+    import shutil
+
+    from tcdistill.evaluate import main as eval_main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_teacher, base)
+    damaged = base / "text_encoder" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit):
+        main(["generate", "--lora", str(lora), "--base", str(base), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "i")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"tcdistill generate: error: {damaged} cannot be read ("), err
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--teacher", str(base), "--lora", str(lora), "--prompts", str(prompts), "--steps", "1"])
+    assert str(info.value.code).startswith(f"tcdistill eval: error: {damaged} cannot be read (")
+    assert str(info.value.code).endswith("a weight file cut short or damaged; copy or download it again")
