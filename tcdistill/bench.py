@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import ConfigError, DefaultsHelpFormatter, TrainConfig, field_type, one_line
+from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig, field_type, one_line
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -318,7 +318,7 @@ def format_run(run: dict[str, Any], header: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcdistill bench", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill bench", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: the offline tiny pipeline (CPU); sd15: SD 1.5 architecture, random weights.")
     p.add_argument("--variant", default="full", help="full, lora, or a comma list (full,lora).")
     g = p.add_mutually_exclusive_group()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_file
-from .config import ConfigError, DefaultsHelpFormatter, TrainConfig
+from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig
 from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES
@@ -70,7 +70,7 @@ class _OnePass(ImageTextShards):
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `tcdistill cache` (data flags mean what they mean for training)."""
-    p = argparse.ArgumentParser(prog="tcdistill cache", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill cache", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--pretrained_teacher_model", required=True, help="Teacher pipeline: hub id or local diffusers folder.")
     p.add_argument("--model_family", default="sd", choices=["sd", "sdxl"], help="Teacher family (as the entry script sets it).")
     p.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A different VAE (as for training).")

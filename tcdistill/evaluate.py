@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_file
-from .config import TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
+from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
 from .families import sd_prompt_states, unet_family
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
                        resolve_unet_dir, run_config, run_guidance, run_sampling)
@@ -335,7 +335,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--unet", help=UNET_HELP)

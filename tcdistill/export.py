@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import DefaultsHelpFormatter, first_line
+from .config import DefaultsHelpFormatter, OneLineParser, first_line
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -285,7 +285,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill export --lora DIR_OR_FILE [--output PATH]`."""
-    p = argparse.ArgumentParser(prog="tcdistill export", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill export", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lora", required=True, help=f"A LoRA training output folder (with {LORA_WEIGHT_NAME}) or a diffusers LoRA .safetensors file.")
     p.add_argument("--output", default=None, help=f"Output file (default: {KOHYA_WEIGHT_NAME} beside the input). Written into a "
                    "training output folder, it is added to the file list of the model card (README.md) there.")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, check_seed, first_line
+from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family, unreadable_weights
 from .models import DTYPES
@@ -333,7 +333,7 @@ CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcdistill generate", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill generate", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--unet", help=UNET_HELP)
     src.add_argument("--lora", help=LORA_HELP)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import DefaultsHelpFormatter
+from ..config import DefaultsHelpFormatter, OneLineParser
 
 logger = logging.getLogger("tcdistill.demo")
 
@@ -58,7 +58,7 @@ GUIDANCE_SCALE = 3.0  # teacher CFG scale at evaluation = w + 1 with w = 2, the 
 
 def build_parser() -> argparse.ArgumentParser:
     b = Budget()
-    p = argparse.ArgumentParser(prog="tcdistill demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = OneLineParser(prog="tcdistill demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--output_dir", default="demo-out", help="Where the world, models, report and grids go.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the world, every training run and the evaluation noise.")
     p.add_argument("--teacher_steps", type=int, default=None, help=f"Teacher UNet training steps (default {b.teacher_steps}).")
