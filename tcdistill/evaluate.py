@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_file
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
-from .families import sd_prompt_states, unet_family
+from .families import unet_family
+from .prompts import sd_prompt_states
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
                        resolve_unet_dir, run_config, run_guidance, run_sampling)
 from .models import UNetDenoiser

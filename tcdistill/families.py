@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, TrainConfig, first_line
+from .prompts import sd_prompt_states, tokenize
 from .tcd import Cond
 
 
@@ -156,54 +157,6 @@ def ddpm_schedule(config: Any) -> Any:
 def load_noise_scheduler(cfg: TrainConfig) -> Any:
     """The teacher's noise schedule as a DDPMScheduler (`ddpm_schedule` of its scheduler config)."""
     return ddpm_schedule(teacher_scheduler_config(cfg))
-
-
-def _tokens(tokenizer: Any, captions: list[str]) -> Any:
-    """The tokenizer's output (ids and padding mask) padded (and truncated) to its own max length, no hard-coded 77: how SD
-    pipelines tokenize. As they do, a multi-vector textual-inversion token the tokenizer holds (`<tok>` with added
-    `<tok>_1`, ...; a fine-tune saved after `load_textual_inversion`) is first expanded to all its vectors."""
-    added = tokenizer.added_tokens_encoder
-    if any(f"{t}_1" in added for t in added):  # else the expansion changes nothing (and its untruncated pass warns)
-        from diffusers.loaders import TextualInversionLoaderMixin
-
-        captions = TextualInversionLoaderMixin().maybe_convert_prompt(list(captions), tokenizer)
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-
-
-def tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
-    """Token ids as SD pipelines tokenize (`_tokens`)."""
-    return _tokens(tokenizer, captions).input_ids
-
-
-def sd_prompt_states(tokenizer: Any, text_encoder: nn.Module, captions: list[str], device: torch.device,
-                     clip_skip: int | None = None) -> Tensor:
-    """StableDiffusionPipeline.encode_prompt's prompt states: the last hidden state of `tokenize`'s ids, with the padding
-    mask passed only where the text encoder's config sets `use_attention_mask`, as that pipeline does (the pad positions'
-    states differ with it: the teacher must be conditioned as it samples); with `clip_skip` N, the hidden state N layers
-    before the last through the encoder's final layer norm, as that pipeline's `clip_skip`."""
-    enc = _tokens(tokenizer, captions)
-    mask = enc.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    if clip_skip is None:
-        return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
-    out = text_encoder(enc.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
-    # transformers >= 5.6 flattened CLIPTextModel (no `text_model`: its final_layer_norm is its own); before, nested.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
-
-
-def pipeline_prompts(pipe: Any, prompts: str | list[str], clip_skip: int | None) -> dict[str, Any]:
-    """The prompt arguments of a pipeline call that encodes `prompts` under `clip_skip`: the prompts alone without it; SDXL's
-    pipeline with its `clip_skip`; for SD's, the states themselves (`sd_prompt_states`; the negative: those of "", as
-    training's unconditional prompt), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`,
-    which transformers >= 5.6's CLIPTextModel lacks (an AttributeError; diffusers issue 14124)."""
-    if clip_skip is None:
-        return {"prompt": prompts}
-    if "text_encoder_2" in pipe.components:
-        return {"prompt": prompts, "clip_skip": clip_skip}
-    captions, device = [prompts] if isinstance(prompts, str) else list(prompts), pipe._execution_device
-    with torch.no_grad():
-        cond = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip)
-        neg = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, [""], device, clip_skip).expand_as(cond)
-    return {"prompt_embeds": cond, "negative_prompt_embeds": neg}
 
 
 def _freeze(*modules: nn.Module) -> None:

@@ -21,7 +21,8 @@ import torch
 from .checkpoint import atomic_file, checkpoint_hint
 from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import PROMPT_COMPONENTS, absent_components, pipeline_prompts, pipeline_variant, unet_family, unreadable_weights
+from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family, unreadable_weights
+from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, output_dir_holder, resolve_device
 from .teacher_checks import check_clip_skip

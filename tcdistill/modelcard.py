@@ -79,7 +79,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     skip = "" if cfg.clip_skip is None else f", clip_skip={cfg.clip_skip}"
     prompt = f"\"a photo of a cat\", height={size}, width={size}{skip}"
     head = f"import torch\nfrom diffusers import {pipe_cls}, {name}"
-    if skip and cfg.model_family == "sd":  # families.pipeline_prompts: what tcdistill generate does instead
+    if skip and cfg.model_family == "sd":  # prompts.pipeline_prompts: what tcdistill generate does instead
         head = ("# clip_skip: StableDiffusionPipeline's needs transformers < 5.6 (diffusers issue 14124); `tcdistill generate`"
                 f" works with any\n{head}")
     vae = ""

@@ -80,7 +80,7 @@ def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale:
                 clip_skip: int | None = None) -> list[list[np.ndarray]]:
     """Rows = prompts, columns = step counts; the same seed per prompt across columns; prompts encoded under the run's
     --clip_skip (`clip_skip`), as training conditioned the student."""
-    from .families import pipeline_prompts
+    from .prompts import pipeline_prompts
 
     rows = []
     for p_idx, prompt in enumerate(prompts):

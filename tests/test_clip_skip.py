@@ -35,7 +35,8 @@ def shim_sd_pipeline_clip_skip(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sd_states_equal_the_pipelines_clip_skip(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The family's conditioning and unconditional prompt under --clip_skip N: the pipeline's encode_prompt(clip_skip=N),
     to 0 (the encoding of "" too, which training takes with the same N)."""
-    from tcdistill.families import SDFamily, sd_prompt_states
+    from tcdistill.families import SDFamily
+    from tcdistill.prompts import sd_prompt_states
     from tcdistill.tiny import build_tiny_sd_pipeline
 
     shim_sd_pipeline_clip_skip(monkeypatch)

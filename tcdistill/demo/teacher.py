@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..families import tokenize
+from ..prompts import tokenize
 from ..schedule import NoiseSchedule
 from ..tcd import ema_update
 from .classifier import to_tensor
