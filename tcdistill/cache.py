@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_pwatermark", type=float, default=None, help="Skip samples whose json pwatermark exceeds this (default 1.0 = off; SDXL: 0.5, as its scripts).")
     p.add_argument("--batch_size", type=int, default=32, help="Images per VAE/text-encoder call.")
     p.add_argument("--encode_dtype", default="fp32", choices=list(DTYPES), help="Dtype of the VAE and text encoder while caching "
-                   "(SDXL's own VAE stays fp32 under fp16, as in training, unless --pretrained_vae_model_name_or_path gives an fp16-safe one).")
+                   "(an SDXL VAE whose config sets force_upcast, as SDXL's own, stays fp32 under fp16, as in training).")
     p.add_argument("--storage_dtype", default="fp16", choices=list(STORAGE), help="Dtype of the stored arrays.")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the crops/flips.")

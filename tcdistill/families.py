@@ -300,14 +300,14 @@ class SDXLFamily:
     # (the unconditional prompt, where it is not zeros) takes it too, as the prompt dropout the teacher was trained with
     # gave it; diffusers' pipelines leave their negative prompt at the default layer (a known asymmetry of their CFG).
     def __init__(self, tokenizers: tuple[Any, Any], text_encoders: tuple[nn.Module, nn.Module], vae: nn.Module, unet: nn.Module,
-                 noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False, vae_fp16_safe: bool = False,
+                 noise_scheduler: Any, resolution: int = 1024, fix_crop_and_size: bool = False,
                  force_zeros_for_empty_prompt: bool = True, clip_skip: int | None = None):
         self.tokenizer, self.tokenizer_2 = tokenizers
         self.text_encoder, self.text_encoder_2 = text_encoders
         self.vae, self.unet = vae, unet
         self.noise_scheduler = noise_scheduler
         self.scheduler_config = dict(noise_scheduler.config)
-        self.resolution, self.fix_crop_and_size, self.vae_fp16_safe = resolution, fix_crop_and_size, vae_fp16_safe
+        self.resolution, self.fix_crop_and_size = resolution, fix_crop_and_size
         self.force_zeros_for_empty_prompt, self.clip_skip = force_zeros_for_empty_prompt, clip_skip
         self._uncond: tuple[Tensor, Tensor] | None = None
         _freeze(*text_encoders, vae, unet)
@@ -329,15 +329,16 @@ class SDXLFamily:
             noise_scheduler=load_noise_scheduler(cfg),
             resolution=cfg.resolution,
             fix_crop_and_size=cfg.use_fix_crop_and_size,
-            vae_fp16_safe=bool(cfg.pretrained_vae_model_name_or_path),
             force_zeros_for_empty_prompt=sdxl_force_zeros(cfg),
             clip_skip=cfg.clip_skip,
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Text encoders in the weight dtype; the VAE too, except SDXL's own VAE under fp16, which overflows there
-        (its config sets `force_upcast`), so it stays fp32 unless an fp16-safe VAE was passed (diffusers' SDXL scripts)."""
-        upcast = dtype == torch.float16 and not self.vae_fp16_safe and self.vae.config.get("force_upcast", True)
+        """Text encoders in the weight dtype; the VAE too, except under fp16 a VAE whose config sets `force_upcast` (SDXL's
+        own, which overflows in fp16) stays fp32, as the SDXL pipeline upcasts it to decode. The fp16-fix VAE sets it false
+        and runs in fp16; diffusers' SDXL scripts cast any --pretrained_vae_model_name_or_path to fp16, which for a passed
+        copy of SDXL's own VAE (stabilityai/sdxl-vae) made NaN latents."""
+        upcast = dtype == torch.float16 and bool(self.vae.config.get("force_upcast", True))
         self.vae.to(device, dtype=torch.float32 if upcast else dtype)
         self.text_encoder.to(device, dtype=dtype)
         self.text_encoder_2.to(device, dtype=dtype)

@@ -116,8 +116,8 @@ class Trainer(StepGuard):
             prepare_cached_training(cfg, family)  # checks the cache against the teacher; drops the VAE encoder
         self.schedule = NoiseSchedule.from_scheduler(family.noise_scheduler).to(self.device)
         self.latent_norm = latent_normalization(family.vae.config, family.name)  # SDXL VAEs with latents_mean/std
-        # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; pass an
-        # fp16-safe VAE with --pretrained_vae_model_name_or_path for SDXL-style VAEs).
+        # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; an SDXL VAE that
+        # sets force_upcast stays fp32 under fp16: pass the fp16-fix VAE with --pretrained_vae_model_name_or_path).
         family.to(self.device, self.weight_dtype)
         self.strategy = make_strategy(cfg, family, self.weight_dtype)
         self.strategy.to(self.device)

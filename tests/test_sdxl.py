@@ -137,19 +137,32 @@ def test_only_text_time_conditioning_makes_an_sdxl_unet(embed: str | None, famil
     assert unet_family({"addition_embed_type": embed}) == family
 
 
-@pytest.mark.parametrize("own_vae", [False, True])
-def test_fp16_keeps_sdxls_own_vae_fp32_but_not_a_passed_one(sdxl_teacher: Path, own_vae: bool) -> None:
-    """SDXL's VAE overflows in fp16 (its config sets force_upcast): it stays fp32. A --pretrained_vae_model_name_or_path
-    (the fp16-fix VAE diffusers' SDXL scripts pass) is taken as fp16-safe and runs in fp16, as there."""
+@pytest.mark.parametrize("passed", [False, True])
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_fp16_keeps_a_force_upcast_vae_fp32(sdxl_teacher: Path, tmp_path: Path, passed: bool, force_upcast: bool) -> None:
+    """Under fp16 a VAE whose config sets force_upcast (SDXL's own, which overflows in fp16) stays fp32, as the SDXL pipeline
+    upcasts it; the fp16-fix VAE (force_upcast false) runs in fp16. QA: a --pretrained_vae_model_name_or_path was taken as
+    fp16-safe whatever its config said, so a passed copy of SDXL's own VAE (stabilityai/sdxl-vae) encoded in fp16."""
+    import shutil
+
     from tcdistill.config import TrainConfig
     from tcdistill.families import SDXLFamily
 
-    cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url="x.tar", resolution=32, max_train_steps=1,
-                      model_family="sdxl", pretrained_vae_model_name_or_path=None if own_vae else str(sdxl_teacher / "vae"))
+    teacher = sdxl_teacher
+    vae = tmp_path / "vae"
+    shutil.copytree(sdxl_teacher / "vae", vae)
+    conf = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**conf, "force_upcast": force_upcast}))
+    if not passed:  # the teacher's own VAE says it
+        teacher = tmp_path / "teacher"
+        shutil.copytree(sdxl_teacher, teacher, ignore=shutil.ignore_patterns("vae"))
+        shutil.copytree(vae, teacher / "vae")
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), train_shards_path_or_url="x.tar", resolution=32, max_train_steps=1,
+                      model_family="sdxl", pretrained_vae_model_name_or_path=str(vae) if passed else None)
     fam = SDXLFamily.load(cfg)
-    assert fam.vae.config.force_upcast
     fam.to(torch.device("cpu"), torch.float16)
-    assert next(fam.vae.parameters()).dtype == (torch.float32 if own_vae else torch.float16)
+    assert next(fam.vae.parameters()).dtype == (torch.float32 if force_upcast else torch.float16)
+    assert next(fam.text_encoder_2.parameters()).dtype == torch.float16
 
 
 def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
