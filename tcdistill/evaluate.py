@@ -89,8 +89,12 @@ def load_teacher(teacher: str) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
-    if PIPELINE_CLASSES.get(name, ("", ""))[1] != "sd":  # an SD model saved from its img2img pipeline is one
-        raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD (StableDiffusionPipeline) teachers only")
+    family = PIPELINE_CLASSES.get(name, ("", ""))[1]
+    if family != "sd":  # an SD model saved from its img2img pipeline is one
+        # Its sampler and metrics take SD's prompt states alone (no pooled prompt or SDXL size/crop ids).
+        hint = "; sample an SDXL student with `tcdistill generate` instead" if family == "sdxl" else ""
+        raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD 1.x/2.x (StableDiffusionPipeline) "
+                         f"teachers only{hint}")
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
     pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, safety_checker=None, requires_safety_checker=False)

@@ -118,6 +118,15 @@ def test_eval_cli_refusals_are_one_line(tiny_teacher, tmp_path) -> None:
             main(base + extra)
 
 
+def test_eval_refuses_an_sdxl_teacher_in_one_line(sdxl_teacher, tmp_path) -> None:
+    """QA: an SDXL teacher was refused with no word on what to do instead (and the README did not say eval is SD-only)."""
+    from tcdistill.evaluate import main
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit, match=r"--teacher .* StableDiffusionXLPipeline; .*SD 1.x/2.x .*teachers only; .*tcdistill generate"):
+        main(["--teacher", str(sdxl_teacher), "--unet", str(sdxl_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"), "--steps", "1"])
+
+
 def test_eval_samples_an_lcm_run_with_lcm(tiny_teacher, tmp_path) -> None:
     """An LCM-mode run is evaluated with the LCM sampler by default (it was always TCD unless --sampler lcm was given)."""
     import json
