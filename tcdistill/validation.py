@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -75,6 +76,27 @@ def build_pipeline(family: ModelFamily, unet: torch.nn.Module, cfg: Any) -> Any:
     return family.pipeline(unet, scheduler)
 
 
+@contextlib.contextmanager
+def fp32_vae_decode(vae: torch.nn.Module) -> Iterator[None]:
+    """A VAE held in fp32 (SDXL's own under fp16: `SDXLFamily.to`, force_upcast) decodes in fp32, outside the enclosing
+    autocast: under validation's fp16 autocast its convs ran in fp16 and overflow there (NaN, black validation images;
+    diffusers issues 4325, 5209). The pipeline hands it latents in the prompt dtype, so they are cast to the VAE's."""
+    if next(vae.parameters()).dtype != torch.float32:
+        yield
+        return
+    decode = vae.decode
+
+    def decode_fp32(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.float(), *args, **kwargs)
+
+    vae.decode = decode_fp32  # an instance attribute over the method, removed again below
+    try:
+        yield
+    finally:
+        del vae.decode
+
+
 @torch.no_grad()
 def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale: float, gamma: float, seed: int, resolution: int,
                 clip_skip: int | None = None) -> list[list[np.ndarray]]:
@@ -83,14 +105,15 @@ def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale:
     from .prompts import pipeline_prompts
 
     rows = []
-    for p_idx, prompt in enumerate(prompts):
-        row = []
-        for n in steps:
-            gen = torch.Generator(device="cpu").manual_seed(seed + p_idx)
-            out = pipe(**pipeline_prompts(pipe, prompt, clip_skip), num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma,
-                       generator=gen, height=resolution, width=resolution, output_type="np").images[0]
-            row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-        rows.append(row)
+    with fp32_vae_decode(pipe.vae):
+        for p_idx, prompt in enumerate(prompts):
+            row = []
+            for n in steps:
+                gen = torch.Generator(device="cpu").manual_seed(seed + p_idx)
+                out = pipe(**pipeline_prompts(pipe, prompt, clip_skip), num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma,
+                           generator=gen, height=resolution, width=resolution, output_type="np").images[0]
+                row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+            rows.append(row)
     return rows
 
 

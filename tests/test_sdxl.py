@@ -165,6 +165,28 @@ def test_fp16_keeps_a_force_upcast_vae_fp32(sdxl_teacher: Path, tmp_path: Path, 
     assert next(fam.text_encoder_2.parameters()).dtype == torch.float16
 
 
+def test_validation_decodes_an_fp32_vae_in_fp32_under_fp16_autocast(sdxl_teacher: Path) -> None:
+    """QA: validation samples under the run's autocast; under fp16 the SDXL VAE kept fp32 (force_upcast) still decoded
+    with fp16 convs there, where SDXL's VAE overflows (black validation grids, diffusers issues 4325, 5209)."""
+    from tcdistill.config import TrainConfig
+    from tcdistill.families import SDXLFamily
+    from tcdistill.validation import build_pipeline, sample_grid
+
+    cfg = TrainConfig(pretrained_teacher_model=str(sdxl_teacher), train_shards_path_or_url="x.tar", resolution=16, max_train_steps=1,
+                      model_family="sdxl", variant="lora")
+    fam = SDXLFamily.load(cfg)
+    fam.to(torch.device("cpu"), torch.float16)
+    assert fam.vae.dtype == torch.float32
+    seen: list[torch.dtype] = []
+    fam.vae.decoder.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    pipe = build_pipeline(fam, fam.unet.to(torch.float16), cfg)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        rows = sample_grid(pipe, [PROMPT], [1], 0.0, 0.3, 0, 16)
+    assert seen == [torch.float32] and rows[0][0].shape == (16, 16, 3)
+    assert "decode" not in vars(fam.vae)  # the fp32 decode is undone after sampling
+
+
 def test_tokenizers_of_unequal_length_refused(sdxl_teacher: Path, tmp_path: Path) -> None:
     """Tokenizers padding to different lengths cannot be concatenated per token: one ConfigError before any weights load."""
     from tcdistill.config import ConfigError
