@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def train_flags(meta: dict[str, Any]) -> list[str]:
-    """The training flags that match the cache `meta` describes (pattern, resolution, family, fixed data settings)."""
+    """The training flags that match the cache `meta` describes (pattern, resolution, family, clip skip, fixed data settings)."""
     # Each data setting the cache fixed that the family's scripts would not is named (their defaults left out): a run given
     # them gets neither a "has no effect" warning nor the --use_fix_crop_and_size refusal of prepare_cached_training.
     from .families import script_defaults
@@ -338,6 +338,8 @@ def train_flags(meta: dict[str, Any]) -> list[str]:
     flags = [f"--train_latents_path_or_url={shlex.quote(meta['pattern'])}", f"--resolution={meta['resolution']}"]
     if family != defaults["model_family"]:  # the SDXL scripts take it as given; `tcdistill train-*` needs it
         flags.append(f"--model_family={family}")
+    if meta.get("clip_skip") is not None:  # the cached prompt states' layer: training refuses a run without it
+        flags.append(f"--clip_skip={meta['clip_skip']}")
     for key in ("center_crop", "random_flip", "use_fix_crop_and_size"):
         if meta.get(key) and not defaults[key]:
             flags.append(f"--{key}")

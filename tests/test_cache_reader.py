@@ -57,3 +57,11 @@ def test_printed_train_flags_name_the_family_and_only_what_differs_from_its_scri
     sdxl = dict(meta, model_family="sdxl", center_crop=False, random_flip=True, min_image_size=700, max_pwatermark=0.3,
                 interpolation_type="lanczos")
     assert train_flags(sdxl)[2:] == ["--model_family=sdxl", "--random_flip", "--interpolation_type=lanczos", "--max_pwatermark=0.3"]
+
+
+def test_printed_train_flags_carry_the_caches_clip_skip() -> None:
+    """QA review: a cache made with --clip_skip printed `train with:` flags without it, and the run they gave was refused
+    ("the cache's prompt states were made with clip skip 2")."""
+    meta = dict(pattern="c/{00000..00001}.tar", resolution=32, model_family="sd", clip_skip=2)
+    assert "--clip_skip=2" in train_flags(meta)
+    assert not any(f.startswith("--clip_skip") for f in train_flags(dict(meta, clip_skip=None)))
