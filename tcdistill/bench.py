@@ -398,8 +398,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tcdistill-bench-") if owned else args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        assets = prepare_assets(args.preset, work, args.resolution, need_teacher=not args.data_only,
-                                need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
+        assets = prepare_assets(args.preset, work, args.resolution, clip_skip={**args.set_fields, **args.opt_set_fields}.get("clip_skip"),
+                                need_teacher=not args.data_only, need_cache=modes != ["reference-like"] and not args.no_cache and not args.data_only)
         cuda = torch.cuda.is_available()
         name = torch.cuda.get_device_name() if cuda else "cpu"
         peak, peak_src = device_peak_tflops(name, args.peak_tflops) if cuda or args.peak_tflops else (None, "CPU: no MFU (pass --peak_tflops)")

@@ -71,9 +71,10 @@ def build_sd15_pipeline(save_dir: Path, resolution: int) -> None:
     pipe.save_pretrained(str(save_dir), safe_serialization=True)
 
 
-def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool, need_teacher: bool = True) -> Assets:
+def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool, need_teacher: bool = True,
+                   clip_skip: int | None = None) -> Assets:
     """Teacher (if needed: `--data-only` reads only the shards), synthetic shards at the preset's resolution and (if
-    needed) their cache; reused when already in `work`."""
+    needed) their cache, its prompt states at `clip_skip` (the cached mode's --clip_skip); reused when already in `work`."""
     from .tiny import build_tiny_sd_pipeline, shard_pattern, write_tiny_shards
 
     teacher = work / f"{preset}-teacher-{resolution}"
@@ -95,13 +96,15 @@ def prepare_assets(preset: str, work: Path, resolution: int, need_cache: bool, n
     if need_cache:
         from .cache import build_parser as cache_parser, run_cache
 
-        cache_dir = work / f"{preset}-cache-{resolution}"
+        # Training refuses a cache of another clip skip than its own: one folder per value (`--set clip_skip=N`).
+        cache_dir = work / f"{preset}-cache-{resolution}{f'-clip_skip{clip_skip}' if clip_skip is not None else ''}"
         meta_path = cache_dir / "tcdistill_cache.json"
         if meta_path.exists():
             info = json.loads(meta_path.read_text())
         else:
             info = run_cache(cache_parser().parse_args([
                 "--pretrained_teacher_model", str(teacher), "--train_shards_path_or_url", assets.shards,
-                "--output_dir", str(cache_dir), "--resolution", str(resolution)]))
+                "--output_dir", str(cache_dir), "--resolution", str(resolution),
+                *(["--clip_skip", str(clip_skip)] if clip_skip is not None else [])]))
         assets.cached, assets.cache_info = shard_pattern(cache_dir, len(info["shards"])), info
     return assets

@@ -390,3 +390,11 @@ def test_an_explicit_peak_gives_the_mfu_on_cpu_too(tmp_path: Path, capsys: pytes
     assert res["peak_tflops"] == 0.5 and res["peak_source"] == "--peak_tflops"
     assert ref["mfu"] == pytest.approx(ref["achieved_tflops"] / 0.5)
     assert f"{100 * ref['mfu']:.1f}%" in capsys.readouterr().out
+
+
+def test_a_set_clip_skip_gets_a_cache_of_its_clip_skip(tmp_path: Path) -> None:
+    """QA review: `--set clip_skip=1` trained the optimised mode on the bench's own cache, made without it, and stopped
+    ("the cache's prompt states were made with clip skip unset; ... re-run `tcdistill cache --clip_skip 1`")."""
+    res = bench_main(["--preset", "tiny", "--variant", "lora", "--set", "clip_skip=1", "--steps", "1", "--warmup", "0",
+                      "--split-steps", "0", "--batch_size", "1", "--resolution", "16", "--threads", "1", "--workdir", str(tmp_path)])
+    assert res["cache"]["clip_skip"] == 1 and _finite(res["runs"][0]["modes"]["optimised"]["samples_per_s"])
