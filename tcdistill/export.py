@@ -13,7 +13,6 @@ matches directly, as ComfyUI and diffusers' kohya loader do.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
