@@ -269,6 +269,10 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
             print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)
+    else:  # --base: the run's flags are not needed, but a folder a live run holds has no finished LoRA (an earlier run's)
+        from .generate import refuse_live_run
+
+        refuse_live_run(f)
     try:
         if unet_config is not None:
             check_lora_fits(state_dict, unet_config, base)

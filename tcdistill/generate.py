@@ -31,12 +31,10 @@ from .validation import sampling_hw
 FULL_MODEL_GUIDANCE = 8.0
 
 
-def run_config(path: str | None) -> dict[str, Any]:
-    """The training run's saved flags next to an output (its folder or the folder above), or {}. An output folder that a
-    live training run holds is refused: that run wrote its flags at its start, over those of the weights there (an earlier
-    run's, sampled on the new run's grid), and writes its own weights only at its end."""
-    if not path:
-        return {}
+def refuse_live_run(path: str | os.PathLike) -> Path | None:
+    """The folder holding the run record of the output `path` (its folder or the folder above), or None; refused in one
+    line where a live training run holds the folder: that run wrote its flags at its start, over those of the weights there
+    (an earlier run's, sampled on the new run's grid), and writes its own weights only at its end."""
     p = Path(path)
     for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
         holder = output_dir_holder(d)
@@ -44,14 +42,22 @@ def run_config(path: str | None) -> dict[str, Any]:
             raise ValueError(f"{d} is in use by a {holder}): its {RUN_CONFIG} is that run's and its weights are not yet; "
                              "wait for the run to end, or pass a finished output")
         if (d / RUN_CONFIG).is_file():
-            try:
-                run = json.loads((d / RUN_CONFIG).read_text(encoding="utf-8"))
-            except (ValueError, OSError) as e:  # JSON and decoding errors: the bare parser message named no file
-                raise ValueError(f"{d / RUN_CONFIG} cannot be read as the run's flags ({first_line(e)}); restore it from the "
-                                 "training run, or remove it and pass --base") from None
-            if not isinstance(run, dict):
-                raise ValueError(f"{d / RUN_CONFIG} is not a JSON object of the run's flags; restore it from the training run")
-            return run
+            return d
+    return None
+
+
+def run_config(path: str | None) -> dict[str, Any]:
+    """The training run's saved flags next to an output (`refuse_live_run`), or {}."""
+    d = refuse_live_run(path) if path else None
+    if d is not None:
+        try:
+            run = json.loads((d / RUN_CONFIG).read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # JSON and decoding errors: the bare parser message named no file
+            raise ValueError(f"{d / RUN_CONFIG} cannot be read as the run's flags ({first_line(e)}); restore it from the "
+                             "training run, or remove it and pass --base") from None
+        if not isinstance(run, dict):
+            raise ValueError(f"{d / RUN_CONFIG} is not a JSON object of the run's flags; restore it from the training run")
+        return run
     return {}
 
 

@@ -91,6 +91,11 @@ def test_an_output_a_live_training_run_holds_or_with_a_damaged_run_record_is_one
             msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
             assert f"{out} is in use by a training run (pid {holder.pid}): its tcdistill_config.json is that run's" in msg, (name, msg)
             assert msg.strip().count("\n") == 0, (name, msg)
+        # QA review: with --base, export read no run record and so skipped the check: it exported the earlier run's LoRA
+        # beside the live run's future one, and listed it in a model card the live run rewrites at its end.
+        with pytest.raises(SystemExit):
+            main(["export", "--lora", str(out), "--base", str(tiny_teacher)])
+        assert f"{out} is in use by a training run (pid {holder.pid})" in capsys.readouterr().err
     assert not (tmp_path / "imgs").exists() and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
     runs["export"]()  # the run ended: the folder is its own again
     assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
