@@ -45,6 +45,18 @@ def gray16(size: tuple[int, int], value: int) -> Image.Image:
     return Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint16))
 
 
+def png_with_trns(img: Image.Image, gray: int) -> bytes:
+    """`img` as PNG with a grayscale tRNS chunk (`gray` is transparent), added by hand after the IHDR chunk: Pillow 10.0
+    (the lowest pyproject allows) cannot save a 16-bit grayscale PNG with transparency."""
+    import struct
+    import zlib
+
+    png = image_bytes(img, "PNG")
+    at = 8 + 4 + 4 + 13 + 4  # signature, then IHDR's length, type, 13 data bytes and CRC
+    body = b"tRNS" + struct.pack(">H", gray)
+    return png[:at] + struct.pack(">I", 2) + body + struct.pack(">I", zlib.crc32(body)) + png[at:]
+
+
 def caption_json(text: str, field: str = "caption") -> bytes:
     """A json member carrying the caption in `field`."""
     return json.dumps({field: text, "width": 1}).encode()

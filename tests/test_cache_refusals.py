@@ -4,6 +4,7 @@ cached run cannot apply a flag, and no cache left behind that mixes runs or that
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -406,5 +407,6 @@ def test_a_teacher_with_a_cut_short_weight_file_is_one_line_naming_it(tiny_teach
     damaged.write_bytes(damaged.read_bytes()[:1000])
     with pytest.raises(SystemExit) as info:
         make_cache(teacher, one_shard, tmp_path / "cache")
-    assert str(info.value.code) == (f"tcdistill cache: error: {damaged} cannot be read (Error while deserializing header: invalid "
-                                    "header length): a weight file cut short or damaged; copy or download it again")
+    # safetensors' own words vary by version ("invalid header length", "InvalidHeaderLength"): the rest is ours.
+    assert re.fullmatch(rf"tcdistill cache: error: {re.escape(str(damaged))} cannot be read \(Error while deserializing header: "
+                        r"[^\n]+\): a weight file cut short or damaged; copy or download it again", str(info.value.code)), info.value.code

@@ -17,7 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))  # shards_util lives next to this file
 
 from conftest import R, batches, cfg_for, total_skipped  # noqa: E402
-from shards_util import caption_json, good_sample, gray16, image_bytes, solid, within, write_shard  # noqa: E402
+from shards_util import caption_json, good_sample, gray16, image_bytes, png_with_trns, solid, within, write_shard  # noqa: E402
 
 from tcdistill.cli import error_line  # noqa: E402
 from tcdistill.data import DataConfig, DataError, build_train_dataloader, expand_urls  # noqa: E402
@@ -102,7 +102,7 @@ def test_sixteen_bit_transparency_is_composited_on_white(tmp_path: Path) -> None
     transparent pixels trained as their gray (black here), where an 8-bit image's are composited on white."""
     img = gray16((20, 20), 0)
     img.paste(65535, (0, 0, 10, 20))  # left half white, right half transparent black
-    shard = write_shard(tmp_path / "t.tar", [("t", {"png": image_bytes(img, "PNG", transparency=0), "txt": "t"})])
+    shard = write_shard(tmp_path / "t.tar", [("t", {"png": png_with_trns(img, 0), "txt": "t"})])
     (b,) = batches(cfg_for(shard, train_batch_size=1, center_crop=True), 1)
     assert torch.equal(b["pixel_values"], torch.ones(1, 3, R, R))
 
