@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .checkpoint import atomic_file
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
 from .families import unet_family
-from .prompts import sd_prompt_states
+from .prompts import sd_cond_uncond
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
                        resolve_unet_dir, run_config, run_guidance, run_sampling)
 from .models import UNetDenoiser
@@ -174,10 +174,7 @@ class Evaluator:
                 raise ValueError(f"{flag} {n}: the teacher's schedule has zero SNR at t={top}, the top of that grid, but predicts "
                                  f"epsilon, which cannot give x0 there (NaN samples); choose a value that does not divide "
                                  f"{self.schedule.num_train_timesteps}, so the grid stops short of it")
-        tok = pipe.tokenizer
-        with torch.no_grad():
-            self.cond = sd_prompt_states(tok, pipe.text_encoder, self.prompts, self.device, s.clip_skip)
-            self.uncond = sd_prompt_states(tok, pipe.text_encoder, [""], self.device, s.clip_skip).expand_as(self.cond)
+        self.cond, self.uncond = sd_cond_uncond(pipe.tokenizer, pipe.text_encoder, self.prompts, self.device, s.clip_skip)
         # The student is measured where it trained: the run's size, not the teacher's sample_size when they differ.
         height, width = (side // pipe.vae_scale_factor for side in sampling_hw(s.resolution, pipe))
         # Noise drawn on the CPU: the same x_T whatever device samples from it.

@@ -41,17 +41,24 @@ def sd_prompt_states(tokenizer: Any, text_encoder: nn.Module, captions: list[str
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
 
+@torch.no_grad()
+def sd_cond_uncond(tokenizer: Any, text_encoder: nn.Module, captions: list[str], device: torch.device,
+                   clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
+    """The prompt states of `captions` and, one per caption, those of "" (the unconditional prompt, at the same layer as
+    training's), both `sd_prompt_states`."""
+    cond = sd_prompt_states(tokenizer, text_encoder, captions, device, clip_skip)
+    return cond, sd_prompt_states(tokenizer, text_encoder, [""], device, clip_skip).expand_as(cond)
+
+
 def pipeline_prompts(pipe: Any, prompts: str | list[str], clip_skip: int | None) -> dict[str, Any]:
     """The prompt arguments of a pipeline call that encodes `prompts` under `clip_skip`: the prompts alone without it; SDXL's
     pipeline with its `clip_skip`; for SD's, the states themselves (`sd_prompt_states`; the negative: those of "", as
-    training's unconditional prompt), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`,
+    training's unconditional prompt: `sd_cond_uncond`), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`,
     which transformers >= 5.6's CLIPTextModel lacks (an AttributeError; diffusers issue 14124)."""
     if clip_skip is None:
         return {"prompt": prompts}
     if "text_encoder_2" in pipe.components:
         return {"prompt": prompts, "clip_skip": clip_skip}
-    captions, device = [prompts] if isinstance(prompts, str) else list(prompts), pipe._execution_device
-    with torch.no_grad():
-        cond = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip)
-        neg = sd_prompt_states(pipe.tokenizer, pipe.text_encoder, [""], device, clip_skip).expand_as(cond)
+    captions = [prompts] if isinstance(prompts, str) else list(prompts)
+    cond, neg = sd_cond_uncond(pipe.tokenizer, pipe.text_encoder, captions, pipe._execution_device, clip_skip)
     return {"prompt_embeds": cond, "negative_prompt_embeds": neg}

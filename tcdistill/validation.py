@@ -107,10 +107,10 @@ def sample_grid(pipe: Any, prompts: list[str], steps: list[int], guidance_scale:
     rows = []
     with fp32_vae_decode(pipe.vae):
         for p_idx, prompt in enumerate(prompts):
-            row = []
+            row, encoded = [], pipeline_prompts(pipe, prompt, clip_skip)  # once per prompt: the same for every step count
             for n in steps:
                 gen = torch.Generator(device="cpu").manual_seed(seed + p_idx)
-                out = pipe(**pipeline_prompts(pipe, prompt, clip_skip), num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma,
+                out = pipe(**encoded, num_inference_steps=n, guidance_scale=guidance_scale, eta=gamma,
                            generator=gen, height=resolution, width=resolution, output_type="np").images[0]
                 row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
             rows.append(row)
