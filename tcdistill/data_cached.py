@@ -115,25 +115,11 @@ def _check_shard_sizes(spec: str | list[str], sizes: dict[str, int]) -> None:
                               "short or replaced since); re-run `tcdistill cache`.")
 
 
-def prepare_cached_training(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:
-    """Check the cache against the teacher and config (one-line errors), then drop the VAE encoder.
-
-    The step never encodes; validation still decodes (VAE decoder) and encodes its prompts (text encoder).
-    """
+def check_cache_record(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The cache's sidecar (`read_sidecar`), refused in one line before any weights load where its record alone tells it
+    from this run's: another family, clip skip, resolution or SDXL time-id setting (the refusal came after the teacher
+    load, minutes on SD 1.5). The checks that need the teacher's VAE and UNet: `prepare_cached_training`."""
     meta, uncond = read_sidecar(cfg.train_latents_path_or_url)
-    _check_cache_shapes(cfg, family, meta, uncond)
-    _check_cache_models(cfg, family, meta)
-    _warn_fixed_data_flags(cfg, meta)
-    vae = family.vae
-    vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
-    if getattr(vae, "quant_conv", None) is not None:
-        vae.quant_conv = None
-    return meta
-
-
-def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
-    """Refuse a cache made for another family, clip skip, resolution, time-id setting, latent shape or prompt-embedding width."""
-    unet_cfg = family.unet.config
     if meta.get("model_family", "sd") != cfg.model_family:
         raise ConfigError(f"the cache was made for a {meta.get('model_family')!r} teacher; this run trains {cfg.model_family!r}.")
     # The cached prompt states were taken at the cache's layer (a cache from before the flag: the last, None).
@@ -149,6 +135,30 @@ def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, A
         # The cached time ids were computed under the cache's setting; training cannot change them afterwards.
         raise ConfigError(f"--use_fix_crop_and_size {cfg.use_fix_crop_and_size} differs from the cache's "
                           f"{bool(meta.get('use_fix_crop_and_size', False))} (its time ids are fixed; re-run `tcdistill cache`).")
+    return meta, uncond
+
+
+def prepare_cached_training(cfg: TrainConfig, family: ModelFamily,
+                            sidecar: tuple[dict[str, Any], dict[str, Tensor]] | None = None) -> dict[str, Any]:
+    """Check the cache against the teacher and config (one-line errors), then drop the VAE encoder. `sidecar`: what
+    `check_cache_record` returned before the teacher loaded (read and checked here when not given).
+
+    The step never encodes; validation still decodes (VAE decoder) and encodes its prompts (text encoder).
+    """
+    meta, uncond = sidecar or check_cache_record(cfg)
+    _check_cache_shapes(cfg, family, meta, uncond)
+    _check_cache_models(cfg, family, meta)
+    _warn_fixed_data_flags(cfg, meta)
+    vae = family.vae
+    vae.encoder = None  # ~34M parameters the step no longer needs; decode() uses only post_quant_conv + decoder
+    if getattr(vae, "quant_conv", None) is not None:
+        vae.quant_conv = None
+    return meta
+
+
+def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any], uncond: dict[str, Tensor]) -> None:
+    """Refuse a cache whose latent shape or prompt-embedding widths this teacher cannot take."""
+    unet_cfg = family.unet.config
     if int(meta["latent_shape"][0]) != int(unet_cfg.in_channels):
         raise ConfigError(f"cached latents have {meta['latent_shape'][0]} channels; the teacher UNet takes {unet_cfg.in_channels}.")
     from .teacher_checks import sdxl_pooled_width, vae_scale_factor

@@ -81,6 +81,10 @@ class Trainer(StepGuard):
         check_shards(latents or cfg.train_shards_path_or_url, "--train_latents_path_or_url" if latents else "--train_shards_path_or_url")
         tokenizers = check_teacher_config(cfg)  # read once: the family load below keeps them
         check_teacher_schedule(cfg)
+        if latents:  # the cache's record against the flags (its clip skip, resolution...): refused before the teacher loads
+            from .data_cached import check_cache_record
+
+            self.cache_sidecar = check_cache_record(cfg)
         self.ckpt = CheckpointIO(cfg.output_dir, cfg.checkpoints_total_limit, acc.is_main_process, acc.process_index, acc.num_processes)
         # A path that is no complete checkpoint: one line, before any weights load and before the output dir is made
         # (a mistyped path used to leave an empty --output_dir behind).
@@ -113,7 +117,7 @@ class Trainer(StepGuard):
         if cfg.train_latents_path_or_url:
             from .data_cached import prepare_cached_training
 
-            prepare_cached_training(cfg, family)  # checks the cache against the teacher; drops the VAE encoder
+            prepare_cached_training(cfg, family, self.cache_sidecar)  # checks the cache against the teacher; drops the VAE encoder
         self.schedule = NoiseSchedule.from_scheduler(family.noise_scheduler).to(self.device)
         self.latent_norm = latent_normalization(family.vae.config, family.name)  # SDXL VAEs with latents_mean/std
         # Frozen VAE and text encoder(s) in the weight dtype (SD 1.5's VAE encodes safely in fp16/bf16; an SDXL VAE that

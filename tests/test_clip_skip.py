@@ -100,14 +100,17 @@ def test_clip_skip_out_of_range_is_one_line_before_weights_load(config_only_teac
               "--clip_skip", "2"])
 
 
-def test_a_cache_made_with_another_clip_skip_is_refused(tiny_teacher: Path, one_shard: str, tmp_path: Path) -> None:
-    """The cache records its clip skip; training with another value (or none) is refused in one line, the same one runs."""
+def test_a_cache_made_with_another_clip_skip_is_refused(tiny_teacher: Path, config_only_teacher: Path, one_shard: str,
+                                                        tmp_path: Path) -> None:
+    """The cache records its clip skip; training with another value (or none) is refused in one line before any weights
+    load (the teacher here has none: the refusal came after the teacher load), the same one runs."""
     shard = make_cache(tiny_teacher, one_shard, tmp_path / "cache", "--clip_skip", "1", "--storage_dtype", "fp32")
     meta = json.loads((tmp_path / "cache" / "tcdistill_cache.json").read_text())
     assert meta["clip_skip"] == 1
     with pytest.raises(ConfigError, match=r"^--clip_skip unset: the cache's prompt states were made with clip skip 1; pass "
                                           r"--clip_skip 1 or re-run `tcdistill cache` without --clip_skip\.$"):
-        cache_trainer(tiny_teacher, "", tmp_path / "a", train_shards_path_or_url=None, train_latents_path_or_url=shard)
+        cache_trainer(config_only_teacher, "", tmp_path / "a", train_shards_path_or_url=None, train_latents_path_or_url=shard)
+    assert not (tmp_path / "a").exists()  # refused before the output folder is made, too
     trainer = cache_trainer(tiny_teacher, "", tmp_path / "b", train_shards_path_or_url=None, train_latents_path_or_url=shard,
                             clip_skip=1)
     assert trainer.family.clip_skip == 1
