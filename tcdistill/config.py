@@ -58,6 +58,15 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_clip_skip_floor(clip_skip: int | None, zero_is_none: bool = False) -> None:
+    """The one lower bound of --clip_skip N (layers skipped before the last), for training, `tcdistill cache`, generate and
+    eval alike (the upper bound needs the text encoder's config: `teacher_checks.check_clip_skip`); `zero_is_none`:
+    generate/eval, where 0 asks for the text encoder's last layer on a run trained with clip skip."""
+    low = 0 if zero_is_none else 1
+    _need(clip_skip is None or clip_skip >= low, f"--clip_skip must be >= {low} (layers skipped before the last"
+          f"{'; 0: none, the last layer' if zero_is_none else ''}), got {clip_skip}.")
+
+
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of a red fox sitting in the snow",
     "a watercolor painting of a lighthouse at sunset",
@@ -224,7 +233,7 @@ class TrainConfig:
         _need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
               "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
         _need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
-        _need(self.clip_skip is None or self.clip_skip >= 1, f"--clip_skip must be >= 1 (layers skipped before the last), got {self.clip_skip}.")
+        check_clip_skip_floor(self.clip_skip)
         _need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         _need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")
         _need(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")

@@ -27,7 +27,7 @@ from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_see
 from .families import unet_family
 from .prompts import sd_cond_uncond
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
-                       resolve_unet_dir, run_config, run_guidance, run_sampling)
+                       resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
@@ -378,8 +378,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.original_steps is None:
         args.original_steps = run["original_steps"]
     args.sampler = args.sampler or run["distill_mode"]
-    if args.clip_skip is None:
-        args.clip_skip = saved.get("clip_skip")
     for k in args.steps:
         if not 1 <= k <= min(args.original_steps, args.reference_steps):
             sys.exit(f"tcdistill eval: error: --steps {k} not in [1, {min(args.original_steps, args.reference_steps)}] "
@@ -399,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.output:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts, flag="--prompts")
+        args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)

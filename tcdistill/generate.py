@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
+from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_clip_skip_floor, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family, unreadable_weights
 from .prompts import pipeline_prompts
@@ -83,6 +83,15 @@ def run_sampling(run: dict[str, Any]) -> dict[str, Any]:
     """How a run's student samples, from its saved flags: training grid N, mode (tcd/lcm) and LCM's boundary scaling."""
     return dict(original_steps=int(run.get("num_ddim_timesteps", 50)), distill_mode=run.get("distill_mode", "tcd"),
                 timestep_scaling=float(run.get("timestep_scaling_factor", 10.0)))
+
+
+def sampling_clip_skip(flag: int | None, run: dict[str, Any]) -> int | None:
+    """The clip skip generate and eval sample with: unset, the run's --clip_skip (the prompt states it was trained on);
+    0, none (the text encoder's last layer, also on a run trained with clip skip); else N (range: `check_clip_skip`)."""
+    if flag is None:
+        return run.get("clip_skip")
+    check_clip_skip_floor(flag, zero_is_none=True)
+    return flag or None
 
 
 def run_guidance(run: dict[str, Any], default: float) -> float:
@@ -267,7 +276,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.scheduler:
         sampling["distill_mode"] = args.scheduler
     # The prompt states the student was trained on (the run's --clip_skip) unless overridden; refused before any weights load.
-    clip_skip = run.get("clip_skip") if args.clip_skip is None else args.clip_skip
+    clip_skip = sampling_clip_skip(args.clip_skip, run)
     if clip_skip is not None:
         check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base).__name__ == "StableDiffusionXLPipeline" else "sd")
     grid = sampling["original_steps"]
@@ -336,7 +345,8 @@ LORA_HELP = (f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors
 
 
 CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many layers before the last, as diffusers' "
-                  "clip_skip (default: the run's --clip_skip from the tcdistill_config.json next to --unet/--lora, else none).")
+                  "clip_skip; 0: none, the last layer (also for a run trained with --clip_skip). Default: the run's --clip_skip "
+                  "from the tcdistill_config.json next to --unet/--lora, else none.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SEED_SCRIPTS, ConfigError, TrainConfig, first_line
+from .config import SEED_SCRIPTS, ConfigError, TrainConfig, check_clip_skip_floor, first_line
 from .families import (PROMPT_COMPONENTS, absent_components, ddpm_schedule, load_tokenizer, schedule_fields, teacher_index,
                        teacher_scheduler_config, unet_family)
 from .schedule import PREDICTION_TYPES, NoiseSchedule, zero_snr_top
@@ -63,10 +63,9 @@ def check_clip_skip(clip_skip: int | None, src: str, family: str, revision: str 
     """--clip_skip N takes the hidden state N layers before the last of each of the pipeline `src`'s text encoders: refuse,
     in one line before any weights load, an N outside [1, layers - 1] (past the layers, the first prompt encoding failed
     with an IndexError; below 1, another layer was taken silently). Configs that cannot be read are left to the load."""
+    check_clip_skip_floor(clip_skip)
     if clip_skip is None:
         return
-    if clip_skip < 1:
-        raise ConfigError(f"--clip_skip must be >= 1 (layers skipped before the last), got {clip_skip}.")
     subs = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
     for sub in subs:
         te = read_text_encoder_config(src, sub, revision, cache_dir)

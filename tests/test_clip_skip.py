@@ -98,6 +98,15 @@ def test_clip_skip_out_of_range_is_one_line_before_weights_load(config_only_teac
     with pytest.raises(SystemExit, match=f"^tcdistill eval: error: {re.escape(line)}$"):
         main(["eval", "--teacher", str(config_only_teacher), "--lora", str(lora), "--prompts", str(tmp_path / "p.txt"),
               "--clip_skip", "2"])
+    # generate/eval take 0 (none: the last layer), so their floor is 0, said so; the same check as training's.
+    floor = "--clip_skip must be >= 0 (layers skipped before the last; 0: none, the last layer), got -1."
+    with pytest.raises(SystemExit):
+        main(["generate", "--lora", str(lora), "--base", str(config_only_teacher), "--prompt", "a", "--clip_skip", "-1",
+              "--device", "cpu", "--output_dir", str(tmp_path / "gen")])
+    assert capsys.readouterr().err.splitlines() == [f"tcdistill generate: error: {floor}"]
+    with pytest.raises(SystemExit, match=f"^tcdistill eval: error: {re.escape(floor)}$"):
+        main(["eval", "--teacher", str(config_only_teacher), "--lora", str(lora), "--prompts", str(tmp_path / "p.txt"),
+              "--clip_skip", "-1"])
 
 
 def test_a_cache_made_with_another_clip_skip_is_refused(tiny_teacher: Path, config_only_teacher: Path, one_shard: str,
@@ -135,9 +144,11 @@ def test_a_lora_trained_with_clip_skip_samples_as_diffusers_with_it(tiny_shards:
     args = ["generate", "--lora", str(out), "--prompt", "a red square", "--steps", "2", "--seed", "5", "--device", "cpu"]
     main([*args, "--output_dir", str(tmp_path / "g")])
     main([*args, "--clip_skip", "1", "--output_dir", str(tmp_path / "g1")])
+    main([*args, "--clip_skip", "0", "--output_dir", str(tmp_path / "g0")])  # 0: none, the last layer
     png = "00000_a_red_square.png"
-    got, got1 = (np.asarray(Image.open(tmp_path / d / png).convert("RGB"), dtype=np.int16) for d in ("g", "g1"))
+    got, got1, got0 = (np.asarray(Image.open(tmp_path / d / png).convert("RGB"), dtype=np.int16) for d in ("g", "g1", "g0"))
     assert json.loads((tmp_path / "g" / "metadata.jsonl").read_text())["clip_skip"] == 2
+    assert json.loads((tmp_path / "g0" / "metadata.jsonl").read_text())["clip_skip"] is None
     (tmp_path / "p.txt").write_text("a red square\n")
     main(["eval", "--teacher", str(teacher), "--lora", str(out), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
           "--gamma", "0", "--reference_steps", "2", "--output", str(tmp_path / "eval.json")])
@@ -149,10 +160,10 @@ def test_a_lora_trained_with_clip_skip_samples_as_diffusers_with_it(tiny_shards:
     pipe.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
     pipe.set_progress_bar_config(disable=True)
 
-    def ref(n: int) -> np.ndarray:
+    def ref(n: int | None) -> np.ndarray:
         image = pipe("a red square", num_inference_steps=2, guidance_scale=0.0, eta=0.3, height=32, width=32, clip_skip=n,
                      generator=torch.Generator().manual_seed(5)).images[0]
         return np.asarray(image, dtype=np.int16)
 
-    assert np.abs(ref(2) - got).max() <= 1 and np.abs(ref(1) - got1).max() <= 1
+    assert np.abs(ref(2) - got).max() <= 1 and np.abs(ref(1) - got1).max() <= 1 and np.abs(ref(None) - got0).max() <= 1
     assert np.abs(got - got1).max() > 1  # the layer changes the image: the test can tell them apart
