@@ -206,6 +206,17 @@ def kohya_base_tags(state_dict: dict[str, torch.Tensor], unet_config: Any = None
     return dict(_KOHYA_BASE.get(width.pop(), {})) if len(width) == 1 else {}
 
 
+def kohya_clip_skip_tag(run: dict[str, Any]) -> dict[str, str]:
+    """sd-scripts' ss_clip_skip (its `str(args.clip_skip)`: "None" without clip skip), which A1111 and ComfyUI users read
+    from the file. kohya's N takes `hidden_states[-N]`, as A1111's "Clip skip" (2: the penultimate layer); the run's
+    --clip_skip N takes diffusers' hidden_states[-(N + 1)] on SD and [-(N + 2)] on SDXL (whose default is the
+    penultimate). {} where no run record (`run`, the run's saved flags) tells."""
+    if not run:
+        return {}
+    n = run.get("clip_skip")  # a record from before the flag: none
+    return {"ss_clip_skip": "None" if n is None else str(int(n) + (2 if run.get("model_family") == "sdxl" else 1))}
+
+
 def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:
     """The UNet config of the teacher an SDXL training output was distilled from, named by its saved flags `run` (the
     tcdistill_config.json beside or above the LoRA file, `generate.run_config`); None for an SD run or no run config."""
@@ -242,9 +253,10 @@ def base_unet_config(base: str) -> dict[str, Any]:
 
 
 def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, unet_config: Any = None,
-                 base: str = "the given UNet config") -> str:
+                 base: str = "the given UNet config", run: dict[str, Any] | None = None) -> str:
     """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it).
-    `unet_config`: the LoRA's UNet config, of the model `base` (default: an SDXL run's teacher's, `run_unet_config`)."""
+    `unet_config`: the LoRA's UNet config, of the model `base` (default: an SDXL run's teacher's, `run_unet_config`).
+    `run`: the run's flags (default: the tcdistill_config.json beside or above the file, `generate.run_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -260,19 +272,16 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
             state_dict = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
-    if unet_config is None:
+    if run is None:  # a folder a live run holds has no finished LoRA (an earlier run's): refused
         from .generate import run_config
 
         run = run_config(str(f))
+    if unet_config is None:
         unet_config, base = run_unet_config(run), f"the run's teacher {run.get('pretrained_teacher_model')}"
         if unet_config is None and _sdxl_like(state_dict) and not run.get("model_family"):
             print(f"warning: no tcdistill_config.json beside {f} names its base model; if it is an SDXL LoRA, pass --base "
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)
-    else:  # --base: the run's flags are not needed, but a folder a live run holds has no finished LoRA (an earlier run's)
-        from .generate import refuse_live_run
-
-        refuse_live_run(f)
     try:
         if unet_config is not None:
             check_lora_fits(state_dict, unet_config, base)
@@ -281,7 +290,8 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
-        tags = {"format": "pt", "ss_network_module": "networks.lora", **kohya_base_tags(state_dict, unet_config)}
+        tags = {"format": "pt", "ss_network_module": "networks.lora", **kohya_base_tags(state_dict, unet_config),
+                **kohya_clip_skip_tag(run)}
         save_file(out, str(tmp), metadata=tags)
     return str(dst)
 

@@ -266,7 +266,7 @@ class LoraStrategy(_StudentCopies):
         if self.cfg.export_kohya:
             from .export import export_kohya
 
-            paths.append(export_kohya(paths[0], unet_config=dict(self.student.config)))
+            paths.append(export_kohya(paths[0], unet_config=dict(self.student.config), run=self.cfg.to_dict()))
         return paths
 
 

@@ -132,12 +132,17 @@ def test_a_lora_trained_with_clip_skip_samples_as_diffusers_with_it(tiny_shards:
     from diffusers import StableDiffusionPipeline, TCDScheduler
 
     from tcdistill.cli import main
-    from tcdistill.export import LORA_WEIGHT_NAME
+    from safetensors import safe_open
+
+    from tcdistill.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
     teacher = saved_tiny_pipeline(tmp_path_factory, "clip_skip_teacher", text_layers=3)
     out = tmp_path / "run"
-    run_script("train_tcd_distill_lora_sd_wds.py", [*train_flags(teacher, tiny_shards, out, 2, "--clip_skip=2"), "--lora_rank=4"])
+    run_script("train_tcd_distill_lora_sd_wds.py", [*train_flags(teacher, tiny_shards, out, 2, "--clip_skip=2"), "--lora_rank=4",
+                                                    "--export_kohya"])
     assert json.loads((out / "tcdistill_config.json").read_text())["clip_skip"] == 2
+    with safe_open(str(out / KOHYA_WEIGHT_NAME), framework="pt") as fh:  # kohya's count: hidden_states[-3]
+        assert fh.metadata()["ss_clip_skip"] == "3"
     card = (out / "README.md").read_text()
     assert "height=32, width=32, clip_skip=2, num_inference_steps" in card and "--clip_skip=2" in card
     assert (out / "validation" / "lora-step000002.png").is_file()  # validation sampled through pipeline_prompts

@@ -414,3 +414,31 @@ def test_lora_of_other_unet_layouts_adapts_every_target_and_loads_back(family: s
             loaded = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(tmp_path / "teacher")
             loaded.load_lora_weights(tmp_path, weight_name=name)
             torch.testing.assert_close(loaded.unet(x, 499, **kw).sample, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_kohya_file_records_the_runs_clip_skip_as_kohya_counts_it(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: the kohya file wrote no ss_clip_skip, which sd-scripts writes (str(args.clip_skip): "None" without it) and A1111
+    and ComfyUI users read. It is the run's --clip_skip in kohya's count (hidden_states[-N]: diffusers' clip_skip + 1 on SD,
+    + 2 on SDXL), "None" for a run without it, absent where no run record tells; with --base too."""
+    import json
+
+    from safetensors import safe_open
+
+    from tcdistill.cli import main
+    from tcdistill.export import kohya_clip_skip_tag
+
+    def tag(path: str | Path) -> str | None:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata().get("ss_clip_skip")
+
+    run = make_lora(tiny_teacher, tmp_path / "run")
+    assert tag(export_kohya(run)) is None  # no run record: nothing to tell
+    record = {"model_family": "sd", "pretrained_teacher_model": str(tiny_teacher)}
+    (run / "tcdistill_config.json").write_text(json.dumps(record))
+    assert tag(export_kohya(run)) == "None"
+    (run / "tcdistill_config.json").write_text(json.dumps({**record, "clip_skip": 1}))
+    assert tag(export_kohya(run)) == "2"  # diffusers' clip_skip=1: A1111's "Clip skip 2"
+    main(["export", "--lora", str(run), "--base", str(tiny_teacher), "--output", str(tmp_path / "base.safetensors")])
+    assert tag(tmp_path / "base.safetensors") == "2"
+    assert kohya_clip_skip_tag({"model_family": "sdxl", "clip_skip": 1}) == {"ss_clip_skip": "3"}
+    assert kohya_clip_skip_tag({"model_family": "sdxl"}) == {"ss_clip_skip": "None"} and kohya_clip_skip_tag({}) == {}
