@@ -206,15 +206,19 @@ def kohya_base_tags(state_dict: dict[str, torch.Tensor], unet_config: Any = None
     return dict(_KOHYA_BASE.get(width.pop(), {})) if len(width) == 1 else {}
 
 
+def a1111_clip_skip(clip_skip: int, family: str) -> int:
+    """diffusers' clip_skip N (--clip_skip) in kohya's and A1111's count, whose "Clip skip" K takes hidden_states[-K] (2:
+    the penultimate layer; ComfyUI's CLIPSetLastLayer: -K): N + 1 on SD, N + 2 on SDXL (whose default is the penultimate)."""
+    return clip_skip + (2 if family == "sdxl" else 1)
+
+
 def kohya_clip_skip_tag(run: dict[str, Any]) -> dict[str, str]:
     """sd-scripts' ss_clip_skip (its `str(args.clip_skip)`: "None" without clip skip), which A1111 and ComfyUI users read
-    from the file. kohya's N takes `hidden_states[-N]`, as A1111's "Clip skip" (2: the penultimate layer); the run's
-    --clip_skip N takes diffusers' hidden_states[-(N + 1)] on SD and [-(N + 2)] on SDXL (whose default is the
-    penultimate). {} where no run record (`run`, the run's saved flags) tells."""
+    from the file, in its count (`a1111_clip_skip`); {} where no run record (`run`, the run's saved flags) tells."""
     if not run:
         return {}
     n = run.get("clip_skip")  # a record from before the flag: none
-    return {"ss_clip_skip": "None" if n is None else str(int(n) + (2 if run.get("model_family") == "sdxl" else 1))}
+    return {"ss_clip_skip": "None" if n is None else str(a1111_clip_skip(int(n), run.get("model_family", "sd")))}
 
 
 def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:

@@ -125,6 +125,14 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
                   "for\nmore steps, lower for fewer; gamma 0 is deterministic.")
         cli_sampling = f" --gamma {RECOMMENDED_GAMMA}"
         grid_sampler = f", gamma {cfg.validation_gamma}"
+    if cfg.clip_skip is not None:  # the prompt states it was trained on, in the count of the UIs that load the kohya file
+        from .export import a1111_clip_skip
+
+        k = a1111_clip_skip(cfg.clip_skip, cfg.model_family)
+        # A1111 skips on SDXL's CLIP-L alone (and only with its sdxl_clip_l_skip option): ComfyUI's value only there.
+        a1111 = "" if cfg.model_family == "sdxl" else f"in A1111 \"Clip skip\" {k}, "
+        advice += (f"\nTrained with clip skip: diffusers' `clip_skip={cfg.clip_skip}` (`tcdistill generate` follows it); "
+                   f"{a1111}in ComfyUI CLIPSetLastLayer -{k}.")
     return f"""{front}
 
 # TCD ({cfg.distill_mode}) distillation of `{base}`

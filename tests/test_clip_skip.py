@@ -145,6 +145,7 @@ def test_a_lora_trained_with_clip_skip_samples_as_diffusers_with_it(tiny_shards:
         assert fh.metadata()["ss_clip_skip"] == "3"
     card = (out / "README.md").read_text()
     assert "height=32, width=32, clip_skip=2, num_inference_steps" in card and "--clip_skip=2" in card
+    assert "in A1111 \"Clip skip\" 3, in ComfyUI CLIPSetLastLayer -3." in card  # their count: hidden_states[-3]
     assert (out / "validation" / "lora-step000002.png").is_file()  # validation sampled through pipeline_prompts
     args = ["generate", "--lora", str(out), "--prompt", "a red square", "--steps", "2", "--seed", "5", "--device", "cpu"]
     main([*args, "--output_dir", str(tmp_path / "g")])
