@@ -52,13 +52,23 @@ def sd_cond_uncond(tokenizer: Any, text_encoder: nn.Module, captions: list[str],
 
 def pipeline_prompts(pipe: Any, prompts: str | list[str], clip_skip: int | None) -> dict[str, Any]:
     """The prompt arguments of a pipeline call that encodes `prompts` under `clip_skip`: the prompts alone without it; SDXL's
-    pipeline with its `clip_skip`; for SD's, the states themselves (`sd_prompt_states`; the negative: those of "", as
-    training's unconditional prompt: `sd_cond_uncond`), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`,
-    which transformers >= 5.6's CLIPTextModel lacks (an AttributeError; diffusers issue 14124)."""
+    pipeline with its `clip_skip` (and, where its empty prompt is not zeros, the negative: "" at that layer too); for SD's,
+    the states themselves (`sd_prompt_states`; the negative: those of "", as training's unconditional prompt:
+    `sd_cond_uncond`), since StableDiffusionPipeline's own clip_skip reads `text_encoder.text_model`, which
+    transformers >= 5.6's CLIPTextModel lacks (an AttributeError; diffusers issue 14124)."""
     if clip_skip is None:
         return {"prompt": prompts}
     if "text_encoder_2" in pipe.components:
-        return {"prompt": prompts, "clip_skip": clip_skip}
+        if pipe.config.force_zeros_for_empty_prompt:  # its CFG negative: zeros, as training's unconditional prompt
+            return {"prompt": prompts, "clip_skip": clip_skip}
+        # Otherwise the pipeline encodes the negative "" at its default layer whatever its clip_skip; training's
+        # unconditional prompt (SDXLFamily.uncond) is "" at the run's: pass that.
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        with torch.no_grad():
+            neg, _, neg_pooled, _ = pipe.encode_prompt([""], device=pipe._execution_device, do_classifier_free_guidance=False,
+                                                       clip_skip=clip_skip)
+        return {"prompt": prompts, "clip_skip": clip_skip, "negative_prompt_embeds": neg.expand(n, -1, -1),
+                "negative_pooled_prompt_embeds": neg_pooled.expand(n, -1)}
     captions = [prompts] if isinstance(prompts, str) else list(prompts)
     cond, neg = sd_cond_uncond(pipe.tokenizer, pipe.text_encoder, captions, pipe._execution_device, clip_skip)
     return {"prompt_embeds": cond, "negative_prompt_embeds": neg}

@@ -74,6 +74,32 @@ def test_sdxl_states_equal_the_pipelines_clip_skip(n: int) -> None:
     assert torch.equal(unc["encoder_hidden_states"], embeds.expand(2, -1, -1)) and torch.equal(unc["text_embeds"], pooled.expand(2, -1))
 
 
+def test_sdxl_sampling_under_clip_skip_takes_trainings_negative_prompt() -> None:
+    """QA: with CFG, an SDXL pipeline whose empty prompt is not zeros encoded its negative "" at the default layer whatever
+    its clip_skip, while training's unconditional prompt is "" at the run's layer (generate --guidance_scale > 1 on a
+    LoRA). `pipeline_prompts` passes training's; under force_zeros_for_empty_prompt the pipeline's zeros are training's."""
+    from tcdistill.families import SDXLFamily
+    from tcdistill.prompts import pipeline_prompts
+    from tcdistill.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[dict] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    batch = {"captions": PROMPTS, "original_sizes": torch.tensor([[32, 32]] * 2), "crop_top_lefts": torch.zeros(2, 2)}
+    for zeros in (False, True):
+        pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
+        fam = SDXLFamily(tokenizers=(pipe.tokenizer, pipe.tokenizer_2), text_encoders=(pipe.text_encoder, pipe.text_encoder_2),
+                         vae=pipe.vae, unet=pipe.unet, noise_scheduler=pipe.scheduler, resolution=32,
+                         force_zeros_for_empty_prompt=zeros, clip_skip=1)
+        seen.clear()
+        pipe(**pipeline_prompts(pipe, PROMPTS, 1), guidance_scale=3.0, num_inference_steps=1, height=32, width=32,
+             output_type="latent")
+        kw, cond, unc = seen[0], fam.encode(batch, CPU), fam.uncond(batch, CPU)  # the UNet's batch: negatives, then prompts
+        assert torch.equal(kw["encoder_hidden_states"], torch.cat([unc["encoder_hidden_states"], cond["encoder_hidden_states"]]))
+        assert torch.equal(kw["added_cond_kwargs"]["text_embeds"], torch.cat([unc["text_embeds"], cond["text_embeds"]]))
+
+
 def test_clip_skip_out_of_range_is_one_line_before_weights_load(config_only_teacher: Path, tiny_shards: str, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """N < 1 as a flag error; N >= the text encoder's layers (the tiny teacher has 2) before any weights load (the teacher
