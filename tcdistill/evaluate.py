@@ -84,9 +84,9 @@ def sample_ddim(net: Net, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tenso
 
 
 # ------------------------------------------------------------------------- models
-def load_teacher(teacher: str) -> Any:
-    """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+def check_sd_teacher(teacher: str) -> None:
+    """Refuse a teacher that is not an SD 1.x/2.x pipeline, from its model_index.json alone (before any weights load)."""
+    from diffusers import DiffusionPipeline
 
     name = DiffusionPipeline.load_config(teacher).get("_class_name")
     family = PIPELINE_CLASSES.get(name, ("", ""))[1]
@@ -95,6 +95,13 @@ def load_teacher(teacher: str) -> Any:
         hint = "; sample an SDXL student with `tcdistill generate` instead" if family == "sdxl" else ""
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD 1.x/2.x (StableDiffusionPipeline) "
                          f"teachers only{hint}")
+
+
+def load_teacher(teacher: str) -> Any:
+    """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode."""
+    from diffusers import StableDiffusionPipeline
+
+    check_sd_teacher(teacher)
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
     pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, safety_checker=None, requires_safety_checker=False)
@@ -398,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts, flag="--prompts")
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
+        check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         pipe = load_teacher(args.teacher)
         n_train = int(pipe.scheduler.config.num_train_timesteps)

@@ -123,8 +123,10 @@ def test_eval_refuses_an_sdxl_teacher_in_one_line(sdxl_teacher, tmp_path) -> Non
     from tcdistill.evaluate import main
 
     (tmp_path / "p.txt").write_text("a red circle\n")
-    with pytest.raises(SystemExit, match=r"--teacher .* StableDiffusionXLPipeline; .*SD 1.x/2.x .*teachers only; .*tcdistill generate"):
-        main(["--teacher", str(sdxl_teacher), "--unet", str(sdxl_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"), "--steps", "1"])
+    for extra in ([], ["--clip_skip", "5"]):  # the family first: SDXL's clip-skip range is no help to its user
+        with pytest.raises(SystemExit, match=r"--teacher .* StableDiffusionXLPipeline; .*SD 1.x/2.x .*teachers only; .*tcdistill generate"):
+            main(["--teacher", str(sdxl_teacher), "--unet", str(sdxl_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"),
+                  "--steps", "1", *extra])
 
 
 def test_eval_samples_an_lcm_run_with_lcm(tiny_teacher, tmp_path) -> None:
