@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "cache": "tcdistill.cache",
     "generate": "tcdistill.generate",
     "export": "tcdistill.export",
+    "convert": "tcdistill.convert",
 }
 
 
@@ -61,7 +62,7 @@ def train_main(variant: str, argv: Sequence[str] | None = None, prog: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`tcdistill {train-full,train-lora,demo,eval,bench,cache,generate,export} [flags]`."""
+    """`tcdistill {train-full,train-lora,demo,eval,bench,cache,generate,export,convert} [flags]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     train = {"train-full": "full", "train-lora": "lora"}
     cmd = argv[0] if argv else ""

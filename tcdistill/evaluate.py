@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_file
-from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_seed, first_line
+from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
@@ -405,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts, flag="--prompts")
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
+        check_not_single_file(args.teacher, "--teacher")
         check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         pipe = load_teacher(args.teacher)

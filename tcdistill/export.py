@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import DefaultsHelpFormatter, OneLineParser, first_line
+from .config import DefaultsHelpFormatter, OneLineParser, check_not_single_file, first_line
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -250,6 +250,7 @@ def base_unet_config(base: str) -> dict[str, Any]:
     """The UNet config of the pipeline `base` (a diffusers folder or hub id), for naming an SDXL LoRA's modules."""
     from diffusers import UNet2DConditionModel
 
+    check_not_single_file(base, "--base")
     try:
         return dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
     except Exception as e:  # noqa: BLE001 - a missing folder, an uncached hub id offline, not a pipeline...

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_clip_skip_floor, check_seed, first_line
+from .config import (RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_clip_skip_floor, check_not_single_file,
+                     check_seed, first_line)
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family, unreadable_weights
 from .prompts import pipeline_prompts
@@ -269,6 +270,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
+    check_not_single_file(base, "--base")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = DTYPES[dtype_name]
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")

@@ -1,0 +1,133 @@
+"""`tcdistill convert`: a teacher as one original-format (A1111 / CivitAI) checkpoint file -> a diffusers folder, and the
+refusal of such a file passed straight to the commands that take a teacher."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # ldm_util lives next to this file
+
+from conftest import make_lora, run_script, train_flags  # noqa: E402
+from ldm_util import pipeline_to_ldm, save_ldm  # noqa: E402
+from tcdistill import cli  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pipe(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def sd_file(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD teacher as one LDM-format .safetensors file."""
+    return save_ldm(_pipe(tiny_teacher), tmp_path_factory.mktemp("ldm") / "model.safetensors")
+
+
+def _convert(capsys: pytest.CaptureFixture, *argv: object) -> str:
+    """`tcdistill convert ARGV`'s one-line error (it must fail)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", *map(str, argv)])
+    return str(e.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
+def test_convert_round_trips_every_weight(family: str, tiny_teacher: Path, vpred_teacher: Path, sdxl_teacher: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """The folder `tcdistill convert` writes from an LDM file is the original pipeline: the same class and components,
+    every weight bit-equal (diffusers' key mapping, the VAE's 1x1-conv attention, SD 2.x's and SDXL's fused OpenCLIP
+    q/k/v), and the prediction type of --config (SD 2.x's v-prediction: the file holds none)."""
+    teacher = {"sd": tiny_teacher, "sd2": vpred_teacher, "sdxl": sdxl_teacher}[family]
+    orig = _pipe(teacher)
+    out = tmp_path / "converted"
+    ldm = save_ldm(orig, tmp_path / "m.safetensors", open_clip=family == "sd2")
+    cli.main(["convert", str(ldm), "--output_dir", str(out), "--config", str(teacher)])
+    assert "pass it as --pretrained_teacher_model" in capsys.readouterr().out
+    conv = _pipe(out)
+    assert type(conv) is type(orig)
+    for name, module in orig.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        a, b = module.state_dict(), getattr(conv, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert conv.scheduler.config.prediction_type == orig.scheduler.config.prediction_type
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_converted_teacher_trains(family: str, tiny_teacher: Path, sdxl_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """The converted folder is a teacher the seed scripts take: a LoRA run of one step writes its LoRA."""
+    teacher = tiny_teacher if family == "sd" else sdxl_teacher
+    ldm = save_ldm(_pipe(teacher), tmp_path / "m.safetensors")
+    cli.main(["convert", str(ldm), "--output_dir", str(tmp_path / "teacher"), "--config", str(teacher)])
+    script, extra = ("train_tcd_distill_lora_sd_wds.py", ()) if family == "sd" else ("train_tcd_distill_lora_sdxl_wds.py", ("--min_image_size=0",))
+    run_script(script, train_flags(tmp_path / "teacher", tiny_shards, tmp_path / "out", 1, *extra))
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_single_file_teacher_refused_naming_convert(sd_file: Path, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """Before: training, cache, generate --base, eval --teacher and export --base failed with "... is not a valid JSON
+    file" (a config read of the weights file). Now each refuses it in one line naming `tcdistill convert`."""
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    shards = ["--train_shards_path_or_url", tiny_shards]
+    commands = {
+        "--pretrained_teacher_model": [["train-lora", "--pretrained_teacher_model", sd_file, *shards, "--output_dir", tmp_path / "o",
+                                        "--max_train_steps", "1", "--resolution", "32"],
+                                       ["cache", "--pretrained_teacher_model", sd_file, *shards, "--output_dir", tmp_path / "c",
+                                        "--resolution", "32"]],
+        "--base": [["generate", "--lora", lora, "--base", sd_file, "--prompt", "x", "--output_dir", tmp_path / "g"],
+                   ["export", "--lora", lora, "--base", sd_file, "--output", tmp_path / "k.safetensors"]],
+        "--teacher": [["eval", "--teacher", sd_file, "--lora", lora, "--prompts", prompts]],
+    }
+    for flag, argvs in commands.items():
+        for argv in argvs:
+            with pytest.raises(SystemExit) as e:
+                cli.main([str(a) for a in argv])
+            msg = str(e.value.code) + capsys.readouterr().err
+            assert f"{flag} {sd_file} is a single checkpoint file" in msg and "tcdistill convert" in msg, (argv[0], msg)
+            assert len(msg.strip().splitlines()) == 1, msg
+    assert not any(p.exists() for p in (tmp_path / "o", tmp_path / "c", tmp_path / "g", tmp_path / "k.safetensors"))
+
+
+def test_convert_refusals(sd_file: Path, tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way a conversion cannot work is one line before anything is written: a pickle file without the opt-in, a
+    file that is no SD checkpoint, an output folder in use, a config of the other family, a file missing a weight
+    (diffusers left it on the meta device without a word), and no --config offline (diffusers' inferred hub repo)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": pipeline_to_ldm(_pipe(tiny_teacher))}, ckpt)
+    assert "--allow_pickle_weights" in _convert(capsys, ckpt, "--output_dir", out, "--config", tiny_teacher)
+    lora = make_lora(tiny_teacher, tmp_path / "lora") / "pytorch_lora_weights.safetensors"
+    assert "holds no original-format Stable Diffusion UNet" in _convert(capsys, lora, "--output_dir", out)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert "exists and is not empty" in _convert(capsys, sd_file, "--output_dir", tmp_path / "full", "--config", tiny_teacher)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert "is a StableDiffusionXLPipeline but" in _convert(capsys, sd_file, "--output_dir", out, "--config", sdxl_teacher)
+    with safe_open(str(sd_file), "pt") as f:
+        partial = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("final_layer_norm.bias")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    assert "lacks 1 weight(s) of the text_encoder" in _convert(capsys, tmp_path / "partial.safetensors", "--output_dir", out,
+                                                               "--config", tiny_teacher)
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    msg = _convert(capsys, sd_file, "--output_dir", out)
+    assert "without --config" in msg and "pass --config with a local diffusers folder" in msg
+    assert not out.exists()
+    cli.main(["convert", str(ckpt), "--output_dir", str(out), "--config", str(tiny_teacher), "--allow_pickle_weights"])
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
