@@ -87,11 +87,12 @@ _MODEL_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path")
 
 
 def check_not_single_file(value: str | None, flag: str) -> None:
-    """Refuse a model flag naming a file: a model is a diffusers folder or hub id, and a single original-format checkpoint
-    (A1111 / CivitAI) failed deep in a config read ("... is not a valid JSON file"). `tcdistill convert` makes the folder."""
+    """Refuse a model flag naming a file: a model (or VAE) is a diffusers folder or hub id, and a single original-format
+    checkpoint (A1111 / CivitAI) failed deep in a config read ("... is not a valid JSON file"). `tcdistill convert` makes
+    the folder."""
     if value and os.path.isfile(value):
-        raise ConfigError(f"{flag} {value} is a single checkpoint file, not a diffusers pipeline folder: convert it once with "
-                          f"`tcdistill convert {shlex.quote(value)} --output_dir DIR [--config BASE_MODEL_DIR]` and pass DIR.")
+        raise ConfigError(f"{flag} {value} is a single checkpoint file, not a diffusers folder: convert it once with "
+                          f"`tcdistill convert {shlex.quote(value)} --output_dir DIR --config BASE_MODEL` and pass DIR.")
 
 
 def local_model_path(value: Any) -> Any:
@@ -239,7 +240,8 @@ class TrainConfig:
         if self.seed is not None:
             check_seed("--seed", self.seed, NUMPY_SEEDS)
         _need(bool(self.pretrained_teacher_model), "--pretrained_teacher_model is required (a hub id or a local diffusers pipeline folder).")
-        check_not_single_file(self.pretrained_teacher_model, "--pretrained_teacher_model")
+        for name in _MODEL_FLAGS:
+            check_not_single_file(getattr(self, name), f"--{name}")
         _need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
               "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
         _need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")

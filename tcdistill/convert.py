@@ -1,7 +1,8 @@
 """`tcdistill convert`: one original-format checkpoint file (A1111 / ComfyUI / CivitAI) -> a diffusers teacher folder.
 
 A teacher distributed as a single `.safetensors` file becomes a diffusers pipeline folder, the form every tcdistill
-command takes as the teacher (--pretrained_teacher_model, generate --base, eval --teacher, export --base).
+command takes as the teacher (--pretrained_teacher_model, generate --base, eval --teacher, export --base); a lone VAE
+file becomes a VAE folder (--pretrained_vae_model_name_or_path, generate --vae).
 
 The key conversion is diffusers' own (`StableDiffusionPipeline` / `StableDiffusionXLPipeline.from_single_file`). The file
 holds only weights: the architecture, tokenizers and noise schedule come from a diffusers config (`--config`, a local
@@ -40,20 +41,22 @@ def checkpoint_keys(path: str) -> list[str]:
     return list(sd) if isinstance(sd, dict) else []
 
 
-def file_family(path: str, keys: Sequence[str]) -> str:
-    """'sdxl' for SDXL's `conditioner.embedders.*` text encoders, else 'sd' (SD 1.x/2.x's `cond_stage_model.*`); a file
-    without an original-format UNet (a LoRA, a lone VAE, a diffusers-format file) is refused."""
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ValueError(f"{path} holds no original-format Stable Diffusion UNet ({UNET_PREFIX}* weights): not an SD/SDXL "
-                         "checkpoint (a LoRA, a lone VAE, or one model of a diffusers folder?)")
-    return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else "sd"
+def file_kind(path: str, keys: Sequence[str]) -> str:
+    """'sdxl' for SDXL's `conditioner.embedders.*` text encoders, 'sd' for SD 1.x/2.x (`cond_stage_model.*`), 'vae' for a
+    lone VAE (`encoder.*` / `decoder.*`, as vae-ft-mse or sdxl_vae.safetensors); anything else is refused."""
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else "sd"
+    if any(k.startswith(("encoder.conv_in.", "first_stage_model.encoder.conv_in.")) for k in keys):
+        return "vae"
+    raise ValueError(f"{path} holds no original-format Stable Diffusion UNet ({UNET_PREFIX}* weights) or VAE: not an SD/SDXL "
+                     "checkpoint (a LoRA, or one model of a diffusers folder?)")
 
 
-def meta_weights(pipe: Any) -> dict[str, list[str]]:
+def meta_weights(modules: dict[str, Any]) -> dict[str, list[str]]:
     """Component -> its weights still on the meta device: diffusers leaves a text-encoder weight the file lacks there
     without a word, and the folder saved from it would fail to load (or train on garbage)."""
     out = {}
-    for name, module in pipe.components.items():
+    for name, module in modules.items():
         if hasattr(module, "state_dict"):
             missing = [k for k, t in module.state_dict().items() if t.is_meta]
             if missing:
@@ -61,32 +64,12 @@ def meta_weights(pipe: Any) -> dict[str, list[str]]:
     return out
 
 
-def convert(path: str, output_dir: str, config: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
-    """Load the single-file checkpoint `path` with diffusers' `from_single_file` (architecture from `config`) and save it
-    as a diffusers folder at `output_dir` (written beside it and renamed into place); returns what was written."""
+def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str]:
+    """The checkpoint as the family's diffusers pipeline, and a line on where its schedule came from."""
     import diffusers
 
-    from .checkpoint import atomic_dir
     from .generate import PIPELINE_CLASSES, pipeline_class
-    from .preflight import check_output_dir
 
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder: a diffusers pipeline folder is a teacher as it is (pass it as --pretrained_teacher_model)")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file (pass the .safetensors file of the model)")
-    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise ValueError(f"{path} is a pickle checkpoint, whose loading can run code; use a .safetensors copy of it, or pass "
-                         "--allow_pickle_weights if you trust its source")
-    if not path.endswith((".safetensors", *PICKLE_SUFFIXES)):
-        raise ValueError(f"{path}: expected a .safetensors checkpoint (or .ckpt with --allow_pickle_weights)")
-    if os.path.isdir(output_dir) and any(os.scandir(output_dir)):  # the atomic rename would replace (delete) what is there
-        raise ValueError(f"--output_dir {output_dir} exists and is not empty; name a new folder for the converted teacher")
-    check_output_dir(output_dir, make=False)
-    try:
-        keys = checkpoint_keys(path)
-    except Exception as e:  # noqa: BLE001 - SafetensorError (a bad header), OSError, unpickling errors
-        raise ValueError(f"{path} cannot be read as a checkpoint ({first_line(e)}): a file cut short or damaged?") from None
-    family = file_family(path, keys)
     cls = getattr(diffusers, next(c for c, f in PIPELINE_CLASSES.values() if f == family))
     if config is not None:
         try:  # its model_index.json: a pipeline tcdistill samples, with its prompt encoders
@@ -104,25 +87,81 @@ def convert(path: str, output_dir: str, config: str | None = None, allow_pickle:
                              f"from the file's keys ({first_line(e)}); pass --config with a local diffusers folder of the same "
                              "architecture (the base model the fine-tune came from)") from None
         raise ValueError(f"cannot convert {path} with --config {config}: {first_line(e)}") from None
-    missing = meta_weights(pipe)
+    source = "--config" if config else "the inferred base model"
+    return pipe, (f"a {cls.__name__} (noise schedule and prediction_type {pipe.scheduler.config.get('prediction_type')!r} "
+                  f"from {source}); pass it as --pretrained_teacher_model")
+
+
+def _load_vae(path: str, config: str | None) -> tuple[Any, str]:
+    """A lone VAE file as an AutoencoderKL, its config (scaling factor) from --config: a pipeline's vae/ or a VAE folder."""
+    from diffusers import AutoencoderKL
+
+    if config is None:  # diffusers would take SD 1.5's VAE config for any VAE file: an SDXL VAE's scaling factor differs
+        raise ValueError(f"{path} is a lone VAE: pass --config, the diffusers folder or hub id of its base model (or of a VAE), "
+                         "whose config gives its latent scaling factor (SD's and SDXL's differ)")
+    errors = []
+    for sub in ("vae", None):  # a pipeline's VAE, else a VAE folder itself
+        try:
+            name = AutoencoderKL.load_config(config, subfolder=sub).get("_class_name")
+        except (OSError, ValueError) as e:
+            errors.append(first_line(e))
+            continue
+        if name not in (None, "AutoencoderKL"):  # load_config reads any config.json: a UNet's built no VAE
+            errors.append(f"{sub or 'its'} config.json is a {name}'s")
+            continue
+        try:
+            vae = AutoencoderKL.from_single_file(path, config=config, subfolder=sub)
+        except Exception as e:  # noqa: BLE001 - key-mapping and size-mismatch errors
+            raise ValueError(f"cannot convert {path} with --config {config}: {first_line(e)}") from None
+        return vae, (f"an AutoencoderKL (scaling_factor {vae.config.scaling_factor} from --config); pass it as "
+                     "--pretrained_vae_model_name_or_path or generate --vae")
+    raise ValueError(f"--config {config}: no VAE config in it or its vae/ ({errors[-1]})")
+
+
+def convert(path: str, output_dir: str, config: str | None = None, allow_pickle: bool = False) -> str:
+    """Load the single-file checkpoint `path` with diffusers' `from_single_file` (architecture from `config`) and save it
+    as a diffusers folder (a pipeline, or a lone VAE's model folder) at `output_dir`, written beside it and renamed into
+    place; returns a line on what was written."""
+    from .checkpoint import atomic_dir
+    from .preflight import check_output_dir
+
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: a diffusers pipeline folder is a teacher as it is (pass it as --pretrained_teacher_model)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file (pass the .safetensors file of the model)")
+    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise ValueError(f"{path} is a pickle checkpoint, whose loading can run code; use a .safetensors copy of it, or pass "
+                         "--allow_pickle_weights if you trust its source")
+    if not path.endswith((".safetensors", *PICKLE_SUFFIXES)):
+        raise ValueError(f"{path}: expected a .safetensors checkpoint (or .ckpt with --allow_pickle_weights)")
+    if os.path.isdir(output_dir) and any(os.scandir(output_dir)):  # the atomic rename would replace (delete) what is there
+        raise ValueError(f"--output_dir {output_dir} exists and is not empty; name a new folder for the converted model")
+    check_output_dir(output_dir, make=False)
+    try:
+        keys = checkpoint_keys(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError (a bad header), OSError, unpickling errors
+        raise ValueError(f"{path} cannot be read as a checkpoint ({first_line(e)}): a file cut short or damaged?") from None
+    kind = file_kind(path, keys)
+    model, what = _load_vae(path, config) if kind == "vae" else _load_pipeline(path, kind, config)
+    missing = meta_weights({"vae": model} if kind == "vae" else model.components)
     if missing:
-        name, keys = next(iter(missing.items()))
-        raise ValueError(f"{path} lacks {len(keys)} weight(s) of the {name} (such as {keys[0]}): a damaged or partial "
+        name, names = next(iter(missing.items()))
+        raise ValueError(f"{path} lacks {len(names)} weight(s) of the {name} (such as {names[0]}): a damaged or partial "
                          f"checkpoint, or --config of another architecture")
     with atomic_dir(output_dir) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-    return {"output_dir": output_dir, "family": family, "pipeline": cls.__name__,
-            "prediction_type": pipe.scheduler.config.get("prediction_type")}
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return f"wrote {output_dir}: {what} {Path(output_dir).absolute()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="tcdistill convert", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="The model as one original-format .safetensors file (A1111 / ComfyUI / CivitAI).")
-    p.add_argument("--output_dir", required=True, help="New folder for the diffusers pipeline (pass it as --pretrained_teacher_model).")
+    p.add_argument("checkpoint", help="The model (or a lone VAE) as one original-format .safetensors file (A1111 / ComfyUI / CivitAI).")
+    p.add_argument("--output_dir", required=True, help="New folder for the diffusers pipeline (pass it as --pretrained_teacher_model) "
+                   "or VAE (--pretrained_vae_model_name_or_path, generate --vae).")
     p.add_argument("--config", default=None,
                    help="Diffusers folder or hub id of the same architecture (the fine-tune's base model); its tokenizers and "
                         "noise schedule (prediction type) are the converted teacher's. Default: the repo diffusers infers "
-                        "from the file's keys (needs the network or a hub cache holding its configs).")
+                        "from the file's keys (needs the network or a hub cache holding its configs); a lone VAE needs it.")
     p.add_argument("--allow_pickle_weights", action="store_true", help="Allow a pickle checkpoint (.ckpt/.pt/.pth/.bin).")
     return p
 
@@ -131,9 +170,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill convert FILE --output_dir DIR [--config DIR_OR_HUB_ID]`."""
     args = build_parser().parse_args(argv)
     try:
-        out = convert(args.checkpoint, args.output_dir, args.config, args.allow_pickle_weights)
+        print(convert(args.checkpoint, args.output_dir, args.config, args.allow_pickle_weights))
     except (ValueError, OSError) as e:
         sys.exit(f"tcdistill convert: error: {first_line(e)}")
-    print(f"wrote {out['output_dir']}: a {out['pipeline']} (noise schedule and prediction_type {out['prediction_type']!r} "
-          f"from {'--config' if args.config else 'the inferred base model'}); pass it as --pretrained_teacher_model "
-          f"{Path(out['output_dir']).absolute()}")

@@ -270,10 +270,11 @@ def generate(args: argparse.Namespace) -> list[str]:
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
+    vae = args.vae or run.get("pretrained_vae_model_name_or_path")
     check_not_single_file(base, "--base")
+    check_not_single_file(vae, "--vae")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = DTYPES[dtype_name]
-    vae = args.vae or run.get("pretrained_vae_model_name_or_path")
     sampling = run_sampling(run)
     if args.scheduler:
         sampling["distill_mode"] = args.scheduler

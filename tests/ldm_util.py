@@ -124,3 +124,12 @@ def save_ldm(pipe: Any, path: Path, open_clip: bool = False) -> Path:
 
     save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe, open_clip).items()}, str(path))
     return path
+
+
+def save_ldm_vae(vae: Any, path: Path) -> Path:
+    """A lone AutoencoderKL as one original-format VAE file (unprefixed keys, as vae-ft-mse-840000-ema-pruned.safetensors)."""
+    from safetensors.torch import save_file
+
+    ldm = vae_to_ldm(vae.state_dict(), vae.config)
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in ldm.items()}, str(path))
+    return path

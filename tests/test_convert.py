@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # ldm_util lives next to this file
 
 from conftest import make_lora, run_script, train_flags  # noqa: E402
-from ldm_util import pipeline_to_ldm, save_ldm  # noqa: E402
+from ldm_util import pipeline_to_ldm, save_ldm, save_ldm_vae  # noqa: E402
 from tcdistill import cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,10 +71,32 @@ def test_converted_teacher_trains(family: str, tiny_teacher: Path, sdxl_teacher:
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_convert_lone_vae(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A lone VAE file (vae-ft-mse, sdxl_vae) converts to an AutoencoderKL folder: its weights bit-equal, its scaling
+    factor --config's (a pipeline's vae/ or a VAE folder); without --config it is refused (diffusers would give any VAE
+    file SD 1.5's scaling factor, wrong for an SDXL VAE), as is a --config holding another model's config."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(tiny_teacher), subfolder="vae")
+    f = save_ldm_vae(vae, tmp_path / "vae.safetensors")
+    assert "is a lone VAE: pass --config" in _convert(capsys, f, "--output_dir", tmp_path / "x")
+    assert "no VAE config in it or its vae/" in _convert(capsys, f, "--output_dir", tmp_path / "x", "--config", tiny_teacher / "unet")
+    for config, out in ((sdxl_teacher, tmp_path / "xl"), (tiny_teacher / "vae", tmp_path / "sd")):
+        cli.main(["convert", str(f), "--output_dir", str(out), "--config", str(config)])
+        assert "--pretrained_vae_model_name_or_path" in capsys.readouterr().out
+        conv = AutoencoderKL.from_pretrained(str(out))
+        a, b = vae.state_dict(), conv.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        want = AutoencoderKL.load_config(str(config), subfolder="vae" if config == sdxl_teacher else None)["scaling_factor"]
+        assert conv.config.scaling_factor == want
+    assert AutoencoderKL.from_pretrained(str(tmp_path / "xl")).config.scaling_factor != vae.config.scaling_factor
+
+
 def test_single_file_teacher_refused_naming_convert(sd_file: Path, tiny_teacher: Path, tiny_shards: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
-    """Before: training, cache, generate --base, eval --teacher and export --base failed with "... is not a valid JSON
-    file" (a config read of the weights file). Now each refuses it in one line naming `tcdistill convert`."""
+    """Before: training, cache, generate --base, eval --teacher, export --base and the VAE flags (training's
+    --pretrained_vae_model_name_or_path, generate --vae) failed with "... is not a valid JSON file" (a config read of the
+    weights file). Now each refuses it in one line naming `tcdistill convert`."""
     lora = make_lora(tiny_teacher, tmp_path / "lora")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
@@ -87,6 +109,10 @@ def test_single_file_teacher_refused_naming_convert(sd_file: Path, tiny_teacher:
         "--base": [["generate", "--lora", lora, "--base", sd_file, "--prompt", "x", "--output_dir", tmp_path / "g"],
                    ["export", "--lora", lora, "--base", sd_file, "--output", tmp_path / "k.safetensors"]],
         "--teacher": [["eval", "--teacher", sd_file, "--lora", lora, "--prompts", prompts]],
+        "--pretrained_vae_model_name_or_path": [["train-lora", "--pretrained_teacher_model", tiny_teacher, *shards, "--output_dir",
+                                                 tmp_path / "o", "--max_train_steps", "1", "--resolution", "32",
+                                                 "--pretrained_vae_model_name_or_path", sd_file]],
+        "--vae": [["generate", "--lora", lora, "--base", tiny_teacher, "--vae", sd_file, "--prompt", "x", "--output_dir", tmp_path / "g"]],
     }
     for flag, argvs in commands.items():
         for argv in argvs:
