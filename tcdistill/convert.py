@@ -64,6 +64,15 @@ def meta_weights(modules: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
+def _config_error(path: str, config: str, e: Exception) -> ValueError:
+    """A failed `from_single_file` with --config as one line; a size mismatch (an inpainting file on a text-to-image config)
+    loses diffusers' advice to load it with random weights instead and says which flag to change."""
+    msg = first_line(e)
+    if "expected shape" in msg:
+        msg = msg.split(". If you want")[0] + "; pass the --config of the model this file was fine-tuned from"
+    return ValueError(f"cannot convert {path} with --config {config}: {msg}")
+
+
 def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str]:
     """The checkpoint as the family's diffusers pipeline, and a line on where its schedule came from."""
     import diffusers
@@ -86,7 +95,7 @@ def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str
             raise ValueError(f"cannot convert {path} without --config: diffusers found no configs for the base model it infers "
                              f"from the file's keys ({first_line(e)}); pass --config with a local diffusers folder of the same "
                              "architecture (the base model the fine-tune came from)") from None
-        raise ValueError(f"cannot convert {path} with --config {config}: {first_line(e)}") from None
+        raise _config_error(path, config, e) from None
     source = "--config" if config else "the inferred base model"
     return pipe, (f"a {cls.__name__} (noise schedule and prediction_type {pipe.scheduler.config.get('prediction_type')!r} "
                   f"from {source}); pass it as --pretrained_teacher_model")
@@ -112,7 +121,7 @@ def _load_vae(path: str, config: str | None) -> tuple[Any, str]:
         try:
             vae = AutoencoderKL.from_single_file(path, config=config, subfolder=sub)
         except Exception as e:  # noqa: BLE001 - key-mapping and size-mismatch errors
-            raise ValueError(f"cannot convert {path} with --config {config}: {first_line(e)}") from None
+            raise _config_error(path, config, e) from None
         return vae, (f"an AutoencoderKL (scaling_factor {vae.config.scaling_factor} from --config); pass it as "
                      "--pretrained_vae_model_name_or_path or generate --vae")
     raise ValueError(f"--config {config}: no VAE config in it or its vae/ ({errors[-1]})")

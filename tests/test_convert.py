@@ -128,7 +128,8 @@ def test_convert_refusals(sd_file: Path, tiny_teacher: Path, sdxl_teacher: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Each way a conversion cannot work is one line before anything is written: a pickle file without the opt-in, a
     file that is no SD checkpoint, an output folder in use, a config of the other family, a file missing a weight
-    (diffusers left it on the meta device without a word), and no --config offline (diffusers' inferred hub repo)."""
+    (diffusers left it on the meta device without a word), a file of another architecture than --config (diffusers
+    advised loading it with random weights), and no --config offline (diffusers' inferred hub repo)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -148,6 +149,12 @@ def test_convert_refusals(sd_file: Path, tiny_teacher: Path, sdxl_teacher: Path,
     save_file(partial, str(tmp_path / "partial.safetensors"))
     assert "lacks 1 weight(s) of the text_encoder" in _convert(capsys, tmp_path / "partial.safetensors", "--output_dir", out,
                                                                "--config", tiny_teacher)
+    inpaint = dict(pipeline_to_ldm(_pipe(tiny_teacher)))
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    inpaint[conv_in] = torch.cat([inpaint[conv_in]] * 2 + [inpaint[conv_in][:, :1]], 1)  # SD inpainting's 9 input channels
+    save_file(inpaint, str(tmp_path / "inpaint.safetensors"))
+    msg = _convert(capsys, tmp_path / "inpaint.safetensors", "--output_dir", out, "--config", tiny_teacher)
+    assert "conv_in.weight expected shape" in msg and "pass the --config of the model" in msg and "randomly" not in msg
     import huggingface_hub.constants as hub
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
