@@ -84,6 +84,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 _PATH_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "output_dir", "cache_dir", "logging_dir",
                "resume_from_checkpoint")
 _MODEL_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path")  # a local folder or a hub id
+_SHARD_FLAGS = ("train_shards_path_or_url", "train_latents_path_or_url")
 
 
 def check_not_single_file(value: str | None, flag: str) -> None:
@@ -353,10 +354,18 @@ class TrainConfig:
 
     def changed_since(self, saved: dict[str, Any]) -> list[str]:
         """`--flag now (checkpoint: then)` for each RUN_DEFINING flag that differs from `saved`, a checkpoint's config."""
+        from .preflight import resolved_shards
+
         now = self.to_dict()
-        # A checkpoint from before model folders were recorded absolute holds the relative path: the same folder.
-        return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING
-                if k in saved and (local_model_path(saved[k]) if k in _MODEL_FLAGS else saved[k]) != now[k]]
+
+        def same(k: str) -> bool:
+            if k in _MODEL_FLAGS:  # a checkpoint from before model folders were recorded absolute: the same folder
+                return local_model_path(saved[k]) == now[k]
+            if k in _SHARD_FLAGS and saved[k] != now[k]:  # the same shard files, spelt relative once and absolute once
+                return saved[k] is not None and now[k] is not None and resolved_shards(saved[k]) == resolved_shards(now[k])
+            return saved[k] == now[k]
+
+        return [f"--{k} {now[k]} (checkpoint: {saved[k]})" for k in RUN_DEFINING if k in saved and not same(k)]
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """All fields; `redact` blanks secrets (--hub_token) for files and trackers that may be published."""

@@ -46,6 +46,20 @@ def local_shards(urls: list[str]) -> list[tuple[str, str]]:
     return [(u, url2pathname(urlparse(u).path) if u.startswith("file:") else u) for u in urls if "://" not in u and not u.startswith("pipe:")]
 
 
+def resolved_shards(spec: Any) -> Any:
+    """The shard list `spec` names with each local shard as its resolved path, so `./s/{0..1}.tar`, `s/{0..1}.tar` and
+    their absolute spelling compare equal (a resumed run's flags); urls and pipe: commands stay as written, and a spec
+    that names no shard is returned as it is."""
+    from .data import expand_urls
+
+    try:
+        urls = expand_urls(spec)
+    except (TypeError, ValueError):
+        return spec
+    local = dict(local_shards(urls))
+    return [os.path.realpath(local[u]) if u in local else u for u in urls]
+
+
 def check_output_dir(path: str, flag: str = "--output_dir", make: bool = True) -> None:
     """Fail before any weights load when the folder `path` (named `flag` in the message) cannot be created or written
     (read-only, no permission), instead of after the work whose results it was to hold. `make=False`: the same refusals

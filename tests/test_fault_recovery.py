@@ -122,6 +122,26 @@ def test_a_relative_teacher_folder_saved_by_an_older_run_is_not_another_teacher(
     assert local_model_path("teacher") == str(tmp_path / "teacher") and local_model_path("org/model") == "org/model"
 
 
+def test_the_same_shards_spelt_relative_once_and_absolute_once_are_no_changed_flag(tmp_path, monkeypatch):
+    """QA: resuming with --train_shards_path_or_url ./shards/{0..1}.tar (or its absolute path, or '::'-joined) where the
+    checkpoint's run gave shards/{0..1}.tar warned that the flag changed: the shard files are the same. Other files, another
+    order (another stream) and pipe: commands (compared as written) still count as changed."""
+    from tcdistill.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="shards/{0..1}.tar", max_train_steps=1)
+    for then in ("./shards/{0..1}.tar", f"{tmp_path}/shards/{{0..1}}.tar", "shards/0.tar::./shards/../shards/1.tar",
+                 f"file:{tmp_path}/shards/{{0..1}}.tar"):
+        assert cfg.changed_since(dict(cfg.to_dict(), train_shards_path_or_url=then)) == [], then
+        assert cfg.changed_since(dict(cfg.to_dict(), train_latents_path_or_url=then)), then  # none given now: changed
+    for then in ("shards/{0..2}.tar", "shards/{1,0}.tar", "other/{0..1}.tar"):
+        assert cfg.changed_since(dict(cfg.to_dict(), train_shards_path_or_url=then)), then
+    piped = TrainConfig(pretrained_teacher_model="t", train_shards_path_or_url="pipe:cat shards/0.tar", max_train_steps=1)
+    assert piped.changed_since(dict(piped.to_dict(), train_shards_path_or_url="pipe:cat ./shards/0.tar"))
+    cached = TrainConfig(pretrained_teacher_model="t", train_latents_path_or_url="./c/{0..1}.tar", max_train_steps=1)
+    assert cached.changed_since(dict(cached.to_dict(), train_latents_path_or_url=f"{tmp_path}/c/{{0..1}}.tar")) == []
+
+
 def test_the_nonfinite_stop_names_vae_and_ema_target_weights_and_the_newest_earlier_checkpoint() -> None:
     """Mutation QA: a non-finite weight in the teacher's VAE or in the full variant's EMA target was not named by any
     test (dropping either group from weight_groups passed), nor was the choice of the newest of several earlier checkpoints,
