@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig, field_type, one_line
+from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig, field_type, one_line, resolution_refusal
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).
@@ -359,6 +359,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"tcdistill bench: --{name.replace('_', '-') if name in ('split_steps', 'data_batches') else name} must be >= {low}, got {getattr(args, name)}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:  # 0 fell back to the table; a negative one gave a negative MFU
         raise SystemExit(f"tcdistill bench: --peak_tflops must be > 0, got {args.peak_tflops}")
+    if refusal := resolution_refusal(args.resolution):  # the synthetic shards at 100000 px were a MemoryError traceback
+        raise SystemExit(f"tcdistill bench: {refusal}")
     if not args.data_only and args.resolution % (m := RESOLUTION_MULTIPLE[args.preset]):  # the tiny teacher's build: a traceback
         raise SystemExit(f"tcdistill bench: --resolution {args.resolution}: the {args.preset} preset needs a multiple of {m}")
     ignored = [f for f, on in (("--compile_unet", args.compile_unet), ("--channels_last", args.channels_last), ("--opt-set", args.opt_set)) if on]

@@ -53,6 +53,20 @@ def check_seed(flag: str, seed: int, bounds: tuple[int, int], count: int = 1, us
         raise ConfigError(f"{flag} must be in [{low}, {high - (count - 1)}]{' ' + uses if uses else ''}, got {seed}.")
 
 
+def resolution_refusal(resolution: int) -> str | None:
+    """The one-line refusal of a --resolution whose R x R image is over PIL's decompression-bomb limit, else None: the
+    loader skips every shard image above it as too large, so each training image would be upscaled from a smaller one
+    (--resolution 100000 ran 1000 MemoryErrors in the loader after the teacher loaded, then stopped: "no usable sample")."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS  # None: the user's own code lifted the guard
+    if limit is None or resolution ** 2 <= limit:
+        return None
+    return (f"--resolution {resolution} is above {math.isqrt(limit)}: a {resolution} x {resolution} image is over PIL's "
+            f"decompression-bomb limit ({limit} pixels), above which the loader skips shard images, so every training image "
+            "would be upscaled; train at the teacher's size (SD 512, SDXL 1024).")
+
+
 def _need(cond: bool, msg: str) -> None:
     """TrainConfig's checks: refuse with the one-line `msg` unless `cond`."""
     if not cond:
@@ -246,6 +260,7 @@ class TrainConfig:
         _need(bool(self.train_shards_path_or_url or self.train_latents_path_or_url),
               "--train_shards_path_or_url is required (webdataset shards: a path, brace pattern or pipe: url), or --train_latents_path_or_url.")
         _need(self.resolution > 0, f"--resolution must be positive, got {self.resolution}.")
+        _need(not (refusal := resolution_refusal(self.resolution)), str(refusal))
         check_clip_skip_floor(self.clip_skip)
         _need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         _need(self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1.")

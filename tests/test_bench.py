@@ -323,6 +323,7 @@ def test_bench_flag_errors_are_one_line(tmp_path: Path) -> None:
     (["--profile", "-1"], "--profile must be >= 0"),  # printed a profile of no steps
     (["--peak_tflops", "-3"], "--peak_tflops must be > 0"),
     (["--resolution", "30"], "--resolution 30: the tiny preset needs a multiple of 4"),  # the teacher build's traceback
+    (["--data-only", "--resolution", "100000"], "tcdistill bench: --resolution 100000 is above 9459"),  # the shards': MemoryError
     (["--reference-like", "--compile_unet", "--opt-set", "fused_adam=false"], "--compile_unet, --opt-set only change the optimised mode"),
 ])
 def test_bench_refuses_mislabelled_crashing_or_ignored_flags_before_building(argv: list[str], needle: str, tmp_path: Path) -> None:

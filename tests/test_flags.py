@@ -313,6 +313,9 @@ def test_flag_values_that_crashed_mid_run_are_config_errors(bad: dict, needle: s
     (dict(validation_inference_steps="2,51"), r"--validation_inference_steps: 51 not in \[1, 50\]"),
     (dict(max_nonfinite_steps=0), "--max_nonfinite_steps must be >= 1"),
     (dict(train_batch_size=0), "--train_batch_size must be >= 1"),
+    # QA: 1000 MemoryErrors in the loader after the teacher loaded, then "no usable sample (transform_error)".
+    (dict(resolution=100_000), "--resolution 100000 is above 9459: a 100000 x 100000 image is over PIL's decompression-bomb limit"),
+    (dict(resolution=9464), "--resolution 9464 is above 9459"),
     # QA: inf passed `> 0` (10 non-finite steps, then "lower --learning_rate"; an inf epsilon trained nothing, silently),
     # and torch refused a negative/nan weight decay with a traceback after the weights had loaded.
     (dict(learning_rate=float("inf")), "--learning_rate must be finite and > 0, got inf"),
@@ -331,7 +334,7 @@ def test_flag_values_out_of_range_are_config_errors(bad: dict, needle: str) -> N
 def test_the_range_checks_take_their_bounds() -> None:
     TrainConfig(**BASE, w_min=0.0, w_max=0.0, ema_decay=1.0, checkpoints_total_limit=1, data_timeout=0.0, max_pwatermark=1.0,
                 lora_dropout=0.0, validation_inference_steps="1,50", max_nonfinite_steps=1, train_batch_size=1, adam_weight_decay=0.0,
-                validation_guidance_scale=-2.0)
+                validation_guidance_scale=-2.0, resolution=9456)
     TrainConfig(**{**BASE, "max_train_steps": None}, max_train_samples=8)
     TrainConfig(**BASE, variant="lora", teacher_dtype="fp32", lora_separate_teacher=True)
 
