@@ -154,6 +154,37 @@ def ddpm_schedule(config: Any) -> Any:
     return DDPMScheduler.from_config(config, **schedule_fields(config))
 
 
+def check_scheduler_defaults(raw: dict[str, Any], where: str) -> None:
+    """Refuse a scheduler config (`where`) naming a class diffusers cannot build for lack of a package (its placeholder:
+    LMSDiscreteScheduler without scipy) when the file leaves beta fields to that class's defaults: they are unknown here,
+    and DDPMScheduler's would fill them in, another schedule than the teacher's."""
+    import diffusers
+
+    backends = getattr(getattr(diffusers, str(raw.get("_class_name")), None), "_backends", None)
+    missing = [k for k in ("beta_start", "beta_end", "beta_schedule") if k not in raw]
+    if backends and missing and raw.get("trained_betas") is None:
+        need = [b for b in backends if b != "torch"] or backends
+        raise ConfigError(f"the teacher's scheduler class {raw['_class_name']} needs {', '.join(need)} (not installed) for the "
+                          f"defaults of {', '.join(missing)}, which {where} leaves out: pip install {' '.join(need)}, or write "
+                          "them into the file.")
+
+
+def scheduler_stand_in(base: str) -> Any:
+    """`ddpm_schedule` of the pipeline `base`'s scheduler config where diffusers cannot build the class it names
+    (LMSDiscreteScheduler without scipy: from_pretrained raised its ImportError as a traceback), else None. Only the
+    schedule is used after loading: generate samples with TCDScheduler over it and eval reads it, as training does."""
+    import diffusers
+
+    try:
+        raw = dict(diffusers.DDPMScheduler.load_config(base, subfolder="scheduler"))
+    except Exception:  # noqa: BLE001 - reported by the pipeline load that follows
+        return None
+    if not hasattr(getattr(diffusers, str(raw.get("_class_name")), None), "_backends"):
+        return None
+    check_scheduler_defaults(raw, f"{base}/scheduler/scheduler_config.json")
+    return ddpm_schedule(raw)
+
+
 def load_noise_scheduler(cfg: TrainConfig) -> Any:
     """The teacher's noise schedule as a DDPMScheduler (`ddpm_schedule` of its scheduler config)."""
     return ddpm_schedule(teacher_scheduler_config(cfg))

@@ -22,7 +22,7 @@ from .checkpoint import atomic_file, checkpoint_hint
 from .config import (RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_clip_skip_floor, check_not_single_file,
                      check_seed, first_line)
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, unet_family, unreadable_weights
+from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights
 from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, output_dir_holder, resolve_device
@@ -192,9 +192,14 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
     try:
         if cls.__name__ == "StableDiffusionPipeline":
             kw.update(sd_text_encoder(base, dtype, variant))
-        return cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
+        if (stand_in := scheduler_stand_in(base)) is not None:
+            kw["scheduler"] = None  # not built: diffusers' placeholder class raises; the stand-in goes in after the load
+        pipe = cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
     except SafetensorError as e:  # transformers lets it through: a cut-short text encoder file was a traceback
         raise ValueError(unreadable_weights([base], e)) from None
+    if stand_in is not None:
+        pipe.scheduler = stand_in
+    return pipe
 
 
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,

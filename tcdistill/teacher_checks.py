@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import SEED_SCRIPTS, ConfigError, TrainConfig, check_clip_skip_floor, first_line
-from .families import (PROMPT_COMPONENTS, absent_components, ddpm_schedule, load_tokenizer, schedule_fields, teacher_index,
-                       teacher_scheduler_config, unet_family)
+from .families import (PROMPT_COMPONENTS, absent_components, check_scheduler_defaults, ddpm_schedule, load_tokenizer,
+                       schedule_fields, teacher_index, teacher_scheduler_config, unet_family)
 from .schedule import PREDICTION_TYPES, NoiseSchedule, zero_snr_top
 
 
@@ -119,7 +119,6 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     another length than num_train_timesteps (training's grid then was not the sampler's); and a config that leaves its
     betas to the defaults of a class diffusers cannot import here (its optional backend missing), which are unknown.
     A config that cannot be read is left to the load that follows."""
-    import diffusers
     from diffusers import TCDScheduler
 
     try:
@@ -139,14 +138,7 @@ def check_teacher_schedule(cfg: TrainConfig) -> None:
     if n_betas != n_train:
         raise ConfigError(f"the teacher's scheduler config ({where}) has {n_betas} trained_betas but num_train_timesteps "
                           f"{n_train}: make them equal.")
-    missing = [k for k in ("beta_start", "beta_end", "beta_schedule") if k not in raw]
-    backends = getattr(getattr(diffusers, str(raw.get("_class_name")), None), "_backends", None)
-    if backends and missing and raw.get("trained_betas") is None:  # diffusers' placeholder for a class it cannot import
-        # Its defaults are unknown here, and DDPMScheduler's would fill the fields in: another schedule than the teacher's.
-        need = [b for b in backends if b != "torch"] or backends
-        raise ConfigError(f"the teacher's scheduler class {raw['_class_name']} needs {', '.join(need)} (not installed) for the "
-                          f"defaults of {', '.join(missing)}, which {where} leaves out: pip install "
-                          f"{' '.join(need)}, or write them into the file.")
+    check_scheduler_defaults(raw, where)
     if sched.config.prediction_type not in PREDICTION_TYPES:  # NoiseSchedule refused it only after every weight had loaded
         raise ConfigError(f"the teacher's scheduler config sets prediction_type {sched.config.prediction_type!r}; TCD distils "
                           f"{', '.join(PREDICTION_TYPES[:-1])} or {PREDICTION_TYPES[-1]} teachers.")

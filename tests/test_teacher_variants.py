@@ -341,6 +341,36 @@ def test_scheduler_class_whose_backend_is_missing_is_refused_when_its_defaults_a
     check_teacher_schedule(cfg)
 
 
+def test_a_base_whose_scheduler_class_is_missing_its_backend_loads_for_generate_and_eval(
+        tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a teacher saved with LMSDiscreteScheduler trained without scipy (only its schedule is read), but `tcdistill
+    generate` and `eval` loaded the whole pipeline, whose placeholder class raised "requires the scipy library" as a
+    traceback, though neither samples with it. The base now loads with the schedule as training reads it (generate's
+    TCDScheduler samples on it, eval reads it); a file that leaves the betas to that class's defaults is one line."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import dummy_torch_and_scipy_objects
+
+    from tcdistill.config import ConfigError
+    from tcdistill.generate import base_pipeline, load_pipeline
+
+    # What diffusers exports when scipy is not installed (as here, whether or not it is).
+    monkeypatch.setattr(diffusers, "LMSDiscreteScheduler", dummy_torch_and_scipy_objects.LMSDiscreteScheduler)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    lms = {"_class_name": "LMSDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+           "num_train_timesteps": 1000}
+    _set_scheduler(teacher, lms)
+    pipe = base_pipeline(StableDiffusionPipeline, str(teacher), torch.float32, safety_checker=None, requires_safety_checker=False)
+    own = StableDiffusionPipeline.from_pretrained(tiny_teacher).scheduler  # the same betas under DDPMScheduler
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, own.alphas_cumprod, rtol=0, atol=0)
+    assert type(load_pipeline(str(teacher), None, None, "cpu", torch.float32).scheduler).__name__ == "TCDScheduler"
+    _set_scheduler(teacher, {"_class_name": "LMSDiscreteScheduler", "num_train_timesteps": 1000})
+    with pytest.raises(ConfigError, match=r"LMSDiscreteScheduler needs scipy \(not installed\) for the defaults of beta_start"):
+        base_pipeline(StableDiffusionPipeline, str(teacher), torch.float32)
+
+
 @pytest.mark.parametrize("own", [False, True])
 def test_a_vae_that_is_not_an_autoencoder_kl_is_refused(own: bool, config_only_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
     """QA: --pretrained_vae_model_name_or_path of a tiny autoencoder (TAESD, mistaken for an fp16-safe VAE) was loaded as
