@@ -28,6 +28,7 @@ from .config import DefaultsHelpFormatter, OneLineParser, check_not_single_file,
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+_SOURCE_KEY = "tcdistill_lora_file"  # a kohya export's metadata: the name of the diffusers LoRA file it was made from
 
 
 def lora_file(path: str | os.PathLike) -> Path:
@@ -295,10 +296,28 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
-        tags = {"format": "pt", "ss_network_module": "networks.lora", **kohya_base_tags(state_dict, unet_config),
-                **kohya_clip_skip_tag(run)}
+        tags = {"format": "pt", "ss_network_module": "networks.lora", _SOURCE_KEY: f.name,
+                **kohya_base_tags(state_dict, unet_config), **kohya_clip_skip_tag(run)}
         save_file(out, str(tmp), metadata=tags)
     return str(dst)
+
+
+def folder_exports(lora: str | os.PathLike) -> list[str]:
+    """The names of the kohya exports of the diffusers LoRA file `lora` in its own folder: KOHYA_WEIGHT_NAME and each
+    .safetensors there whose metadata names `lora` as its source (`tcdistill export --output` into the folder). Training
+    rewrites them with the LoRA it saves: a re-run left them exports of the earlier LoRA, off its card but in its push."""
+    from safetensors import safe_open
+
+    def source(p: Path) -> str | None:
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                return (fh.metadata() or {}).get(_SOURCE_KEY)
+        except Exception:  # noqa: BLE001 - not a safetensors file: not an export
+            return None
+
+    lora = Path(lora)
+    return [p.name for p in sorted(lora.parent.glob("*.safetensors"))
+            if p.name != lora.name and (p.name == KOHYA_WEIGHT_NAME or source(p) == lora.name)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

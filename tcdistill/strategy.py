@@ -263,10 +263,13 @@ class LoraStrategy(_StudentCopies):
         paths = [os.path.join(output_dir, LORA_WEIGHT_NAME)]
         with atomic_file(paths[0]) as tmp:  # the file appears whole or not at all
             self.family.save_lora_weights(tmp, layers, self.student.peft_config["default"].to_dict())
-        if self.cfg.export_kohya:
-            from .export import export_kohya
+        from .export import KOHYA_WEIGHT_NAME, export_kohya, folder_exports
 
-            paths.append(export_kohya(paths[0], unet_config=dict(self.student.config), run=self.cfg.to_dict()))
+        # --export_kohya's file, and the exports an earlier run (or `tcdistill export`) left beside the LoRA just replaced:
+        # kept, they would be of the earlier LoRA.
+        kohya = dict.fromkeys([KOHYA_WEIGHT_NAME] * self.cfg.export_kohya + folder_exports(paths[0]))
+        paths += [export_kohya(paths[0], os.path.join(output_dir, name), unet_config=dict(self.student.config),
+                                run=self.cfg.to_dict()) for name in kohya]
         return paths
 
 

@@ -442,3 +442,33 @@ def test_kohya_file_records_the_runs_clip_skip_as_kohya_counts_it(tiny_teacher: 
     assert tag(tmp_path / "base.safetensors") == "2"
     assert kohya_clip_skip_tag({"model_family": "sdxl", "clip_skip": 1}) == {"ss_clip_skip": "3"}
     assert kohya_clip_skip_tag({"model_family": "sdxl"}) == {"ss_clip_skip": "None"} and kohya_clip_skip_tag({}) == {}
+
+
+def test_a_later_run_rewrites_the_kohya_exports_beside_the_lora_it_saves(tiny_teacher: Path, tiny_shards: str, tmp_path: Path) -> None:
+    """QA: a run with --export_kohya (or a `tcdistill export --output` into the folder), then a resume that trained on
+    without the flag: the new LoRA was saved beside the old kohya files, now exports of the earlier LoRA, dropped from the
+    rewritten card's file list but uploaded by a push. The save now rewrites each from the new LoRA (and the card lists
+    them); a .safetensors file there that is no export of it is left alone."""
+    from safetensors.torch import save_file
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.trainer import Trainer
+
+    out = tmp_path / "out"
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher), train_shards_path_or_url=tiny_shards, output_dir=str(out),
+                      resolution=32, max_train_steps=1, variant="lora", lora_rank=RANK, lora_alpha=ALPHA, report_to="none")
+    strategy = Trainer(cfg).strategy
+    randomize_lora_b(strategy.student, seed=0)
+    assert strategy.save_outputs(str(out)) == [str(out / LORA_WEIGHT_NAME)]  # no export asked for, none there
+    export_kohya(out)
+    export_kohya(out, out / "mine.safetensors")
+    save_file({"w": torch.ones(1)}, str(out / "other.safetensors"))
+    (out / "notes.safetensors").write_text("not a safetensors file")
+    randomize_lora_b(strategy.student, seed=1)  # the LoRA trained on
+    paths = strategy.save_outputs(str(out))
+    assert sorted(Path(p).name for p in paths) == sorted([LORA_WEIGHT_NAME, "mine.safetensors", KOHYA_WEIGHT_NAME])
+    now = load_file(export_kohya(out, tmp_path / "now.safetensors"))
+    for name in ("mine.safetensors", KOHYA_WEIGHT_NAME):
+        written = load_file(out / name)
+        assert written.keys() == now.keys() and all(torch.equal(written[k], now[k]) for k in now), name
+    assert torch.equal(load_file(out / "other.safetensors")["w"], torch.ones(1))
