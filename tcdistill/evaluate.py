@@ -26,7 +26,7 @@ from .checkpoint import atomic_file
 from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
-from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_pipeline, local_output, read_prompts,
+from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline, local_output, read_prompts,
                        resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
@@ -84,27 +84,28 @@ def sample_ddim(net: Net, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tenso
 
 
 # ------------------------------------------------------------------------- models
-def check_sd_teacher(teacher: str) -> None:
-    """Refuse a teacher that is not an SD 1.x/2.x pipeline, from its model_index.json alone (before any weights load)."""
-    from diffusers import DiffusionPipeline
-
-    name = DiffusionPipeline.load_config(teacher).get("_class_name")
+def check_sd_teacher(teacher: str) -> dict:
+    """Refuse a teacher that is not an SD 1.x/2.x pipeline, from its model_index.json alone (before any weights load); the index."""
+    index = base_index(teacher)
+    name = index.get("_class_name")
     family = PIPELINE_CLASSES.get(name, ("", ""))[1]
     if family != "sd":  # an SD model saved from its img2img pipeline is one
         # Its sampler and metrics take SD's prompt states alone (no pooled prompt or SDXL size/crop ids).
         hint = "; sample an SDXL student with `tcdistill generate` instead" if family == "sdxl" else ""
         raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD 1.x/2.x (StableDiffusionPipeline) "
                          f"teachers only{hint}")
+    return index
 
 
-def load_teacher(teacher: str) -> Any:
-    """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode."""
+def load_teacher(teacher: str, index: dict | None = None) -> Any:
+    """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode (`index`: its
+    model_index.json, where `check_sd_teacher` read it already)."""
     from diffusers import StableDiffusionPipeline
 
-    check_sd_teacher(teacher)
+    index = index or check_sd_teacher(teacher)
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
-    pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, safety_checker=None, requires_safety_checker=False)
+    pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, index, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
@@ -406,9 +407,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = read_prompts(None, args.prompts, flag="--prompts")
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
         check_not_single_file(args.teacher, "--teacher")
-        check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
+        index = check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
-        pipe = load_teacher(args.teacher)
+        pipe = load_teacher(args.teacher, index)
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):
             if n > n_train:  # the grid's skip num_train_timesteps // n would be 0: every timestep -1

@@ -129,13 +129,13 @@ def _peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base: str) -> None:
-    """Refuse a diffusers UNet LoRA whose modules are not in the UNet of `unet_config` (the model `base`), or have other
-    in/out widths there: an SD LoRA exported with an SDXL --base got SDXL's module names and base tag, silently."""
+    """Refuse a diffusers UNet LoRA (PEFT's key names, `_peft_keys`) whose modules are not in the UNet of `unet_config`
+    (the model `base`), or have other in/out widths there: an SD LoRA exported with an SDXL --base got SDXL's module
+    names and base tag, silently."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # the layout only: no weights allocated
         modules = dict(UNet2DConditionModel.from_config(unet_config).named_modules())
-    state_dict = _peft_keys(state_dict)
     for key, down in state_dict.items():
         if not (key.startswith("unet.") and key.endswith(".lora_A.weight")):
             continue  # to_kohya names what it cannot convert
@@ -149,15 +149,18 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base:
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-             unet_config: Any = None) -> dict[str, torch.Tensor]:
+             unet_config: Any = None, base: str | None = None) -> dict[str, torch.Tensor]:
     """Diffusers/PEFT UNet LoRA state dict -> kohya keys with per-module `alpha` = PEFT scale x rank. With an SDXL
-    `unet_config` (text_time added conditioning) the modules get their original-UNet names, as kohya's SDXL LoRAs."""
+    `unet_config` (text_time added conditioning) the modules get their original-UNet names, as kohya's SDXL LoRAs.
+    With `base` (the model of `unet_config`), first refuse a LoRA that does not fit that UNet (`check_lora_fits`)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    state_dict = _peft_keys(state_dict)
+    if unet_config is not None and base is not None:
+        check_lora_fits(state_dict, unet_config, base)
     conf = _unet_adapter_config(metadata)
     if conf.get("use_dora"):
         raise ValueError("DoRA adapters have no faithful kohya LoRA form; export the plain LoRA only")
-    state_dict = _peft_keys(state_dict)
     bad = [k for k in state_dict if not k.startswith("unet.") or not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad:
         raise ValueError(f"not a diffusers UNet LoRA file (unexpected keys such as {bad[:3]})")
@@ -289,9 +292,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
                   "SDXL_MODEL so that its modules get kohya's SDXL names (A1111 maps diffusers-style names only in part for "
                   "SDXL)", file=sys.stderr)
     try:
-        if unet_config is not None:
-            check_lora_fits(state_dict, unet_config, base)
-        out = to_kohya(state_dict, metadata, unet_config)
+        out = to_kohya(state_dict, metadata, unet_config, base)
     except ValueError as e:  # a checkpoint's lora.safetensors (bare PEFT keys) is resume state: say where the LoRA is
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)

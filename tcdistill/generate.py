@@ -139,13 +139,18 @@ PIPELINE_CLASSES = {"StableDiffusionPipeline": ("StableDiffusionPipeline", "sd")
                     "StableDiffusionXLImg2ImgPipeline": ("StableDiffusionXLPipeline", "sdxl")}
 
 
-def pipeline_class(base: str) -> Any:
-    """StableDiffusionPipeline or StableDiffusionXLPipeline, from the base's model_index.json (`PIPELINE_CLASSES`). A base
-    without the family's prompt encoders (an SDXL refiner has no text_encoder) is refused: sampling failed in a matmul."""
-    import diffusers
+def base_index(base: str) -> dict[str, Any]:
+    """The pipeline `base`'s model_index.json, read once per command and passed to what needs it."""
     from diffusers import DiffusionPipeline
 
-    index = dict(DiffusionPipeline.load_config(base))
+    return dict(DiffusionPipeline.load_config(base))
+
+
+def pipeline_class(base: str, index: dict[str, Any]) -> Any:
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, from the base's model_index.json `index` (`PIPELINE_CLASSES`).
+    A base without the family's prompt encoders (an SDXL refiner has no text_encoder) is refused: sampling failed in a matmul."""
+    import diffusers
+
     name = index.get("_class_name")
     if name not in PIPELINE_CLASSES:
         raise ValueError(f"{base}: pipeline class {name!r} is not supported (expected one of {sorted(PIPELINE_CLASSES)})")
@@ -157,15 +162,14 @@ def pipeline_class(base: str) -> Any:
     return getattr(diffusers, cls_name)
 
 
-def sd_text_encoder(base: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
-    """`{"text_encoder": CLIPTextModel}` for an SD base whose model_index.json names a CLIPTextModelWithProjection text
+def sd_text_encoder(base: str, index: dict[str, Any], dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
+    """`{"text_encoder": CLIPTextModel}` for an SD base whose model_index.json `index` names a CLIPTextModelWithProjection text
     encoder, else {}: StableDiffusionPipeline takes the encoder's first output as the prompt states, for that class its
     pooled projection ([B, D]), and sampling failed with "not enough values to unpack". Training conditions on the last
     hidden state of the same weights (families.SDFamily loads them as CLIPTextModel), which this gives the pipeline."""
-    from diffusers import DiffusionPipeline
     from transformers import CLIPTextModel
 
-    entry = DiffusionPipeline.load_config(base).get("text_encoder") or [None, None]
+    entry = index.get("text_encoder") or [None, None]
     if entry[1] != "CLIPTextModelWithProjection":
         return {}
     # Cast after loading: transformers before 4.56 takes `torch_dtype=`, not `dtype=` (passed on to __init__, a TypeError).
@@ -182,16 +186,16 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
-def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
+def base_pipeline(cls: Any, base: str, dtype: torch.dtype, index: dict[str, Any] | None = None, **kw: Any) -> Any:
     """`cls.from_pretrained(base, **kw)` in `dtype`: from the base's variant files where it holds only those (a base saved
     with fp16 variant files loads only when asked for them), and with an SD base's projection text encoder as the
-    CLIPTextModel training conditions on (`sd_text_encoder`)."""
+    CLIPTextModel training conditions on (`sd_text_encoder`; `index`: the base's model_index.json where already read)."""
     from safetensors import SafetensorError
 
     variant = pipeline_variant(base)
     try:
         if cls.__name__ == "StableDiffusionPipeline":
-            kw.update(sd_text_encoder(base, dtype, variant))
+            kw.update(sd_text_encoder(base, base_index(base) if index is None else index, dtype, variant))
         if (stand_in := scheduler_stand_in(base)) is not None:
             kw["scheduler"] = None  # not built: diffusers' placeholder class raises; the stand-in goes in after the load
         pipe = cls.from_pretrained(base, **kw, **_dtype_kwargs(dtype), **({"variant": variant} if variant else {}))
@@ -203,7 +207,7 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, **kw: Any) -> Any:
 
 
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,
-                  vae: str | None = None, sampling: dict[str, Any] | None = None) -> Any:
+                  vae: str | None = None, sampling: dict[str, Any] | None = None, index: dict[str, Any] | None = None) -> Any:
     """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on the run's scheduler (TCDScheduler,
     or LCMScheduler for an LCM-mode run; `run_sampling`) over its training grid."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -211,7 +215,8 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     from .validation import sampling_scheduler
 
     kw: dict[str, Any] = {}
-    cls = pipeline_class(base)
+    index = base_index(base) if index is None else index  # model_index.json, where the caller has not read it
+    cls = pipeline_class(base, index)
     if unet:
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
         _check_unet_family(kw["unet"].config, cls, base)
@@ -223,7 +228,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         if kw["vae"].config.latent_channels != unet_in:
             raise ValueError(f"--vae {vae} has {kw['vae'].config.latent_channels} latent channels but the UNet takes {unet_in} "
                              "input channels; pass a VAE of the teacher's latent space")
-    pipe = base_pipeline(cls, base, dtype, **kw)
+    pipe = base_pipeline(cls, base, dtype, index, **kw)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
         load_unet_lora(pipe, lora, base)
@@ -285,13 +290,15 @@ def generate(args: argparse.Namespace) -> list[str]:
         sampling["distill_mode"] = args.scheduler
     # The prompt states the student was trained on (the run's --clip_skip) unless overridden; refused before any weights load.
     clip_skip = sampling_clip_skip(args.clip_skip, run)
+    index = None
     if clip_skip is not None:
-        check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base).__name__ == "StableDiffusionXLPipeline" else "sd")
+        index = base_index(base)
+        check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base, index).__name__ == "StableDiffusionXLPipeline" else "sd")
     grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
-    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling)
+    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index)
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
