@@ -77,12 +77,12 @@ def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str
     """The checkpoint as the family's diffusers pipeline, and a line on where its schedule came from."""
     import diffusers
 
-    from .generate import PIPELINE_CLASSES, pipeline_class
+    from .generate import PIPELINE_CLASSES, base_index, pipeline_class
 
     cls = getattr(diffusers, next(c for c, f in PIPELINE_CLASSES.values() if f == family))
     if config is not None:
         try:  # its model_index.json: a pipeline tcdistill samples, with its prompt encoders
-            cls_config = pipeline_class(config)
+            cls_config = pipeline_class(config, base_index(config))
         except (OSError, ValueError) as e:
             raise ValueError(f"--config {config}: not a diffusers pipeline folder or hub id this run can read ({first_line(e)})") from None
         if cls_config is not cls:
