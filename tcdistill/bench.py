@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from .bench_assets import Assets, prepare_assets
-from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig, field_type, one_line, resolution_refusal
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import ConfigError, TrainConfig, field_type, one_line, resolution_refusal
 from .timing import OpCounter, peak_memory, reset_peak_memory, trim_heap
 
 # Peak dense bf16 tensor TFLOP/s by GPU name (first match wins; more specific names first).

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_file
-from .config import ConfigError, DefaultsHelpFormatter, OneLineParser, TrainConfig
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import ConfigError, TrainConfig
 from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
 from .models import DTYPES

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cmd in train:
         # The family comes from its flag, and `--model_family sdxl` gets the SDXL scripts' flag defaults too
         # (resolution 1024, w_min 3, filters), as train_tcd_distill_*sdxl_wds.py do.
-        from .config import OneLineParser
+        from .argparsing import OneLineParser
 
         pre = OneLineParser(prog=f"tcdistill {cmd}", add_help=False)  # its errors are the training parser's one line
         pre.add_argument("--model_family", default="sd")

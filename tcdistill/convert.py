@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DefaultsHelpFormatter, OneLineParser, first_line
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import first_line
 
 # Original-format checkpoints saved with torch.save: loading one unpickles it (code can run), so it is opt-in, as
 # --allow_pickle_weights is for the other model flags.

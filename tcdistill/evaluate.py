@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_file
-from .config import TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_not_single_file, check_seed, first_line
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import TORCH_SEEDS, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
 from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline, local_output, read_prompts,

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import DefaultsHelpFormatter, OneLineParser, check_not_single_file, first_line
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import check_not_single_file, first_line
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"

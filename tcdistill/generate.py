@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import atomic_file, checkpoint_hint
-from .config import (RUN_CONFIG, TORCH_SEEDS, DefaultsHelpFormatter, OneLineParser, check_clip_skip_floor, check_not_single_file,
-                     check_seed, first_line)
+from .argparsing import DefaultsHelpFormatter, OneLineParser
+from .config import RUN_CONFIG, TORCH_SEEDS, check_clip_skip_floor, check_not_single_file, check_seed, first_line
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights
 from .prompts import pipeline_prompts

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import DefaultsHelpFormatter, OneLineParser
+from ..argparsing import DefaultsHelpFormatter, OneLineParser
 
 logger = logging.getLogger("tcdistill.demo")
 
