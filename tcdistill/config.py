@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 SEED_SCRIPTS = {("full", "sd"): "train_tcd_distill_sd_wds.py", ("lora", "sd"): "train_tcd_distill_lora_sd_wds.py",
                 ("full", "sdxl"): "train_tcd_distill_sdxl_wds.py", ("lora", "sdxl"): "train_tcd_distill_lora_sdxl_wds.py"}
 RUN_CONFIG = "tcdistill_config.json"  # the run's flags, written beside its outputs (generate/eval/export read them)
+# The run record's step of the final weights: null from the run's start until its final save. A run stopped before it
+# (SIGTERM, an error) left a record of its own flags beside an earlier run's weights, or none: generate/eval/export refuse it.
+FINAL_STEP = "final_step"
 
 
 def first_line(e: BaseException) -> str:

@@ -332,8 +332,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "its modules as kohya's SDXL LoRAs (default: the teacher in the run's tcdistill_config.json).")
     args = p.parse_args(argv)
     try:
+        from .generate import refuse_live_run
         from .modelcard import list_in_card
 
+        # With --base too: the LoRA in a folder a live run holds, or a stopped one's (`refuse_unfinished_run`), is an earlier
+        # run's, which the card that run rewrites would not list. First: a stopped run's folder is refused for why it has no
+        # LoRA file. (Not in export_kohya: training's --export_kohya calls it before its run record has its final step.)
+        refuse_live_run(args.lora)
         dst = export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None, f"--base {args.base}")
         list_in_card(dst)
         print(dst)

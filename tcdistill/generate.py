@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import atomic_file, checkpoint_hint
+from .checkpoint import CheckpointIO, atomic_file, checkpoint_hint
 from .argparsing import DefaultsHelpFormatter, OneLineParser
-from .config import RUN_CONFIG, TORCH_SEEDS, check_clip_skip_floor, check_not_single_file, check_seed, first_line
+from .config import (FINAL_STEP, RUN_CONFIG, TORCH_SEEDS, check_clip_skip_floor, check_not_single_file, check_seed,
+                     first_line)
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights
 from .prompts import pipeline_prompts
@@ -43,8 +44,27 @@ def refuse_live_run(path: str | os.PathLike) -> Path | None:
             raise ValueError(f"{d} is in use by a {holder}): its {RUN_CONFIG} is that run's and its weights are not yet; "
                              "wait for the run to end, or pass a finished output")
         if (d / RUN_CONFIG).is_file():
+            refuse_unfinished_run(d)
             return d
     return None
+
+
+def refuse_unfinished_run(d: Path) -> None:
+    """Refuse, in one line, an output folder `d` whose run record has no final step (`FINAL_STEP`): its run stopped before
+    its final save (SIGTERM, an error), so the weights there, if any, are an earlier run's (sampled on the stopped run's
+    flags and teacher, silently), and a run stopped before its first end has none (a bare "no UNet config.json")."""
+    try:
+        run = json.loads((d / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # run_config names the damage (export --base reads no flags)
+    if not isinstance(run, dict) or FINAL_STEP not in run or run[FINAL_STEP] is not None:
+        return  # finished, or recorded before FINAL_STEP was (weights and flags of one run, as far as can be told)
+    done = CheckpointIO(d).complete()
+    weights = [n for n in ("unet_target", "unet", LORA_WEIGHT_NAME) if (d / n).exists()]
+    held = f"the {' and '.join(weights)} there are an earlier run's" if weights else "it has no final weights"
+    fix = (f"resume it (--resume_from_checkpoint latest: its newest checkpoint is {done[-1][1].name}) to write its own"
+           if done else "it saved no checkpoint: train it again")
+    raise ValueError(f"{d / RUN_CONFIG} is of a training run that stopped before its final save, so {held}; {fix}")
 
 
 def run_config(path: str | None) -> dict[str, Any]:
@@ -274,9 +294,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(args.prompt, args.prompt_file)
     check_seed("--seed", args.seed, TORCH_SEEDS, count=len(prompts), uses=f"for {len(prompts)} prompts (image i uses --seed + i)")
     unet, lora = local_output(args.unet), local_output(args.lora)
+    run = run_config(unet or lora)  # first: a stopped run's folder is refused for why it has no LoRA file
     if lora:
         lora_file(lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
-    run = run_config(unet or lora)
     base = args.base or run.get("pretrained_teacher_model")
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")

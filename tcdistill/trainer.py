@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointIO, atomic_file, restore_rng_state
-from .config import NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_seed, first_line, one_line
+from .config import FINAL_STEP, NUMPY_SEEDS, RUN_CONFIG, ConfigError, TrainConfig, check_seed, first_line, one_line
 from .data import DataConfig, StreamTracker, build_train_dataloader, expand_urls
 from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
@@ -384,9 +384,8 @@ class Trainer(StepGuard):
             raise CheckpointError(f"the resumed checkpoint is at step {self.global_step}, past --max_train_steps "
                                   f"{self.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint.")
         if acc.is_main_process:  # after the resume, so a refused one leaves the previous run's record as it was
-            try:  # whole or not at all: a full disk or a kill mid-write cut a finished run's record short (generate failed)
-                with atomic_file(os.path.join(cfg.output_dir, RUN_CONFIG)) as tmp, open(tmp, "w") as f:
-                    json.dump(cfg.to_dict(redact=True), f, indent=2)  # published with the outputs: no hub token
+            try:
+                self._write_run_record(None)  # no final weights yet: those in the folder, if any, are an earlier run's
             except OSError as e:  # a disk an earlier run left full passes check_output_dir's empty probe file
                 raise ConfigError(f"--output_dir {cfg.output_dir!r}: writing {RUN_CONFIG} failed "
                                   f"({type(e).__name__}: {first_line(e)})") from None
@@ -428,6 +427,12 @@ class Trainer(StepGuard):
             self._finish()
         acc.end_training()
 
+    def _write_run_record(self, final_step: int | None) -> None:
+        """The run's flags and the step of its final weights (`FINAL_STEP`) to `RUN_CONFIG`, whole or not at all: a full
+        disk or a kill mid-write cut a finished run's record short (generate failed). Published: no hub token."""
+        with atomic_file(os.path.join(self.cfg.output_dir, RUN_CONFIG)) as tmp, open(tmp, "w") as f:
+            json.dump({**self.cfg.to_dict(redact=True), FINAL_STEP: final_step}, f, indent=2)
+
     def _finish(self) -> None:
         """Main process, after the last step: the final outputs, the model card and the hub push, each failure one line."""
         cfg = self.cfg
@@ -437,6 +442,12 @@ class Trainer(StepGuard):
             raise CheckpointError(f"saving the final model to {cfg.output_dir!r} failed ({one_line(e)}); "
                                   f"newest checkpoint: {self.ckpt.latest() or 'none'}") from e
         logger.info("Saved %s", ", ".join(paths))
+        try:
+            self._write_run_record(self.global_step)  # the weights are this run's now
+        except OSError as e:
+            raise CheckpointError(f"writing {RUN_CONFIG} to {cfg.output_dir!r} failed ({type(e).__name__}: {first_line(e)}); "
+                                  "the trained weights are saved, but generate/eval/export refuse them until a resume "
+                                  "(--resume_from_checkpoint latest) writes it") from e
         from .modelcard import push_to_hub, write_model_card
 
         schedule = self.family.noise_scheduler.config  # the card's usage code samples on the trained schedule

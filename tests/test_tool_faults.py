@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import lock_holder, make_lora
+from conftest import lock_holder, make_lora, run_script, train_flags
 
 from tcdistill.cli import main
 from tcdistill.export import LORA_WEIGHT_NAME
@@ -105,6 +105,67 @@ def test_an_output_a_live_training_run_holds_or_with_a_damaged_run_record_is_one
             run()
         msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
         assert f"{out / 'tcdistill_config.json'} cannot be read as the run's flags (Unterminated string" in msg, (name, msg)
+
+
+def _stopped_at(step: int, *flags: str) -> None:
+    """Run the LoRA seed script with `flags`, SIGTERMed (as a preemption) during `step`: it finishes the step, saves a
+    checkpoint of it and exits 143 before its final save."""
+    import os
+    import signal
+
+    from tcdistill.trainer import Trainer
+
+    log = Trainer._log_step
+
+    def preempted(self: Any, *a: Any) -> None:
+        log(self, *a)
+        if self.global_step == step - 1:  # the signal is read at the next step's end
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "_log_step", preempted)
+        with pytest.raises(SystemExit) as info:
+            run_script("train_tcd_distill_lora_sd_wds.py", list(flags))
+    assert info.value.code == 128 + signal.SIGTERM
+
+
+def test_an_output_whose_run_stopped_before_its_final_save_is_refused_in_one_line(
+        tiny_teacher: Path, tiny_shards: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a run writes its tcdistill_config.json at its start and its weights at its end. A finished run resumed for more
+    steps (or a new run on its folder) and stopped by SIGTERM left the new run's record beside the earlier run's weights:
+    generate, eval and export used them silently, with the stopped run's flags (here its grid, --num_ddim_timesteps 25
+    where the LoRA was trained on 50). A run stopped before its first end gave a bare "no LoRA weights at ...". The record
+    now holds the step of the final weights (null until the final save), and a stopped run's folder is refused."""
+    from tcdistill.evaluate import main as eval_main
+
+    out, prompts = tmp_path / "run", tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    gen = ["generate", "--lora", str(out), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
+    runs = {"generate": lambda: main(gen), "export": lambda: main(["export", "--lora", str(out / LORA_WEIGHT_NAME)]),
+            "export --base": lambda: main(["export", "--lora", str(out), "--base", str(tiny_teacher)]),
+            "eval": lambda: eval_main(["--teacher", str(tiny_teacher), "--lora", str(out), "--prompts", str(prompts), "--steps", "1"])}
+
+    def refused(why: str) -> None:
+        for name, run in runs.items():
+            with pytest.raises(SystemExit) as info:
+                run()
+            msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
+            assert msg.strip().count("\n") == 0, (name, msg)
+            assert (f"{out / 'tcdistill_config.json'} is of a training run that stopped before its final save, so {why}; resume "
+                    "it (--resume_from_checkpoint latest: its newest checkpoint is checkpoint-") in msg, (name, msg)
+        assert not (tmp_path / "imgs").exists() and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+
+    quick = "--validation_steps=0"
+    _stopped_at(2, *train_flags(tiny_teacher, tiny_shards, out, 3, quick))
+    capsys.readouterr()
+    refused("it has no final weights")
+    run_script("train_tcd_distill_lora_sd_wds.py", train_flags(tiny_teacher, tiny_shards, out, 3, quick, "--resume_from_checkpoint=latest"))
+    assert json.loads((out / "tcdistill_config.json").read_text())["final_step"] == 3
+    _stopped_at(5, *train_flags(tiny_teacher, tiny_shards, out, 6, quick, "--resume_from_checkpoint=latest",
+                                 "--num_ddim_timesteps=25"))
+    assert json.loads((out / "tcdistill_config.json").read_text())["final_step"] is None
+    capsys.readouterr()
+    refused(f"the {LORA_WEIGHT_NAME} there are an earlier run's")
 
 
 def test_an_eval_output_that_cannot_be_written_is_one_line_and_keeps_the_earlier_file(
