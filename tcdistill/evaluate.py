@@ -130,7 +130,7 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     from .export import load_unet_lora
 
-    load_unet_lora(view, lora, "the teacher")
+    load_unet_lora(view, lora, getattr(pipe, "name_or_path", None) or "the teacher", "--teacher")
     view.fuse_lora()
     return student.eval().requires_grad_(False)
 

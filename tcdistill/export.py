@@ -41,14 +41,19 @@ def lora_file(path: str | os.PathLike) -> Path:
     return f
 
 
-def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str) -> Path:
+def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str, flag: str = "--base") -> Path:
     """`pipe.load_lora_weights` of `lora_file(lora)`, with its failures as one ValueError (a size mismatch: a LoRA of
-    another base model) and a file that gave the UNet no adapter refused: diffusers only warns ("No LoRA keys associated
-    to UNet2DConditionModel found") and the base model would sample as if it were the student. Returns the file."""
+    another base model, `onto`, given as `flag`) and a file that gave the UNet no adapter refused: diffusers only warns
+    ("No LoRA keys associated to UNet2DConditionModel found") and the base model would sample as if it were the student.
+    Returns the file."""
     f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
     try:
         pipe.load_lora_weights(str(f.parent), weight_name=f.name)
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
+        if "size mismatch" in str(e):  # diffusers' first line names no module ("Error(s) in loading state_dict for ...")
+            from safetensors.torch import load_file
+
+            check_lora_fits(_peft_keys(load_file(str(f))), dict(pipe.unet.config), f"{flag} {onto}", flag)
         hint = " (size mismatch: a LoRA trained on another base model?)" if "size mismatch" in str(e) else ""
         raise ValueError(f"cannot load the LoRA {lora} onto {onto}: {first_line(e)}{hint}") from None
     if not getattr(pipe.unet, "peft_config", None):
@@ -129,10 +134,10 @@ def _peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state_dict.items()}
 
 
-def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base: str) -> None:
+def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base: str, flag: str = "--base") -> None:
     """Refuse a diffusers UNet LoRA (PEFT's key names, `_peft_keys`) whose modules are not in the UNet of `unet_config`
-    (the model `base`), or have other in/out widths there: an SD LoRA exported with an SDXL --base got SDXL's module
-    names and base tag, silently."""
+    (the model `base`, given as `flag`), or have other in/out widths there: an SD LoRA exported with an SDXL --base got
+    SDXL's module names and base tag, silently."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # the layout only: no weights allocated
@@ -146,7 +151,7 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], unet_config: Any, base:
         if weight is None or down.shape[1] != weight.shape[1] or (up is not None and up.shape[0] != weight.shape[0]):
             found = "no such module" if weight is None else f"weight {list(weight.shape)}"
             raise ValueError(f"the LoRA does not fit the UNet of {base}: its module {name} ({found} there) belongs to another "
-                             "base model; pass the model it was trained on as --base")
+                             f"base model; pass the model it was trained on as {flag}")
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,

@@ -222,7 +222,11 @@ def test_eval_lora_missing_or_of_another_base_is_one_line(tiny_teacher: Path, sd
     with pytest.raises(FileNotFoundError, match="no LoRA weights at"):
         load_student(pipe, lora=str(tmp_path / "missing"))
     xl = make_lora(sdxl_teacher, tmp_path / "xl")
-    with pytest.raises(ValueError, match="size mismatch"):
+    # QA: the line was diffusers' first ("Error(s) in loading state_dict for UNet2DConditionModel:"), naming no module
+    # and no flag; it is export's now, naming the module and eval's own flag for the base.
+    with pytest.raises(ValueError, match=rf"^the LoRA does not fit the UNet of --teacher {re.escape(str(tiny_teacher))}: its module "
+                                         r"\S+ \(weight \[\d+, \d+\] there\) belongs to another base model; pass the model it was "
+                                         "trained on as --teacher$"):
         load_student(pipe, lora=str(xl))
 
 

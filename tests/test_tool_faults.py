@@ -223,7 +223,7 @@ def test_a_lora_file_lacking_some_weights_is_one_line_in_generate_and_eval(tiny_
     assert f"{f} is not a complete LoRA file: 3 adapter weight(s)" in str(info.value.code)
 
 
-def test_export_with_a_base_the_lora_does_not_fit_is_one_line(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path,
+def test_export_or_generate_with_a_base_the_lora_does_not_fit_is_one_line(tiny_teacher: Path, sdxl_teacher: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """QA: `export --lora SD_LORA --base SDXL_MODEL` wrote a kohya file without a word: the SD LoRA's modules got SDXL's
     original-UNet names and the `sdxl_base_v1-0` tag (A1111 then hides it from the SD model it belongs to). A LoRA whose
@@ -237,6 +237,13 @@ def test_export_with_a_base_the_lora_does_not_fit_is_one_line(tiny_teacher: Path
                                                        "its module "), err
         assert "belongs to another base model; pass the model it was trained on as --base" in err and err.count("\n") == 1, err
         assert not (tmp_path / "k.safetensors").exists()
+        # QA: generate said diffusers' first line ("Error(s) in loading state_dict for UNet2DConditionModel:"), naming no
+        # module and not what to pass; it says export's line now.
+        with pytest.raises(SystemExit):
+            main(["generate", "--lora", str(lora), "--base", str(base), "--prompt", "x", "--output_dir", str(tmp_path / "imgs")])
+        err = capsys.readouterr().err.splitlines()[-1]  # after the pipeline's loading bars
+        assert err.startswith(f"tcdistill generate: error: the LoRA does not fit the UNet of --base {base}: its module "), err
+        assert err.endswith("belongs to another base model; pass the model it was trained on as --base"), err
     main(["export", "--lora", str(xl_lora), "--base", str(sdxl_teacher), "--output", str(tmp_path / "k.safetensors")])
     assert (tmp_path / "k.safetensors").is_file()
 
