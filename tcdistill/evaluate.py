@@ -27,8 +27,9 @@ from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import TORCH_SEEDS, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
-from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline, local_output, read_prompts,
-                       resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip)
+from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline,
+                       check_unet_fits, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance,
+                       run_sampling, sampling_clip_skip)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
@@ -123,6 +124,7 @@ def load_student(pipe: Any, unet: str | None = None, lora: str | None = None) ->
         student = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet)).eval().requires_grad_(False)
         if unet_family(student.config) == "sdxl":
             raise ValueError(f"--unet {unet} is an SDXL UNet; the teacher is an SD pipeline")
+        check_unet_fits(student.config, pipe.unet.config, getattr(pipe, "name_or_path", None) or "the teacher", "--teacher")
         return student
     # The LoRA goes onto a copy, so the teacher's own UNet stays clean for the reference samples.
     student = copy.deepcopy(pipe.unet)

@@ -240,6 +240,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
     if unet:
         kw["unet"] = UNet2DConditionModel.from_pretrained(resolve_unet_dir(unet), **_dtype_kwargs(dtype))
         _check_unet_family(kw["unet"].config, cls, base)
+        check_unet_fits(kw["unet"].config, UNet2DConditionModel.load_config(base, subfolder="unet"), base)
     if vae:
         check_model_config(vae, "AutoencoderKL", "--vae: pass a VAE folder such as the teacher's vae/")
         kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
@@ -264,6 +265,20 @@ def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
     if xl_unet != xl_base:
         raise ValueError(f"the UNet is an {'SDXL' if xl_unet else 'SD'} model but --base {base} is an {'SDXL' if xl_base else 'SD'} "
                          "pipeline (pass the teacher the UNet was distilled from)")
+
+
+# UNet config fields that couple a UNet to its pipeline's text encoders: the base's own UNet has the widths they give.
+_PROMPT_WIDTHS = {"cross_attention_dim": "prompt states", "projection_class_embeddings_input_dim": "SDXL's pooled prompt and sizes"}
+
+
+def check_unet_fits(unet_config: Any, base_config: Any, base: str, flag: str = "--base") -> None:
+    """Refuse, in one line, a distilled UNet that takes other prompt-embedding widths than the text encoders of the base
+    pipeline (`flag` `base`, whose own UNet's config is `base_config`) give: a teacher of the same family but another
+    text encoder sampled into a "mat1 and mat2 shapes cannot be multiplied" traceback."""
+    for key, what in _PROMPT_WIDTHS.items():
+        if unet_config.get(key) != base_config.get(key):
+            raise ValueError(f"the UNet takes {what} of width {unet_config.get(key)} ({key}) but the text encoders of {flag} "
+                             f"{base} give {base_config.get(key)}; pass the teacher the UNet was distilled from as {flag}")
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None, flag: str = "--prompt_file") -> list[str]:

@@ -230,6 +230,25 @@ def test_eval_lora_missing_or_of_another_base_is_one_line(tiny_teacher: Path, sd
         load_student(pipe, lora=str(xl))
 
 
+def test_a_full_unet_onto_a_base_of_other_text_encoder_widths_is_one_line(tiny_teacher: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a full-model student with a --base (eval: --teacher) of its family but another text encoder width sampled into
+    a "RuntimeError: mat1 and mat2 shapes cannot be multiplied" traceback; a teacher of the same widths still works."""
+    from tcdistill.evaluate import load_student, load_teacher
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    out, wide = full_output(tiny_teacher, tmp_path / "run"), tmp_path / "wide"
+    build_tiny_sd_pipeline(wide, cross_attention_dim=48)
+    with pytest.raises(SystemExit):
+        main(["generate", "--unet", str(out), "--base", str(wide), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"tcdistill generate: error: the UNet takes prompt states of width 32 (cross_attention_dim) but the text encoders of "
+        f"--base {wide} give 48; pass the teacher the UNet was distilled from as --base")
+    with pytest.raises(ValueError, match=rf"of --teacher {re.escape(str(wide))} give 48; pass the teacher the UNet was distilled from as --teacher$"):
+        load_student(load_teacher(str(wide)), unet=str(out))
+    assert not list((tmp_path / "imgs").glob("*.png"))
+    assert load_student(load_teacher(str(tiny_teacher)), unet=str(out)).config.cross_attention_dim == 32
+
 def test_ignored_flags_are_refused(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: generate's --lora_scale with a full --unet was accepted and ignored; eval's --guidance_scale nan gave a table of
     NaN rows with exit 0. Both are one-line refusals before any model loads."""
