@@ -363,7 +363,8 @@ def generate(args: argparse.Namespace) -> list[str]:
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
                             "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
                             "height": height, "width": width, "dtype": dtype_name, "base": base, "unet": args.unet, "lora": args.lora,
-                            "lora_scale": args.lora_scale if args.lora else None, "vae": vae, "clip_skip": clip_skip})
+                            "lora_scale": args.lora_scale if args.lora else None, "vae": vae, "clip_skip": clip_skip,
+                            "train_step": run.get(FINAL_STEP)})  # which weights: the run's step at its final save
         with open(meta_path, "a", encoding="utf-8") as f:  # one write call: a kill leaves whole lines
             f.write("".join(json.dumps(r) + "\n" for r in records))
     return paths

@@ -157,7 +157,8 @@ def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_te
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     out = full_output(tiny_teacher, tmp_path / "run")
-    cfg = {"pretrained_teacher_model": str(tiny_teacher), "num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05}
+    cfg = {"pretrained_teacher_model": str(tiny_teacher), "num_ddim_timesteps": 20, "distill_mode": "lcm", "timestep_scaling_factor": 0.05,
+           "final_step": 7}
     (out / "tcdistill_config.json").write_text(json.dumps(cfg))
     argv = ["generate", "--unet", str(out), "--prompt", "a red circle", "--steps", "2", "--guidance_scale", "6",
             "--output_dir", str(tmp_path / "imgs")]
@@ -169,6 +170,7 @@ def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_te
     assert np.abs(np.asarray(ref, dtype=np.int16) - pngs(tmp_path / "imgs")["00000_a_red_circle.png"]).max() <= 1
     lines = (tmp_path / "imgs" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["scheduler"] == "lcm" and json.loads(lines[0])["gamma"] is None
+    assert json.loads(lines[0])["train_step"] == 7  # QA: no line said which step's weights made the image
     # --scheduler tcd overrides the run's mode: a different sample (TCD keeps part of x_t's noise at gamma 0.3)
     main([*argv, "--scheduler", "tcd", "--output_dir", str(tmp_path / "tcd")])
     assert np.abs(pngs(tmp_path / "tcd")["00000_a_red_circle.png"] - np.asarray(ref, dtype=np.int16)).max() > 1
