@@ -316,6 +316,12 @@ def generate(args: argparse.Namespace) -> list[str]:
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
+    for flag, given, path in (("--base", args.base, base), ("--vae", args.vae, vae)):
+        # Training records a local model folder as an absolute path: an output copied to another machine, or a teacher
+        # moved since, named it here, and diffusers said only that the hub could not be reached for it.
+        if not given and path and os.path.isabs(path) and not os.path.exists(path):
+            raise ValueError(f"the run's {'teacher' if flag == '--base' else 'VAE'} {path} (its {RUN_CONFIG}) is not on this "
+                             f"machine (moved, or the output copied here?); pass {flag} with where it is now")
     check_not_single_file(base, "--base")
     check_not_single_file(vae, "--vae")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
