@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:  # the hub repo a pushed output went to, as for `tcdistill generate`
         args.unet, args.lora = local_output(args.unet), local_output(args.lora)
         # A run is sampled as it was trained (as `tcdistill generate` does): its grid, its mode, its LCM scaling, its w range.
-        saved = run_config(args.unet or args.lora)
+        saved = run_config(args.unet or args.lora, args.lora is not None)
     except (FileNotFoundError, ValueError) as e:  # a damaged run record, an output a live training run holds
         sys.exit(f"tcdistill eval: error: {first_line(e)}")
     if args.guidance_scale is None:

@@ -33,6 +33,9 @@ from .validation import sampling_hw
 FULL_MODEL_GUIDANCE = 8.0
 
 
+_OUTPUT_WEIGHTS = ("unet_target", "unet", LORA_WEIGHT_NAME)  # a run's final weights in its output folder (full, LoRA)
+
+
 def refuse_live_run(path: str | os.PathLike) -> Path | None:
     """The folder holding the run record of the output `path` (its folder or the folder above), or None; refused in one
     line where a live training run holds the folder: that run wrote its flags at its start, over those of the weights there
@@ -60,15 +63,16 @@ def refuse_unfinished_run(d: Path) -> None:
     if not isinstance(run, dict) or FINAL_STEP not in run or run[FINAL_STEP] is not None:
         return  # finished, or recorded before FINAL_STEP was (weights and flags of one run, as far as can be told)
     done = CheckpointIO(d).complete()
-    weights = [n for n in ("unet_target", "unet", LORA_WEIGHT_NAME) if (d / n).exists()]
+    weights = [n for n in _OUTPUT_WEIGHTS if (d / n).exists()]
     held = f"the {' and '.join(weights)} there are an earlier run's" if weights else "it has no final weights"
     fix = (f"resume it (--resume_from_checkpoint latest: its newest checkpoint is {done[-1][1].name}) to write its own"
            if done else "it saved no checkpoint: train it again")
     raise ValueError(f"{d / RUN_CONFIG} is of a training run that stopped before its final save, so {held}; {fix}")
 
 
-def run_config(path: str | None) -> dict[str, Any]:
-    """The training run's saved flags next to an output (`refuse_live_run`), or {}."""
+def run_config(path: str | None, lora: bool | None = None) -> dict[str, Any]:
+    """The training run's saved flags next to an output (`refuse_live_run`), or {}; with `lora` (the output was passed as
+    --lora, else --unet), an output of the other variant's run refused (`refuse_other_variant`)."""
     d = refuse_live_run(path) if path else None
     if d is not None:
         try:
@@ -78,8 +82,23 @@ def run_config(path: str | None) -> dict[str, Any]:
                              "training run, or remove it and pass --base") from None
         if not isinstance(run, dict):
             raise ValueError(f"{d / RUN_CONFIG} is not a JSON object of the run's flags; restore it from the training run")
+        if lora is not None and path:
+            refuse_other_variant(Path(path), d, run, lora)
         return run
     return {}
+
+
+def refuse_other_variant(path: Path, d: Path, run: dict[str, Any], lora: bool) -> None:
+    """Refuse, in one line, a LoRA run's output `d` passed as --unet, or a full-model run's as --lora (`path`: the folder, or
+    its weights there): a folder that held the other variant's run before kept its weights, which were sampled silently
+    with this run's flags; else the line was a bare "no UNet config.json" / "no LoRA weights"."""
+    variant = run.get("variant")
+    if variant not in ("full", "lora") or (variant == "lora") == lora or (path != d and path.name not in _OUTPUT_WEIGHTS):
+        return  # the right flag, a record without a variant, or a model of the user's own inside the folder
+    stale = [n for n in (_OUTPUT_WEIGHTS[2:] if lora else _OUTPUT_WEIGHTS[:2]) if (d / n).exists()]
+    old = f"; the {' and '.join(stale)} there {'is' if len(stale) == 1 else 'are'} an earlier run's" if stale else ""
+    raise ValueError(f"{d} is the output of a {'LoRA' if variant == 'lora' else 'full-model'} run (its {RUN_CONFIG}): pass it as "
+                     f"{'--lora' if variant == 'lora' else '--unet'}{old}")
 
 
 # What `local_output` fetches of a hub repo: a run's saved flags, a bare UNet, a full-model output's EMA UNet, a LoRA.
@@ -309,7 +328,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(args.prompt, args.prompt_file)
     check_seed("--seed", args.seed, TORCH_SEEDS, count=len(prompts), uses=f"for {len(prompts)} prompts (image i uses --seed + i)")
     unet, lora = local_output(args.unet), local_output(args.lora)
-    run = run_config(unet or lora)  # first: a stopped run's folder is refused for why it has no LoRA file
+    run = run_config(unet or lora, lora is not None)  # first: a stopped run's folder is refused for why it has no weights
     if lora:
         lora_file(lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
     base = args.base or run.get("pretrained_teacher_model")
