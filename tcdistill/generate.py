@@ -64,7 +64,8 @@ def refuse_unfinished_run(d: Path) -> None:
         return  # finished, or recorded before FINAL_STEP was (weights and flags of one run, as far as can be told)
     done = CheckpointIO(d).complete()
     weights = [n for n in _OUTPUT_WEIGHTS if (d / n).exists()]
-    held = f"the {' and '.join(weights)} there are an earlier run's" if weights else "it has no final weights"
+    are = "is" if len(weights) == 1 else "are"
+    held = f"the {' and '.join(weights)} there {are} an earlier run's" if weights else "it has no final weights"
     fix = (f"resume it (--resume_from_checkpoint latest: its newest checkpoint is {done[-1][1].name}) to write its own"
            if done else "it saved no checkpoint: train it again")
     raise ValueError(f"{d / RUN_CONFIG} is of a training run that stopped before its final save, so {held}; {fix}")
@@ -287,7 +288,8 @@ def _check_unet_family(unet_config: Any, pipe_cls: Any, base: str) -> None:
 
 
 # UNet config fields that couple a UNet to its pipeline's text encoders: the base's own UNet has the widths they give.
-_PROMPT_WIDTHS = {"cross_attention_dim": "prompt states", "projection_class_embeddings_input_dim": "SDXL's pooled prompt and sizes"}
+_PROMPT_WIDTHS = {"cross_attention_dim": "prompt states",
+                  "projection_class_embeddings_input_dim": "SDXL's pooled prompt and sizes"}
 
 
 def check_unet_fits(unet_config: Any, base_config: Any, base: str, flag: str = "--base") -> None:

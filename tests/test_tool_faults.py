@@ -165,7 +165,7 @@ def test_an_output_whose_run_stopped_before_its_final_save_is_refused_in_one_lin
                                  "--num_ddim_timesteps=25"))
     assert json.loads((out / "tcdistill_config.json").read_text())["final_step"] is None
     capsys.readouterr()
-    refused(f"the {LORA_WEIGHT_NAME} there are an earlier run's")
+    refused(f"the {LORA_WEIGHT_NAME} there is an earlier run's")
 
 
 def test_an_eval_output_that_cannot_be_written_is_one_line_and_keeps_the_earlier_file(
