@@ -269,32 +269,6 @@ def test_a_run_teacher_or_vae_that_is_not_here_is_one_line_naming_the_flag(tiny_
     main([*argv, "--vae", str(tiny_teacher / "vae")])  # given: the recorded one is not looked for
     assert (tmp_path / "imgs" / "00000_x.png").is_file()
 
-def test_an_output_passed_as_the_other_variant_is_one_line(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """QA: a LoRA run trained into a folder that held a full-model run kept its unet_target/: `generate --unet DIR` sampled
-    that earlier run's UNet with the LoRA run's flags, silently (and a LoRA output passed as --unet, or a full one as
-    --lora, was a bare "no UNet config.json" / "no LoRA weights"). The run record's variant now picks the flag."""
-    from tcdistill.evaluate import main as eval_main
-
-    out = full_output(tiny_teacher, tmp_path / "run")  # unet_target/ of an earlier full-model run
-    make_lora(tiny_teacher, out)
-    record = {"pretrained_teacher_model": str(tiny_teacher), "variant": "lora"}
-    (out / "tcdistill_config.json").write_text(json.dumps(record))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("x\n")
-    gen = ["generate", "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
-    for unet in (out, out / "unet_target"):
-        with pytest.raises(SystemExit):
-            main([*gen, "--unet", str(unet)])
-        assert capsys.readouterr().err.splitlines()[-1] == (f"tcdistill generate: error: {out} is the output of a LoRA run (its "
-                                                            "tcdistill_config.json): pass it as --lora; the unet_target there is an earlier run's")
-    (out / "tcdistill_config.json").write_text(json.dumps({**record, "variant": "full"}))
-    with pytest.raises(SystemExit) as info:
-        eval_main(["--teacher", str(tiny_teacher), "--lora", str(out / LORA_WEIGHT_NAME), "--prompts", str(prompts), "--steps", "1"])
-    assert str(info.value.code) == (f"tcdistill eval: error: {out} is the output of a full-model run (its tcdistill_config.json): "
-                                    f"pass it as --unet; the {LORA_WEIGHT_NAME} there is an earlier run's")
-    main([*gen, "--unet", str(out)])  # the right flag
-    assert json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())["unet"] == str(out)
-
 def test_ignored_flags_are_refused(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: generate's --lora_scale with a full --unet was accepted and ignored; eval's --guidance_scale nan gave a table of
     NaN rows with exit 0. Both are one-line refusals before any model loads."""

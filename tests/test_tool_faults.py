@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import lock_holder, make_lora, run_script, train_flags
+from conftest import full_output, lock_holder, make_lora, run_script, train_flags
 
 from tcdistill.cli import main
 from tcdistill.export import LORA_WEIGHT_NAME
@@ -167,6 +167,32 @@ def test_an_output_whose_run_stopped_before_its_final_save_is_refused_in_one_lin
     capsys.readouterr()
     refused(f"the {LORA_WEIGHT_NAME} there is an earlier run's")
 
+
+def test_an_output_passed_as_the_other_variant_is_one_line(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: a LoRA run trained into a folder that held a full-model run kept its unet_target/: `generate --unet DIR` sampled
+    that earlier run's UNet with the LoRA run's flags, silently (and a LoRA output passed as --unet, or a full one as
+    --lora, was a bare "no UNet config.json" / "no LoRA weights"). The run record's variant now picks the flag."""
+    from tcdistill.evaluate import main as eval_main
+
+    out = full_output(tiny_teacher, tmp_path / "run")  # unet_target/ of an earlier full-model run
+    make_lora(tiny_teacher, out)
+    record = {"pretrained_teacher_model": str(tiny_teacher), "variant": "lora"}
+    (out / "tcdistill_config.json").write_text(json.dumps(record))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    gen = ["generate", "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
+    for unet in (out, out / "unet_target"):
+        with pytest.raises(SystemExit):
+            main([*gen, "--unet", str(unet)])
+        assert capsys.readouterr().err.splitlines()[-1] == (f"tcdistill generate: error: {out} is the output of a LoRA run (its "
+                                                            "tcdistill_config.json): pass it as --lora; the unet_target there is an earlier run's")
+    (out / "tcdistill_config.json").write_text(json.dumps({**record, "variant": "full"}))
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--teacher", str(tiny_teacher), "--lora", str(out / LORA_WEIGHT_NAME), "--prompts", str(prompts), "--steps", "1"])
+    assert str(info.value.code) == (f"tcdistill eval: error: {out} is the output of a full-model run (its tcdistill_config.json): "
+                                    f"pass it as --unet; the {LORA_WEIGHT_NAME} there is an earlier run's")
+    main([*gen, "--unet", str(out)])  # the right flag
+    assert json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())["unet"] == str(out)
 
 def test_an_eval_output_that_cannot_be_written_is_one_line_and_keeps_the_earlier_file(
         tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
