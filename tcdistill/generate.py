@@ -179,6 +179,22 @@ PIPELINE_CLASSES = {"StableDiffusionPipeline": ("StableDiffusionPipeline", "sd")
                     "StableDiffusionXLImg2ImgPipeline": ("StableDiffusionXLPipeline", "sdxl")}
 
 
+def run_teacher(run: dict[str, Any]) -> str | None:
+    """The teacher named by the run's flags, at the revision it was distilled from: a hub id with a `--teacher_revision` or
+    `--cache_dir` resolves to that revision's snapshot folder in that cache (fetched there if need be), so that every later
+    read of the base (model_index.json, configs, weights) is of the trained revision, not of main in the default cache."""
+    base, revision, cache_dir = run.get("pretrained_teacher_model"), run.get("teacher_revision"), run.get("cache_dir")
+    if not base or os.path.isdir(base) or not (revision or cache_dir):
+        return base
+    from diffusers import DiffusionPipeline
+
+    try:
+        return str(DiffusionPipeline.download(base, revision=revision, cache_dir=cache_dir))
+    except (OSError, ValueError) as e:  # offline and not in the cache, an unknown revision
+        where = " ".join(w for w in (revision and f"at --teacher_revision {revision}", cache_dir and f"from --cache_dir {cache_dir}") if w)
+        raise ValueError(f"cannot get the run's teacher {base} {where} ({first_line(e)}); pass --base") from None
+
+
 def base_index(base: str) -> dict[str, Any]:
     """The pipeline `base`'s model_index.json, read once per command and passed to what needs it."""
     from diffusers import DiffusionPipeline
@@ -333,7 +349,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     run = run_config(unet or lora, lora is not None)  # first: a stopped run's folder is refused for why it has no weights
     if lora:
         lora_file(lora)  # a missing file, or a folder without the LoRA file: one line before any model loads
-    base = args.base or run.get("pretrained_teacher_model")
+    base = args.base or run_teacher(run)
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
@@ -389,7 +405,9 @@ def generate(args: argparse.Namespace) -> list[str]:
             # What sets the image (with the run's saved flags next to --unet/--lora): a line says how to make it again.
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
                             "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
-                            "height": height, "width": width, "dtype": dtype_name, "base": base, "unet": args.unet, "lora": args.lora,
+                            "height": height, "width": width, "dtype": dtype_name,
+                            "base": args.base or run.get("pretrained_teacher_model"),
+                            "base_revision": None if args.base else run.get("teacher_revision"), "unet": args.unet, "lora": args.lora,
                             "lora_scale": args.lora_scale if args.lora else None, "vae": vae, "clip_skip": clip_skip,
                             "train_step": run.get(FINAL_STEP)})  # which weights: the run's step at its final save
         with open(meta_path, "a", encoding="utf-8") as f:  # one write call: a kill leaves whole lines
@@ -432,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--unet", help=UNET_HELP)
     src.add_argument("--lora", help=LORA_HELP)
-    p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json).")
+    p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json, at its --teacher_revision from its --cache_dir).")
     p.add_argument("--vae", help="Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, else the base's).")
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")

@@ -459,3 +459,35 @@ def test_a_vae_that_does_not_fit_is_one_line(kind: str, tiny_teacher: Path, tmp_
     assert exc.value.code == 2 and "Traceback" not in err, err
     assert needle in last and "--vae" in last, last
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_generate_samples_on_the_teacher_revision_the_run_trained_on(tiny_teacher: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a run distilled from a hub teacher at --teacher_revision (read through its --cache_dir) was sampled by
+    `generate` on the hub's main revision, from the default cache; the model card's code loads the trained revision."""
+    import shutil
+
+    import huggingface_hub.constants
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--tiny--teacher"
+    snapshots = {ref: repo / "snapshots" / (c * 40) for ref, c in (("main", "a"), ("v1", "b"))}
+    (repo / "refs").mkdir(parents=True)
+    for ref, folder in snapshots.items():
+        shutil.copytree(tiny_teacher, folder)
+        (repo / "refs" / ref).write_text(folder.name)
+    weights = snapshots["v1"] / "unet" / "diffusion_pytorch_model.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in load_file(weights).items()}, weights)
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": "tiny/teacher", "teacher_revision": "v1",
+                                                             "cache_dir": str(tmp_path / "hub"), "num_ddim_timesteps": 50}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the teacher comes from the run's cache only
+    common = ["generate", "--lora", str(lora), "--prompt", "a red square", "--steps", "2", "--device", "cpu"]
+    main([*common, "--output_dir", str(tmp_path / "run")])
+    for ref, folder in snapshots.items():
+        main([*common, "--base", str(folder), "--output_dir", str(tmp_path / ref)])
+    run, v1, head = (pngs(tmp_path / d)["00000_a_red_square.png"] for d in ("run", "v1", "main"))
+    assert np.array_equal(run, v1) and not np.array_equal(v1, head)
+    meta = json.loads((tmp_path / "run" / "metadata.jsonl").read_text())
+    assert (meta["base"], meta["base_revision"]) == ("tiny/teacher", "v1")  # the line names the teacher as the run does
