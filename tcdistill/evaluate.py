@@ -27,11 +27,10 @@ from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import TORCH_SEEDS, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
-from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline,
-                       check_unet_fits, local_output, read_prompts, resolve_unet_dir, run_config, run_guidance,
-                       run_sampling, sampling_clip_skip)
+from .generate import CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline, check_unet_fits, read_prompts
 from .models import UNetDenoiser
 from .preflight import check_output_dir
+from .run_outputs import local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
 from .teacher_checks import check_clip_skip

@@ -233,7 +233,7 @@ def kohya_clip_skip_tag(run: dict[str, Any]) -> dict[str, str]:
 
 def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:
     """The UNet config of the teacher an SDXL training output was distilled from, named by its saved flags `run` (the
-    tcdistill_config.json beside or above the LoRA file, `generate.run_config`); None for an SD run or no run config."""
+    tcdistill_config.json beside or above the LoRA file, `run_outputs.run_config`); None for an SD run or no run config."""
     if run.get("model_family") != "sdxl":
         return None
     from diffusers import UNet2DConditionModel
@@ -271,7 +271,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
                  base: str = "the given UNet config", run: dict[str, Any] | None = None) -> str:
     """Write the kohya-format copy of a diffusers LoRA file (default: `pytorch_lora_weights_kohya.safetensors` beside it).
     `unet_config`: the LoRA's UNet config, of the model `base` (default: an SDXL run's teacher's, `run_unet_config`).
-    `run`: the run's flags (default: the tcdistill_config.json beside or above the file, `generate.run_config`)."""
+    `run`: the run's flags (default: the tcdistill_config.json beside or above the file, `run_outputs.run_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -288,7 +288,7 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
     if run is None:  # a folder a live run holds has no finished LoRA (an earlier run's): refused
-        from .generate import run_config
+        from .run_outputs import run_config
 
         run = run_config(str(f))
     if unet_config is None:
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "its modules as kohya's SDXL LoRAs (default: the teacher in the run's tcdistill_config.json).")
     args = p.parse_args(argv)
     try:
-        from .generate import refuse_live_run
+        from .run_outputs import refuse_live_run
         from .modelcard import list_in_card
 
         # With --base too: the LoRA in a folder a live run holds, or a stopped one's (`refuse_unfinished_run`), is an earlier

@@ -47,7 +47,7 @@ def changed_flags(cfg: TrainConfig) -> dict[str, object]:
 def full_guidance(cfg: TrainConfig) -> float:
     """The full student's recommended guidance scale: validation's, moved into the trained range of w as `tcdistill
     generate` moves its default (a scale outside it embeds a w the student never trained on)."""
-    from .generate import run_guidance
+    from .run_outputs import run_guidance
 
     return run_guidance(cfg.to_dict(), cfg.validation_guidance_scale)
 

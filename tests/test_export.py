@@ -318,11 +318,11 @@ def test_export_reads_the_run_config_once(tiny_teacher: Path, tmp_path: Path, mo
     again for the SDXL-like warning. It is read once and handed to both."""
     import json
 
-    import tcdistill.generate as generate
+    import tcdistill.run_outputs as run_outputs
 
     reads = []
-    real = generate.run_config
-    monkeypatch.setattr(generate, "run_config", lambda path: reads.append(path) or real(path))
+    real = run_outputs.run_config
+    monkeypatch.setattr(run_outputs, "run_config", lambda path: reads.append(path) or real(path))
     make_lora(tiny_teacher, tmp_path)
     (tmp_path / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher)}))
     assert Path(export_kohya(tmp_path)).name == KOHYA_WEIGHT_NAME and len(reads) == 1

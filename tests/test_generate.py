@@ -190,7 +190,7 @@ def test_prompt_file_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
 def test_full_default_guidance_stays_in_the_runs_w_range(tiny_teacher: Path, tmp_path: Path) -> None:
     """QA: a full student trained with --w_min 1 --w_max 3 (the demo's) was sampled at the default scale 8 (w = 7, never
     trained); the default w now moves into the run's range (w 3, scale 4). A run in the default range keeps 8."""
-    from tcdistill.generate import run_guidance
+    from tcdistill.run_outputs import run_guidance
 
     assert run_guidance({}, 8.0) == run_guidance({"w_min": 5.0, "w_max": 15.0}, 8.0) == 8.0
     assert run_guidance({"w_min": 1.0, "w_max": 3.0}, 8.0) == 4.0 and run_guidance({"w_min": 1.0, "w_max": 3.0}, 3.0) == 3.0
