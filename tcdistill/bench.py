@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="Run reference-like and optimised (and compiled, with --compile_unet) in this process; print them and their ratios.")
     g.add_argument("--reference-like", dest="reference_like", action="store_true", help="Run only the reference-like mode.")
     g.add_argument("--data-only", dest="data_only", action="store_true", help="Only measure the pixel loader (samples/s per worker).")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Every mode's --mixed_precision (fp16 needs a GPU).")
     p.add_argument("--batch_size", type=int, default=None, help="Per-device batch (preset default: tiny 4, sd15 12).")
     p.add_argument("--resolution", type=int, default=None, help="Pixels (preset default: tiny 32, sd15 512).")
     p.add_argument("--warmup", type=int, default=None, help="Untimed steps after the FLOP-counting step.")
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Time the modes' steps alternately, with all modes' trainers alive at once (default: on for --compare on CPU, "
                         "where other jobs' load drifts; off on GPU, where two SD 1.5 trainers need not fit).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU: 1 avoids thread contention on a busy machine).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Training --seed of every mode.")
     p.add_argument("--workdir", default=None, help="Keep teacher, shards and cache here and reuse them (default: a temp dir, removed).")
     p.add_argument("--json", default=None, help="Write the results here.")
     return p

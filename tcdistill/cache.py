@@ -77,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A different VAE (as for training).")
     p.add_argument("--clip_skip", type=int, default=None, help="Prompt states this many layers before the text encoder's last "
                    "(as training's --clip_skip; recorded, and a run with another value is refused). Default: none.")
-    p.add_argument("--teacher_revision", default=None)
+    p.add_argument("--teacher_revision", default=None, help="Revision of the teacher on the hub (as for training).")
     p.add_argument("--cache_dir", default=None, help="Download cache for hub models.")
     p.add_argument("--train_shards_path_or_url", required=True, help="Source image/caption webdataset shards.")
     p.add_argument("--output_dir", required=True, help="Where the cached shards and sidecar files go.")
     p.add_argument("--resolution", type=int, default=None, help="Default: 512 (SDXL: 1024), as the training scripts.")
-    p.add_argument("--interpolation_type", default="bilinear", choices=list(INTERPOLATIONS))
+    p.add_argument("--interpolation_type", default="bilinear", choices=list(INTERPOLATIONS), help="Resize interpolation (as training's).")
     p.add_argument("--center_crop", action="store_true", help="Center crop (default: a random crop, drawn once per sample).")
     p.add_argument("--random_flip", action="store_true", help="Flip half the samples (drawn once per sample).")
     p.add_argument("--use_fix_crop_and_size", action="store_true", help="SDXL: micro-condition on (resolution, resolution) and crop (0, 0).")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the crops/flips.")
     p.add_argument("--data_timeout", type=float, default=60.0, help="Seconds a pipe: shard may send no data before it is "
-                   "given up (its command killed) and counted as a shard error (0 = wait forever).")
+                   "given up (its command killed) and counted as `stalled`, as in training (0 = wait forever).")
     return p
 
 

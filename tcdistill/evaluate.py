@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N of the training grid (TCDScheduler original_inference_steps; default: the run's --num_ddim_timesteps "
                         "from the tcdistill_config.json next to --unet/--lora, else 50).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (and of re-noising).")
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=128, help="Prompts per sampling and VAE-decode batch (bounds memory).")
     p.add_argument("--classifier", help="Demo world classifier dir (from `tcdistill demo`): Fréchet distance and prompt fidelity.")
     p.add_argument("--fid", action="store_true", help="FID against the teacher's 50-step images (torchmetrics, local Inception weights).")
     p.add_argument("--clip_model", help="Local CLIP model for CLIP score (torchmetrics).")
