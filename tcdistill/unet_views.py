@@ -206,7 +206,7 @@ class WeightCopies:
 
     Under autocast each fp32 weight is cast at every forward (one kernel per weight) and its gradient cast back in the
     backward (one more per weight). Here the copies are refreshed once per optimizer step (`copies.refresh()`, one
-    multi-tensor copy, called by the owner) and the gradients come back with one. The numbers are autocast's: conv and
+    multi-tensor copy, called by the owner) and the gradients come back with one per top-level block (below). The numbers are autocast's: conv and
     linear ops run in the autocast dtype anyway, autocast leaves an input already in that dtype as it is, and the norms
     keep their fp32 weights.
     Use it only under autocast (conv/linear inputs are cast there).
