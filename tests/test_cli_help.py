@@ -121,3 +121,15 @@ def test_a_subcommands_bad_flag_is_one_line(cmd: str, capsys: pytest.CaptureFixt
         assert "--sede=1 (did you mean --seed?)" in err[0], err
     else:
         assert "required" in err[0], err
+
+
+def test_bench_help_names_each_presets_defaults() -> None:
+    """QA: `tcdistill bench --help` gave --warmup and --steps no default (None: the preset's), where --batch_size,
+    --resolution and --workers name each preset's; every preset-filled flag now names them."""
+    from tcdistill.bench import PRESETS, build_parser
+
+    parser = build_parser()
+    helps = {a.dest: " ".join(parser._get_formatter()._expand_help(a).split()) for a in parser._actions if a.help}
+    for key in PRESETS["tiny"]:
+        expected = "preset default: " + ", ".join(f"{name} {PRESETS[name][key]}" for name in PRESETS)
+        assert expected in helps[key], (key, helps[key])
