@@ -3,7 +3,7 @@
 Teacher matching: latent RMSE between the student's k-step sample and the teacher's 50-step guided DDIM sample
 from the same noise and prompt, next to the teacher's own guided DDIM at k steps. Distribution: with a demo
 world classifier (`--classifier`), a Fréchet distance in its features against rendered world images plus prompt
-fidelity (its attribute accuracy against the prompt); on real models FID against the teacher's 50-step images
+fidelity (its attribute accuracy against the prompt); on real models FID against the teacher's reference (--reference_steps) images
 and CLIP score through torchmetrics, when installed and its weights are local.
 """
 
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (and of re-noising).")
     p.add_argument("--batch_size", type=int, default=128, help="Prompts per sampling and VAE-decode batch (bounds memory).")
     p.add_argument("--classifier", help="Demo world classifier dir (from `tcdistill demo`): Fréchet distance and prompt fidelity.")
-    p.add_argument("--fid", action="store_true", help="FID against the teacher's 50-step images (torchmetrics, local Inception weights).")
+    p.add_argument("--fid", action="store_true", help="FID against the teacher's reference images (its --reference_steps guided DDIM; torchmetrics, local Inception weights).")
     p.add_argument("--clip_model", help="Local CLIP model for CLIP score (torchmetrics).")
     p.add_argument("--output", help="Write the rows as JSON here.")
     return p
