@@ -27,7 +27,7 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
         folder = next((p for p in paths if os.path.isdir(p)), None)
         if folder is not None:
             raise ConfigError(f"{flag}: {folder} is a folder, not a shard file: name its shards, '::'-joined or as a brace "
-                              f"pattern ({folder.rstrip('/')}/{{00000..00009}}.tar)")
+                              f"pattern ({folder.rstrip('/')}/{_brace_pattern(folder)})")
         shown = ", ".join(local[:3]) + (f" (+{len(local) - 3} more)" if len(local) > 3 else "")
         # "a.tar,b.tar" or "a.tar b.tar" (other tools' list syntax) is one path, which does not exist.
         listed = any(os.path.exists(piece) for p in paths for piece in re.split(r"[,\s]+", p) if piece and piece != p)
@@ -35,6 +35,18 @@ def check_shards(spec: str, flag: str = "--train_shards_path_or_url") -> None:
         if any(c in p for p in paths for c in "*?"):  # the shell leaves a flag's `--name=dir/*.tar` as it is
             hint = "; wildcards (*, ?) are not expanded: name the shards with a brace pattern (dir/{00000..00009}.tar)"
         raise ConfigError(f"{flag}: none of the {len(local)} shard file(s) exists: {shown}{hint}")
+
+
+def _brace_pattern(folder: str) -> str:
+    """The brace pattern of the numbered shards in `folder` (`tcdistill cache` writes 00000.tar, ...: the fix to copy, not
+    an example ten shards long), else an example one."""
+    try:
+        names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".tar"))
+    except OSError:
+        names = []
+    if names and all(n.isdigit() and len(n) == len(names[0]) for n in names):
+        return f"{names[0]}.tar" if len(names) == 1 else f"{{{names[0]}..{names[-1]}}}.tar"
+    return "{00000..00009}.tar"
 
 
 def local_shards(urls: list[str]) -> list[tuple[str, str]]:

@@ -122,3 +122,15 @@ def test_streams_sharing_a_shard_do_not_repeat_each_others_batches_and_resume_ex
         tracker.consumed(b)
     resumed = batches(cfg_for(url, dataloader_num_workers=2, train_batch_size=2, resume_state=tracker.state()), 3)
     assert [b["captions"] for b in resumed] == [b["captions"] for b in bs[5:]]
+
+
+def test_a_folder_of_numbered_shards_is_refused_naming_their_own_pattern(tmp_path: Path) -> None:
+    """QA: a `tcdistill cache` output folder (00000.tar, 00001.tar) passed as the shards was refused with the example
+    pattern `{00000..00009}.tar`, which names eight shards that do not exist; the hint now names the folder's own."""
+    from tcdistill.config import ConfigError
+    from tcdistill.preflight import check_shards
+
+    for i in range(2):
+        write_shard(tmp_path / f"{i:05d}.tar", [good_sample(f"k{i}", "x")])
+    with pytest.raises(ConfigError, match=rf"brace pattern \({tmp_path}/{{00000..00001}}\.tar\)$"):
+        check_shards(str(tmp_path), "--train_latents_path_or_url")
