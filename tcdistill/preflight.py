@@ -223,6 +223,9 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
     # -fno-tree-slp-vectorize, with 256-bit code, or backend aot_eager). That is a transformer block's residual + norm:
     # the first step's loss was NaN (--compile_scope blocks). With 256-bit (AVX2) code the compiled UNets gave the
     # eager outputs (to bf16 rounding), so only AVX-512 machines are refused.
+    if cfg.compile_unet and (missing := compile_support_missing(cfg.compile_scope)):
+        raise ConfigError(f"--compile_unet needs {missing}, which torch {torch.__version__} lacks: upgrade torch, or train "
+                          "without --compile_unet.")
     if cfg.compile_unet and cfg.mixed_precision == "bf16" and device.type == "cpu" and inductor_cpu_vector_bits() >= 512:
         raise ConfigError("--compile_unet with --mixed_precision bf16 on this CPU: torch inductor's AVX-512 code for bf16 "
                           "UNet blocks gives NaN losses; use --mixed_precision no with --compile_unet, or bf16 without it.")
@@ -231,6 +234,20 @@ def check_environment(cfg: TrainConfig, device: torch.device) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def compile_support_missing(scope: str) -> str | None:
+    """What `--compile_unet` calls that this torch lacks, else None. pyproject allows torch >= 2.4, but validation (and the
+    bench's counts) run compiled UNets eagerly through `torch.compiler.set_stance` (torch 2.6+), and `--compile_scope
+    blocks` raises dynamo's `recompile_limit` (torch 2.7+; `cache_size_limit` before): an AttributeError traceback at the
+    first validation, or after the weights had loaded."""
+    import torch._dynamo
+
+    if not hasattr(torch.compiler, "set_stance"):
+        return "torch.compiler.set_stance (torch 2.6+)"
+    if scope == "blocks" and not hasattr(torch._dynamo.config, "recompile_limit"):
+        return "torch._dynamo.config.recompile_limit (torch 2.7+)"
+    return None
 
 
 def inductor_cpu_vector_bits() -> int:

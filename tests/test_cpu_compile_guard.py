@@ -89,3 +89,25 @@ def test_256_bit_inductor_code_gets_the_refused_kernel_right() -> None:
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(out.float(), block_norm(a, h).float(), atol=0.07, rtol=0.02)
+
+
+def test_compile_on_a_torch_without_its_apis_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: pyproject allows torch >= 2.4, but --compile_unet calls torch.compiler.set_stance (torch 2.6+) for validation
+    and --compile_scope blocks dynamo's recompile_limit (2.7+): on an older torch each was an AttributeError traceback
+    after the weights loaded. Both are one line before any weights load; an eager run is not refused."""
+    from types import SimpleNamespace
+
+    import torch._dynamo
+
+    from tcdistill import preflight
+
+    cpu = torch.device("cpu")
+    compiled = dict(mixed_precision="no", compile_unet=True)
+    monkeypatch.setattr(torch._dynamo, "config", SimpleNamespace())  # a dynamo config without recompile_limit
+    with pytest.raises(ConfigError, match=r"^--compile_unet needs torch\._dynamo\.config\.recompile_limit \(torch 2\.7\+\), which torch"):
+        preflight.check_environment(TrainConfig(**BASE, **compiled, compile_scope="blocks"), cpu)
+    preflight.check_environment(TrainConfig(**BASE, **compiled), cpu)  # whole-UNet compile does not use it
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(ConfigError, match=r"^--compile_unet needs torch\.compiler\.set_stance \(torch 2\.6\+\).*without --compile_unet\.$"):
+        preflight.check_environment(TrainConfig(**BASE, **compiled), cpu)
+    preflight.check_environment(TrainConfig(**BASE, mixed_precision="no"), cpu)
