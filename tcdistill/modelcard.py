@@ -100,6 +100,14 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
             f"{eta}).images[0]\n")
 
 
+def _data_line(cfg: TrainConfig) -> str:
+    """What the run trained on: the cached shards win over --train_shards_path_or_url in training (the card named the
+    pixel shards where both were given)."""
+    if cfg.train_latents_path_or_url:
+        return f"`{cfg.train_latents_path_or_url}` (latents and prompt states cached by `tcdistill cache`)"
+    return f"`{cfg.train_shards_path_or_url}`"
+
+
 def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = None, schedule: Any = None) -> str:
     """Markdown with YAML front matter: base model, method, data, flags, sampling advice, usage (`schedule`: the trained
     noise schedule's config, `_usage`), validation grids."""
@@ -143,7 +151,7 @@ guidance w ~ U[{cfg.w_min}, {cfg.w_max}] in the LCM form, `{cfg.loss_type}` loss
 
 - Base model: `{base}` ({cfg.model_family}, prediction type from its scheduler config)
 - Method: TCD, {"LoRA" if cfg.variant == "lora" else "full model"} (`{cfg.distill_mode}`)
-- Data: `{cfg.train_shards_path_or_url or cfg.train_latents_path_or_url}`
+- Data: {_data_line(cfg)}
 - Resolution: {cfg.resolution}
 
 Files:

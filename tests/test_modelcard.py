@@ -3,6 +3,7 @@ no network)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -93,6 +94,10 @@ def test_card_for_full_sdxl_with_vae(tmp_path: Path) -> None:
     assert "original_inference_steps=25" in card and "train_tcd_distill_sdxl_wds.py" in card
     flags = re.search(r"defaults of `train_tcd_distill_sdxl_wds.py`:\n\n```\n(.*?)```", card, re.S).group(1)
     assert "--num_ddim_timesteps=25" in flags and "--w_min" not in flags and "--resolution" not in flags
+    assert "- Data: `s/{0..9}.tar`\n" in card
+    # QA: with cached shards too (they win in training) the card named the pixel shards
+    cached = render_model_card(dataclasses.replace(cfg, train_latents_path_or_url="c/{0..3}.tar"), [str(tmp_path / "unet_target")])
+    assert "- Data: `c/{0..3}.tar` (latents and prompt states cached by `tcdistill cache`)\n" in cached
 
 
 def test_card_for_lcm_mode_names_lcm_scheduler(tmp_path: Path) -> None:
