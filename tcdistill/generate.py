@@ -220,12 +220,17 @@ def generate(args: argparse.Namespace) -> list[str]:
     if clip_skip is not None:
         index = base_index(base)
         check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base, index).__name__ == "StableDiffusionXLPipeline" else "sd")
+    lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
+    if lcm and args.gamma is not None:  # it was dropped without a word (--lora_scale on a --unet is refused alike)
+        why = "--scheduler lcm" if args.scheduler else "the run's --distill_mode lcm"
+        raise ValueError(f"--gamma is TCD's; this samples with LCMScheduler ({why}), which has none: drop --gamma, or pass "
+                         "--scheduler tcd")
+    gamma = 0.3 if args.gamma is None else args.gamma
     grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
     pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index)
-    lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
     # the size the run trained at; without a run config, the pipeline's (each side its own).
@@ -243,7 +248,7 @@ def generate(args: argparse.Namespace) -> list[str]:
         batch = prompts[start:start + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(args.seed + start + j) for j in range(len(batch))]
         images = pipe(**pipeline_prompts(pipe, batch, clip_skip), num_inference_steps=args.steps, guidance_scale=gs,
-                      eta=args.gamma, generator=gens, height=height, width=width).images
+                      eta=gamma, generator=gens, height=height, width=width).images
         records = []
         for j, (prompt, image) in enumerate(zip(batch, images)):
             name = _image_name(start + j, prompt)
@@ -252,7 +257,7 @@ def generate(args: argparse.Namespace) -> list[str]:
             paths.append(os.path.join(args.output_dir, name))
             # What sets the image (with the run's saved flags next to --unet/--lora): a line says how to make it again.
             records.append({"file_name": name, "prompt": prompt, "seed": args.seed + start + j, "steps": args.steps,
-                            "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else args.gamma, "guidance_scale": gs,
+                            "scheduler": "lcm" if lcm else "tcd", "gamma": None if lcm else gamma, "guidance_scale": gs,
                             "height": height, "width": width, "dtype": dtype_name,
                             "base": args.base or run.get("pretrained_teacher_model"),
                             "base_revision": None if args.base else run.get("teacher_revision"), "unet": args.unet, "lora": args.lora,
@@ -303,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")
     p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")
-    p.add_argument("--gamma", type=float, default=0.3, help="TCD gamma, the scheduler's eta (0 = deterministic; default: 0.3).")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="TCD gamma, the scheduler's eta (0 = deterministic; default: 0.3); refused with LCM sampling.")
     p.add_argument("--scheduler", choices=["tcd", "lcm"], default=None,
                    help="Sampler: tcd (TCDScheduler) or lcm (LCMScheduler; --gamma unused). Default: the run's --distill_mode, else tcd.")
     p.add_argument("--guidance_scale", type=float, default=None,
@@ -327,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill generate (--unet DIR | --lora DIR) --prompt P [...]`: write PNGs and print their paths."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or not 0.0 <= args.gamma <= 1.0:
+    if args.steps < 1 or args.batch_size < 1 or not 0.0 <= (0.3 if args.gamma is None else args.gamma) <= 1.0:
         p.error("need --steps >= 1, --batch_size >= 1 and --gamma in [0, 1]")
     if any(v is not None and v < 1 for v in (args.height, args.width)):
         p.error("--height and --width must be >= 1")

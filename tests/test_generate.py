@@ -150,7 +150,7 @@ def test_device_values_are_one_line_errors() -> None:
             resolve_device("cuda")
 
 
-def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_teacher: Path, tmp_path: Path) -> None:
+def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_teacher: Path, tmp_path: Path, capsys) -> None:
     """QA: an LCM-mode run was sampled with TCDScheduler (gamma 0.3). It now samples as it was trained: LCMScheduler on the
     run's grid with its --timestep_scaling_factor, as diffusers' own pipeline does. A re-run into the same folder
     replaces its images' metadata lines instead of appending duplicates."""
@@ -174,6 +174,14 @@ def test_generate_lcm_run_uses_lcm_scheduler_and_rerun_replaces_metadata(tiny_te
     # --scheduler tcd overrides the run's mode: a different sample (TCD keeps part of x_t's noise at gamma 0.3)
     main([*argv, "--scheduler", "tcd", "--output_dir", str(tmp_path / "tcd")])
     assert np.abs(pngs(tmp_path / "tcd")["00000_a_red_circle.png"] - np.asarray(ref, dtype=np.int16)).max() > 1
+    # QA: --gamma under LCM sampling was dropped without a word; it is refused in one line naming both ways out
+    for extra in (["--gamma", "0.5"], ["--scheduler", "lcm", "--gamma", "0"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main([*argv, *extra, "--output_dir", str(tmp_path / "g")])
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.search(r"--gamma is TCD's; .*LCMScheduler .*drop --gamma, or pass --scheduler tcd", err), err
+    assert not (tmp_path / "g").exists()
 
 
 def test_prompt_file_with_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
