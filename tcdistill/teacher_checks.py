@@ -3,6 +3,7 @@ teacher this run cannot distill is refused in one line, not a traceback minutes 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .config import SEED_SCRIPTS, ConfigError, TrainConfig, check_clip_skip_floor, first_line
@@ -237,6 +238,33 @@ def check_teacher_family(cfg: TrainConfig, vae_cfg: dict | None = None) -> None:
         check_sdxl_components(cfg)
         check_sdxl_added_cond(cfg, unet_cfg)
     check_text_width(cfg, unet_cfg)
+    if vae_cfg is not None:
+        check_latent_size(cfg, unet_cfg, vae_scale_factor(vae_cfg))
+
+
+def check_latent_size(cfg: TrainConfig, unet_cfg: Any, vae_factor: int) -> None:
+    """GroupNorm cannot normalise a group holding one value: a UNet level whose width equals norm_num_groups (one
+    channel per group) reached at a 1x1 latent pixel failed with torch's "Expected more than 1 value per channel"
+    traceback for a batch of one: every sampled image (validation, `generate`; the full student samples without CFG's
+    batch of two) after the training steps had run, and each step at --train_batch_size 1. Refuse such a --resolution
+    before any weights load, naming the smallest that works. Level i runs at ceil(latent / 2^i) pixels (each
+    downsampler is a stride-2 conv); its first resnet takes the level before's width."""
+    from .validation import sampling_size
+
+    groups, widths = unet_cfg.get("norm_num_groups"), list(unet_cfg.get("block_out_channels") or [])
+    single = [i for i, w in enumerate(widths) if groups and min(w, widths[max(i - 1, 0)]) == groups]
+    if not single:
+        return
+    deepest = single[-1]  # the smallest of the single-channel levels' sizes
+    sizes = [sampling_size(cfg.resolution)] + ([cfg.resolution] if cfg.train_batch_size == 1 else [])
+    if all(size // vae_factor > 2 ** deepest for size in sizes):
+        return
+    # The smallest --resolution whose sampling size (a multiple of 8) and latent both reach 2x2 at that level.
+    step = math.lcm(8, vae_factor)
+    least = max(step, -(-vae_factor * (2 ** deepest + 1) // step) * step)
+    raise ConfigError(f"--resolution {cfg.resolution} is too small for the teacher's UNet: its level {deepest} (block_out_channels "
+                      f"{widths}, norm_num_groups {groups}: one channel per GroupNorm group) would run one image at 1x1 latent "
+                      f"pixel, where GroupNorm has a single value to normalise and fails; use --resolution >= {least}.")
 
 
 def check_text_width(cfg: TrainConfig, unet_cfg: Any) -> None:

@@ -391,3 +391,33 @@ def test_a_vae_that_is_not_an_autoencoder_kl_is_refused(own: bool, config_only_t
     where = "--pretrained_teacher_model" if own else "--pretrained_vae_model_name_or_path"
     with pytest.raises(ConfigError, match=f"^{where} .*: its VAE is an AutoencoderTiny; training encodes images with an AutoencoderKL"):
         Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", variant="lora", lora_rank=4, **flag))
+
+
+@pytest.mark.parametrize("resolution, batch", [(4, 1), (8, 2)])
+def test_resolution_that_leaves_a_one_channel_group_at_one_pixel_is_refused(resolution: int, batch: int, config_only_teacher: Path,
+                                                                            tiny_shards: str, tmp_path: Path) -> None:
+    """QA (fuzz): a UNet whose level is as wide as norm_num_groups (one channel per GroupNorm group) reached at a 1x1
+    latent pixel failed every one-image sample (validation after the training steps, `generate`) and every step at
+    batch 1 with torch's "Expected more than 1 value per channel" traceback: refused in one line before weights load,
+    naming the smallest --resolution that works (the student samples at a multiple of 8)."""
+    from tcdistill.config import ConfigError
+    from tcdistill.teacher_checks import check_latent_size
+    from tcdistill.trainer import Trainer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(config_only_teacher, teacher)
+    # VAE factor 2: a latent of size / 2, level i at ceil(latent / 2^i); level 2 holds one channel per group, so sampling
+    # at 8 px (a 4 px latent) reaches it at 1x1, and 16 px is the least size that works
+    fields = dict(block_out_channels=[32, 64, 8], norm_num_groups=8, attention_head_dim=8,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+    _edit_json(teacher / "unet" / "config.json", **fields)
+    with pytest.raises(ConfigError, match=f"--resolution {resolution} is too small for the teacher's UNet: its level 2 .*"
+                                          "norm_num_groups 8: one channel per GroupNorm group.*use --resolution >= 16\\.$"):
+        Trainer(_cfg(teacher, tiny_shards, tmp_path / "out", resolution=resolution, train_batch_size=batch))
+    check_latent_size(_cfg(teacher, tiny_shards, tmp_path / "o", resolution=16, train_batch_size=1), fields, 2)
+    # One channel per group up to level 1 (its first resnet takes level 0's 8 channels): sampling at 8 px reaches it at 2x2; training at 4 px fails at batch 1 alone
+    level1 = {**fields, "block_out_channels": [8, 16, 32]}
+    check_latent_size(_cfg(teacher, tiny_shards, tmp_path / "o", resolution=4, train_batch_size=2), level1, 2)
+    with pytest.raises(ConfigError, match="its level 1 .*use --resolution >= 8\\.$"):
+        check_latent_size(_cfg(teacher, tiny_shards, tmp_path / "o", resolution=4, train_batch_size=1), level1, 2)
