@@ -47,6 +47,11 @@ def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str, flag: str = "-
     ("No LoRA keys associated to UNet2DConditionModel found") and the base model would sample as if it were the student.
     Returns the file."""
     f = lora_file(lora)  # a missing path is one line here, not diffusers' hub/offline message
+    unmappable = _sgm_unmappable(f, pipe.unet.config)
+    if unmappable:
+        raise ValueError(f"cannot load the LoRA {lora} onto {onto}: its kohya keys name the original SDXL UNet's blocks, which "
+                         f"diffusers maps back only for SDXL's layout: {unmappable}; load the diffusers file {LORA_WEIGHT_NAME} "
+                         "of its training output instead")
     try:
         pipe.load_lora_weights(str(f.parent), weight_name=f.name)
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch (an SDXL LoRA on SD), not a LoRA file...
@@ -66,6 +71,38 @@ def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str, flag: str = "-
         raise ValueError(f"{f} is not a complete LoRA file: {len(missing)} adapter weight(s) are missing from it, such as "
                          f"{missing[:2]}; copy it again from its training output")
     return f
+
+
+def _sgm_unmappable(f: Path, unet_config: Any) -> str | None:
+    """What of the UNet's layout diffusers cannot map the kohya file `f`'s original-UNet (sgm) module names back onto, or
+    None (also for a file without such names: SD's kohya names are diffusers'). diffusers' mapping assumes SDXL's own
+    layout: it adds 1 to `layers_per_block` (a per-level list failed with a TypeError traceback), gathers each block's keys
+    by its number as a prefix (10 or more blocks failed with a KeyError), and takes an output block's second module for
+    attention, so the upsampler of an up block without cross-attention went to a module that does not exist (diffusers
+    only warns: the LoRA loaded without it, silently)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            modules = {k.split(".")[0] for k in fh.keys()}
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the load that follows
+        return None
+    if not any(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for m in modules):
+        return None
+    per = unet_config["layers_per_block"]
+    if isinstance(per, (list, tuple)):
+        return f"one layers_per_block on every level (this UNet's is {list(per)})"
+    for kind in ("input_blocks", "output_blocks"):  # diffusers gathers block N's keys by substring: N = 1 takes 10's too
+        ids = {int(m.split("_")[4]) for m in modules if m.startswith(f"lora_unet_{kind}_")}
+        clash = sorted((a, b) for a in ids for b in ids if a != b and str(b).startswith(str(a)))
+        if clash:
+            return (f"at most 10 {kind.replace('_', ' ')} (this UNet has {max(ids) + 1}; diffusers reads the keys of {kind}.{clash[0][1]} "
+                    f"as {kind}.{clash[0][0]}'s)")
+    for i, kind in enumerate(unet_config["up_block_types"][:-1]):  # the last up block has no upsampler
+        name = "lora_unet_" + sgm_module_name(f"up_blocks.{i}.upsamplers.0.conv", unet_config).replace(".", "_")
+        if "CrossAttn" not in kind and name in modules:
+            return f"upsamplers only in cross-attention up blocks (this UNet's up block {i}, a {kind}, has one)"
+    return None
 
 
 def _unet_adapter_config(metadata: dict[str, str] | None) -> dict[str, Any]:
