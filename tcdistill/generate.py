@@ -23,7 +23,8 @@ from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import (FINAL_STEP, RUN_CONFIG, TORCH_SEEDS, check_not_single_file, check_seed,
                      first_line)
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
-from .families import PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights
+from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights,
+                       weights_variant)
 from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
@@ -110,11 +111,24 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, index: dict[str, Any]
     return pipe
 
 
+def load_vae(vae: str, dtype: torch.dtype, cache_dir: str | None = None) -> Any:
+    """The AutoencoderKL `vae` (folder or hub id) as training loads --pretrained_vae_model_name_or_path
+    (`families._load_vae`): a hub id through `cache_dir` (the run's --cache_dir: generate found it only in the default
+    cache, offline a bare "does not appear to have a file named config.json"), a local folder holding only variant
+    weights (`save_pretrained(..., variant="fp16")`) from those ("no file named diffusion_pytorch_model.bin")."""
+    from diffusers import AutoencoderKL
+
+    variant = weights_variant(vae, allow_bin=True)
+    return AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, **({"variant": variant} if variant else {}), **_dtype_kwargs(dtype))
+
+
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,
-                  vae: str | None = None, sampling: dict[str, Any] | None = None, index: dict[str, Any] | None = None) -> Any:
-    """The base pipeline with the distilled UNet or the fused LoRA (and another VAE), on the run's scheduler (TCDScheduler,
-    or LCMScheduler for an LCM-mode run; `run_sampling`) over its training grid."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+                  vae: str | None = None, sampling: dict[str, Any] | None = None, index: dict[str, Any] | None = None,
+                  vae_cache_dir: str | None = None) -> Any:
+    """The base pipeline with the distilled UNet or the fused LoRA (and another VAE, a hub id of which is read through
+    `vae_cache_dir`), on the run's scheduler (TCDScheduler, or LCMScheduler for an LCM-mode run; `run_sampling`) over its
+    training grid."""
+    from diffusers import UNet2DConditionModel
 
     from .validation import sampling_scheduler
 
@@ -127,7 +141,7 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         check_unet_fits(kw["unet"].config, UNet2DConditionModel.load_config(base, subfolder="unet"), base)
     if vae:
         check_model_config(vae, "AutoencoderKL", "--vae: pass a VAE folder such as the teacher's vae/")
-        kw["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwargs(dtype))
+        kw["vae"] = load_vae(vae, dtype, vae_cache_dir)
         # Training refuses this mismatch for --pretrained_vae_model_name_or_path; here it failed in the final decode.
         unet_in = (kw["unet"].config if unet else UNet2DConditionModel.load_config(base, subfolder="unet"))["in_channels"]
         if kw["vae"].config.latent_channels != unet_in:
@@ -230,7 +244,8 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
-    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index)
+    # The run's VAE from the run's --cache_dir, as training loaded it; a --vae given here from the default cache.
+    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index, None if args.vae else run.get("cache_dir"))
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
     # the size the run trained at; without a run config, the pipeline's (each side its own).

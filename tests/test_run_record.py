@@ -1,0 +1,70 @@
+"""A run's recorded flags (tcdistill_config.json) that change sampling, as `generate`, `eval` and the model card read them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import make_lora  # noqa: E402
+
+from tcdistill.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def png(folder: Path) -> np.ndarray:
+    (image,) = sorted(folder.glob("*.png"))
+    return np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
+
+
+def other_vae(teacher: Path, folder: Path, **save: str) -> Path:
+    """The teacher's VAE with another decoder (so that decoding with it changes pixels), saved to `folder`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    vae.save_pretrained(folder, **save)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["hub_cache", "variant_folder"])
+def test_generate_loads_the_runs_vae_as_training_did(where: str, tiny_teacher: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: the run's --pretrained_vae_model_name_or_path was loaded by `generate` without the run's --cache_dir (a hub id
+    that only that cache holds: offline, "tiny/vae does not appear to have a file named config.json"), and a VAE folder
+    holding only variant weights (save_pretrained(variant="fp16"), which training loads) failed with "no file named
+    diffusion_pytorch_model.bin". Both now sample as --vae with the same VAE saved plainly does."""
+    import huggingface_hub.constants
+
+    plain = other_vae(tiny_teacher, tmp_path / "plain")
+    if where == "hub_cache":
+        repo = tmp_path / "hub" / "models--tiny--vae"
+        shutil.copytree(plain, repo / "snapshots" / ("c" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("c" * 40)
+        run_vae, flags = "tiny/vae", {"cache_dir": str(tmp_path / "hub")}
+    else:
+        run_vae, flags = str(other_vae(tiny_teacher, tmp_path / "fp16", variant="fp16")), {}
+        assert not (Path(run_vae) / "diffusion_pytorch_model.safetensors").exists()
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "variant": "lora",
+                                                             "pretrained_vae_model_name_or_path": run_vae, **flags}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub VAE comes from the run's cache only
+    common = ["generate", "--lora", str(lora), "--prompt", "a red square", "--steps", "2", "--device", "cpu"]
+    main([*common, "--output_dir", str(tmp_path / "run")])
+    main([*common, "--vae", str(plain), "--output_dir", str(tmp_path / "plain_out")])
+    main([*common, "--vae", str(tiny_teacher / "vae"), "--output_dir", str(tmp_path / "teacher_vae")])
+    run, given, own = (png(tmp_path / d) for d in ("run", "plain_out", "teacher_vae"))
+    assert np.array_equal(run, given) and not np.array_equal(run, own)
