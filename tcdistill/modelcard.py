@@ -124,6 +124,8 @@ def render_model_card(cfg: TrainConfig, outputs: list[str], repo: str | None = N
     grids = latest_validation_grids(cfg.output_dir)
     grid_md = "\n".join(f"![{g}]({g})" for g in grids) or "No validation grid was written (--validation_steps 0 or fewer steps)."
     gs = "0 (LoRA: no CFG)" if cfg.variant == "lora" else f"{full_guidance(cfg)} (embedded as w = guidance_scale - 1; trained on w in [{cfg.w_min}, {cfg.w_max}])"
+    # No --base: generate then loads the teacher its tcdistill_config.json names at --teacher_revision from --cache_dir
+    # (`run_outputs.run_teacher`); an explicit --base is loaded as given, from main in the default cache.
     cli_unet = f"--{'lora' if cfg.variant == 'lora' else 'unet'} {shlex.quote(repo)}"
     if cfg.distill_mode == "lcm":  # trained through LCM's boundary scalings to target time 0: LCM's sampler, no gamma
         advice, cli_sampling = f"Use `LCMScheduler` with {RECOMMENDED_STEPS} steps (2-8 work).", ""
@@ -164,7 +166,7 @@ Files:
 ```python
 {_usage(cfg, repo, schedule)}```
 
-Or from the command line: `tcdistill generate --base {shlex.quote(base)} {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
+Or from the command line: `tcdistill generate {cli_unet} --prompt "a photo of a cat" --steps {RECOMMENDED_STEPS}{cli_sampling}`.
 
 ## Training flags
 

@@ -350,6 +350,22 @@ def make_lora(teacher: Path, out: Path, rank: int = 4, alpha: int = 8, mixed_key
     return out
 
 
+def hub_teacher_revisions(teacher: Path, hub: Path) -> dict[str, Path]:
+    """The teacher as the hub repo `tiny/teacher` in the cache `hub`: revisions main and v1 (another UNet), by snapshot."""
+    from safetensors.torch import load_file, save_file
+
+    repo = hub / "models--tiny--teacher"
+    snapshots = {ref: repo / "snapshots" / (c * 40) for ref, c in (("main", "a"), ("v1", "b"))}
+    (repo / "refs").mkdir(parents=True)
+    for ref, folder in snapshots.items():
+        shutil.copytree(teacher, folder)
+        (repo / "refs" / ref).write_text(folder.name)
+    weights = snapshots["v1"] / "unet" / "diffusion_pytorch_model.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in load_file(weights).items()}, weights)
+    return snapshots
+
+
 def full_output(teacher: Path, out: Path) -> Path:
     """A full-model training output layout: `unet_target` (teacher + zero w projection) and tcdistill_config.json."""
     from diffusers import UNet2DConditionModel

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import full_output, make_lora, run_script, train_flags  # noqa: E402
+from conftest import full_output, hub_teacher_revisions, make_lora, run_script, train_flags  # noqa: E402
 
 from tcdistill.cli import main  # noqa: E402
 from tcdistill.export import LORA_WEIGHT_NAME  # noqa: E402
@@ -473,20 +473,9 @@ def test_generate_samples_on_the_teacher_revision_the_run_trained_on(tiny_teache
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """QA: a run distilled from a hub teacher at --teacher_revision (read through its --cache_dir) was sampled by
     `generate` on the hub's main revision, from the default cache; the model card's code loads the trained revision."""
-    import shutil
-
     import huggingface_hub.constants
-    from safetensors.torch import load_file, save_file
 
-    repo = tmp_path / "hub" / "models--tiny--teacher"
-    snapshots = {ref: repo / "snapshots" / (c * 40) for ref, c in (("main", "a"), ("v1", "b"))}
-    (repo / "refs").mkdir(parents=True)
-    for ref, folder in snapshots.items():
-        shutil.copytree(tiny_teacher, folder)
-        (repo / "refs" / ref).write_text(folder.name)
-    weights = snapshots["v1"] / "unet" / "diffusion_pytorch_model.safetensors"
-    gen = torch.Generator().manual_seed(0)
-    save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in load_file(weights).items()}, weights)
+    snapshots = hub_teacher_revisions(tiny_teacher, tmp_path / "hub")
     lora = make_lora(tiny_teacher, tmp_path / "lora")
     (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": "tiny/teacher", "teacher_revision": "v1",
                                                              "cache_dir": str(tmp_path / "hub"), "num_ddim_timesteps": 50}))

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import make_lora  # noqa: E402
+from conftest import hub_teacher_revisions, make_lora  # noqa: E402
 
 from tcdistill.cli import main  # noqa: E402
 
@@ -68,3 +68,30 @@ def test_generate_loads_the_runs_vae_as_training_did(where: str, tiny_teacher: P
     main([*common, "--vae", str(tiny_teacher / "vae"), "--output_dir", str(tmp_path / "teacher_vae")])
     run, given, own = (png(tmp_path / d) for d in ("run", "plain_out", "teacher_vae"))
     assert np.array_equal(run, given) and not np.array_equal(run, own)
+
+
+def test_the_cards_command_line_samples_the_teacher_revision_it_trained_on(tiny_teacher: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: the card's `tcdistill generate --base TEACHER --lora OUT` line passed the run's teacher as --base, which generate
+    loads as given: from main in the default cache, not at the run's --teacher_revision from its --cache_dir (offline here:
+    no such model; online: another UNet under the LoRA). Without --base, generate takes the run's teacher as trained."""
+    import re
+    import shlex
+
+    import huggingface_hub.constants
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.modelcard import render_model_card
+
+    snapshots = hub_teacher_revisions(tiny_teacher, tmp_path / "hub")
+    out = make_lora(tiny_teacher, tmp_path / "out")
+    cfg = TrainConfig(pretrained_teacher_model="tiny/teacher", teacher_revision="v1", cache_dir=str(tmp_path / "hub"),
+                      train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out), max_train_steps=10, variant="lora", resolution=32)
+    (out / "tcdistill_config.json").write_text(json.dumps(cfg.to_dict()))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the teacher comes from the run's cache only
+    argv = shlex.split(re.search(r"Or from the command line: `(.*?)`", render_model_card(cfg, [])).group(1))
+    main([*argv[1:], "--steps", "2", "--device", "cpu", "--output_dir", str(tmp_path / "card")])
+    main([*argv[1:], "--steps", "2", "--device", "cpu", "--base", str(snapshots["v1"]), "--output_dir", str(tmp_path / "v1")])
+    main([*argv[1:], "--steps", "2", "--device", "cpu", "--base", str(snapshots["main"]), "--output_dir", str(tmp_path / "main")])
+    card, v1, head = (png(tmp_path / d) for d in ("card", "v1", "main"))
+    assert np.array_equal(card, v1) and not np.array_equal(v1, head)
