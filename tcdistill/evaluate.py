@@ -27,7 +27,8 @@ from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import TORCH_SEEDS, check_not_single_file, check_seed, first_line
 from .families import unet_family
 from .prompts import sd_cond_uncond
-from .generate import CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, base_index, base_pipeline, check_unet_fits, read_prompts
+from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, VAE_HELP, base_index, base_pipeline, check_unet_fits,
+                       load_vae, read_prompts)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
 from .run_outputs import local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip
@@ -98,15 +99,18 @@ def check_sd_teacher(teacher: str) -> dict:
     return index
 
 
-def load_teacher(teacher: str, index: dict | None = None) -> Any:
+def load_teacher(teacher: str, index: dict | None = None, vae: str | None = None, vae_cache_dir: str | None = None) -> Any:
     """The teacher as a diffusers StableDiffusionPipeline (local folder or hub id), fp32, eval mode (`index`: its
-    model_index.json, where `check_sd_teacher` read it already)."""
-    from diffusers import StableDiffusionPipeline
+    model_index.json, where `check_sd_teacher` read it already), with the VAE `vae` (the run's, read through its
+    `vae_cache_dir`) where given: every row's latents decode through the VAE the student was trained with."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     index = index or check_sd_teacher(teacher)
+    kw = {"vae": load_vae(vae, torch.float32, UNet2DConditionModel.load_config(teacher, subfolder="unet")["in_channels"],
+                          vae_cache_dir)} if vae else {}
     # fp32 explicitly: transformers 5 loads a text encoder in its stored dtype, so fp16 weights gave a half text encoder
     # next to an fp32 UNet and VAE (a dtype-mismatch traceback at the first prompt).
-    pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, index, safety_checker=None, requires_safety_checker=False)
+    pipe = base_pipeline(StableDiffusionPipeline, teacher, torch.float32, index, safety_checker=None, requires_safety_checker=False, **kw)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
@@ -359,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="TCD gamma values (sampler eta).")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="Teacher CFG scale; full students get w = scale - 1 (default: 3, moved into the run's [--w_min, --w_max] range of w).")
+    p.add_argument("--vae", help=VAE_HELP)
     p.add_argument("--clip_skip", type=int, default=None, help=CLIP_SKIP_HELP)
     p.add_argument("--reference_steps", type=int, default=50, help="Steps of the teacher's reference guided DDIM.")
     p.add_argument("--original_steps", type=int, default=None,
@@ -411,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_not_single_file(args.teacher, "--teacher")
         index = check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
-        pipe = load_teacher(args.teacher, index)
+        # The run's VAE (from its --cache_dir, as training loaded it) unless --vae is given, as `tcdistill generate` does.
+        vae = args.vae or saved.get("pretrained_vae_model_name_or_path")
+        check_not_single_file(vae, "--vae")
+        pipe = load_teacher(args.teacher, index, vae, None if args.vae else saved.get("cache_dir"))
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):
             if n > n_train:  # the grid's skip num_train_timesteps // n would be 0: every timestep -1

@@ -111,15 +111,21 @@ def base_pipeline(cls: Any, base: str, dtype: torch.dtype, index: dict[str, Any]
     return pipe
 
 
-def load_vae(vae: str, dtype: torch.dtype, cache_dir: str | None = None) -> Any:
-    """The AutoencoderKL `vae` (folder or hub id) as training loads --pretrained_vae_model_name_or_path
+def load_vae(vae: str, dtype: torch.dtype, unet_in: int, cache_dir: str | None = None) -> Any:
+    """The AutoencoderKL `vae` (--vae: folder or hub id) as training loads --pretrained_vae_model_name_or_path
     (`families._load_vae`): a hub id through `cache_dir` (the run's --cache_dir: generate found it only in the default
     cache, offline a bare "does not appear to have a file named config.json"), a local folder holding only variant
-    weights (`save_pretrained(..., variant="fp16")`) from those ("no file named diffusion_pytorch_model.bin")."""
+    weights (`save_pretrained(..., variant="fp16")`) from those ("no file named diffusion_pytorch_model.bin"). Refused
+    where its latent channels are not the UNet's `unet_in` (training refuses it; sampling failed in the final decode)."""
     from diffusers import AutoencoderKL
 
+    check_model_config(vae, "AutoencoderKL", "--vae: pass a VAE folder such as the teacher's vae/")
     variant = weights_variant(vae, allow_bin=True)
-    return AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, **({"variant": variant} if variant else {}), **_dtype_kwargs(dtype))
+    model = AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, **({"variant": variant} if variant else {}), **_dtype_kwargs(dtype))
+    if model.config.latent_channels != unet_in:
+        raise ValueError(f"--vae {vae} has {model.config.latent_channels} latent channels but the UNet takes {unet_in} "
+                         "input channels; pass a VAE of the teacher's latent space")
+    return model
 
 
 def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dtype: torch.dtype, lora_scale: float = 1.0,
@@ -140,13 +146,8 @@ def load_pipeline(base: str, unet: str | None, lora: str | None, device: str, dt
         _check_unet_family(kw["unet"].config, cls, base)
         check_unet_fits(kw["unet"].config, UNet2DConditionModel.load_config(base, subfolder="unet"), base)
     if vae:
-        check_model_config(vae, "AutoencoderKL", "--vae: pass a VAE folder such as the teacher's vae/")
-        kw["vae"] = load_vae(vae, dtype, vae_cache_dir)
-        # Training refuses this mismatch for --pretrained_vae_model_name_or_path; here it failed in the final decode.
         unet_in = (kw["unet"].config if unet else UNet2DConditionModel.load_config(base, subfolder="unet"))["in_channels"]
-        if kw["vae"].config.latent_channels != unet_in:
-            raise ValueError(f"--vae {vae} has {kw['vae'].config.latent_channels} latent channels but the UNet takes {unet_in} "
-                             "input channels; pass a VAE of the teacher's latent space")
+        kw["vae"] = load_vae(vae, dtype, unet_in, vae_cache_dir)
     pipe = base_pipeline(cls, base, dtype, index, **kw)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, **(sampling or run_sampling({})))
     if lora:
@@ -308,6 +309,8 @@ LORA_HELP = (f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors
              "repo of a pushed output.")
 
 
+VAE_HELP = ("Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, from its --cache_dir, "
+            "else the base's).")
 CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many layers before the last, as diffusers' "
                   "clip_skip; 0: none, the last layer (also for a run trained with --clip_skip). Default: the run's --clip_skip "
                   "from the tcdistill_config.json next to --unet/--lora, else none.")
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--unet", help=UNET_HELP)
     src.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json, at its --teacher_revision from its --cache_dir).")
-    p.add_argument("--vae", help="Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, else the base's).")
+    p.add_argument("--vae", help=VAE_HELP)
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")
     p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")

@@ -95,3 +95,32 @@ def test_the_cards_command_line_samples_the_teacher_revision_it_trained_on(tiny_
     main([*argv[1:], "--steps", "2", "--device", "cpu", "--base", str(snapshots["main"]), "--output_dir", str(tmp_path / "main")])
     card, v1, head = (png(tmp_path / d) for d in ("card", "v1", "main"))
     assert np.array_equal(card, v1) and not np.array_equal(v1, head)
+
+
+def test_eval_decodes_through_the_runs_vae(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `tcdistill eval` decoded every row (the images its FID, CLIP score and world classifier score) through the
+    teacher's own VAE, never the run's --pretrained_vae_model_name_or_path that the student was trained with and
+    `generate` samples with; it had no --vae either. It now takes the run's (a hub id through the run's --cache_dir)."""
+    import huggingface_hub.constants
+
+    import tcdistill.evaluate as evaluate
+
+    plain = other_vae(tiny_teacher, tmp_path / "plain")
+    repo = tmp_path / "hub" / "models--tiny--vae"
+    shutil.copytree(plain, repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    record = {"pretrained_teacher_model": str(tiny_teacher), "variant": "lora", "pretrained_vae_model_name_or_path": "tiny/vae",
+              "cache_dir": str(tmp_path / "hub")}
+    (lora / "tcdistill_config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    decoded = []
+    monkeypatch.setattr(evaluate, "torchmetrics_scorers", lambda prompts, reference, *a: decoded.append(reference) or {})
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = ["eval", "--teacher", str(tiny_teacher), "--lora", str(lora), "--prompts", str(tmp_path / "p.txt"), "--steps", "1",
+              "--gamma", "0", "--reference_steps", "2"]
+    for vae in ([], ["--vae", str(plain)], ["--vae", str(tiny_teacher / "vae")]):
+        main([*common, *vae])
+    run, given, own = decoded
+    assert np.array_equal(run, given) and not np.array_equal(run, own)
