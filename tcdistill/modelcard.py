@@ -55,7 +55,7 @@ def full_guidance(cfg: TrainConfig) -> float:
 def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     """diffusers code that samples the trained output with TCDScheduler (LCMScheduler for --distill_mode lcm); `schedule`:
     the trained noise schedule's scheduler config, whose fields the sampler's own defaults would replace are spelled out."""
-    from .families import sampler_overrides
+    from .families import pipeline_variant, sampler_overrides, weights_variant
     from .validation import UNCLIPPED, sampling_size
 
     pipe_cls = _PIPELINES[cfg.model_family]
@@ -83,21 +83,30 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
         head = ("# clip_skip: StableDiffusionPipeline's needs transformers < 5.6 (diffusers issue 14124); `tcdistill generate`"
                 f" works with any\n{head}")
     vae = ""
-    rev = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
+    base_kw = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
+    # A local teacher (or VAE) folder of variant-only weights (save_pretrained(variant="fp16")), which training loads from
+    # those (`families.weights_variant`): without `variant=` diffusers failed on it ("no file named ...bin").
+    base_kw += _variant_kw(pipeline_variant(cfg.pretrained_teacher_model))
     if cfg.pretrained_vae_model_name_or_path:  # trained with another VAE (e.g. SDXL's fp16-safe one): sample with it too
         head = head.replace("from diffusers import ", "from diffusers import AutoencoderKL, ")
-        vae = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", torch_dtype=torch.float16), "
+        vae_variant = _variant_kw(weights_variant(cfg.pretrained_vae_model_name_or_path, allow_bin=cfg.allow_pickle_weights))
+        vae = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", {vae_variant}torch_dtype=torch.float16), "
     if cfg.variant == "lora":
-        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\", weight_name=\"{LORA_WEIGHT_NAME}\")\npipe.fuse_lora()\n"
                 f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
-            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {rev}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
             f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={full_guidance(cfg)}"
             f"{eta}).images[0]\n")
+
+
+def _variant_kw(variant: str | None) -> str:
+    """The card code's `variant="..", ` argument for a model folder of variant-only weights, else nothing."""
+    return f"variant=\"{variant}\", " if variant else ""
 
 
 def _data_line(cfg: TrainConfig) -> str:

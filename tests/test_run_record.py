@@ -124,3 +124,29 @@ def test_eval_decodes_through_the_runs_vae(tiny_teacher: Path, tmp_path: Path, m
         main([*common, *vae])
     run, given, own = decoded
     assert np.array_equal(run, given) and not np.array_equal(run, own)
+
+
+@pytest.mark.parametrize("variant", ["lora", "full"])
+def test_the_cards_code_loads_variant_only_teacher_and_vae_folders(variant: str, tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: a run whose teacher (and --pretrained_vae_model_name_or_path) are local folders of variant-only weights
+    (save_pretrained(variant="fp16")) trains, and generate samples it, but the card's code loaded them without
+    `variant=`: "no file named diffusion_pytorch_model.bin". It now names the variant; its code runs as written."""
+    import re
+
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import full_output
+    from tcdistill.config import TrainConfig
+    from tcdistill.modelcard import render_model_card
+
+    teacher, out = tmp_path / "teacher", tmp_path / "out"
+    StableDiffusionPipeline.from_pretrained(tiny_teacher).save_pretrained(teacher, variant="fp16")
+    vae = other_vae(tiny_teacher, tmp_path / "vae", variant="fp16")
+    full_output(tiny_teacher, out) if variant == "full" else make_lora(tiny_teacher, out)
+    cfg = TrainConfig(pretrained_teacher_model=str(teacher), pretrained_vae_model_name_or_path=str(vae), variant=variant,
+                      train_shards_path_or_url="s/{0..9}.tar", output_dir=str(out), max_train_steps=10, resolution=32)
+    code = re.search(r"```python\n(.*?)```", render_model_card(cfg, []), re.S).group(1)
+    assert code.count('variant="fp16"') == 2, code
+    scope: dict = {}
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
+    assert np.asarray(scope["image"]).shape == (32, 32, 3)
