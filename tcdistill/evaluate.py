@@ -31,7 +31,7 @@ from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, V
                        load_vae, read_prompts)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
-from .run_outputs import local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, sampling_clip_skip
+from .run_outputs import local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, run_teacher, sampling_clip_skip
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
 from .teacher_checks import check_clip_skip
@@ -352,7 +352,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--teacher", required=True, help="Teacher: local diffusers folder or hub id.")
+    p.add_argument("--teacher", help="Teacher: local diffusers folder or hub id (default: the teacher named in the run's "
+                   "tcdistill_config.json next to --unet/--lora, at its --teacher_revision from its --cache_dir).")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--unet", help=UNET_HELP)
     g.add_argument("--lora", help=LORA_HELP)
@@ -379,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`tcdistill eval --teacher T (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
+    """`tcdistill eval [--teacher T] (--unet U | --lora L) --prompts FILE [...]`: print the table, optionally write JSON."""
     args = build_parser().parse_args(argv)
     try:  # the hub repo a pushed output went to, as for `tcdistill generate`
         args.unet, args.lora = local_output(args.unet), local_output(args.lora)
@@ -413,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts, flag="--prompts")
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
+        # The run's teacher at the revision it was distilled from (`run_teacher`), as generate's --base: a --teacher given
+        # loads as given (hub: main, from the default cache), and was the only way, so a LoRA was measured on another UNet.
+        args.teacher = args.teacher or run_teacher(saved)
+        if not args.teacher:
+            raise ValueError("--teacher is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
         check_not_single_file(args.teacher, "--teacher")
         index = check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)

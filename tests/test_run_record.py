@@ -150,3 +150,25 @@ def test_the_cards_code_loads_variant_only_teacher_and_vae_folders(variant: str,
     scope: dict = {}
     exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
     assert np.asarray(scope["image"]).shape == (32, 32, 3)
+
+
+def test_eval_measures_the_run_on_the_teacher_revision_it_trained_on(tiny_teacher: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `tcdistill eval` required --teacher, which loads as given (a hub id: main, from the default cache), so a LoRA
+    distilled from the teacher at --teacher_revision v1 was fused onto, and measured against, main's UNet. Without
+    --teacher it now takes the run's teacher at its revision from its --cache_dir, as `generate` does without --base."""
+    import huggingface_hub.constants
+
+    snapshots = hub_teacher_revisions(tiny_teacher, tmp_path / "hub")
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": "tiny/teacher", "teacher_revision": "v1",
+                                                             "cache_dir": str(tmp_path / "hub"), "variant": "lora"}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the teacher comes from the run's cache only
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = ["eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt"), "--steps", "1", "--gamma", "0",
+              "--reference_steps", "2"]
+    rmse = {}
+    for name, teacher in (("run", []), ("v1", ["--teacher", str(snapshots["v1"])]), ("main", ["--teacher", str(snapshots["main"])])):
+        main([*common, *teacher, "--output", str(tmp_path / f"{name}.json")])
+        rmse[name] = [r["rmse"] for r in json.loads((tmp_path / f"{name}.json").read_text())["rows"]]
+    assert rmse["run"] == rmse["v1"] != rmse["main"]
