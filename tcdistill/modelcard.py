@@ -82,7 +82,7 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     if skip and cfg.model_family == "sd":  # prompts.pipeline_prompts: what tcdistill generate does instead
         head = ("# clip_skip: StableDiffusionPipeline's needs transformers < 5.6 (diffusers issue 14124); `tcdistill generate`"
                 f" works with any\n{head}")
-    vae = ""
+    parts = ""  # components passed to from_pretrained: the run's VAE, a text encoder
     base_kw = f"revision=\"{cfg.teacher_revision}\", " if cfg.teacher_revision else ""  # the teacher revision it was trained on
     # A local teacher (or VAE) folder of variant-only weights (save_pretrained(variant="fp16")), which training loads from
     # those (`families.weights_variant`): without `variant=` diffusers failed on it ("no file named ...bin").
@@ -90,18 +90,31 @@ def _usage(cfg: TrainConfig, repo: str, schedule: Any = None) -> str:
     if cfg.pretrained_vae_model_name_or_path:  # trained with another VAE (e.g. SDXL's fp16-safe one): sample with it too
         head = head.replace("from diffusers import ", "from diffusers import AutoencoderKL, ")
         vae_variant = _variant_kw(weights_variant(cfg.pretrained_vae_model_name_or_path, allow_bin=cfg.allow_pickle_weights))
-        vae = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", {vae_variant}torch_dtype=torch.float16), "
+        parts = f"vae=AutoencoderKL.from_pretrained(\"{cfg.pretrained_vae_model_name_or_path}\", {vae_variant}torch_dtype=torch.float16), "
+    if cfg.model_family == "sd" and _projection_text_encoder(cfg):  # as generate.sd_text_encoder: the states training used
+        head = head.replace("from diffusers import ", "from transformers import CLIPTextModel\nfrom diffusers import ")
+        parts += (f"text_encoder=CLIPTextModel.from_pretrained(\"{cfg.pretrained_teacher_model}\", subfolder=\"text_encoder\", "
+                f"{base_kw}torch_dtype=torch.float16), ")
     if cfg.variant == "lora":
-        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}{vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+        return (f"{head}\n\npipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}{parts}torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"pipe.scheduler = {sched}\npipe.load_lora_weights(\"{repo}\", weight_name=\"{LORA_WEIGHT_NAME}\")\npipe.fuse_lora()\n"
                 f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale=0.0{eta}).images[0]\n")
     # The full student embeds w = guidance_scale - 1 through time_cond_proj_dim and runs no CFG.
     return (f"{head}, UNet2DConditionModel\n\n"
             f"unet = UNet2DConditionModel.from_pretrained(\"{repo}\", subfolder=\"unet_target\", torch_dtype=torch.float16)\n"
-            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}unet=unet, {vae}torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe = {pipe_cls}.from_pretrained(\"{cfg.pretrained_teacher_model}\", {base_kw}unet=unet, {parts}torch_dtype=torch.float16).to(\"cuda\")\n"
             f"pipe.scheduler = {sched}\n"
             f"image = pipe({prompt}, num_inference_steps={RECOMMENDED_STEPS}, guidance_scale={full_guidance(cfg)}"
             f"{eta}).images[0]\n")
+
+
+def _projection_text_encoder(cfg: TrainConfig) -> bool:
+    """Whether the SD teacher's model_index.json names its text encoder a CLIPTextModelWithProjection: its pipeline then took
+    the pooled projection as prompt states (the card's code failed: "not enough values to unpack (expected 3, got 2)")."""
+    from .families import teacher_index
+
+    entry = (teacher_index(cfg) or {}).get("text_encoder")
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == "CLIPTextModelWithProjection"
 
 
 def _variant_kw(variant: str | None) -> str:

@@ -172,3 +172,32 @@ def test_eval_measures_the_run_on_the_teacher_revision_it_trained_on(tiny_teache
         main([*common, *teacher, "--output", str(tmp_path / f"{name}.json")])
         rmse[name] = [r["rmse"] for r in json.loads((tmp_path / f"{name}.json").read_text())["rows"]]
     assert rmse["run"] == rmse["v1"] != rmse["main"]
+
+
+def test_the_cards_code_samples_a_projection_text_encoder_teacher_as_trained(tmp_path: Path) -> None:
+    """QA: an SD teacher whose text_encoder is saved as CLIPTextModelWithProjection trains (on the last hidden state) and
+    generate samples it so (`sd_text_encoder`), but the card's code loaded the pipeline as saved, which takes the pooled
+    projection as prompt states: "not enough values to unpack (expected 3, got 2)". Its code now loads the encoder as a
+    CLIPTextModel, as generate does, and conditions on the same prompt states."""
+    import re
+
+    from transformers import CLIPTextModelWithProjection
+
+    from tcdistill.config import TrainConfig
+    from tcdistill.generate import load_pipeline
+    from tcdistill.modelcard import render_model_card
+    from tcdistill.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(None)
+    te = CLIPTextModelWithProjection(pipe.text_encoder.config)
+    te.load_state_dict(pipe.text_encoder.state_dict(), strict=False)
+    pipe.register_modules(text_encoder=te)
+    pipe.save_pretrained(str(tmp_path / "teacher"), safe_serialization=True)
+    out = make_lora(tmp_path / "teacher", tmp_path / "out")
+    cfg = TrainConfig(pretrained_teacher_model=str(tmp_path / "teacher"), variant="lora", train_shards_path_or_url="s/{0..9}.tar",
+                      output_dir=str(out), max_train_steps=10, resolution=32)
+    code = re.search(r"```python\n(.*?)```", render_model_card(cfg, []), re.S).group(1)
+    scope: dict = {}
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
+    want = load_pipeline(str(tmp_path / "teacher"), None, str(out), "cpu", torch.float32).encode_prompt("a cat", "cpu", 1, False)[0]
+    torch.testing.assert_close(scope["pipe"].encode_prompt("a cat", "cpu", 1, False)[0], want)
