@@ -241,6 +241,10 @@ class TrainConfig:
         # the model card name it as the base that generate, eval, export and the card's code load, from any directory.
         for name in _MODEL_FLAGS:
             setattr(self, name, local_model_path(getattr(self, name)))
+        # --cache_dir too, made or not: generate, eval and export read the run's hub teacher and VAE from it, and a relative
+        # one was another (empty) folder under their working directory (offline: "does not appear to have a file named...").
+        if self.cache_dir:
+            self.cache_dir = os.path.abspath(self.cache_dir)
         self.validate()
 
     # ---------------------------------------------------------------- checks

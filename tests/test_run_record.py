@@ -201,3 +201,27 @@ def test_the_cards_code_samples_a_projection_text_encoder_teacher_as_trained(tmp
     exec(code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32"), scope)
     want = load_pipeline(str(tmp_path / "teacher"), None, str(out), "cpu", torch.float32).encode_prompt("a cat", "cpu", 1, False)[0]
     torch.testing.assert_close(scope["pipe"].encode_prompt("a cat", "cpu", 1, False)[0], want)
+
+
+def test_a_relative_cache_dir_is_recorded_absolute(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `--cache_dir=hub` (relative) was recorded as "hub" in tcdistill_config.json, so `generate` run from another
+    directory looked for the run's hub teacher in another folder: offline "tiny/teacher ... at --teacher_revision v1 from
+    --cache_dir hub" could not be found. It is recorded absolute, as local model folders are."""
+    import huggingface_hub.constants
+
+    from tcdistill.config import TrainConfig
+
+    snapshots = hub_teacher_revisions(tiny_teacher, tmp_path / "hub")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(pretrained_teacher_model="tiny/teacher", teacher_revision="v1", cache_dir="hub", variant="lora",
+                      train_shards_path_or_url="s/{0..9}.tar", output_dir="out", max_train_steps=10, resolution=32)
+    assert cfg.cache_dir == str(tmp_path / "hub")
+    lora = make_lora(tiny_teacher, tmp_path / "out")
+    (lora / "tcdistill_config.json").write_text(json.dumps(cfg.to_dict()))  # as the trainer writes it
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    common = ["generate", "--lora", str(lora), "--prompt", "a red square", "--steps", "2", "--device", "cpu"]
+    main([*common, "--output_dir", str(tmp_path / "run")])
+    main([*common, "--base", str(snapshots["v1"]), "--output_dir", str(tmp_path / "v1")])
+    assert np.array_equal(png(tmp_path / "run"), png(tmp_path / "v1"))
