@@ -158,7 +158,9 @@ def run_teacher(run: dict[str, Any]) -> str | None:
     `--cache_dir` resolves to that revision's snapshot folder in that cache (fetched there if need be), so that every later
     read of the base (model_index.json, configs, weights) is of the trained revision, not of main in the default cache."""
     base, revision, cache_dir = run.get("pretrained_teacher_model"), run.get("teacher_revision"), run.get("cache_dir")
-    if not base or os.path.isdir(base) or not (revision or cache_dir):
+    # An absolute path is a local folder training recorded (no hub id): one not here is generate's "not on this machine"
+    # line, not the hub's "Repo id must be in the form 'repo_name'" that fetching it gave.
+    if not base or os.path.isdir(base) or os.path.isabs(base) or not (revision or cache_dir):
         return base
     from diffusers import DiffusionPipeline
 

@@ -268,6 +268,8 @@ def test_a_run_teacher_or_vae_that_is_not_here_is_one_line_naming_the_flag(tiny_
     gone = str(tmp_path / "elsewhere" / "teacher")
     argv = ["generate", "--lora", str(lora), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
     for record, flag, what in (({"pretrained_teacher_model": gone}, "--base", "teacher"),
+                               # not taken for a hub id by the run's --cache_dir/--teacher_revision ("Repo id must be...")
+                               ({"pretrained_teacher_model": gone, "cache_dir": str(tmp_path), "teacher_revision": "v1"}, "--base", "teacher"),
                                ({"pretrained_teacher_model": str(tiny_teacher), "pretrained_vae_model_name_or_path": gone}, "--vae", "VAE")):
         (lora / "tcdistill_config.json").write_text(json.dumps(record))
         with pytest.raises(SystemExit):
