@@ -340,8 +340,11 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
         raise ValueError(f"{e}{checkpoint_hint(f.parent)}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:  # never a half-written file under the final name
-        tags = {"format": "pt", "ss_network_module": "networks.lora", _SOURCE_KEY: f.name,
-                **kohya_base_tags(state_dict, unet_config), **kohya_clip_skip_tag(run)}
+        # The source by name only where it is the LoRA beside the export (`folder_exports`): another folder's LoRA has the
+        # same default name, and its export here was taken for this folder's and rewritten at the next save.
+        beside = {_SOURCE_KEY: f.name} if dst.parent.resolve() == f.parent.resolve() else {}
+        tags = {"format": "pt", "ss_network_module": "networks.lora", **beside, **kohya_base_tags(state_dict, unet_config),
+                **kohya_clip_skip_tag(run)}
         save_file(out, str(tmp), metadata=tags)
     return str(dst)
 

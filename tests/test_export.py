@@ -448,7 +448,7 @@ def test_a_later_run_rewrites_the_kohya_exports_beside_the_lora_it_saves(tiny_te
     """QA: a run with --export_kohya (or a `tcdistill export --output` into the folder), then a resume that trained on
     without the flag: the new LoRA was saved beside the old kohya files, now exports of the earlier LoRA, dropped from the
     rewritten card's file list but uploaded by a push. The save now rewrites each from the new LoRA (and the card lists
-    them); a .safetensors file there that is no export of it is left alone."""
+    them); a .safetensors file there that is no export of it (another run's LoRA exported into the folder) is left alone."""
     from safetensors.torch import save_file
 
     from tcdistill.config import TrainConfig
@@ -463,6 +463,8 @@ def test_a_later_run_rewrites_the_kohya_exports_beside_the_lora_it_saves(tiny_te
     export_kohya(out)
     export_kohya(out, out / "mine.safetensors")
     save_file({"w": torch.ones(1)}, str(out / "other.safetensors"))
+    # Another folder's LoRA, also named pytorch_lora_weights.safetensors, exported here: no export of this run's LoRA.
+    theirs = load_file(export_kohya(make_lora(tiny_teacher, tmp_path / "elsewhere"), out / "theirs.safetensors"))
     (out / "notes.safetensors").write_text("not a safetensors file")
     randomize_lora_b(strategy.student, seed=1)  # the LoRA trained on
     paths = strategy.save_outputs(str(out))
@@ -472,3 +474,4 @@ def test_a_later_run_rewrites_the_kohya_exports_beside_the_lora_it_saves(tiny_te
         written = load_file(out / name)
         assert written.keys() == now.keys() and all(torch.equal(written[k], now[k]) for k in now), name
     assert torch.equal(load_file(out / "other.safetensors")["w"], torch.ones(1))
+    assert all(torch.equal(load_file(out / "theirs.safetensors")[k], v) for k, v in theirs.items())
