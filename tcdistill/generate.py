@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--unet", help=UNET_HELP)
     src.add_argument("--lora", help=LORA_HELP)
-    p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json, at its --teacher_revision from its --cache_dir).")
+    p.add_argument("--base", help="Base pipeline: diffusers folder or hub id (default: the teacher named in the run's tcdistill_config.json, at its --teacher_revision, from its --cache_dir where that is on this machine).")
     p.add_argument("--vae", help=VAE_HELP)
     p.add_argument("--prompt", action="append", help="A prompt (repeatable).")
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")

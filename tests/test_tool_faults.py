@@ -321,3 +321,22 @@ def test_a_base_with_a_cut_short_weight_file_is_one_line_naming_it(tiny_teacher:
         eval_main(["--teacher", str(base), "--lora", str(lora), "--prompts", str(prompts), "--steps", "1"])
     assert str(info.value.code).startswith(f"tcdistill eval: error: {damaged} cannot be read (")
     assert str(info.value.code).endswith("a weight file cut short or damaged; copy or download it again")
+
+
+def test_run_teacher_reads_the_runs_cache_dir_only_where_it_is_on_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: an output copied or pushed from the machine it trained on names that machine's --cache_dir: generate (no --base,
+    as the card's command line) fetched the teacher into that path there (a folder made anew, or a PermissionError /
+    offline 'not in the cache' line), not from this machine's hub cache. The revision names the trained teacher; the
+    cache is only where it was kept, and one that is not here is not used."""
+    from diffusers import DiffusionPipeline
+
+    from tcdistill.run_outputs import run_teacher
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(lambda cls, base, **kw: calls.append(kw) or str(tmp_path)))
+    gone = str(tmp_path / "elsewhere" / "hf")
+    for cache, used in ((gone, None), (str(tmp_path), str(tmp_path))):
+        assert run_teacher({"pretrained_teacher_model": "org/sd", "teacher_revision": "v1", "cache_dir": cache}) == str(tmp_path)
+        assert calls.pop() == {"revision": "v1", "cache_dir": used}
+    assert run_teacher({"pretrained_teacher_model": "org/sd", "cache_dir": gone}) == "org/sd" and not calls  # main, this cache
+    assert not (tmp_path / "elsewhere").exists()
