@@ -325,9 +325,16 @@ def export_kohya(src: str | os.PathLike, dst: str | os.PathLike | None = None, u
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
         raise ValueError(f"cannot read {f} as a safetensors file: {type(e).__name__}: {e}") from None
     if run is None:  # a folder a live run holds has no finished LoRA (an earlier run's): refused
-        from .run_outputs import run_config
+        from .run_outputs import refuse_live_run, run_config
 
-        run = run_config(str(f))
+        refuse_live_run(f)
+        try:
+            run = run_config(str(f))
+        except ValueError as e:  # a damaged record: with `unet_config` (--base) only ss_clip_skip needs it, left out
+            if unet_config is None:
+                raise
+            print(f"warning: {first_line(e).split(';')[0]}; the kohya file gets no ss_clip_skip", file=sys.stderr)
+            run = {}
     if unet_config is None:
         unet_config, base = run_unet_config(run), f"the run's teacher {run.get('pretrained_teacher_model')}"
         if unet_config is None and _sdxl_like(state_dict) and not run.get("model_family"):

@@ -41,7 +41,7 @@ def refuse_unfinished_run(d: Path) -> None:
     try:
         run = json.loads((d / RUN_CONFIG).read_text(encoding="utf-8"))
     except (ValueError, OSError):
-        return  # run_config names the damage (export --base reads no flags)
+        return  # run_config names the damage (export --base warns and goes on without the flags)
     if not isinstance(run, dict) or FINAL_STEP not in run or run[FINAL_STEP] is not None:
         return  # finished, or recorded before FINAL_STEP was (weights and flags of one run, as far as can be told)
     done = CheckpointIO(d).complete()

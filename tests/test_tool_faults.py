@@ -105,6 +105,13 @@ def test_an_output_a_live_training_run_holds_or_with_a_damaged_run_record_is_one
             run()
         msg = str(info.value.code) if name == "eval" else capsys.readouterr().err
         assert f"{out / 'tcdistill_config.json'} cannot be read as the run's flags (Unterminated string" in msg, (name, msg)
+    # export --base reads the flags for ss_clip_skip alone: the damaged record was refused with advice to pass --base
+    from safetensors import safe_open
+
+    main(["export", "--lora", str(out), "--base", str(tiny_teacher), "--output", str(tmp_path / "k.safetensors")])
+    assert "cannot be read as the run's flags" in capsys.readouterr().err  # a warning: the file gets no ss_clip_skip
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert "ss_clip_skip" not in f.metadata()
 
 
 def _stopped_at(step: int, *flags: str) -> None:
