@@ -31,7 +31,8 @@ from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, V
                        load_vae, read_prompts)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
-from .run_outputs import local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, run_teacher, sampling_clip_skip
+from .run_outputs import (local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling, run_teacher,
+                          sampling_clip_skip)
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
 from .teacher_checks import check_clip_skip
@@ -425,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The run's VAE (from its --cache_dir, as training loaded it) unless --vae is given, as `tcdistill generate` does.
         vae = args.vae or saved.get("pretrained_vae_model_name_or_path")
         check_not_single_file(vae, "--vae")
-        pipe = load_teacher(args.teacher, index, vae, None if args.vae else saved.get("cache_dir"))
+        pipe = load_teacher(args.teacher, index, vae, None if args.vae else run_cache_dir(saved))
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         for flag, n in (("--original_steps", args.original_steps), ("--reference_steps", args.reference_steps)):
             if n > n_train:  # the grid's skip num_train_timesteps // n would be 0: every timestep -1

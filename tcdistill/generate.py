@@ -28,8 +28,8 @@ from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, s
 from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
-from .run_outputs import (check_model_config, local_output, resolve_unet_dir, run_config, run_guidance, run_sampling, run_teacher,
-                          sampling_clip_skip)
+from .run_outputs import (check_model_config, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling,
+                          run_teacher, sampling_clip_skip)
 from .teacher_checks import check_clip_skip
 from .validation import sampling_hw
 
@@ -245,8 +245,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
-    # The run's VAE from the run's --cache_dir, as training loaded it; a --vae given here from the default cache.
-    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index, None if args.vae else run.get("cache_dir"))
+    # The run's VAE from the run's --cache_dir (where on this machine), as training loaded it; a --vae given here from the
+    # default cache.
+    pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index, None if args.vae else run_cache_dir(run))
     # diffusers' SD pipeline falls back to its default size for BOTH sides when either is None or 0: fill the
     # missing side here so that --height alone (or --width alone) is honoured, as the SDXL pipeline does. The default is
     # the size the run trained at; without a run config, the pipeline's (each side its own).

@@ -153,13 +153,19 @@ def resolve_unet_dir(path: str) -> str:
     return path  # a hub id
 
 
+def run_cache_dir(run: dict[str, Any]) -> str | None:
+    """The run's --cache_dir, where its hub models were read from, if that folder is on this machine (an output copied or
+    pushed from where it trained names that machine's: not made anew, or refused, here; the default cache is used)."""
+    cache_dir = run.get("cache_dir")
+    return cache_dir if cache_dir and os.path.isdir(cache_dir) else None
+
+
 def run_teacher(run: dict[str, Any]) -> str | None:
     """The teacher named by the run's flags, at the revision it was distilled from: a hub id with a `--teacher_revision` or
     `--cache_dir` resolves to that revision's snapshot folder in that cache (fetched there if need be), so that every later
     read of the base (model_index.json, configs, weights) is of the trained revision, not of main in the default cache. A
     --cache_dir not on this machine (an output copied or pushed from where it trained) is not used: the default cache is."""
-    base, revision, cache_dir = run.get("pretrained_teacher_model"), run.get("teacher_revision"), run.get("cache_dir")
-    cache_dir = cache_dir if cache_dir and os.path.isdir(cache_dir) else None  # not made anew (or refused) here
+    base, revision, cache_dir = run.get("pretrained_teacher_model"), run.get("teacher_revision"), run_cache_dir(run)
     # An absolute path is a local folder training recorded (no hub id): one not here is generate's "not on this machine"
     # line, not the hub's "Repo id must be in the form 'repo_name'" that fetching it gave.
     if not base or os.path.isdir(base) or os.path.isabs(base) or not (revision or cache_dir):

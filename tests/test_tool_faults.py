@@ -347,3 +347,23 @@ def test_run_teacher_reads_the_runs_cache_dir_only_where_it_is_on_this_machine(t
         assert calls.pop() == {"revision": "v1", "cache_dir": used}
     assert run_teacher({"pretrained_teacher_model": "org/sd", "cache_dir": gone}) == "org/sd" and not calls  # main, this cache
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_runs_hub_vae_loads_from_its_cache_dir(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a run trained with a hub --pretrained_vae_model_name_or_path read through its --cache_dir: generate (no --vae)
+    loaded that VAE from the default cache, as the teacher before it ("tiny/vae does not appear to have a file named
+    config.json" offline; a second download online). It comes from the run's cache now, as its teacher does."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--tiny--vae"
+    shutil.copytree(tiny_teacher / "vae", repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    lora = make_lora(tiny_teacher, tmp_path / "run")
+    (lora / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "resolution": 32,
+                                                             "pretrained_vae_model_name_or_path": "tiny/vae", "cache_dir": str(tmp_path / "hub")}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the VAE comes from the run's cache only
+    main(["generate", "--lora", str(lora), "--prompt", "x", "--steps", "1", "--device", "cpu", "--output_dir", str(tmp_path / "imgs")])
+    assert json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())["vae"] == "tiny/vae"
