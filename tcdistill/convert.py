@@ -13,6 +13,7 @@ or a hub cache holding that repo's configs).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,23 @@ from .config import first_line
 # --allow_pickle_weights is for the other model flags.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."  # every SD / SDXL original-format checkpoint's UNet
+VAE_PREFIX = "first_stage_model."
+# A file holds a second, EMA copy of the UNet (SD 1.5's v1-5-pruned: `model_ema.*`, dots dropped from the names) past this
+# many `model_ema` keys: diffusers' own rule (convert_ldm_unet_checkpoint), which the choice below must agree with.
+EMA_MIN_KEYS = 100
+UNET_WEIGHTS = ("ema", "non_ema")
+
+
+def has_ema(keys: Sequence[str]) -> bool:
+    """Whether the file holds both EMA and training (non-EMA) UNet weights, as diffusers decides it."""
+    return sum(k.startswith("model_ema") for k in keys) > EMA_MIN_KEYS
+
+
+class _DropExtractEmaAdvice(logging.Filter):
+    """diffusers' EMA notice advises an `--extract_ema` flag of its own scripts; convert says which set it took itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "extract_ema" not in record.getMessage()
 
 
 def checkpoint_keys(path: str) -> list[str]:
@@ -74,8 +92,9 @@ def _config_error(path: str, config: str, e: Exception) -> ValueError:
     return ValueError(f"cannot convert {path} with --config {config}: {msg}")
 
 
-def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str]:
-    """The checkpoint as the family's diffusers pipeline, and a line on where its schedule came from."""
+def _load_pipeline(path: str, family: str, config: str | None, keys: Sequence[str], unet_weights: str) -> tuple[Any, str]:
+    """The checkpoint as the family's diffusers pipeline (the UNet's `unet_weights` set where the file holds both, --config's
+    VAE where it holds none), and a line on where its schedule and weights came from."""
     import diffusers
 
     from .generate import PIPELINE_CLASSES, base_index, pipeline_class
@@ -89,17 +108,36 @@ def _load_pipeline(path: str, family: str, config: str | None) -> tuple[Any, str
         if cls_config is not cls:
             raise ValueError(f"--config {config} is a {cls_config.__name__} but {path} is an {family.upper()} checkpoint; pass a "
                              f"config of its architecture")
+    extra, notes = {}, []
+    if not any(k.startswith(VAE_PREFIX) for k in keys):  # many fine-tunes ship without one: they kept their base model's
+        if config is None:
+            raise ValueError(f"{path} holds no VAE ({VAE_PREFIX}* weights): pass --config, the base model it was fine-tuned "
+                             "from, whose VAE the converted teacher then uses")
+        try:
+            extra["vae"] = diffusers.AutoencoderKL.from_pretrained(config, subfolder="vae")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} holds no VAE and --config {config} gives none ({first_line(e)}); pass a --config with "
+                             "its vae/ weights") from None
+        notes.append("VAE from --config: the file holds none")
+    if has_ema(keys):
+        extra["extract_ema"] = unet_weights == "ema"
+        notes.append({"ema": "UNet: the file's EMA weights (--unet_weights non_ema for its training weights)",
+                      "non_ema": "UNet: the file's non-EMA training weights, not its EMA ones"}[unet_weights])
+    advice = _DropExtractEmaAdvice()
+    logging.getLogger("diffusers.loaders.single_file_utils").addFilter(advice)
     try:
-        pipe = cls.from_single_file(path, config=config)
+        pipe = cls.from_single_file(path, config=config, **extra)
     except Exception as e:  # noqa: BLE001 - hub, key-mapping and size-mismatch errors of many types; the message matters
         if config is None:
             raise ValueError(f"cannot convert {path} without --config: diffusers found no configs for the base model it infers "
                              f"from the file's keys ({first_line(e)}); pass --config with a local diffusers folder of the same "
                              "architecture (the base model the fine-tune came from)") from None
         raise _config_error(path, config, e) from None
+    finally:
+        logging.getLogger("diffusers.loaders.single_file_utils").removeFilter(advice)
     source = "--config" if config else "the inferred base model"
-    return pipe, (f"a {cls.__name__} (noise schedule and prediction_type {pipe.scheduler.config.get('prediction_type')!r} "
-                  f"from {source}); pass it as --pretrained_teacher_model")
+    notes.insert(0, f"noise schedule and prediction_type {pipe.scheduler.config.get('prediction_type')!r} from {source}")
+    return pipe, f"a {cls.__name__} ({'; '.join(notes)}); pass it as --pretrained_teacher_model"
 
 
 def _load_vae(path: str, config: str | None) -> tuple[Any, str]:
@@ -128,10 +166,10 @@ def _load_vae(path: str, config: str | None) -> tuple[Any, str]:
     raise ValueError(f"--config {config}: no VAE config in it or its vae/ ({errors[-1]})")
 
 
-def convert(path: str, output_dir: str, config: str | None = None, allow_pickle: bool = False) -> str:
-    """Load the single-file checkpoint `path` with diffusers' `from_single_file` (architecture from `config`) and save it
-    as a diffusers folder (a pipeline, or a lone VAE's model folder) at `output_dir`, written beside it and renamed into
-    place; returns a line on what was written."""
+def convert(path: str, output_dir: str, config: str | None = None, allow_pickle: bool = False, unet_weights: str = "ema") -> str:
+    """Load the single-file checkpoint `path` with diffusers' `from_single_file` (architecture from `config`; of a file
+    holding EMA and training UNet weights, the `unet_weights` set) and save it as a diffusers folder (a pipeline, or a lone
+    VAE's model folder) at `output_dir`, written beside it and renamed into place; returns a line on what was written."""
     from .checkpoint import atomic_dir
     from .preflight import check_output_dir
 
@@ -152,7 +190,7 @@ def convert(path: str, output_dir: str, config: str | None = None, allow_pickle:
     except Exception as e:  # noqa: BLE001 - SafetensorError (a bad header), OSError, unpickling errors
         raise ValueError(f"{path} cannot be read as a checkpoint ({first_line(e)}): a file cut short or damaged?") from None
     kind = file_kind(path, keys)
-    model, what = _load_vae(path, config) if kind == "vae" else _load_pipeline(path, kind, config)
+    model, what = _load_vae(path, config) if kind == "vae" else _load_pipeline(path, kind, config, keys, unet_weights)
     missing = meta_weights({"vae": model} if kind == "vae" else model.components)
     if missing:
         name, names = next(iter(missing.items()))
@@ -171,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="Diffusers folder or hub id of the same architecture (the fine-tune's base model); its tokenizers and "
                         "noise schedule (prediction type) are the converted teacher's. Default: the repo diffusers infers "
-                        "from the file's keys (needs the network or a hub cache holding its configs); a lone VAE needs it.")
+                        "from the file's keys (needs the network or a hub cache holding its configs); a lone VAE needs it, as does a "
+                        "file without a VAE, which then takes --config's.")
+    p.add_argument("--unet_weights", choices=UNET_WEIGHTS, default="ema",
+                   help="For a file holding two UNets (SD 1.5's v1-5-pruned: model_ema.* beside the training weights): ema, the "
+                        "published model's (what an emaonly file holds), or non_ema, the raw training weights. A file with one set "
+                        "takes it either way.")
     p.add_argument("--allow_pickle_weights", action="store_true", help="Allow a pickle checkpoint (.ckpt/.pt/.pth/.bin).")
     return p
 
@@ -180,6 +223,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill convert FILE --output_dir DIR [--config DIR_OR_HUB_ID]`."""
     args = build_parser().parse_args(argv)
     try:
-        print(convert(args.checkpoint, args.output_dir, args.config, args.allow_pickle_weights))
+        print(convert(args.checkpoint, args.output_dir, args.config, args.allow_pickle_weights, args.unet_weights))
     except (ValueError, OSError) as e:
         sys.exit(f"tcdistill convert: error: {first_line(e)}")

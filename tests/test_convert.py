@@ -3,6 +3,7 @@ refusal of such a file passed straight to the commands that take a teacher."""
 
 from __future__ import annotations
 
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -164,3 +165,57 @@ def test_convert_refusals(sd_file: Path, tiny_teacher: Path, sdxl_teacher: Path,
     assert not out.exists()
     cli.main(["convert", str(ckpt), "--output_dir", str(out), "--config", str(tiny_teacher), "--allow_pickle_weights"])
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_convert_ema_file_takes_ema_weights_by_default(sd_file: Path, tiny_teacher: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A file holding EMA and training UNet weights (SD 1.5's v1-5-pruned: `model_ema.*`, dots dropped, with
+    `model_ema.decay`): before, the teacher got the training weights (diffusers' default, its advice naming an
+    `--extract_ema` flag convert lacks). Now the EMA weights, the published model's, unless --unet_weights non_ema; the
+    output line says which, and the other keys of real files (position ids, `lora_*` leftovers) are ignored."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(sd_file), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    unet = [k for k in sd if k.startswith("model.diffusion_model.")]
+    sd |= {"model_ema." + "".join(k.split(".")[1:]): sd[k] + 1 for k in unet}
+    sd |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7),
+           "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+           "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0)}
+    save_file(sd, str(tmp_path / "v1-5-pruned.safetensors"))
+    orig = _pipe(tiny_teacher).unet.state_dict()
+    notices = logging.handlers.BufferingHandler(1000)  # diffusers' loggers do not propagate to caplog
+    logging.getLogger("diffusers").addHandler(notices)
+    for flag, shift, said in (((), 1, "the file's EMA weights"), (("--unet_weights", "non_ema"), 0, "non-EMA training weights")):
+        out = tmp_path / f"out{shift}"
+        cli.main(["convert", str(tmp_path / "v1-5-pruned.safetensors"), "--output_dir", str(out), "--config", str(tiny_teacher), *flag])
+        assert said in capsys.readouterr().out
+        conv = _pipe(out).unet.state_dict()
+        assert all(torch.equal(conv[k], orig[k] + shift) for k in orig), flag
+    logging.getLogger("diffusers").removeHandler(notices)
+    assert notices.buffer and not any("extract_ema" in r.getMessage() for r in notices.buffer)
+
+
+def test_convert_file_without_vae_takes_configs(sd_file: Path, tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fine-tune shipped without a VAE (no `first_stage_model.*`): before, "Failed to load AutoencoderKL. Weights for this
+    component appear to be missing". Now the teacher takes --config's VAE, which the output line says; without --config
+    it is refused in one line naming --config."""
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(sd_file), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("first_stage_model.")}, str(tmp_path / "novae.safetensors"))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    msg = _convert(capsys, tmp_path / "novae.safetensors", "--output_dir", tmp_path / "x")
+    assert "holds no VAE (first_stage_model.* weights): pass --config" in msg and len(msg.strip().splitlines()) == 1
+    cli.main(["convert", str(tmp_path / "novae.safetensors"), "--output_dir", str(tmp_path / "out"), "--config", str(tiny_teacher)])
+    assert "VAE from --config: the file holds none" in capsys.readouterr().out
+    a = AutoencoderKL.from_pretrained(str(tiny_teacher), subfolder="vae").state_dict()
+    b = AutoencoderKL.from_pretrained(str(tmp_path / "out"), subfolder="vae").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
