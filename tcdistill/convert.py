@@ -13,10 +13,14 @@ or a hub cache holding that repo's configs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import pickle
 import sys
+import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 from .argparsing import DefaultsHelpFormatter, OneLineParser
@@ -45,6 +49,43 @@ class _DropExtractEmaAdvice(logging.Filter):
         return "extract_ema" not in record.getMessage()
 
 
+class _Inert:
+    """What an object of a class outside torch loads as from a trusted pickle checkpoint: its state is kept, nothing runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Lightning `.ckpt` files (the original SD releases) pickle their callbacks' classes beside the weights, such as
+    pytorch_lightning's ModelCheckpoint: torch's weights_only load refuses them, and Lightning is not installed here. Any
+    class but torch's (tensor storage) and a container's loads as `_Inert`, as A1111's checkpoint loader does."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "torch" or (module, name) in (("collections", "OrderedDict"), ("builtins", "set")):
+            return super().find_class(module, name)
+        return _Inert
+
+
+def load_pickle_checkpoint(path: str) -> tuple[dict[str, Any], bool]:
+    """A pickle checkpoint's tensors, its `state_dict` wrapper(s) unwrapped as diffusers' load_single_file_checkpoint does,
+    and whether torch's weights_only load (diffusers' own) read it."""
+    import torch
+
+    try:
+        sd, safe = torch.load(path, map_location="cpu", weights_only=True), True
+    except pickle.UnpicklingError:  # a class weights_only refuses: the caller opted in to pickles (--allow_pickle_weights)
+        inert = ModuleType("inert_pickle")
+        inert.Unpickler, inert.load = _InertUnpickler, pickle.load
+        sd, safe = torch.load(path, map_location="cpu", weights_only=False, pickle_module=inert), False
+    while isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    return ({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}), safe
+
+
 def checkpoint_keys(path: str) -> list[str]:
     """The tensor names of an original-format checkpoint (a .safetensors header alone; a pickle's `state_dict`)."""
     if path.endswith(".safetensors"):
@@ -52,12 +93,7 @@ def checkpoint_keys(path: str) -> list[str]:
 
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
-    import torch
-
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(sd, dict) and "state_dict" in sd:  # as diffusers' load_single_file_checkpoint unwraps it
-        sd = sd["state_dict"]
-    return list(sd) if isinstance(sd, dict) else []
+    return list(load_pickle_checkpoint(path)[0])
 
 
 def file_kind(path: str, keys: Sequence[str]) -> str:
@@ -185,19 +221,37 @@ def convert(path: str, output_dir: str, config: str | None = None, allow_pickle:
     if os.path.isdir(output_dir) and any(os.scandir(output_dir)):  # the atomic rename would replace (delete) what is there
         raise ValueError(f"--output_dir {output_dir} exists and is not empty; name a new folder for the converted model")
     check_output_dir(output_dir, make=False)
+    tensors, safe = None, True
     try:
-        keys = checkpoint_keys(path)
+        if path.endswith(".safetensors"):
+            keys = checkpoint_keys(path)
+        else:
+            tensors, safe = load_pickle_checkpoint(path)
+            keys = list(tensors)
     except Exception as e:  # noqa: BLE001 - SafetensorError (a bad header), OSError, unpickling errors
         raise ValueError(f"{path} cannot be read as a checkpoint ({first_line(e)}): a file cut short or damaged?") from None
     kind = file_kind(path, keys)
-    model, what = _load_vae(path, config) if kind == "vae" else _load_pipeline(path, kind, config, keys, unet_weights)
-    missing = meta_weights({"vae": model} if kind == "vae" else model.components)
-    if missing:
-        name, names = next(iter(missing.items()))
-        raise ValueError(f"{path} lacks {len(names)} weight(s) of the {name} (such as {names[0]}): a damaged or partial "
-                         f"checkpoint, or --config of another architecture")
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with contextlib.ExitStack() as stack:
+        source = path
+        if not safe:  # diffusers loads pickles weights_only: it gets the tensors read above as a .safetensors copy
+            from safetensors.torch import save_file
+
+            parent = Path(output_dir).absolute().parent  # beside the output: /tmp may be too small for a model
+            parent.mkdir(parents=True, exist_ok=True)
+            source = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(dir=parent)), Path(path).stem + ".safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, source)
+        del tensors
+        try:
+            model, what = _load_vae(source, config) if kind == "vae" else _load_pipeline(source, kind, config, keys, unet_weights)
+        except ValueError as e:  # its messages name the file the user gave
+            raise ValueError(str(e).replace(source, path)) from None
+        missing = meta_weights({"vae": model} if kind == "vae" else model.components)
+        if missing:
+            name, names = next(iter(missing.items()))
+            raise ValueError(f"{path} lacks {len(names)} weight(s) of the {name} (such as {names[0]}): a damaged or partial "
+                             f"checkpoint, or --config of another architecture")
+        with atomic_dir(output_dir) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
     return f"wrote {output_dir}: {what} {Path(output_dir).absolute()}"
 
 

@@ -219,3 +219,38 @@ def test_convert_file_without_vae_takes_configs(sd_file: Path, tiny_teacher: Pat
     a = AutoencoderKL.from_pretrained(str(tiny_teacher), subfolder="vae").state_dict()
     b = AutoencoderKL.from_pretrained(str(tmp_path / "out"), subfolder="vae").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_lightning_ckpt(sd_file: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original SD `.ckpt` releases are Lightning checkpoints: beside `state_dict` they pickle the training callbacks,
+    keyed by pytorch_lightning's ModelCheckpoint class. Before, with --allow_pickle_weights, "cannot be read as a checkpoint
+    (Weights only load failed ...): a file cut short or damaged?". Now it converts, without Lightning installed, every
+    weight as the .safetensors file's."""
+    import types
+
+    from safetensors.torch import load_file
+
+    lightning = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = lightning.__name__, "ModelCheckpoint"
+    lightning.ModelCheckpoint = ModelCheckpoint
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", lightning.__name__)
+    for name in names:  # importable while it is saved only
+        monkeypatch.setitem(sys.modules, name, lightning if name == lightning.__name__ else types.ModuleType(name))
+    ckpt = tmp_path / "sd-v1-4.ckpt"
+    torch.save({"state_dict": load_file(str(sd_file)), "global_step": 470000, "pytorch-lightning_version": "1.4.2",
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}}}, ckpt)
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    out = tmp_path / "nested" / "out"
+    cli.main(["convert", str(ckpt), "--output_dir", str(out), "--config", str(tiny_teacher), "--allow_pickle_weights"])
+    ref = tmp_path / "ref"
+    cli.main(["convert", str(sd_file), "--output_dir", str(ref), "--config", str(tiny_teacher)])
+    for sub in ("unet", "vae"):
+        a = load_file(str(ref / sub / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["out"]  # the scratch copy is gone
