@@ -317,7 +317,10 @@ def test_a_loader_worker_killed_mid_run_ends_it_in_one_line(tmp_path, monkeypatc
             for _ in range(1000):
                 next(batches)
     finally:  # unregisters the dead worker from torch's SIGCHLD handler, which a later test's child exit would trip
-        batches._shutdown_workers()
+        try:
+            batches._shutdown_workers()
+        except RuntimeError:  # that handler fired again during its join (seen on a loaded machine); torch's own
+            pass  # `finally` there has unregistered the workers all the same
 
     class Trainer:
         def __init__(self, cfg):
