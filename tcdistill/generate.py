@@ -30,7 +30,7 @@ from .models import DTYPES
 from .preflight import check_output_dir, resolve_device
 from .run_outputs import (check_model_config, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling,
                           run_teacher, sampling_clip_skip)
-from .teacher_checks import check_clip_skip
+from .teacher_checks import check_clip_skip, check_sample_size
 from .validation import sampling_hw
 
 FULL_MODEL_GUIDANCE = 8.0
@@ -253,6 +253,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     # the size the run trained at; without a run config, the pipeline's (each side its own).
     size_h, size_w = sampling_hw(run.get("resolution"), pipe)
     height, width = args.height or size_h, args.width or size_w
+    check_sample_size(pipe.unet.config, pipe.vae_scale_factor, height, width)  # before any image: a size the UNet cannot take
     gs = args.guidance_scale
     if gs is None:
         gs = run_guidance(run, FULL_MODEL_GUIDANCE) if unet and pipe.unet.config.time_cond_proj_dim else 0.0

@@ -251,20 +251,43 @@ def check_latent_size(cfg: TrainConfig, unet_cfg: Any, vae_factor: int) -> None:
     downsampler is a stride-2 conv); its first resnet takes the level before's width."""
     from .validation import sampling_size
 
-    groups, widths = unet_cfg.get("norm_num_groups"), list(unet_cfg.get("block_out_channels") or [])
-    single = [i for i, w in enumerate(widths) if groups and min(w, widths[max(i - 1, 0)]) == groups]
-    if not single:
+    deepest, widths, groups = single_channel_level(unet_cfg)
+    if deepest is None:
         return
-    deepest = single[-1]  # the smallest of the single-channel levels' sizes
     sizes = [sampling_size(cfg.resolution)] + ([cfg.resolution] if cfg.train_batch_size == 1 else [])
     if all(size // vae_factor > 2 ** deepest for size in sizes):
         return
-    # The smallest --resolution whose sampling size (a multiple of 8) and latent both reach 2x2 at that level.
-    step = math.lcm(8, vae_factor)
-    least = max(step, -(-vae_factor * (2 ** deepest + 1) // step) * step)
     raise ConfigError(f"--resolution {cfg.resolution} is too small for the teacher's UNet: its level {deepest} (block_out_channels "
                       f"{widths}, norm_num_groups {groups}: one channel per GroupNorm group) would run one image at 1x1 latent "
-                      f"pixel, where GroupNorm has a single value to normalise and fails; use --resolution >= {least}.")
+                      f"pixel, where GroupNorm has a single value to normalise and fails; use --resolution >= "
+                      f"{least_sampling_size(deepest, vae_factor)}.")
+
+
+def single_channel_level(unet_cfg: Any) -> tuple[int | None, list[int], Any]:
+    """(the deepest UNet level with one channel per GroupNorm group, or None; block_out_channels; norm_num_groups). Level i
+    runs at ceil(latent / 2^i) pixels (each downsampler is a stride-2 conv); its first resnet takes the level before's width,
+    so it is such a level where either width equals norm_num_groups."""
+    groups, widths = unet_cfg.get("norm_num_groups"), list(unet_cfg.get("block_out_channels") or [])
+    single = [i for i, w in enumerate(widths) if groups and min(w, widths[max(i - 1, 0)]) == groups]
+    return (single[-1] if single else None), widths, groups
+
+
+def least_sampling_size(level: int, vae_factor: int) -> int:
+    """The smallest pixel size (a multiple of 8, as pipelines sample) whose latent reaches 2 pixels at UNet level `level`."""
+    step = math.lcm(8, vae_factor)
+    return max(step, -(-vae_factor * (2 ** level + 1) // step) * step)
+
+
+def check_sample_size(unet_cfg: Any, vae_factor: int, height: int, width: int) -> None:
+    """`tcdistill generate`'s --height/--width by check_latent_size's rule: images sampled where a one-channel-per-group
+    level runs at 1x1 latent pixel failed with torch's "Expected more than 1 value per channel" for a batch of one (and at
+    a larger batch that GroupNorm gives zeros, whatever the level held). Refused in one line naming the least size."""
+    deepest, widths, groups = single_channel_level(unet_cfg)
+    if deepest is None or max(height, width) // vae_factor > 2 ** deepest:  # one side of 2 latent pixels is enough
+        return
+    raise ValueError(f"--height {height} --width {width} is too small for the UNet: its level {deepest} (block_out_channels "
+                     f"{widths}, norm_num_groups {groups}: one channel per GroupNorm group) would run at 1x1 latent pixel, "
+                     f"where GroupNorm fails; use --height or --width >= {least_sampling_size(deepest, vae_factor)}.")
 
 
 def check_text_width(cfg: TrainConfig, unet_cfg: Any) -> None:

@@ -5,6 +5,7 @@ latents_mean/std: training and sampling agree on them, or the run refuses in one
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -421,3 +422,30 @@ def test_resolution_that_leaves_a_one_channel_group_at_one_pixel_is_refused(reso
     check_latent_size(_cfg(teacher, tiny_shards, tmp_path / "o", resolution=4, train_batch_size=2), level1, 2)
     with pytest.raises(ConfigError, match="its level 1 .*use --resolution >= 8\\.$"):
         check_latent_size(_cfg(teacher, tiny_shards, tmp_path / "o", resolution=4, train_batch_size=1), level1, 2)
+
+
+def test_generate_at_a_size_that_leaves_a_one_channel_group_at_one_pixel_is_one_line(tmp_path_factory: pytest.TempPathFactory,
+                                                                                     tmp_path: Path, capsys) -> None:
+    """QA: `generate --height/--width` below the run's --resolution, on a UNet whose level 2 holds one channel per
+    GroupNorm group (tiny widths 8, 8, 16), reached that level at 1x1 latent pixel and exited with torch's "Expected more
+    than 1 value per channel when training": refused by check_latent_size's rule, naming the least size; one side of
+    16 px (2 latent pixels there) is enough."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import full_output, saved_tiny_pipeline
+
+    from tcdistill.cli import main
+    from tcdistill.teacher_checks import check_sample_size
+
+    teacher = saved_tiny_pipeline(tmp_path_factory, "one_channel_levels", block_out_channels=(8, 8, 16))
+    out = full_output(teacher, tmp_path / "out")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(teacher), "resolution": 32}))
+    with pytest.raises(SystemExit):
+        main(["generate", "--unet", str(out), "--prompt", "x", "--steps", "1", "--height", "8", "--width", "8",
+              "--output_dir", str(tmp_path / "g")])
+    assert re.fullmatch(r"tcdistill generate: error: --height 8 --width 8 is too small for the UNet: its level 2 .*norm_num_groups 8: "
+                        r"one channel per GroupNorm group.*use --height or --width >= 16\.", capsys.readouterr().err.splitlines()[-1])
+    unet_cfg = json.loads((teacher / "unet" / "config.json").read_text())
+    check_sample_size(unet_cfg, 2, 8, 16)
+    check_sample_size({**unet_cfg, "block_out_channels": [32, 64, 128]}, 2, 8, 8)  # no one-channel level: any size
