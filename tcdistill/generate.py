@@ -27,7 +27,7 @@ from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, s
                        weights_variant)
 from .prompts import pipeline_prompts
 from .models import DTYPES
-from .preflight import check_output_dir, resolve_device
+from .preflight import check_output_dir, lock_output_dir, resolve_device, unlock_output_dir
 from .run_outputs import (check_model_config, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling,
                           run_teacher, sampling_clip_skip)
 from .teacher_checks import check_clip_skip, check_sample_size
@@ -245,6 +245,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
     check_output_dir(args.output_dir)  # the last check: it makes the folder
+    # Two runs on one folder each rewrote metadata.jsonl without the lines of the images it replaces, dropping the lines
+    # the other appended meanwhile: the second is refused in one line, before any weights load (released in `main`).
+    lock_output_dir(args.output_dir, role="`tcdistill generate` run")
     # The run's VAE from the run's --cache_dir (where on this machine), as training loaded it; a --vae given here from the
     # default cache.
     pipe = load_pipeline(base, unet, lora, device, dtype, args.lora_scale, vae, sampling, index, None if args.vae else run_cache_dir(run))
@@ -365,4 +368,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = generate(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, a missing --base/--vae, an unreadable --prompt_file
         p.exit(2, f"{p.prog}: error: {first_line(e)}\n")
+    finally:
+        unlock_output_dir(args.output_dir)
     print("\n".join(paths))

@@ -144,6 +144,14 @@ def lock_output_dir(path: str, role: str = "training run") -> None:
     _held_locks[key] = fd
 
 
+def unlock_output_dir(path: str) -> None:
+    """Drop this process's lock of the folder `path` (`lock_output_dir`), if it holds one: a command that ends without
+    its process ending (`tcdistill generate` called from Python) frees the folder for the next."""
+    fd = _held_locks.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _holder(fd: int) -> str:
     """'<role> (pid N' of the process that wrote the lock file `fd` ("PID ROLE"; older runs wrote the pid alone)."""
     pid, _, role = (os.read(fd, 128).decode(errors="replace").strip() or "unknown").partition(" ")

@@ -107,7 +107,8 @@ def test_generate_height_alone_and_refusals(tiny_teacher: Path, sdxl_teacher: Pa
         "is a file, not a folder": ["--lora", str(lora), "--base", str(tiny_teacher), "--output_dir", str(tmp_path / "afile")],
         "no LoRA weights at": ["--lora", str(tmp_path / "missing"), "--base", str(tiny_teacher)],
         "h/pytorch_lora_weights": ["--lora", str(tmp_path / "h"), "--base", str(tiny_teacher)],
-        "SDXL model but --base": ["--unet", str(xl), "--base", str(tiny_teacher)],
+        # refused at the load, past the output folder's check: its folder (and lock file) go under tmp_path, not the cwd
+        "SDXL model but --base": ["--unet", str(xl), "--base", str(tiny_teacher), "--output_dir", str(tmp_path / "xl_out")],
         "must be >= 1": ["--lora", str(lora), "--height", "0"],
         "--device 'bogus'": ["--lora", str(lora), "--device", "bogus"],
     }

@@ -5,6 +5,7 @@ file and the fix, and no output that looks whole but is not."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def test_a_rerun_killed_part_way_leaves_no_metadata_line_of_another_image(tiny_t
     assert (out / "00000_a_red_circle.png").read_bytes() != before  # rewritten (seed 5)
     lines = [json.loads(ln) for ln in (out / "metadata.jsonl").read_text().splitlines()]
     assert [(r["file_name"], r.get("seed")) for r in lines] == [("mine.png", None), ("00000_a_red_circle.png", 5)]
-    assert sorted(p.name for p in out.iterdir()) == ["00000_a_red_circle.png", "00001_a_blue_square.png", "metadata.jsonl"]
+    # and the run lock's file, kept (a lock file removed while another run opens it would let two runs hold it)
+    assert sorted(p.name for p in out.iterdir()) == [".tcdistill.lock", "00000_a_red_circle.png", "00001_a_blue_square.png",
+                                                    "metadata.jsonl"]
 
 
 def test_a_prompt_file_not_utf8_or_unreadable_is_one_line_naming_its_flag(tiny_teacher: Path, tmp_path: Path) -> None:
@@ -367,3 +370,25 @@ def test_a_runs_hub_vae_loads_from_its_cache_dir(tiny_teacher: Path, tmp_path: P
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the VAE comes from the run's cache only
     main(["generate", "--lora", str(lora), "--prompt", "x", "--steps", "1", "--device", "cpu", "--output_dir", str(tmp_path / "imgs")])
     assert json.loads((tmp_path / "imgs" / "metadata.jsonl").read_text())["vae"] == "tiny/vae"
+
+
+def test_a_second_generate_into_a_folder_in_use_is_refused_before_loading(tiny_teacher: Path, tmp_path: Path, run_env: dict[str, str],
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: two `generate` runs on one --output_dir each rewrote metadata.jsonl without the lines of the images it replaces,
+    dropping the lines the other had appended meanwhile. The folder is locked as a training run's is: the second run is
+    refused in one line naming the holder, and leaves the first's files alone; the lock ends with the run (in-process too)."""
+    from tcdistill import preflight
+
+    lora = make_lora(tiny_teacher, tmp_path / "lora")
+    out = tmp_path / "imgs"
+    out.mkdir()
+    (out / "metadata.jsonl").write_text('{"file_name": "00000_x.png", "prompt": "the first run"}\n')
+    argv = ["generate", "--lora", str(lora), "--base", str(tiny_teacher), "--prompt", "x", "--steps", "1", "--output_dir", str(out)]
+    with lock_holder(out, run_env, role="`tcdistill generate` run") as holder, pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(rf"tcdistill generate: error: --output_dir .* is in use by another `tcdistill generate` run \(pid {holder.pid}.*", err)
+    assert "the first run" in (out / "metadata.jsonl").read_text() and not list(out.glob("*.png"))
+    main(argv)  # its holder gone, a run goes ahead and lets go of the folder when it ends
+    assert len(list(out.glob("*.png"))) == 1 and preflight.output_dir_holder(out) is None
+    assert os.path.realpath(out) not in preflight._held_locks
