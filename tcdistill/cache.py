@@ -30,7 +30,7 @@ from .checkpoint import atomic_file
 from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import ConfigError, TrainConfig
 from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
-from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME
+from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME, vae_encoder_fingerprint
 from .models import DTYPES
 from .preflight import lock_output_dir
 
@@ -174,6 +174,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     lock_output_dir(args.output_dir, role="`tcdistill cache` run")
     family = load_family(cfg, tokenizers)
     family.unet = None  # only the encoders are needed here
+    vae_encoder = vae_encoder_fingerprint(family.vae)  # as loaded, before the cast to --encode_dtype (training checks it as loaded)
     family.to(device, dtype)
     ds = _OnePass(DataConfig(train_shards_path_or_url=args.train_shards_path_or_url, resolution=args.resolution,
                              interpolation_type=args.interpolation_type, center_crop=args.center_crop,
@@ -195,7 +196,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     uncond = {k: v.to(DTYPES[args.storage_dtype]).cpu().contiguous() for k, v in layout.uncond.items()}
     meta = {
         "format": FORMAT, "teacher": cfg.pretrained_teacher_model, "vae": cfg.pretrained_vae_model_name_or_path,
-        "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "latent_shape": layout.latent_shape,
+        "resolution": args.resolution, "scaling_factor": float(family.vae.config.scaling_factor), "vae_encoder_sha256": vae_encoder, "latent_shape": layout.latent_shape,
         "cond_keys": layout.cond_keys, "uncond_from_cond": layout.from_cond, "model_family": args.model_family, "clip_skip": args.clip_skip,
         "use_fix_crop_and_size": args.use_fix_crop_and_size, "storage_dtype": args.storage_dtype, "encode_dtype": args.encode_dtype,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,

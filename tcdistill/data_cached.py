@@ -5,7 +5,7 @@ Layout of a cached dataset directory (the sidecar files sit next to the shards):
 - `NNNNN.tar`: per sample `latents.npy` (posterior mean x scaling_factor, [C, h, w]), `latents_std.npy` (posterior
   std x scaling_factor), one `<key>.npy` per conditioning tensor (SD: `encoder_hidden_states.npy`, [L, D]; SDXL adds
   `text_embeds.npy` and `time_ids.npy`, the latter always fp32) and `txt` (the caption, kept for reference);
-- `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, dtypes, conditioning keys, counts) and
+- `tcdistill_cache.json`: how it was made (teacher, resolution, scaling factor, VAE encoder fingerprint, dtypes, conditioning keys, counts) and
   the shards it covers; written last, it marks a complete cache (a re-run removes it before overwriting a shard);
 - `uncond.safetensors`: stored once (one row per key), the unconditional conditioning that is the same for every
   sample and, as `empty.<key>`, the encoding of "" (for --proportion_empty_prompts); keys listed in the metadata's
@@ -17,6 +17,7 @@ scaling_factor` (step 1 of the TCD step) without running the VAE encoder, and wi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -185,19 +186,43 @@ def _check_cache_shapes(cfg: TrainConfig, family: ModelFamily, meta: dict[str, A
 
 
 def _check_cache_models(cfg: TrainConfig, family: ModelFamily, meta: dict[str, Any]) -> None:
-    """Warn on another teacher or VAE name; refuse latents of a VAE with another scaling factor."""
+    """Warn on another teacher name; refuse latents that this run's VAE would not have made. A cache records its VAE
+    encoder's fingerprint (`vae_encoder_fingerprint`): another one, and the student learned another VAE's latent space
+    while validation, `generate` and the model card decode with this run's VAE (a warning let that train). A decoder-only
+    fine-tune (sd-vae-ft-mse) makes the same latents and is accepted. An older cache without the fingerprint is checked by
+    its scaling factor and warned on by name."""
     if local_model_path(meta.get("teacher")) != cfg.pretrained_teacher_model:  # an older cache's relative folder is the same
         logger.warning("Cache was made with teacher %r; training with %r.", meta.get("teacher"), cfg.pretrained_teacher_model)
-    vae = family.vae
+    vae, made = family.vae, meta.get("vae_encoder_sha256")
     sf = float(vae.config.scaling_factor)
     if "scaling_factor" in meta and abs(float(meta["scaling_factor"]) - sf) > 1e-6 * sf:
         # Latents of another VAE: the student would learn in one latent space and validation decode in another.
         raise ConfigError(f"the cache's latents come from a VAE with scaling_factor {meta['scaling_factor']} "
                           f"(--pretrained_vae_model_name_or_path {meta.get('vae')!r}); this run's VAE has {sf} "
                           f"({cfg.pretrained_vae_model_name_or_path!r}): use the cache's VAE or re-run `tcdistill cache`.")
-    if local_model_path(meta.get("vae")) != cfg.pretrained_vae_model_name_or_path:
+    if made is not None and made != vae_encoder_fingerprint(vae):
+        ours = cfg.pretrained_vae_model_name_or_path or f"the vae/ of {cfg.pretrained_teacher_model!r}"
+        theirs = meta.get("vae") or f"the vae/ of {meta.get('teacher')!r}"
+        raise ConfigError(f"the cache's latents were made by another VAE encoder ({theirs}) than this run's ({ours}): the student "
+                          "would learn latents its samples are not decoded from; train with the cache's VAE "
+                          "(--pretrained_vae_model_name_or_path) or re-run `tcdistill cache` with this run's.")
+    if made is None and local_model_path(meta.get("vae")) != cfg.pretrained_vae_model_name_or_path:
         logger.warning("Cache was made with --pretrained_vae_model_name_or_path %r; training with %r (validation decodes with it).",
                        meta.get("vae"), cfg.pretrained_vae_model_name_or_path)
+
+
+def vae_encoder_fingerprint(vae: Any) -> str:
+    """sha256 of what turns pixels into a cache's latents: the VAE's encoder and quant_conv weights (as fp16, so a VAE
+    saved or loaded at either precision matches itself) and the config fields that scale latents. Equal fingerprints make
+    the same latents whatever the decoders."""
+    h = hashlib.sha256(json.dumps({k: vae.config.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")},
+                                  sort_keys=True).encode())
+    for part in ("encoder", "quant_conv"):
+        module = getattr(vae, part, None)
+        for name, t in sorted((module.state_dict() if module is not None else {}).items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _warn_fixed_data_flags(cfg: TrainConfig, meta: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import CACHE_RES, cache_trainer, lock_holder, make_cache
 from shards_util import good_sample, write_shard
 
@@ -80,6 +81,28 @@ def test_cache_with_another_vae_is_a_config_error(tiny_teacher: Path, fp32_cache
     with pytest.raises(ConfigError, match="scaling_factor"):
         cache_trainer(tiny_teacher, "", tmp_path / "out", train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache,
                  pretrained_vae_model_name_or_path=str(tmp_path / "vae"))
+
+
+def test_cache_made_by_another_vae_encoder_is_refused_and_a_decoder_fine_tune_accepted(tiny_teacher: Path, fp32_cache: str,
+                                                                                         tmp_path: Path) -> None:
+    """QA: a cache made with another VAE of the same scaling factor only warned ("Cache was made with
+    --pretrained_vae_model_name_or_path ..."): the student learned that VAE's latents while its samples decode with the
+    run's. The cache records its encoder's fingerprint: another encoder is refused in one line; the same encoder with
+    another decoder (as sd-vae-ft-mse fine-tunes SD's) makes the same latents and trains."""
+    from diffusers import AutoencoderKL
+
+    for part, refused in (("encoder", True), ("decoder", False)):
+        vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
+        with torch.no_grad():
+            next(getattr(vae, part).parameters()).add_(0.5)
+        vae.save_pretrained(tmp_path / part)
+        kw = dict(train_shards_path_or_url=None, train_latents_path_or_url=fp32_cache, pretrained_vae_model_name_or_path=str(tmp_path / part))
+        if refused:
+            with pytest.raises(ConfigError, match=r"^the cache's latents were made by another VAE encoder \(the vae/ of .*\) than this "
+                                                  r"run's \(.*encoder\).*re-run `tcdistill cache` with this run's\.$"):
+                cache_trainer(tiny_teacher, "", tmp_path / "out", **kw)
+        else:
+            assert cache_trainer(tiny_teacher, "", tmp_path / "out2", **kw).family.vae.encoder is None  # accepted
 
 
 def test_cache_accepts_a_per_block_cross_attention_dim(tiny_teacher: Path, fp32_cache: str, tmp_path: Path) -> None:
