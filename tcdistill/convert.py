@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -59,13 +60,22 @@ class _Inert:
         self.state = state
 
 
+@functools.cache
+def _weights_only_globals() -> frozenset[str]:
+    """The globals torch's weights_only load allows (tensor rebuilds, storages, dtypes, containers), as `module.name`."""
+    from torch import _weights_only_unpickler
+
+    return frozenset(_weights_only_unpickler._get_allowed_globals())
+
+
 class _InertUnpickler(pickle.Unpickler):
     """Lightning `.ckpt` files (the original SD releases) pickle their callbacks' classes beside the weights, such as
-    pytorch_lightning's ModelCheckpoint: torch's weights_only load refuses them, and Lightning is not installed here. Any
-    class but torch's (tensor storage) and a container's loads as `_Inert`, as A1111's checkpoint loader does."""
+    pytorch_lightning's ModelCheckpoint: torch's weights_only load refuses them, and Lightning is not installed here. Only
+    what weights_only allows loads as itself; any other global loads as `_Inert`, so nothing in the file runs. (Allowing
+    every `torch.*` name let a file call any function reachable from torch, `torch.serialization` + `os.system` included.)"""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "torch" or (module, name) in (("collections", "OrderedDict"), ("builtins", "set")):
+        if f"{module}.{name}" in _weights_only_globals():
             return super().find_class(module, name)
         return _Inert
 

@@ -254,3 +254,25 @@ def test_convert_lightning_ckpt(sd_file: Path, tiny_teacher: Path, tmp_path: Pat
         b = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["out"]  # the scratch copy is gone
+
+
+def test_a_ckpt_calling_a_function_reachable_from_torch_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """QA: the Lightning `.ckpt` unpickler let every `torch.*` global load as itself, so a file naming `os.mkdir` through
+    `torch.serialization` (a dotted name, pickle protocol 4) ran it with --allow_pickle_weights (before that unpickler,
+    torch's weights_only load refused the file). Only what weights_only allows loads; the call meets an inert stand-in."""
+    import zipfile
+
+    ckpt, marker = tmp_path / "evil.ckpt", tmp_path / "ran"
+    torch.save({"state_dict": {}}, ckpt)
+    with zipfile.ZipFile(ckpt) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    arg = str(marker).encode()
+    # os.mkdir(marker) via STACK_GLOBAL('torch.serialization', 'os.mkdir'), its result dropped, then {} as the checkpoint.
+    payload = (b"\x80\x04\x8c\x13torch.serialization\x94\x8c\x08os.mkdir\x94\x93" + b"\x8c" + bytes([len(arg)]) + arg
+               + b"\x94\x85R0}.")
+    with zipfile.ZipFile(ckpt, "w", zipfile.ZIP_STORED) as z:
+        for n, data in records.items():
+            z.writestr(n, payload if n.endswith("/data.pkl") else data)
+    msg = _convert(capsys, ckpt, "--output_dir", tmp_path / "out", "--allow_pickle_weights")
+    assert not marker.exists()
+    assert msg.startswith("tcdistill convert: error:") and len(msg.strip().splitlines()) == 1
