@@ -31,7 +31,7 @@ from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, V
                        load_vae, read_prompts)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
-from .run_outputs import (local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling, run_teacher,
+from .run_outputs import (check_run_model_here, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling, run_teacher,
                           sampling_clip_skip)
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
@@ -417,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
         # The run's teacher at the revision it was distilled from (`run_teacher`), as generate's --base: a --teacher given
         # loads as given (hub: main, from the default cache), and was the only way, so a LoRA was measured on another UNet.
-        args.teacher = args.teacher or run_teacher(saved)
+        if not args.teacher:
+            args.teacher = run_teacher(saved)
+            check_run_model_here(args.teacher, "--teacher", "teacher")
         if not args.teacher:
             raise ValueError("--teacher is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
         check_not_single_file(args.teacher, "--teacher")
@@ -425,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         # The run's VAE (from its --cache_dir, as training loaded it) unless --vae is given, as `tcdistill generate` does.
         vae = args.vae or saved.get("pretrained_vae_model_name_or_path")
+        if not args.vae:
+            check_run_model_here(vae, "--vae", "VAE")
         check_not_single_file(vae, "--vae")
         pipe = load_teacher(args.teacher, index, vae, None if args.vae else run_cache_dir(saved))
         n_train = int(pipe.scheduler.config.num_train_timesteps)

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import atomic_file
 from .argparsing import DefaultsHelpFormatter, OneLineParser
-from .config import (FINAL_STEP, RUN_CONFIG, TORCH_SEEDS, check_not_single_file, check_seed,
+from .config import (FINAL_STEP, TORCH_SEEDS, check_not_single_file, check_seed,
                      first_line)
 from .export import LORA_WEIGHT_NAME, load_unet_lora, lora_file
 from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, scheduler_stand_in, unet_family, unreadable_weights,
@@ -28,8 +28,8 @@ from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, s
 from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, lock_output_dir, resolve_device, unlock_output_dir
-from .run_outputs import (check_model_config, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling,
-                          run_teacher, sampling_clip_skip)
+from .run_outputs import (check_model_config, check_run_model_here, local_output, resolve_unet_dir, run_cache_dir,
+                          run_config, run_guidance, run_sampling, run_teacher, sampling_clip_skip)
 from .teacher_checks import check_clip_skip, check_sample_size
 from .validation import sampling_hw
 
@@ -216,12 +216,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     if not base:
         raise ValueError("--base is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
     vae = args.vae or run.get("pretrained_vae_model_name_or_path")
-    for flag, given, path in (("--base", args.base, base), ("--vae", args.vae, vae)):
-        # Training records a local model folder as an absolute path: an output copied to another machine, or a teacher
-        # moved since, named it here, and diffusers said only that the hub could not be reached for it.
-        if not given and path and os.path.isabs(path) and not os.path.exists(path):
-            raise ValueError(f"the run's {'teacher' if flag == '--base' else 'VAE'} {path} (its {RUN_CONFIG}) is not on this "
-                             f"machine (moved, or the output copied here?); pass {flag} with where it is now")
+    for flag, given, path, what in (("--base", args.base, base, "teacher"), ("--vae", args.vae, vae, "VAE")):
+        if not given:
+            check_run_model_here(path, flag, what)
     check_not_single_file(base, "--base")
     check_not_single_file(vae, "--vae")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")

@@ -160,6 +160,15 @@ def run_cache_dir(run: dict[str, Any]) -> str | None:
     return cache_dir if cache_dir and os.path.isdir(cache_dir) else None
 
 
+def check_run_model_here(path: str | None, flag: str, what: str) -> None:
+    """Refuse the run's recorded local model folder `path` (its teacher or VAE, not given as `flag`) where it is not on this
+    machine: training records one as an absolute path, so an output copied to another machine, or a teacher moved since,
+    named it here, and diffusers said only that the hub could not be reached for it."""
+    if path and os.path.isabs(path) and not os.path.exists(path):
+        raise ValueError(f"the run's {what} {path} (its {RUN_CONFIG}) is not on this machine (moved, or the output copied "
+                         f"here?); pass {flag} with where it is now")
+
+
 def run_teacher(run: dict[str, Any]) -> str | None:
     """The teacher named by the run's flags, at the revision it was distilled from: a hub id with a `--teacher_revision` or
     `--cache_dir` resolves to that revision's snapshot folder in that cache (fetched there if need be), so that every later

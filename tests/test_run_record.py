@@ -225,3 +225,32 @@ def test_a_relative_cache_dir_is_recorded_absolute(tiny_teacher: Path, tmp_path:
     main([*common, "--output_dir", str(tmp_path / "run")])
     main([*common, "--base", str(snapshots["v1"]), "--output_dir", str(tmp_path / "v1")])
     assert np.array_equal(png(tmp_path / "run"), png(tmp_path / "v1"))
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_run_teacher_or_vae_that_is_not_here_is_one_line_naming_the_flag(command: str, tiny_teacher: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """QA: an output copied to another machine (or whose teacher folder moved) named the run's teacher by the absolute
+    path training recorded: generate said "We couldn't connect to 'https://huggingface.co' to load this model, ...",
+    not that the path came from the run record or that --base fixes it. The run's --vae likewise. `eval`, which takes the
+    run's teacher (without --teacher) and VAE too, gave that hub line after the merge that made it so: the same line now."""
+    lora = make_lora(tiny_teacher, tmp_path / "run")
+    gone = str(tmp_path / "elsewhere" / "teacher")
+    (tmp_path / "p.txt").write_text("x\n")
+    argv = (["generate", "--lora", str(lora), "--prompt", "x", "--steps", "1", "--output_dir", str(tmp_path / "imgs")]
+            if command == "generate" else
+            ["eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt"), "--steps", "1", "--gamma", "0", "--reference_steps", "2"])
+    base = "--base" if command == "generate" else "--teacher"
+    for record, flag, what in (({"pretrained_teacher_model": gone}, base, "teacher"),
+                               # not taken for a hub id by the run's --cache_dir/--teacher_revision ("Repo id must be...")
+                               ({"pretrained_teacher_model": gone, "cache_dir": str(tmp_path), "teacher_revision": "v1"}, base, "teacher"),
+                               ({"pretrained_teacher_model": str(tiny_teacher), "pretrained_vae_model_name_or_path": gone}, "--vae", "VAE")):
+        (lora / "tcdistill_config.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        said = capsys.readouterr().err if command == "generate" else f"{e.value.code}\n"
+        assert said == (f"tcdistill {command}: error: the run's {what} {gone} (its tcdistill_config.json) is not "
+                        f"on this machine (moved, or the output copied here?); pass {flag} with where it is now\n")
+    main([*argv, "--vae", str(tiny_teacher / "vae")])  # given: the recorded one is not looked for
+    if command == "generate":
+        assert (tmp_path / "imgs" / "00000_x.png").is_file()
