@@ -275,10 +275,12 @@ def run_unet_config(run: dict[str, Any]) -> dict[str, Any] | None:
         return None
     from diffusers import UNet2DConditionModel
 
+    from .run_outputs import run_cache_dir
+
     teacher = run.get("pretrained_teacher_model")
-    try:
+    try:  # the run's --cache_dir only where it is on this machine, as generate reads the teacher (`run_teacher`)
         return dict(UNet2DConditionModel.load_config(teacher, subfolder="unet", revision=run.get("teacher_revision"),
-                                                     cache_dir=run.get("cache_dir")))
+                                                     cache_dir=run_cache_dir(run)))
     except Exception as e:  # noqa: BLE001 - a missing folder, an uncached hub id offline...
         # diffusers-style names still load in ComfyUI and diffusers (A1111 misses SDXL's first up-block upsampler)
         print(f"warning: cannot read the UNet config of the SDXL teacher {teacher!r} ({type(e).__name__}); the kohya file "

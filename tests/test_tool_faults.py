@@ -392,3 +392,22 @@ def test_a_second_generate_into_a_folder_in_use_is_refused_before_loading(tiny_t
     main(argv)  # its holder gone, a run goes ahead and lets go of the folder when it ends
     assert len(list(out.glob("*.png"))) == 1 and preflight.output_dir_holder(out) is None
     assert os.path.realpath(out) not in preflight._held_locks
+
+
+def test_an_sdxl_export_reads_the_runs_cache_dir_only_where_it_is_on_this_machine(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: generate and eval read a run's hub teacher from its --cache_dir only where that folder is on this machine (an
+    output copied from where it trained names that machine's), but export's SDXL names still read the teacher's UNet config
+    from the recorded one: offline it warned and kept diffusers-style names where generate found the teacher, online it
+    fetched into that path anew."""
+    from diffusers import UNet2DConditionModel
+
+    from tcdistill.export import run_unet_config
+
+    calls: list[dict] = []
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", classmethod(lambda cls, src, **kw: calls.append(kw) or {"x": 1}))
+    gone = str(tmp_path / "elsewhere" / "hf")
+    for cache, used in ((gone, None), (str(tmp_path), str(tmp_path))):
+        run = {"model_family": "sdxl", "pretrained_teacher_model": "org/sdxl", "teacher_revision": "v1", "cache_dir": cache}
+        assert run_unet_config(run) == {"x": 1}
+        assert calls.pop() == {"subfolder": "unet", "revision": "v1", "cache_dir": used}
