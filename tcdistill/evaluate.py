@@ -31,8 +31,8 @@ from .generate import (CLIP_SKIP_HELP, LORA_HELP, PIPELINE_CLASSES, UNET_HELP, V
                        load_vae, read_prompts)
 from .models import UNetDenoiser
 from .preflight import check_output_dir
-from .run_outputs import (check_run_model_here, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance, run_sampling, run_teacher,
-                          sampling_clip_skip)
+from .run_outputs import (check_run_model_here, local_output, resolve_unet_dir, run_cache_dir, run_config, run_guidance,
+                          run_sampling, run_teacher, sampling_clip_skip)
 from .sampler import sample_lcm, sample_tcd, tcd_timesteps
 from .schedule import NoiseSchedule, zero_snr_top
 from .teacher_checks import check_clip_skip
@@ -354,7 +354,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="tcdistill eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--teacher", help="Teacher: local diffusers folder or hub id (default: the teacher named in the run's "
-                   "tcdistill_config.json next to --unet/--lora, at its --teacher_revision from its --cache_dir).")
+                   "tcdistill_config.json next to --unet/--lora, at its --teacher_revision, from its --cache_dir where that is "
+                   "on this machine).")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--unet", help=UNET_HELP)
     g.add_argument("--lora", help=LORA_HELP)

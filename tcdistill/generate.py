@@ -28,8 +28,8 @@ from .families import (PROMPT_COMPONENTS, absent_components, pipeline_variant, s
 from .prompts import pipeline_prompts
 from .models import DTYPES
 from .preflight import check_output_dir, lock_output_dir, resolve_device, unlock_output_dir
-from .run_outputs import (check_model_config, check_run_model_here, local_output, resolve_unet_dir, run_cache_dir,
-                          run_config, run_guidance, run_sampling, run_teacher, sampling_clip_skip)
+from .run_outputs import (check_model_config, check_run_model_here, local_output, resolve_unet_dir, run_cache_dir, run_config,
+                          run_guidance, run_sampling, run_teacher, sampling_clip_skip)
 from .teacher_checks import check_clip_skip, check_sample_size
 from .validation import sampling_hw
 
@@ -311,8 +311,8 @@ LORA_HELP = (f"LoRA output folder (with {LORA_WEIGHT_NAME}), a LoRA .safetensors
              "repo of a pushed output.")
 
 
-VAE_HELP = ("Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, from its --cache_dir, "
-            "else the base's).")
+VAE_HELP = ("Another VAE folder or hub id (default: the run's --pretrained_vae_model_name_or_path, a hub id read from its "
+            "--cache_dir where that is on this machine; else the teacher's own).")
 CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many layers before the last, as diffusers' "
                   "clip_skip; 0: none, the last layer (also for a run trained with --clip_skip). Default: the run's --clip_skip "
                   "from the tcdistill_config.json next to --unet/--lora, else none.")
