@@ -391,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         # With --base too: the LoRA in a folder a live run holds, or a stopped one's (`refuse_unfinished_run`), is an earlier
         # run's, which the card that run rewrites would not list. First: a stopped run's folder is refused for why it has no
-        # LoRA file. (Not in export_kohya: training's --export_kohya calls it before its run record has its final step.)
+        # LoRA file. (export_kohya checks only where it is given no `run`: training's --export_kohya passes its own, before
+        # its run record has its final step.)
         refuse_live_run(args.lora)
         dst = export_kohya(args.lora, args.output, base_unet_config(args.base) if args.base else None, f"--base {args.base}")
         list_in_card(dst)
