@@ -29,10 +29,11 @@ from torch import Tensor
 from .checkpoint import atomic_file
 from .argparsing import DefaultsHelpFormatter, OneLineParser
 from .config import ConfigError, TrainConfig
-from .data import INTERPOLATIONS, DataConfig, FailureTracker, ImageTextShards, expand_urls
+from .data import INTERPOLATIONS, DataConfig, ImageTextShards, expand_urls
 from .data_cached import FORMAT, LATENTS, LATENTS_STD, META_NAME, UNCOND_NAME, vae_encoder_fingerprint
 from .models import DTYPES
 from .preflight import lock_output_dir
+from .shard_failures import FailureTracker, ShardFailureLog
 
 if TYPE_CHECKING:
     from .families import ModelFamily
@@ -51,13 +52,19 @@ class _OnePass(ImageTextShards):
     # would skip, and the other way round.
     last_failure = ""  # "url: reason" of the last skip, for the error of a run that finds no usable sample
 
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__(cfg)
+        self.shard_log = ShardFailureLog()  # names each failing source shard, as training does
+
     def read_once(self, url: str, skipped: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (key, sample) for the usable samples of `url`; failures are counted in `skipped`."""
         tracker = FailureTracker(sys.maxsize, url)  # never gives up: every source shard is read to its end once
         for out in self._shard_samples(url, "", 0, 0, tracker):
             skipped.update(out.pop("skipped"))
+            self.shard_log.report(out.pop("failed_shards"))
             yield out.pop("key"), out
         skipped.update(tracker.pending)  # the failures after the shard's last usable sample
+        self.shard_log.report(tracker.take_shards())
         if tracker.last_msg:
             self.last_failure = f"{url}: {tracker.last_msg}"
 
@@ -189,6 +196,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, Any]:
     layout = _Layout()
     t0 = time.perf_counter()
     shards, n_samples = _cache_shards(args, ds, store, family, device, skipped, layout)
+    ds.shard_log.summary()
     if n_samples == 0:
         raise ConfigError(f"no usable sample in {args.train_shards_path_or_url!r} (skipped: {dict(skipped)}; "
                           f"last error: {ds.last_failure}).")

@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .shard_failures import DataError, FailureTracker, failed_shards
 from .shard_stream import group_samples, missing_reason, open_shard, tar_members
 from .stops import leave_ctrl_c_to_the_trainer
 
@@ -29,10 +30,6 @@ CAPTION_KEYS = ("txt", "text", "caption")
 JSON_CAPTION_FIELDS = ("caption", "text")
 INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper()) for name in ("bilinear", "bicubic", "box", "nearest", "hamming", "lanczos")}
 INTERPOLATIONS["nearest_exact"] = Image.Resampling.NEAREST  # torchvision's NEAREST_EXACT on a PIL image (diffusers' resolve_interpolation_mode)
-
-
-class DataError(RuntimeError):
-    """No usable sample arrived within `failure_patience` consecutive failures."""
 
 
 @dataclass
@@ -232,53 +229,6 @@ def _crop_resize(img: Image.Image, cfg: DataConfig, rng: random.Random) -> tuple
     return pixels.div_(127.5).sub_(1.0), (h, w), (top, left)
 
 
-class FailureTracker:
-    """Counts skipped samples per kind and raises DataError once patience runs out."""
-
-    def __init__(self, patience: int, where: str) -> None:
-        self.patience, self.where = patience, where
-        self.pending: Counter[str] = Counter()  # since the last yielded sample, shipped with the next
-        self.streak_kinds: Counter[str] = Counter()
-        self.streak_urls: dict[str, None] = {}  # ordered set
-        self.streak, self.last_msg = 0, ""
-
-    def fail(self, kind: str, url: str, msg: str) -> None:
-        """Record one failure."""
-        self.pending[kind] += 1
-        self.streak_kinds[kind] += 1
-        self.streak_urls[url] = None
-        self.streak, self.last_msg = self.streak + 1, msg[:500]
-
-    @property
-    def exhausted(self) -> bool:
-        """Whether the consecutive-failure budget is spent."""
-        return self.streak >= self.patience
-
-    def check(self) -> None:
-        """Raise DataError naming shards and failure kinds if patience is exhausted."""
-        if not self.exhausted:
-            return
-        urls = list(self.streak_urls)
-        shown = ", ".join(urls[:8]) + (f" (+{len(urls) - 8} more)" if len(urls) > 8 else "")
-        kinds = ", ".join(f"{k}={n}" for k, n in self.streak_kinds.most_common())
-        raise DataError(
-            f"{self.where}: no usable sample in {self.streak} consecutive failures "
-            f"(failure_patience={self.patience}); kinds: {kinds}; shards: {shown}; "
-            f"last error: {self.last_msg}"
-        )
-
-    def restart(self, kind: str) -> None:
-        """Count `kind` once and start a fresh streak; the failures so far still ship with the next sample."""
-        self.pending[kind] += 1
-        self.streak_kinds, self.streak_urls, self.streak = Counter(), {}, 0
-
-    def success(self) -> dict[str, int]:
-        """Reset the streak and return the per-kind counts accumulated since the last success."""
-        delta = dict(self.pending)
-        self.pending, self.streak_kinds, self.streak_urls, self.streak = Counter(), Counter(), {}, 0
-        return delta
-
-
 def _no_worker_seed() -> int:
     """Worker seed hook for ResampledShards; rank and worker are already mixed into our seed."""
     return 0
@@ -385,7 +335,7 @@ class ImageTextShards(IterableDataset):
                     tracker.fail(bad.kind, url, f"{raw.get('__key__')}: {bad}")
                     tracker.check()
                     continue
-                out["skipped"] = tracker.success()
+                out["skipped"], out["failed_shards"] = tracker.success(), tracker.take_shards()
                 out["raw_next"] = n_raw
                 yield out
         finally:
@@ -433,6 +383,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         original_sizes=torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
         crop_top_lefts=torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
         skipped=dict(skipped),
+        failed_shards=failed_shards(samples),
         stream_pos=samples[-1]["stream_pos"],
     )
 

@@ -35,6 +35,7 @@ from webdataset.gopen import gopen
 
 from .config import ConfigError, TrainConfig, local_model_path
 from .data import DataConfig, ImageTextShards, SkipSample, expand_urls
+from .shard_failures import failed_shards
 from .stops import leave_ctrl_c_to_the_trainer
 
 if TYPE_CHECKING:
@@ -293,6 +294,7 @@ def collate_cached(samples: list[dict[str, Any]], uncond: dict[str, Tensor], fro
                 **{k: cond[k] for k in from_cond}},
         captions=[s["caption"] for s in samples],
         skipped=dict(skipped),
+        failed_shards=failed_shards(samples),
     )
     if all(s["latents_std"] is not None for s in samples):
         batch["latents_std"] = torch.stack([s["latents_std"] for s in samples])

@@ -4,6 +4,7 @@ cut short failing as one, and the skip reason of a sample the shard's layout bro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -64,6 +65,11 @@ class _StallGuard:
             _kill_tree(self.pipe.proc.pid)
             raise TimeoutError(f"no data for {self.timeout:g} s (--data_timeout)")
         data = os.read(self.fd, size)  # unbuffered, so select() sees every byte not yet read; tarfile takes short reads
+        if not data:
+            # The end of its output: a command that failed is exiting. Without waiting for it, tarfile's "empty file" or
+            # "unexpected end of data" was the shard's reason, not the command's exit status.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.pipe.proc.wait(timeout=CLOSE_GRACE_S)
         self._raise_on_failure(self.pipe.check_status)  # a command that exited non-zero raises, as Pipe.read does
         return data
 
@@ -116,6 +122,11 @@ class _WholeTarInfo(tarfile.TarInfo):
             if tar.offset == 0:
                 raise  # tarfile's own refusal of the file ("empty file", not a tar)
             # tarfile's next() raises this one as a ReadError, where it ends the archive on the others.
+            if isinstance(exn, tarfile.EmptyHeaderError):
+                # Still a shard_error, not a milder kind: a download cut at a member boundary looks exactly like this,
+                # and the members after the cut are lost (a writer that left the end out lost nothing, but cannot be told apart).
+                raise tarfile.SubsequentHeaderError(f"the tar ends after a whole member at byte {tar.offset}, without its end "
+                                                    "blocks: cut short there (any later members lost) or written unterminated") from None
             raise tarfile.SubsequentHeaderError(f"unexpected end of data: {exn} at byte {tar.offset}, before the tar's end") from None
 
 

@@ -21,6 +21,7 @@ from .families import load_error, load_family
 from .models import DTYPES, enable_gradient_checkpointing, enable_memory_efficient_attention, encode_latents, keep_channels_last, latent_normalization, speed_up_unets
 from .preflight import check_environment, check_lr_schedule, check_process_count, check_shards, check_trackers, claim_output_dir
 from .schedule import NoiseSchedule, ddim_grid
+from .shard_failures import ShardFailureLog
 from .stops import StepGuard, stop_on_signals
 from .strategy import make_strategy
 from .tcd import TCDLoss, draw_tcd
@@ -46,6 +47,7 @@ class Trainer(StepGuard):
         self.timer = StepTimer(enabled=False)  # the benchmark turns it on
         self.nonfinite_streak = 0
         self.stream = StreamTracker()
+        self.shard_log = ShardFailureLog(f"rank {self.accelerator.process_index}: " if self.accelerator.num_processes > 1 else "")
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received by this process during train()
         self.stop_requested = False  # ... by any process, agreed in _finite_step so that every rank stops at one step
 
@@ -351,6 +353,7 @@ class Trainer(StepGuard):
             if "stream_pos" in batch:
                 self.stream.consumed(batch)
             self.pending_skips.update(batch.get("skipped", {}))
+            self.shard_log.report(batch.get("failed_shards", ()))
             with acc.accumulate(self.student):
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -464,6 +467,7 @@ class Trainer(StepGuard):
                                       f"the trained outputs are saved there") from e
         if self.skipped:
             logger.warning("Skipped samples by kind: %s", dict(self.skipped))
+        self.shard_log.summary()
 
     def validate(self) -> None:
         """TCD samples at the configured step counts for each student view, to disk and every tracker; images that

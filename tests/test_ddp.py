@@ -344,5 +344,8 @@ def test_ddp_counts_every_ranks_skips_and_a_widened_worker_repeats_no_batch(tiny
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last.get("data/skipped_worker_share_widened") == 1 and last.get("data/skipped_shard_error", 0) >= 1, last
     assert "Skipped samples by kind: {" in log and "'worker_share_widened': 1" in log, log[-3000:]
+    # rank 1 names the cut shard once (its loader workers ship it to the process, which logs whole lines); rank 0 never reads it
+    assert log.count(f"rank 1: shard {shards / '00001.tar'} failed: ReadError: unexpected end of data") == 1, log[-3000:]
+    assert "rank 0: shard " not in log, log[-3000:]
     seen = [json.loads(line)["captions"] for line in (batches / "rank1.jsonl").read_text().splitlines()]
     assert len(seen) == 4 and all(a != b for a, b in zip(seen, seen[1:])), seen

@@ -123,6 +123,10 @@ def test_hostile_shards_are_skipped_counted_and_training_goes_on(tiny_teacher, t
     kinds = {k.split("data/skipped_", 1)[1] for k in skipped if k.startswith("data/skipped_")}
     assert {"decode_error", "missing_caption"} <= kinds, kinds
     assert kinds & {"shard_error", "empty_shard"}, kinds
+    # Each failing shard the run met is named once, with its reason (the counts alone do not say which).
+    named = re.findall(r"shard (\S+) failed: ", log)
+    assert named and len(named) == len(set(named)) and set(named) <= set(spec.split("::")[1:]), log[-3000:]
+    assert "shard pipe:false failed: OSError: pipe: command 'false' exited with status 1" in log or "pipe:false" not in named
 
 
 def test_all_bad_data_stops_in_bounded_time_naming_the_shards(tiny_teacher, run_env, tmp_path):
