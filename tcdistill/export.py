@@ -37,7 +37,11 @@ def lora_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     f = p / LORA_WEIGHT_NAME if p.is_dir() else p
     if not f.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {f} (expected a training output folder or a .safetensors file){checkpoint_hint(p)}")
+        # A full-model run's folder is a training output too: say what it holds, not only what was expected.
+        unet = next((d for d in (p / "unet_target", p / "unet") if (d / "config.json").is_file()), None)
+        hint = (f"; {p} is a full-model output (its UNet: {unet}), not a LoRA: `tcdistill export` converts LoRAs only (a full "
+                "UNet loads in diffusers as it is; sample it with generate --unet)") if unet else checkpoint_hint(p)
+        raise FileNotFoundError(f"no LoRA weights at {f} (expected a training output folder or a .safetensors file){hint}")
     return f
 
 

@@ -411,3 +411,15 @@ def test_an_sdxl_export_reads_the_runs_cache_dir_only_where_it_is_on_this_machin
         run = {"model_family": "sdxl", "pretrained_teacher_model": "org/sdxl", "teacher_revision": "v1", "cache_dir": cache}
         assert run_unet_config(run) == {"x": 1}
         assert calls.pop() == {"subfolder": "unet", "revision": "v1", "cache_dir": used}
+
+
+def test_export_of_a_full_model_output_says_it_converts_loras_only(tiny_teacher: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """QA: `tcdistill export --lora OUT` of a full-model run said only "no LoRA weights at OUT/pytorch_lora_weights.safetensors
+    (expected a training output folder ...)", though OUT is one: it names the folder's UNet and says export takes LoRAs."""
+    out = full_output(tiny_teacher, tmp_path / "full")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--lora", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert f"{out} is a full-model output (its UNet: {out / 'unet_target'}), not a LoRA: `tcdistill export` converts LoRAs only" in err
