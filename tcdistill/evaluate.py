@@ -87,15 +87,16 @@ def sample_ddim(net: Net, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tenso
 
 
 # ------------------------------------------------------------------------- models
-def check_sd_teacher(teacher: str) -> dict:
-    """Refuse a teacher that is not an SD 1.x/2.x pipeline, from its model_index.json alone (before any weights load); the index."""
+def check_sd_teacher(teacher: str, label: str = "--teacher") -> dict:
+    """Refuse a teacher that is not an SD 1.x/2.x pipeline, from its model_index.json alone (before any weights load); the index.
+    `label` names where the teacher came from (the run's record where no --teacher was given)."""
     index = base_index(teacher)
     name = index.get("_class_name")
     family = PIPELINE_CLASSES.get(name, ("", ""))[1]
     if family != "sd":  # an SD model saved from its img2img pipeline is one
         # Its sampler and metrics take SD's prompt states alone (no pooled prompt or SDXL size/crop ids).
         hint = "; sample an SDXL student with `tcdistill generate` instead" if family == "sdxl" else ""
-        raise ValueError(f"--teacher {teacher} is a {name}; `tcdistill eval` evaluates SD 1.x/2.x (StableDiffusionPipeline) "
+        raise ValueError(f"{label} {teacher} is a {name}; `tcdistill eval` evaluates SD 1.x/2.x (StableDiffusionPipeline) "
                          f"teachers only{hint}")
     return index
 
@@ -418,13 +419,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
         # The run's teacher at the revision it was distilled from (`run_teacher`), as generate's --base: a --teacher given
         # loads as given (hub: main, from the default cache), and was the only way, so a LoRA was measured on another UNet.
+        label = "--teacher"
         if not args.teacher:
-            args.teacher = run_teacher(saved)
+            args.teacher, label = run_teacher(saved), "the run's teacher"  # a refusal names no flag the user did not pass
             check_run_model_here(args.teacher, "--teacher", "teacher")
         if not args.teacher:
             raise ValueError("--teacher is required (no tcdistill_config.json next to --unet/--lora names the teacher)")
         check_not_single_file(args.teacher, "--teacher")
-        index = check_sd_teacher(args.teacher)  # first: an SDXL teacher's clip-skip range is not what to tell its user
+        index = check_sd_teacher(args.teacher, label)  # first: an SDXL teacher's clip-skip range is not what to tell its user
         check_clip_skip(args.clip_skip, args.teacher, "sd")  # before the teacher's weights load (ConfigError: a ValueError)
         # The run's VAE (from its --cache_dir, as training loaded it) unless --vae is given, as `tcdistill generate` does.
         vae = args.vae or saved.get("pretrained_vae_model_name_or_path")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 import torch
+from conftest import full_output
 
 from tcdistill.evaluate import (
     EvalSettings,
@@ -127,6 +129,11 @@ def test_eval_refuses_an_sdxl_teacher_in_one_line(sdxl_teacher, tmp_path) -> Non
         with pytest.raises(SystemExit, match=r"--teacher .* StableDiffusionXLPipeline; .*SD 1.x/2.x .*teachers only; .*tcdistill generate"):
             main(["--teacher", str(sdxl_teacher), "--unet", str(sdxl_teacher / "unet"), "--prompts", str(tmp_path / "p.txt"),
                   "--steps", "1", *extra])
+    # QA: an SDXL run's own teacher (no --teacher given) was named as "--teacher ...", a flag the user had not passed.
+    run = full_output(sdxl_teacher, tmp_path / "run")
+    with pytest.raises(SystemExit, match=rf"^tcdistill eval: error: the run's teacher {re.escape(str(sdxl_teacher))} is a "
+                                         "StableDiffusionXLPipeline; .*tcdistill generate"):
+        main(["--unet", str(run), "--prompts", str(tmp_path / "p.txt"), "--steps", "1"])
 
 
 def test_eval_samples_an_lcm_run_with_lcm(tiny_teacher, tmp_path) -> None:
