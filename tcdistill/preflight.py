@@ -105,7 +105,10 @@ LOCK_NAME = ".tcdistill.lock"
 _held_locks: dict[str, int] = {}  # real path of an output dir -> the open lock file's descriptor, kept for the process's life
 
 
-def lock_output_dir(path: str, role: str = "training run") -> None:
+TRAINING_ROLE = "training run"  # the lock file's role of a training run (older runs wrote their pid alone: one too)
+
+
+def lock_output_dir(path: str, role: str = TRAINING_ROLE) -> None:
     """Hold an exclusive lock on the output dir (`LOCK_NAME` in it) for the rest of this process, or raise a one-line
     ConfigError naming the process that holds it (and its `role`, which the lock file records). Two runs on one --output_dir interleaved their checkpoints and
     metrics.jsonl, and each save deletes the staging folders it finds as a killed save's leftovers, the other run's
@@ -155,7 +158,7 @@ def unlock_output_dir(path: str) -> None:
 def _holder(fd: int) -> str:
     """'<role> (pid N' of the process that wrote the lock file `fd` ("PID ROLE"; older runs wrote the pid alone)."""
     pid, _, role = (os.read(fd, 128).decode(errors="replace").strip() or "unknown").partition(" ")
-    return f"{role or 'training run'} (pid {pid}"
+    return f"{role or TRAINING_ROLE} (pid {pid}"
 
 
 def output_dir_holder(path: str | os.PathLike) -> str | None:

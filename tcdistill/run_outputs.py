@@ -13,7 +13,7 @@ from typing import Any
 from .checkpoint import CheckpointIO, checkpoint_hint
 from .config import FINAL_STEP, RUN_CONFIG, check_clip_skip_floor, first_line
 from .export import LORA_WEIGHT_NAME
-from .preflight import output_dir_holder
+from .preflight import TRAINING_ROLE, output_dir_holder
 
 _OUTPUT_WEIGHTS = ("unet_target", "unet", LORA_WEIGHT_NAME)  # a run's final weights in its output folder (full, LoRA)
 
@@ -25,7 +25,9 @@ def refuse_live_run(path: str | os.PathLike) -> Path | None:
     p = Path(path)
     for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
         holder = output_dir_holder(d)
-        if holder:
+        # Only a training run rewrites the record and weights; `tcdistill generate` writing its images into the folder
+        # (or a cache) does not, and was refused as if it were one ("its tcdistill_config.json is that run's").
+        if holder and holder.startswith(TRAINING_ROLE):
             raise ValueError(f"{d} is in use by a {holder}): its {RUN_CONFIG} is that run's and its weights are not yet; "
                              "wait for the run to end, or pass a finished output")
         if (d / RUN_CONFIG).is_file():

@@ -423,3 +423,15 @@ def test_export_of_a_full_model_output_says_it_converts_loras_only(tiny_teacher:
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert f"{out} is a full-model output (its UNet: {out / 'unet_target'}), not a LoRA: `tcdistill export` converts LoRAs only" in err
+
+
+def test_a_generate_writing_into_a_finished_output_does_not_block_its_export(tiny_teacher: Path, tmp_path: Path,
+                                                                             run_env: dict[str, str]) -> None:
+    """QA: `tcdistill generate --lora OUT --output_dir OUT` holds OUT's lock while it writes its images there; export (and
+    generate, eval) of OUT meanwhile were refused as "in use by a `tcdistill generate` run: its tcdistill_config.json is
+    that run's and its weights are not yet", though generate writes neither. Only a training run's lock refuses them."""
+    out = make_lora(tiny_teacher, tmp_path / "run")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "final_step": 1}))
+    with lock_holder(out, run_env, role="`tcdistill generate` run"):
+        main(["export", "--lora", str(out)])
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
