@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.output:
             check_output_dir(str(Path(args.output).absolute().parent), flag="--output's folder")
         prompts = read_prompts(None, args.prompts, flag="--prompts")
-        args.clip_skip = sampling_clip_skip(args.clip_skip, saved)  # the run's unless given (0: none)
+        args.clip_skip = sampling_clip_skip(args.clip_skip, saved, args.lora)  # the run's unless given (0: none)
         # The run's teacher at the revision it was distilled from (`run_teacher`), as generate's --base: a --teacher given
         # loads as given (hub: main, from the default cache), and was the only way, so a LoRA was measured on another UNet.
         label = "--teacher"

@@ -263,6 +263,20 @@ def a1111_clip_skip(clip_skip: int, family: str) -> int:
     return clip_skip + (2 if family == "sdxl" else 1)
 
 
+def kohya_file_clip_skip(lora: str | os.PathLike, family: str) -> int | None:
+    """diffusers' clip_skip that a LoRA file's own ss_clip_skip (kohya's count, `a1111_clip_skip`) names, else None (no or
+    "None" tag, a diffusers file, the family's default layer): what a kohya file away from its run record was trained at."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora_file(lora)), framework="pt") as fh:
+            tag = (fh.metadata() or {}).get("ss_clip_skip", "None")
+    except Exception:  # noqa: BLE001 - not a safetensors file: loading it says so in one line
+        return None
+    n = int(tag) - a1111_clip_skip(0, family) if tag.isdigit() else 0
+    return n if n >= 1 else None
+
+
 def kohya_clip_skip_tag(run: dict[str, Any]) -> dict[str, str]:
     """sd-scripts' ss_clip_skip (its `str(args.clip_skip)`: "None" without clip skip), which A1111 and ComfyUI users read
     from the file, in its count (`a1111_clip_skip`); {} where no run record (`run`, the run's saved flags) tells."""

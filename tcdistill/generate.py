@@ -227,11 +227,13 @@ def generate(args: argparse.Namespace) -> list[str]:
     if args.scheduler:
         sampling["distill_mode"] = args.scheduler
     # The prompt states the student was trained on (the run's --clip_skip) unless overridden; refused before any weights load.
-    clip_skip = sampling_clip_skip(args.clip_skip, run)
-    index = None
-    if clip_skip is not None:
+    clip_skip, index = sampling_clip_skip(args.clip_skip, run), None
+    if clip_skip is not None or (args.clip_skip is None and lora and not run):  # a lone kohya file's count needs the family
         index = base_index(base)
-        check_clip_skip(clip_skip, base, "sdxl" if pipeline_class(base, index).__name__ == "StableDiffusionXLPipeline" else "sd")
+        family = "sdxl" if pipeline_class(base, index).__name__ == "StableDiffusionXLPipeline" else "sd"
+        clip_skip = sampling_clip_skip(args.clip_skip, run, lora, family)
+        if clip_skip is not None:
+            check_clip_skip(clip_skip, base, family)
     lcm = sampling["distill_mode"] == "lcm"  # LCMScheduler re-noises fully: gamma does not apply
     if lcm and args.gamma is not None:  # it was dropped without a word (--lora_scale on a --unet is refused alike)
         why = "--scheduler lcm" if args.scheduler else "the run's --distill_mode lcm"
@@ -315,7 +317,7 @@ VAE_HELP = ("Another VAE folder or hub id (default: the run's --pretrained_vae_m
             "--cache_dir where that is on this machine; else the teacher's own).")
 CLIP_SKIP_HELP = ("Encode prompts from the text encoder's hidden state this many layers before the last, as diffusers' "
                   "clip_skip; 0: none, the last layer (also for a run trained with --clip_skip). Default: the run's --clip_skip "
-                  "from the tcdistill_config.json next to --unet/--lora, else none.")
+                  "from the tcdistill_config.json next to --unet/--lora; without one, a kohya --lora file's ss_clip_skip; else none.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .checkpoint import CheckpointIO, checkpoint_hint
 from .config import FINAL_STEP, RUN_CONFIG, check_clip_skip_floor, first_line
-from .export import LORA_WEIGHT_NAME
+from .export import LORA_WEIGHT_NAME, kohya_file_clip_skip
 from .preflight import TRAINING_ROLE, output_dir_holder
 
 _OUTPUT_WEIGHTS = ("unet_target", "unet", LORA_WEIGHT_NAME)  # a run's final weights in its output folder (full, LoRA)
@@ -110,11 +110,13 @@ def run_sampling(run: dict[str, Any]) -> dict[str, Any]:
                 timestep_scaling=float(run.get("timestep_scaling_factor", 10.0)))
 
 
-def sampling_clip_skip(flag: int | None, run: dict[str, Any]) -> int | None:
-    """The clip skip generate and eval sample with: unset, the run's --clip_skip (the prompt states it was trained on);
-    0, none (the text encoder's last layer, also on a run trained with clip skip); else N (range: `check_clip_skip`)."""
+def sampling_clip_skip(flag: int | None, run: dict[str, Any], lora: str | None = None, family: str = "sd") -> int | None:
+    """The clip skip generate and eval sample with: unset, the run's --clip_skip (the prompt states it was trained on), or
+    without a run record that of the --lora file's ss_clip_skip (a kohya file copied away from its output: it sampled
+    at the last layer); 0, none (the text encoder's last layer, also on a run trained with clip skip); else N (range:
+    `check_clip_skip`)."""
     if flag is None:
-        return run.get("clip_skip")
+        return kohya_file_clip_skip(lora, family) if lora and not run else run.get("clip_skip")
     check_clip_skip_floor(flag, zero_is_none=True)
     return flag or None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT, cache_trainer, make_cache, run_script, saved_tiny_pipeline, train_flags
+from conftest import PROMPT, cache_trainer, make_cache, make_lora, run_script, saved_tiny_pipeline, train_flags
 from PIL import Image
 
 from tcdistill.config import ConfigError, TrainConfig
@@ -199,3 +199,27 @@ def test_a_lora_trained_with_clip_skip_samples_as_diffusers_with_it(tiny_shards:
 
     assert np.abs(ref(2) - got).max() <= 1 and np.abs(ref(1) - got1).max() <= 1 and np.abs(ref(None) - got0).max() <= 1
     assert np.abs(got - got1).max() > 1  # the layer changes the image: the test can tell them apart
+
+
+def test_a_kohya_file_away_from_its_run_samples_at_its_recorded_clip_skip(tiny_teacher: Path, tmp_path: Path) -> None:
+    """QA: a kohya file copied away from its output folder (no tcdistill_config.json beside it) was sampled by `generate`
+    at the text encoder's last layer, though its ss_clip_skip (kohya's count) names the layer it was trained at: its
+    pixels differed from the same file's in its folder. Without a run record the file's tag is the default now (SD: the
+    tag - 1, SDXL: - 2; "None" or the family's default layer: none); --clip_skip 0 still overrides it."""
+    from safetensors.torch import save_file
+
+    from tcdistill.cli import main
+    from tcdistill.export import KOHYA_WEIGHT_NAME, kohya_file_clip_skip
+
+    out = make_lora(tiny_teacher, tmp_path / "run")
+    (out / "tcdistill_config.json").write_text(json.dumps({"pretrained_teacher_model": str(tiny_teacher), "clip_skip": 1}))
+    main(["export", "--lora", str(out)])
+    (tmp_path / "alone").mkdir()
+    lone = (out / KOHYA_WEIGHT_NAME).rename(tmp_path / "alone" / "k.safetensors")
+    for extra, want in (((), 1), (("--clip_skip", "0"), None)):
+        imgs = tmp_path / f"imgs{want}"
+        main(["generate", "--lora", str(lone), "--base", str(tiny_teacher), "--prompt", "x", "--steps", "1", "--output_dir", str(imgs), *extra])
+        assert json.loads((imgs / "metadata.jsonl").read_text())["clip_skip"] == want
+    for tag, sd, sdxl in (("3", 2, 1), ("2", 1, None), ("None", None, None)):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "t.safetensors"), metadata={"ss_clip_skip": tag})
+        assert (kohya_file_clip_skip(tmp_path / "t.safetensors", "sd"), kohya_file_clip_skip(tmp_path / "t.safetensors", "sdxl")) == (sd, sdxl)
