@@ -77,6 +77,17 @@ def load_unet_lora(pipe: Any, lora: str | os.PathLike, onto: str, flag: str = "-
     return f
 
 
+def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]] | None:
+    """A .safetensors file's tensor names and metadata, from its header alone; None where it cannot be read as one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys()), fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - safetensors' SafetensorError is neither an OSError nor a ValueError
+        return None
+
+
 def _sgm_unmappable(f: Path, unet_config: Any) -> str | None:
     """What of the UNet's layout diffusers cannot map the kohya file `f`'s original-UNet (sgm) module names back onto, or
     None (also for a file without such names: SD's kohya names are diffusers'). diffusers' mapping assumes SDXL's own
@@ -84,13 +95,10 @@ def _sgm_unmappable(f: Path, unet_config: Any) -> str | None:
     by its number as a prefix (10 or more blocks failed with a KeyError), and takes an output block's second module for
     attention, so the upsampler of an up block without cross-attention went to a module that does not exist (diffusers
     only warns: the LoRA loaded without it, silently)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as fh:
-            modules = {k.split(".")[0] for k in fh.keys()}
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by the load that follows
+    header = safetensors_header(f)
+    if header is None:  # an unreadable file is reported by the load that follows
         return None
+    modules = {k.split(".")[0] for k in header[0]}
     if not any(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for m in modules):
         return None
     per = unet_config["layers_per_block"]
@@ -266,13 +274,11 @@ def a1111_clip_skip(clip_skip: int, family: str) -> int:
 def kohya_file_clip_skip(lora: str | os.PathLike, family: str) -> int | None:
     """diffusers' clip_skip that a LoRA file's own ss_clip_skip (kohya's count, `a1111_clip_skip`) names, else None (no or
     "None" tag, a diffusers file, the family's default layer): what a kohya file away from its run record was trained at."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(lora_file(lora)), framework="pt") as fh:
-            tag = (fh.metadata() or {}).get("ss_clip_skip", "None")
-    except Exception:  # noqa: BLE001 - not a safetensors file: loading it says so in one line
+        header = safetensors_header(lora_file(lora))
+    except FileNotFoundError:  # loading it says so in one line
         return None
+    tag = header[1].get("ss_clip_skip", "None") if header else "None"  # not a safetensors file: loading it says so
     n = int(tag) - a1111_clip_skip(0, family) if tag.isdigit() else 0
     return n if n >= 1 else None
 
@@ -380,14 +386,9 @@ def folder_exports(lora: str | os.PathLike) -> list[str]:
     """The names of the kohya exports of the diffusers LoRA file `lora` in its own folder: KOHYA_WEIGHT_NAME and each
     .safetensors there whose metadata names `lora` as its source (`tcdistill export --output` into the folder). Training
     rewrites them with the LoRA it saves: a re-run left them exports of the earlier LoRA, off its card but in its push."""
-    from safetensors import safe_open
-
     def source(p: Path) -> str | None:
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                return (fh.metadata() or {}).get(_SOURCE_KEY)
-        except Exception:  # noqa: BLE001 - not a safetensors file: not an export
-            return None
+        header = safetensors_header(p)  # None: not a safetensors file, so not an export
+        return header[1].get(_SOURCE_KEY) if header else None
 
     lora = Path(lora)
     return [p.name for p in sorted(lora.parent.glob("*.safetensors"))
