@@ -96,14 +96,12 @@ def load_pickle_checkpoint(path: str) -> tuple[dict[str, Any], bool]:
     return ({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}), safe
 
 
-def checkpoint_keys(path: str) -> list[str]:
-    """The tensor names of an original-format checkpoint (a .safetensors header alone; a pickle's `state_dict`)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
+def safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a .safetensors checkpoint, from its header alone (a damaged header raises)."""
+    from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    return list(load_pickle_checkpoint(path)[0])
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
 
 
 def file_kind(path: str, keys: Sequence[str]) -> str:
@@ -234,7 +232,7 @@ def convert(path: str, output_dir: str, config: str | None = None, allow_pickle:
     tensors, safe = None, True
     try:
         if path.endswith(".safetensors"):
-            keys = checkpoint_keys(path)
+            keys = safetensors_keys(path)
         else:
             tensors, safe = load_pickle_checkpoint(path)
             keys = list(tensors)
