@@ -34,6 +34,7 @@ from .teacher_checks import check_clip_skip, check_sample_size
 from .validation import sampling_hw
 
 FULL_MODEL_GUIDANCE = 8.0
+TCD_GAMMA = 0.3  # --gamma's default with TCDScheduler (LCM sampling takes none)
 
 
 # model_index.json's pipeline class -> (the text-to-image class that samples it, its family). A model saved from its img2img
@@ -239,7 +240,7 @@ def generate(args: argparse.Namespace) -> list[str]:
         why = "--scheduler lcm" if args.scheduler else "the run's --distill_mode lcm"
         raise ValueError(f"--gamma is TCD's; this samples with LCMScheduler ({why}), which has none: drop --gamma, or pass "
                          "--scheduler tcd")
-    gamma = 0.3 if args.gamma is None else args.gamma
+    gamma = TCD_GAMMA if args.gamma is None else args.gamma
     grid = sampling["original_steps"]
     if args.steps > grid:
         raise ValueError(f"--steps {args.steps} exceeds the {grid} points of the training grid (the run's --num_ddim_timesteps)")
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", help="A text file with one prompt per line.")
     p.add_argument("--steps", type=int, default=4, help="TCD sampling steps (default: 4).")
     p.add_argument("--gamma", type=float, default=None,
-                   help="TCD gamma, the scheduler's eta (0 = deterministic; default: 0.3); refused with LCM sampling.")
+                   help=f"TCD gamma, the scheduler's eta (0 = deterministic; default: {TCD_GAMMA}); refused with LCM sampling.")
     p.add_argument("--scheduler", choices=["tcd", "lcm"], default=None,
                    help="Sampler: tcd (TCDScheduler) or lcm (LCMScheduler; --gamma unused). Default: the run's --distill_mode, else tcd.")
     p.add_argument("--guidance_scale", type=float, default=None,
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`tcdistill generate (--unet DIR | --lora DIR) --prompt P [...]`: write PNGs and print their paths."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or not 0.0 <= (0.3 if args.gamma is None else args.gamma) <= 1.0:
+    if args.steps < 1 or args.batch_size < 1 or not 0.0 <= (TCD_GAMMA if args.gamma is None else args.gamma) <= 1.0:
         p.error("need --steps >= 1, --batch_size >= 1 and --gamma in [0, 1]")
     if any(v is not None and v < 1 for v in (args.height, args.width)):
         p.error("--height and --width must be >= 1")
